@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each becomes one clear line and exit status 2."""
+
+from __future__ import annotations
+
+
+class GradauditError(Exception):
+    """Base class: bad input, not a bug. ``location`` is the user's line, when known."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, location=None) -> None:
+        super().__init__(message)
+        self.location = location
+
+
+class LoadError(GradauditError):
+    """The target could not be loaded (missing file, import error, no model found...)."""
+
+
+class CaptureError(GradauditError):
+    """The model could not be captured into the IR (untraceable code, bad input shape)."""
+
+
+class ConfigError(GradauditError):
+    """A configuration value or a command-line option is invalid."""

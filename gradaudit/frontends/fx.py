@@ -1,0 +1,355 @@
+"""torch.fx capture: symbolic trace + fake-tensor shapes -> :class:`gradaudit.ir.Graph`.
+
+Standard ``torch.nn`` layers stay leaf modules (one node per ``nn.Linear``, ``nn.LSTM``,
+``nn.MultiheadAttention`` ...) while user modules and the ``nn.Transformer*`` containers
+are traced through, so every op the user wrote becomes a node. Shapes come from
+``FakeTensorProp`` with fake copies of the parameters: the model's real arithmetic never
+runs and its buffers (BatchNorm's ``num_batches_tracked``) are never touched.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from gradaudit.errors import CaptureError
+from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Module classes traced through rather than kept as leaves.
+_TRACE_THROUGH = (
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+#: Leaf module class -> normalised op name.
+MODULE_OPS: dict[type, str] = {
+    nn.Linear: "linear",
+    nn.Bilinear: "bilinear",
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "conv_transpose",
+    nn.ConvTranspose2d: "conv_transpose",
+    nn.ConvTranspose3d: "conv_transpose",
+    nn.BatchNorm1d: "batch_norm",
+    nn.BatchNorm2d: "batch_norm",
+    nn.BatchNorm3d: "batch_norm",
+    nn.SyncBatchNorm: "batch_norm",
+    nn.LayerNorm: "layer_norm",
+    nn.GroupNorm: "group_norm",
+    nn.InstanceNorm1d: "instance_norm",
+    nn.InstanceNorm2d: "instance_norm",
+    nn.InstanceNorm3d: "instance_norm",
+    nn.RMSNorm: "rms_norm",
+    nn.Dropout: "dropout",
+    nn.Dropout1d: "dropout",
+    nn.Dropout2d: "dropout",
+    nn.Dropout3d: "dropout",
+    nn.AlphaDropout: "alpha_dropout",
+    nn.FeatureAlphaDropout: "alpha_dropout",
+    nn.MaxPool1d: "max_pool",
+    nn.MaxPool2d: "max_pool",
+    nn.MaxPool3d: "max_pool",
+    nn.AvgPool1d: "avg_pool",
+    nn.AvgPool2d: "avg_pool",
+    nn.AvgPool3d: "avg_pool",
+    nn.AdaptiveAvgPool1d: "adaptive_avg_pool",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool",
+    nn.AdaptiveAvgPool3d: "adaptive_avg_pool",
+    nn.AdaptiveMaxPool1d: "adaptive_max_pool",
+    nn.AdaptiveMaxPool2d: "adaptive_max_pool",
+    nn.AdaptiveMaxPool3d: "adaptive_max_pool",
+    nn.Embedding: "embedding",
+    nn.MultiheadAttention: "multihead_attention",
+    nn.RNN: "rnn",
+    nn.LSTM: "lstm",
+    nn.GRU: "gru",
+    nn.Identity: "identity",
+    nn.Flatten: "flatten",
+    nn.Unflatten: "reshape",
+    nn.Upsample: "interpolate",
+    nn.UpsamplingNearest2d: "interpolate",
+    nn.UpsamplingBilinear2d: "interpolate",
+    nn.Softmax: "softmax",
+    nn.Softmin: "softmin",
+    nn.LogSoftmax: "log_softmax",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardtanh: "hardtanh",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardswish: "hardswish",
+    nn.Softplus: "softplus",
+    nn.Softsign: "softsign",
+    nn.LogSigmoid: "logsigmoid",
+    nn.Tanhshrink: "tanhshrink",
+    nn.Softshrink: "softshrink",
+    nn.Hardshrink: "hardshrink",
+    nn.Threshold: "threshold",
+}
+
+#: Function / method names whose normalised op differs from their ``__name__``.
+_ALIASES = {
+    "truediv": "div",
+    "floordiv": "floor_divide",
+    "iadd": "add",
+    "isub": "sub",
+    "imul": "mul",
+    "itruediv": "div",
+    "multiply": "mul",
+    "divide": "div",
+    "subtract": "sub",
+    "negative": "neg",
+    "concat": "cat",
+    "concatenate": "cat",
+    "swapaxes": "transpose",
+    "swapdims": "transpose",
+    "matmul": "matmul",
+    "mm": "matmul",
+    "bmm": "matmul",
+    "clip": "clamp",
+    "sigmoid_": "sigmoid",
+    "expand_as": "expand",
+    "type_as": "to",
+    "float": "to",
+    "double": "to",
+    "half": "to",
+    "bfloat16": "to",
+    "unsafe_split": "split",
+    "upsample": "interpolate",
+    "view_as": "view",
+}
+
+
+def normalise_name(name: str) -> str:
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+    return _ALIASES.get(name, name)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _TRACE_THROUGH):
+            return False
+        return type(m) in MODULE_OPS or super().is_leaf_module(m, qualname)
+
+
+def user_location(frames: list[tuple[str, int, str | None]]) -> Location | None:
+    """The innermost frame outside torch and gradaudit: the user's own line."""
+    for path, line, code in reversed(frames):
+        apath = os.path.abspath(path) if not path.startswith("<") else path
+        if apath.startswith(_TORCH_DIR) or apath.startswith(_PKG_DIR + os.sep + "gradaudit"):
+            continue
+        if path.startswith("<"):
+            continue
+        return Location(path=display_path(apath), line=line, code=code)
+    return None
+
+
+def display_path(path: str) -> str:
+    """Relative to the working directory when inside it, else absolute."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in [^\n]*(?:\n {4}(?P<code>[^\n]*))?')
+
+
+def _location_of(node: fx.Node) -> Location | None:
+    trace = node.stack_trace or (node.meta.get("stack_trace") if node.meta else None)
+    if not trace:
+        return None
+    frames = [(m["path"], int(m["line"]), (m["code"] or "").strip() or None) for m in _FRAME.finditer(trace)]
+    return user_location(frames)
+
+
+def _exception_location(exc: BaseException) -> Location | None:
+    frames = [(f.filename, f.lineno or 0, f.line) for f in traceback.extract_tb(exc.__traceback__)]
+    return user_location(frames)
+
+
+def _tensor_meta(val: Any) -> TensorMeta | None:
+    if isinstance(val, torch.Tensor):
+        return TensorMeta(shape=tuple(int(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""))
+    return None
+
+
+def _method_caller(name: str):
+    def call(self, *args, **kwargs):
+        return getattr(self, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def trace(model: nn.Module, example_inputs: tuple) -> Graph:
+    """Symbolically trace ``model`` and propagate fake shapes; raise :class:`CaptureError`."""
+    tracer = _Tracer()
+    try:
+        fx_graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many types for untraceable code
+        loc = _exception_location(exc)
+        where = f" at {loc}" if loc else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.fx could not trace the model{where}: {first}", location=loc) from exc
+    gm = fx.GraphModule(tracer.root, fx_graph)
+    _propagate_fake_shapes(gm, example_inputs)
+    return _to_ir(gm, model)
+
+
+def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    state = {
+        **dict(gm.named_parameters(remove_duplicate=False)),
+        **dict(gm.named_buffers(remove_duplicate=False)),
+    }
+    fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
+    fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+
+    class _Prop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *args):
+            return FakeTensorProp(self.gm, mode).propagate(*args)
+
+    wrapper = _Prop()
+    try:
+        torch.func.functional_call(wrapper, {f"gm.{k}": v for k, v in fake_state.items()}, fake_inputs, strict=False)
+    except Exception as exc:
+        bad = _failing_fx_node(gm, exc)
+        loc = _location_of(bad) if bad is not None else _exception_location(exc)
+        where = f" at {loc}" if loc else ""
+        at_node = f" in node '{bad.name}'" if bad is not None else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"the example inputs do not fit the model{at_node}{where}: {first}", location=loc
+        ) from exc
+
+
+def _failing_fx_node(gm: fx.GraphModule, exc: BaseException) -> fx.Node | None:
+    """FakeTensorProp records the node being run in the exception's notes (torch >= 2.1)."""
+    for note in getattr(exc, "__notes__", []) or []:
+        m = re.search(r"While executing (%\w+)", note)
+        if m:
+            name = m.group(1).lstrip("%")
+            for n in gm.graph.nodes:
+                if n.name == name:
+                    return n
+    return None
+
+
+def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
+    modules = dict(gm.named_modules())
+    nodes: list[Node] = []
+    inputs: list[str] = []
+    outputs: list[str] = []
+
+    def to_ref(a):
+        return Ref(a.name) if isinstance(a, fx.Node) else a
+
+    for n in gm.graph.nodes:
+        args = fx.node.map_aggregate(n.args, to_ref)
+        kwargs = fx.node.map_aggregate(n.kwargs, to_ref)
+        metas: list[TensorMeta | None] = []
+        structure = _flatten(n.meta.get("val"), metas)
+        node = Node(
+            name=n.name,
+            op="call",
+            kind=n.op,
+            args=args,
+            kwargs=kwargs,
+            outputs=metas,
+            structure=structure,
+            location=_location_of(n),
+        )
+        if n.op == "placeholder":
+            node.op = "input"
+            inputs.append(n.name)
+        elif n.op == "output":
+            node.op = "output"
+            from gradaudit.ir import iter_refs
+
+            outputs = [r.name for r in iter_refs(args)]
+        elif n.op == "get_attr":
+            node.op = "param"
+            value = _fetch_attr(gm, str(n.target))
+            node.params = {"value": value} if isinstance(value, torch.Tensor) else {}
+            node.module = str(n.target)
+            if isinstance(value, torch.Tensor):
+                node.outputs = [_tensor_meta(value)]
+        elif n.op == "call_module":
+            mod = modules[str(n.target)]
+            node.module = str(n.target)
+            node.module_type = type(mod).__name__
+            node.fn = mod
+            node.params = dict(mod.named_parameters())
+            node.op = _module_op(mod)
+        elif n.op == "call_function":
+            node.fn = n.target
+            node.op = normalise_name(getattr(n.target, "__name__", str(n.target)))
+            if n.target is operator.getitem:
+                node.op = "getitem"
+        elif n.op == "call_method":
+            node.fn = _method_caller(str(n.target))
+            node.op = normalise_name(str(n.target))
+        nodes.append(node)
+    return Graph(nodes=nodes, frontend="fx", input_names=inputs, output_refs=outputs)
+
+
+def _flatten(val: Any, leaves: list) -> Any:
+    """Flatten a nested tuple of tensors into ``leaves``; return its index structure."""
+    if isinstance(val, (tuple, list)):
+        return tuple(_flatten(v, leaves) for v in val)
+    leaves.append(_tensor_meta(val))
+    return len(leaves) - 1
+
+
+def _module_op(mod: nn.Module) -> str:
+    for cls in type(mod).__mro__:
+        if cls in MODULE_OPS:
+            return MODULE_OPS[cls]
+    return "module"
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,193 @@
+"""The frontend-agnostic graph every stage after capture works on.
+
+A frontend (torch.fx, ONNX, ...) turns a model into a :class:`Graph`: a list of
+:class:`Node` in execution order. Each node names its normalised ``op`` (``"linear"``,
+``"conv"``, ``"relu"``, ``"add"`` ...), its inputs as :class:`Ref` objects inside the
+original argument structure, the owning module's qualified name, the parameters it
+reads, the shapes of its outputs, and the user's source line.
+
+Propagation writes :class:`Stats` for every node; rules read graph and stats together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Location:
+    """The user's source line that created a node."""
+
+    path: str
+    line: int
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "line": self.line}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the output of another node inside a node's arguments."""
+
+    name: str
+
+
+@dataclass
+class TensorMeta:
+    """Static facts about one tensor output: shape and dtype (from fake tensors)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass
+class Node:
+    """One operation of the model.
+
+    ``op`` is the normalised operation name that selects the propagation handler;
+    ``args``/``kwargs`` hold the original arguments with every tensor-valued input
+    replaced by a :class:`Ref`. ``outputs`` lists the :class:`TensorMeta` of each
+    output (one for a plain tensor, several for a tuple; ``None`` for a non-tensor).
+    ``fn`` is the callable that computes the node (a module instance or a function),
+    kept so that unknown ops can be estimated by running them.
+    """
+
+    name: str
+    op: str
+    kind: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    module: str | None = None
+    module_type: str | None = None
+    fn: Callable | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    outputs: list[TensorMeta | None] = field(default_factory=list)
+    #: How the flat ``outputs`` nest: ``0`` for a single tensor, else nested tuples of
+    #: leaf indices (``(0, (1, 2))`` for an LSTM's ``output, (h, c)``).
+    structure: Any = 0
+    location: Location | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """Names of the nodes this node reads, in argument order, without repeats."""
+        seen: dict[str, None] = {}
+        for ref in iter_refs((self.args, self.kwargs)):
+            seen.setdefault(ref.name, None)
+        return list(seen)
+
+    @property
+    def tuple_output(self) -> bool:
+        return not isinstance(self.structure, int)
+
+    @property
+    def meta(self) -> TensorMeta | None:
+        return self.outputs[0] if self.outputs else None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        m = self.meta
+        return m.shape if m is not None else None
+
+    @property
+    def has_params(self) -> bool:
+        return bool(self.params)
+
+    def describe(self) -> str:
+        where = f" ({self.module_type} '{self.module}')" if self.module else ""
+        loc = f" at {self.location}" if self.location else ""
+        return f"node '{self.name}' [{self.op}]{where}{loc}"
+
+
+def iter_refs(obj: Any) -> Iterator[Ref]:
+    """Every :class:`Ref` inside a nested structure of tuples, lists and dicts."""
+    if isinstance(obj, Ref):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from iter_refs(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from iter_refs(item)
+
+
+def map_refs(obj: Any, fn: Callable[[Ref], Any]) -> Any:
+    """Rebuild a nested structure with every :class:`Ref` replaced by ``fn(ref)``."""
+    if isinstance(obj, Ref):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_refs(item, fn) for item in obj)
+    if isinstance(obj, list):
+        return [map_refs(item, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {k: map_refs(v, fn) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Graph:
+    """Nodes in execution order, plus what the frontend knows about the model."""
+
+    nodes: list[Node]
+    frontend: str
+    input_names: list[str] = field(default_factory=list)
+    output_refs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+        users: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for src in n.inputs:
+                users[src].append(n.name)
+        self._users = users
+
+    def __getitem__(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def users(self, name: str) -> list[Node]:
+        return [self._by_name[u] for u in self._users[name]]
+
+
+@dataclass
+class Stats:
+    """Second-moment statistics of one tensor, averaged over its elements.
+
+    ``mean`` and ``m2`` describe the forward value (E[x] and E[x^2]); ``g2`` is the
+    second moment of dL/dx with L = sum over outputs y of <y, g>, g ~ N(0, 1).
+    """
+
+    mean: float
+    m2: float
+    g2: float = 0.0
+    estimated: bool = False
+
+    @property
+    def var(self) -> float:
+        return max(self.m2 - self.mean * self.mean, 0.0)
+
+    @property
+    def act_rms(self) -> float:
+        return math.sqrt(max(self.m2, 0.0))
+
+    @property
+    def grad_rms(self) -> float:
+        return math.sqrt(max(self.g2, 0.0))

@@ -1,0 +1,340 @@
+"""The walk: forward moments in execution order, gradient moments in reverse.
+
+Like torch.fx's ``ShapeProp``, the engine is one pass over the graph that writes a
+result per node; errors name the node (and the user's line) they happened at.
+
+Forward, every node gets :class:`~gradaudit.ir.Stats` (mean and second moment of each
+output). Elementwise ops that depend on a single source value — ``relu(x)``,
+``x * sigmoid(x)``, ``0.5 * x * (1 + tanh(...))`` — are *fused* onto that source
+("root") and evaluated exactly by quadrature on the composed function, which keeps the
+correlation between ``x`` and ``sigmoid(x)`` that an op-by-op treatment would lose.
+Other ops go through the handler table; ops without a handler are estimated by local
+Monte Carlo and listed.
+
+Backward, the second moment of dL/d(value) starts at 1 on every floating output (L =
+sum of <y, g>, g ~ N(0, 1)) and flows through each handler's gains, summed over the
+users of a value (independent contributions add in second moment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradaudit.ir import Graph, Node, Stats, iter_refs, map_refs
+from gradaudit.propagation import montecarlo
+from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
+from gradaudit.propagation.moments import gaussian_points
+
+#: Activation ops (the rules treat these as a network's nonlinearity).
+ACTIVATIONS = frozenset(
+    {
+        "relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "celu", "gelu", "silu", "mish",
+        "sigmoid", "tanh", "hardtanh", "hardsigmoid", "hardswish", "softplus", "softsign",
+        "logsigmoid", "tanhshrink", "softshrink", "hardshrink", "threshold", "swish",
+    }
+)
+#: Elementwise, deterministic ops that may be fused onto a single source.
+ELEMENTWISE = ACTIVATIONS | frozenset(
+    {
+        "exp", "expm1", "exp2", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "abs", "neg",
+        "sin", "cos", "tan", "sinh", "cosh", "atan", "asinh", "erf", "erfc", "square", "pow",
+        "clamp", "clamp_min", "clamp_max", "reciprocal", "add", "sub", "rsub", "mul", "div",
+        "maximum", "minimum", "nan_to_num", "sign", "positive", "float_power", "addcmul",
+    }
+)
+#: Ops whose module owns weights that set a layer's depth.
+WEIGHT_OPS = frozenset(
+    {"linear", "conv", "conv_transpose", "bilinear", "embedding", "multihead_attention", "rnn", "lstm", "gru"}
+)
+NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
+
+
+class PropagationError(Exception):
+    """A handler failed in a way that is a bug, not an unknown op."""
+
+
+@dataclass
+class Estimate:
+    node: str
+    op: str
+    module: str | None
+    reason: str
+    ok: bool
+
+    def to_json(self) -> dict:
+        return {"node": self.node, "op": self.op, "module": self.module, "reason": self.reason, "ok": self.ok}
+
+
+@dataclass
+class Analysis:
+    """Graph plus everything propagation learned about it; what rules read."""
+
+    graph: Graph
+    stats: dict[str, list[Stats | None]]
+    roots: dict[str, str]
+    effects: dict[str, Effect]
+    estimates: list[Estimate]
+    batch: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def stat(self, name: str, leaf: int = 0) -> Stats | None:
+        s = self.stats.get(name)
+        return s[leaf] if s and leaf < len(s) else None
+
+    def layers(self) -> list[Node]:
+        """Calls of modules that own parameters, in execution order."""
+        return [n for n in self.graph if n.kind == "call_module" and n.params]
+
+    def weight_layers(self) -> list[Node]:
+        """The layers that count for depth: linear, conv, attention, recurrent, ..."""
+        return [
+            n
+            for n in self.layers()
+            if n.op in WEIGHT_OPS or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values()))
+        ]
+
+    def users(self, name: str) -> list[Node]:
+        return self.graph.users(name)
+
+    def next_nodes(self, node: Node, skip: frozenset[str] = frozenset()) -> list[Node]:
+        """Users of ``node``, looking through ops in ``skip`` (layout ops, dropout...)."""
+        out: list[Node] = []
+        for u in self.users(node.name):
+            if u.op in skip:
+                out.extend(self.next_nodes(u, skip))
+            else:
+                out.append(u)
+        return out
+
+    def prev_nodes(self, node: Node, skip: frozenset[str] = frozenset()) -> list[Node]:
+        out: list[Node] = []
+        for name in node.inputs:
+            src = self.graph[name]
+            if src.op in skip:
+                out.extend(self.prev_nodes(src, skip))
+            else:
+                out.append(src)
+        return out
+
+    def effect_info(self, name: str) -> dict:
+        e = self.effects.get(name)
+        return e.info if e is not None else {}
+
+
+class Engine:
+    def __init__(self, graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> None:
+        self.graph = graph
+        self.input_stats = input_stats or {}
+        self.stats: dict[str, list[Stats | None]] = {}
+        self.roots: dict[str, str] = {}  # fused node -> root
+        self.groups: dict[str, list[str]] = {}  # root -> fused members in order
+        self.effects: dict[str, Effect] = {}
+        self.estimates: list[Estimate] = []
+
+    # -- lookups used by handlers ----------------------------------------------------
+    def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
+        s = self.stats.get(name)
+        return s[leaf] if s is not None and leaf < len(s) else None
+
+    # -- forward -------------------------------------------------------------------
+    def run(self) -> Analysis:
+        for node in self.graph:
+            try:
+                self._forward(node)
+            except (PropagationError, Unhandled):
+                raise
+            except Exception as exc:  # a bug in a handler: name the node
+                raise PropagationError(f"propagation failed at {node.describe()}: {exc}") from exc
+        self._backward()
+        batch = self._batch()
+        return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates, batch)
+
+    def _batch(self) -> int:
+        for name in self.graph.input_names:
+            meta = self.graph[name].meta
+            if meta is not None and meta.shape:
+                return meta.shape[0]
+        return 1
+
+    def _forward(self, node: Node) -> None:
+        if node.op == "input":
+            meta = node.meta
+            if meta is None or not meta.is_float:
+                self.stats[node.name] = [None]
+                return
+            mean, std = self.input_stats.get(node.name, (0.0, 1.0))
+            self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean)]
+            return
+        if node.op == "param":
+            v = node.params.get("value")
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+                vd = v.detach().double()
+                self.stats[node.name] = [Stats(mean=float(vd.mean()), m2=float(vd.pow(2).mean()))]
+            else:
+                self.stats[node.name] = [None]
+            return
+        if node.op == "output":
+            return
+        if not any(m is not None and m.is_float for m in node.outputs):
+            self.stats[node.name] = [None] * max(len(node.outputs), 1)
+            return
+        root = self._fusable_root(node)
+        if root is not None:
+            try:
+                self._forward_fused(node, root)
+                return
+            except (RuntimeError, TypeError, ValueError):
+                self.roots.pop(node.name, None)
+                members = self.groups.get(root)
+                if members and members[-1] == node.name:
+                    members.pop()
+        effect = self._apply_handler(node)
+        self.effects[node.name] = effect
+        self.stats[node.name] = list(effect.out) + [None] * (len(node.outputs) - len(effect.out))
+
+    def _apply_handler(self, node: Node) -> Effect:
+        handler = HANDLERS.get(node.op)
+        reason = "no handler for this op"
+        if handler is not None:
+            try:
+                return handler(Ctx(node, self))
+            except Unhandled as exc:
+                reason = f"handler cannot model it: {exc}"
+        try:
+            effect = montecarlo.estimate(node, self)
+            self.estimates.append(Estimate(node.name, node.op, node.module, reason, ok=True))
+            return effect
+        except Exception as exc:  # the op cannot even run on sampled inputs
+            self.estimates.append(
+                Estimate(node.name, node.op, node.module, f"{reason}; could not be run alone: {exc}", ok=False)
+            )
+            return Effect([None] * max(len(node.outputs), 1), [])
+
+    # -- fusion of elementwise ops ---------------------------------------------------
+    def _fusable_root(self, node: Node) -> str | None:
+        if node.op not in ELEMENTWISE or node.fn is None or node.tuple_output:
+            return None
+        if node.kind == "call_module" and node.params and node.op != "prelu":
+            return None
+        roots = set()
+        for ref in iter_refs((node.args, node.kwargs)):
+            src = self.graph[ref.name]
+            if src.op == "param" or src.tuple_output:
+                return None
+            roots.add(self.roots.get(ref.name, ref.name))
+        for v in list(node.args) + list(node.kwargs.values()):
+            if isinstance(v, torch.Tensor):
+                return None
+        if len(roots) != 1:
+            return None
+        root = roots.pop()
+        rmeta = self.graph[root].meta
+        if rmeta is None or not rmeta.is_float or rmeta.shape != node.shape or self.leaf_stats(root) is None:
+            return None
+        return root
+
+    def _eval_group(self, root: str, z: torch.Tensor, upto: str, leaf: str | None = None) -> tuple[dict, torch.Tensor | None]:
+        """Evaluate the fused chain from ``root`` (fed ``z``) up to member ``upto``.
+
+        With ``leaf`` set, that value is detached and made a leaf requiring grad, so
+        derivatives with respect to it can be taken. Returns all values and the leaf.
+        """
+        vals: dict[str, torch.Tensor] = {root: z}
+        leaf_t = None
+        if leaf == root:
+            leaf_t = z
+        for name in self.groups[root]:
+            n = self.graph[name]
+            args = map_refs(n.args, lambda r: vals[r.name])
+            kwargs = map_refs(n.kwargs, lambda r: vals[r.name])
+            v = n.fn(*args, **kwargs)
+            if not isinstance(v, torch.Tensor) or v.shape != z.shape:
+                raise TypeError(f"{name} is not elementwise")
+            if name == leaf:
+                v = v.detach().requires_grad_(True)
+                leaf_t = v
+            vals[name] = v
+            if name == upto:
+                break
+        return vals, leaf_t
+
+    def _forward_fused(self, node: Node, root: str) -> None:
+        self.roots[node.name] = root
+        self.groups.setdefault(root, []).append(node.name)
+        rs = self.leaf_stats(root)
+        x, w = gaussian_points(rs.mean, rs.var)
+        with torch.no_grad():
+            vals, _ = self._eval_group(root, x, upto=node.name)
+        y = vals[node.name].double()
+        self.stats[node.name] = [_stats(float((w * y).sum()), float((w * y * y).sum()))]
+
+    def _backward_group(self, root: str, acc: dict[tuple[str, int], float]) -> None:
+        """Set g2 of every member of ``root``'s group and add its share to the root.
+
+        For a value t in the group (the root or a member) and each exit o (a member whose
+        gradient comes from outside the group), dL/dt = sum_o (do/dt) g_o with g_o
+        independent of the forward values, so E[(dL/dt)^2] = sum_o E[(do/dt)^2] E[g_o^2].
+        do/dt is the total derivative through the chain, by autograd on the quadrature
+        nodes.
+        """
+        members = self.groups[root]
+        ext = {m: acc.get((m, 0), 0.0) for m in members}
+        exits = [m for m in members if ext[m] > 0]
+        rs = self.leaf_stats(root)
+        x, w = gaussian_points(rs.mean, rs.var)
+        for target in [root] + members:
+            total = 0.0
+            with torch.enable_grad():
+                z = x.clone().requires_grad_(target == root)
+                try:
+                    vals, leaf_t = self._eval_group(root, z, upto=members[-1], leaf=target)
+                except (RuntimeError, TypeError):
+                    leaf_t = None
+                for o in exits:
+                    if o == target:
+                        total += ext[o]
+                        continue
+                    if leaf_t is None or not vals[o].requires_grad:
+                        continue
+                    (d,) = torch.autograd.grad(vals[o].sum(), leaf_t, retain_graph=True, allow_unused=True)
+                    if d is None:
+                        continue
+                    d = d.detach().double()
+                    total += float((w * d * d).sum()) * ext[o]
+            if target == root:
+                acc[(root, 0)] = acc.get((root, 0), 0.0) + total
+            else:
+                self.stats[target][0].g2 = total
+
+    # -- backward ------------------------------------------------------------------
+    def _backward(self) -> None:
+        acc: dict[tuple[str, int], float] = {}
+        for name in self.graph.output_refs:
+            for leaf, s in enumerate(self.stats.get(name, [])):
+                if s is not None:
+                    acc[(name, leaf)] = acc.get((name, leaf), 0.0) + 1.0
+        for node in reversed(self.graph.nodes):
+            if node.op == "output" or node.name in self.roots:
+                continue
+            if node.name in self.groups:
+                self._backward_group(node.name, acc)
+            stats = self.stats.get(node.name, [])
+            for leaf, s in enumerate(stats):
+                if s is not None:
+                    s.g2 = acc.get((node.name, leaf), 0.0)
+            effect = self.effects.get(node.name)
+            if effect is None:
+                continue
+            for src, in_leaf, out_leaf, gain in effect.gains:
+                g = stats[out_leaf].g2 if out_leaf < len(stats) and stats[out_leaf] is not None else acc.get((node.name, out_leaf), 0.0)
+                acc[(src, in_leaf)] = acc.get((src, in_leaf), 0.0) + gain * g
+
+
+def propagate(graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> Analysis:
+    """Forward and backward moment propagation over ``graph``."""
+    return Engine(graph, input_stats).run()
+
+

@@ -1,0 +1,125 @@
+"""Gaussian expectations of any elementwise function, evaluated on the real torch code.
+
+Mean-field signal propagation (Poole et al. 2016; Schoenholz et al., ICLR 2017) needs,
+for a pre-activation x ~ N(mu, q) and an activation phi:
+
+    E[phi(x)],   E[phi(x)^2]   (forward length map)
+    E[phi'(x)^2]               (backward gain: chi_1 = s_w^2 E[phi'(x)^2])
+
+We compute them by quadrature on x = mu + sqrt(q) z, z ~ N(0, 1), calling the actual
+function (a torch function, an ``nn.Module`` or a user's own callable) on the nodes and
+differentiating it with autograd. Gauss-Hermite rules converge fast for smooth phi but
+lose accuracy when phi' jumps (SELU at 0: E[phi'^2] is off by 1.5% at 64 nodes), so we
+use a fine midpoint rule on z in [-10, 10] with Gaussian weights: spectrally accurate
+for smooth phi, error below 1e-4 for jumps, and still only a few thousand evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+N_NODES = 4000
+Z_MAX = 10.0
+
+
+@lru_cache(maxsize=1)
+def _standard_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    h = 2 * Z_MAX / N_NODES
+    z = torch.arange(N_NODES, dtype=torch.float64) * h - Z_MAX + h / 2
+    w = torch.exp(-0.5 * z * z)
+    return z, w / w.sum()
+
+
+def gaussian_points(mean: float, var: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadrature nodes x_k (float64) and weights w_k for x ~ N(mean, var)."""
+    z, w = _standard_grid()
+    return mean + math.sqrt(max(var, 0.0)) * z, w
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """E[phi], E[phi^2] and E[phi'^2] under the Gaussian the function was fed."""
+
+    mean: float
+    m2: float
+    d2: float
+
+
+def expectations(fn: Callable[[torch.Tensor], torch.Tensor], mean: float, var: float) -> Expectations:
+    """Gaussian expectations of an elementwise ``fn`` under x ~ N(mean, var).
+
+    ``fn`` is evaluated in float64 when it accepts it, otherwise in float32.
+    Non-finite outputs (log of negative numbers, overflow) propagate as nan/inf,
+    which is what a real forward pass would produce.
+    """
+    x, w = gaussian_points(mean, var)
+    for dtype in (torch.float64, torch.float32):
+        xt = x.to(dtype).requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                y = fn(xt)
+                if not isinstance(y, torch.Tensor) or y.shape != xt.shape:
+                    raise TypeError("not an elementwise function")
+                if y.requires_grad:
+                    (d,) = torch.autograd.grad(y.sum(), xt, allow_unused=True)
+                    d = torch.zeros_like(xt) if d is None else d
+                else:
+                    d = torch.zeros_like(xt)
+        except (RuntimeError, TypeError):
+            if dtype is torch.float32:
+                raise
+            continue
+        y64 = y.detach().to(torch.float64)
+        d64 = d.detach().to(torch.float64)
+        return Expectations(
+            mean=float((w * y64).sum()),
+            m2=float((w * y64 * y64).sum()),
+            d2=float((w * d64 * d64).sum()),
+        )
+    raise AssertionError("unreachable")
+
+
+def critical_weight_variance(fn: Callable, bias_var: float = 0.0, *, iters: int = 200) -> tuple[float, float]:
+    """The (s_w^2, q*) at which chi_1 = 1 for a fully connected phi network.
+
+    Solves the mean-field fixed point q* = s_w^2 E[phi(sqrt(q*) z)^2] + s_b^2 together
+    with chi_1 = s_w^2 E[phi'(sqrt(q*) z)^2] = 1 (Schoenholz et al. 2017, Eq. 3-5) by
+    bisection on q*: on the critical line s_w^2 = 1 / E[phi'^2], and q* must satisfy
+    the length map. Returns ``(s_w^2, q*)``.
+    """
+
+    def residual(q: float) -> tuple[float, float]:
+        e = expectations(fn, 0.0, q)
+        sw2 = 1.0 / e.d2
+        return sw2 * e.m2 + bias_var - q, sw2
+
+    if bias_var == 0.0:
+        e = expectations(fn, 0.0, 1e-10)
+        return 1.0 / e.d2, 0.0
+    lo, hi = 1e-9, 1.0
+    while residual(hi)[0] > 0 and hi < 1e6:
+        hi *= 2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if residual(mid)[0] > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * hi:
+            break
+    q = 0.5 * (lo + hi)
+    return residual(q)[1], q
+
+
+def depth_scale(chi: float) -> float:
+    """Schoenholz et al.'s gradient depth scale xi = -1 / ln(chi_1) (inf at chi_1 = 1)."""
+    if chi <= 0:
+        return 0.0
+    if abs(math.log(chi)) < 1e-12:
+        return math.inf
+    return -1.0 / math.log(chi)
