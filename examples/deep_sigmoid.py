@@ -1,0 +1,44 @@
+"""A deep sigmoid MLP with N(0, 1) weights: gradients vanish.
+
+What it shows: the classic failure of Glorot & Bengio (2010). Thirty Linear(32, 32) +
+Sigmoid layers with weights drawn from N(0, 1) (zero bias) and a Linear(32, 1) readout
+with PyTorch's default init. ``gradaudit check examples/deep_sigmoid.py`` exits 1 with
+the vanishing-gradients finding.
+
+Why it vanishes, and why this width. Each pre-activation h_i = sum_j W_ij s_j has a
+large per-unit offset 0.5 sum_j W_ij ~ N(0, width / 4) (sigmoid outputs average 1/2)
+plus a fluctuating part of variance ~ width Var[s]; the sigmoid saturates, and its
+derivative (at most 1/4) is small on most units. The per-layer gradient gain is
+chi = E_i[sum_j W_ij^2] E[sigma'(h)^2] = width * E[sigma'(h)^2], and because the spread of
+h grows like sqrt(width), E[sigma'(h)^2] ~ (1/6) phi(0) / sqrt(q) shrinks like
+1/sqrt(width): chi ~ 0.12 sqrt(width). So N(0, 1) weights make gradients *vanish* only
+for narrow layers (width below about 60; at width 256, chi ~ 2 and they explode). At
+width 32 and depth 30, a real backward pass (L = <y, g>, g ~ N(0, 1)) measures the
+gradient at the first layer about 1.5e4 times smaller than at the last hidden layer.
+
+At width 32 a single network scatters widely around the mean-field prediction (Hanin
+2018): other seeds give end-to-end decays between 1e-4 and 1e-5. The seed below is
+the conventional ``torch.manual_seed(0)``.
+"""
+
+import torch
+import torch.nn as nn
+
+WIDTH = 32
+DEPTH = 30
+
+
+def build() -> nn.Sequential:
+    layers = []
+    for _ in range(DEPTH):
+        layer = nn.Linear(WIDTH, WIDTH)
+        nn.init.normal_(layer.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(layer.bias)
+        layers += [layer, nn.Sigmoid()]
+    layers.append(nn.Linear(WIDTH, 1))
+    return nn.Sequential(*layers)
+
+
+torch.manual_seed(0)
+model = build()
+example_inputs = (torch.randn(64, WIDTH),)

@@ -1,0 +1,137 @@
+"""Independent measurement of per-node activation and gradient RMS with real autograd.
+
+This module shares nothing with gradaudit's propagation: it runs the real model on
+Gaussian inputs and differentiates it. It borrows gradaudit's fx tracer only so that
+its node names match the names the audit reports.
+
+    L = sum over every floating output y of <y, g>,  g ~ N(0, 1) per element
+
+(the definition of L in DESIGN.md). For every fx node with a floating tensor output we
+return sqrt(E[y^2]) and sqrt(E[(dL/dy)^2]), the expectations being means over the
+tensor's elements and over ``draws`` independent draws of the input and of g.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from gradaudit.frontends.fx import _Tracer
+from gradaudit.state import preserved
+
+_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` may write into one of its inputs (``ReLU(inplace=True)``, ``x += y``,
+    ``x.relu_()``)."""
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False))
+    if n.op == "call_function":
+        return n.target in _INPLACE_FUNCS or bool(n.kwargs.get("inplace", False))
+    if n.op == "call_method":
+        name = str(n.target)
+        return name.endswith("_") and not name.startswith("_")
+    return False
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps every node's output tensor(s).
+
+    Inputs of in-place nodes are cloned first, so the tensor kept for a node is the
+    value that node produced, not a later in-place overwrite of it.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, list[torch.Tensor | None]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if _is_inplace(self.module, n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            clone = lambda a: a.clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            args = fx.node.map_aggregate(args, clone)
+            kwargs = fx.node.map_aggregate(kwargs, clone)
+            result = getattr(self, n.op)(n.target, args, kwargs)
+        else:
+            result = super().run_node(n)
+        if n.op not in ("output", "get_attr"):
+            leaves: list[torch.Tensor | None] = []
+            _flatten(result, leaves)
+            self.values[n.name] = leaves
+        return result
+
+
+def _flatten(val: Any, out: list) -> None:
+    if isinstance(val, (tuple, list)):
+        for v in val:
+            _flatten(v, out)
+    else:
+        out.append(val if isinstance(val, torch.Tensor) and val.is_floating_point() else None)
+
+
+def graph_module(model: nn.Module) -> fx.GraphModule:
+    """The model traced with gradaudit's tracer (same leaves, same node names)."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _draw_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
+    """Floating inputs are redrawn N(0, 1) per element (what the audit assumes);
+    integer inputs (token ids) are used as given."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            out.append(torch.randn(x.shape, generator=gen, dtype=x.dtype).requires_grad_(True))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def measure(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0) -> dict[str, tuple[float, float]]:
+    """``{node name: (act_rms, grad_rms)}`` measured with real autograd.
+
+    Averages second moments over ``draws`` independent draws of (inputs, g). The model
+    runs in whatever mode it is in (training mode: BatchNorm uses batch statistics,
+    dropout is active); its buffers, ``.grad`` and the global RNG states are restored
+    afterwards, and gradients are taken with ``torch.autograd.grad`` so no parameter's
+    ``.grad`` is touched. ``leaf`` selects which output of a tuple-valued node
+    (``nn.LSTM``, ``nn.MultiheadAttention``) is reported.
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (tuple(inputs) if isinstance(inputs, list) else (inputs,))
+    sums: dict[str, list[float]] = {}
+    with preserved(model):
+        gm = graph_module(model)
+        for d in range(draws):
+            gen = torch.Generator().manual_seed(seed * 1000 + d)
+            torch.manual_seed(seed * 1000 + d + 7)  # dropout masks; restored on exit
+            x = _draw_inputs(inputs, gen)
+            rec = _Recorder(gm)
+            with torch.enable_grad():
+                outputs = rec.run(*x)
+                outs: list = []
+                _flatten(outputs, outs)
+                loss = torch.zeros((), dtype=torch.float64)
+                for y in outs:
+                    if y is not None and y.requires_grad:
+                        g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                        loss = loss + (y * g).sum().double()
+                names, tensors = [], []
+                for name, leaves in rec.values.items():
+                    t = leaves[leaf] if leaf < len(leaves) else None
+                    if t is not None and t.requires_grad:
+                        names.append(name)
+                        tensors.append(t)
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for name, t, g in zip(names, tensors, grads):
+                a2 = float(t.detach().double().pow(2).mean())
+                g2 = 0.0 if g is None else float(g.detach().double().pow(2).mean())
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += a2
+                acc[1] += g2
+    return {name: ((a / draws) ** 0.5, (g / draws) ** 0.5) for name, (a, g) in sums.items()}
