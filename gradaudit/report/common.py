@@ -1,0 +1,85 @@
+"""Small helpers the machine and HTML renderers share: paths, source lines, fingerprints.
+
+Every renderer formats the same :class:`~gradaudit.report.model.AuditReport`; these
+functions only turn its fields into the shapes each format wants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import linecache
+import os
+from typing import Any
+
+#: Where the generated rule catalog lives, relative to the repository root.
+CATALOG_DIR = "rules"
+#: The repository's address; rule pages are ``{REPO_URL}/blob/main/rules/GA101.md``.
+REPO_URL = "https://github.com/gradaudit/gradaudit"
+
+
+def rule_page(code: str) -> str:
+    """Repository-relative path of a rule's catalog page (``rules/GA101.md``)."""
+    return f"{CATALOG_DIR}/{code}.md"
+
+
+def rule_url(code: str) -> str:
+    """Absolute address of a rule's catalog page on the repository site."""
+    return f"{REPO_URL}/blob/main/{rule_page(code)}"
+
+
+def target_path(target: str | None) -> str | None:
+    """The file part of a target string (``model.py:attr`` -> ``model.py``), if it is a file."""
+    if not target:
+        return None
+    candidates = [target]
+    head, sep, _ = target.rpartition(":")
+    if sep and head:
+        candidates.insert(0, head)
+    for cand in candidates:
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def relative_uri(path: str, base: str | None = None) -> tuple[str, bool]:
+    """``(uri, relative)``: a forward-slash path relative to ``base`` (default: the
+    working directory) when the file lies inside it, else a ``file://`` URI."""
+    base = os.path.abspath(base or os.getcwd())
+    apath = os.path.abspath(path)
+    try:
+        rel = os.path.relpath(apath, base)
+    except ValueError:  # another drive on Windows
+        rel = None
+    if rel is not None and not rel.startswith(".."):
+        return rel.replace(os.sep, "/"), True
+    return "file://" + apath.replace(os.sep, "/") if apath.startswith("/") else "file:///" + apath.replace(os.sep, "/"), False
+
+
+def source_line(location: dict | None) -> str | None:
+    """The text of the user's source line a location points at (stripped), if readable."""
+    if not location or not location.get("path") or not location.get("line"):
+        return None
+    text = linecache.getline(os.path.abspath(location["path"]), int(location["line"]))
+    return text.strip() or None
+
+
+def fingerprint(rule: str, module: str | None, path: str | None) -> str:
+    """Stable hash of rule + module + file: the same problem keeps its identity when
+    lines move or numbers change, so code-scanning alerts are not reopened."""
+    key = "\x1f".join([rule, module or "", (path or "").replace(os.sep, "/")])
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def fmt_num(x: Any) -> str:
+    """A number as a reader wants it: 3 significant digits, scientific when tiny/huge."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x in (float("inf"), float("-inf")):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.3g}"
+    return str(x)

@@ -1,0 +1,150 @@
+"""The HTML report (``--format html -o audit.html``): one self-contained page.
+
+Inline CSS, inline SVG charts (matplotlib, see :mod:`gradaudit.report.charts`), no
+scripts, no fonts, no network references: it opens offline from disk in any browser.
+Jinja2 renders it with autoescaping on, because module names, messages and source lines
+come from user code. Dark mode follows ``prefers-color-scheme``.
+
+Order of the page: verdict and the sentence that matters; findings by severity (source
+line, numbers, fix as code); the depth chart; the gradcheck table; ops whose statistics
+were estimated; per-layer table; environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from gradaudit.report.common import fmt_num, rule_url, source_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.report.model import AuditReport
+
+SEVERITY_TITLES = {"error": "Errors", "warning": "Warnings", "info": "Notes"}
+
+
+def render(report: AuditReport, **opts: Any) -> str:
+    """The report as one HTML document (text)."""
+    import jinja2
+
+    from gradaudit.report.charts import depth_chart
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("gradaudit.report", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["num"] = fmt_num
+    chart = depth_chart(report)
+    template = env.get_template("report.html.j2")
+    return template.render(
+        r=report,
+        headline=headline(report),
+        groups=_groups(report),
+        chart=None if chart is None else _markup(chart),
+        gradcheck=_table(report.gradcheck),
+        probe=_flat(report.probe) if report.probe else None,
+        layers=report.layers,
+        environment=_environment(report),
+        suppressed=report.suppressed,
+        counts=report.counts(),
+        depth=report.depth,
+    )
+
+
+def headline(report: AuditReport) -> str:
+    """The one sentence that matters: the worst finding, or why the model looks healthy."""
+    from gradaudit.rules.base import SEVERITY_ORDER
+
+    serious = [f for f in report.findings if f.severity != "info"]
+    if serious:
+        worst = min(serious, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
+        first = re.split(r"(?<=[.;])\s", worst.message, maxsplit=1)[0].rstrip(";")
+        where = f" in '{worst.module}'" if worst.module else ""
+        return f"{worst.rule} {worst.name}{where}: {first}"
+    d = report.depth
+    return (
+        f"No gradient problem predicted: across {d.n_layers} weight layers the predicted gradient "
+        f"RMS stays within {fmt_num(d.spread_decades)} decades."
+    )
+
+
+def _markup(svg: str):
+    from markupsafe import Markup
+
+    # The SVG comes from matplotlib with every user string (none today) escaped by it.
+    return Markup(svg)
+
+
+def _groups(report: AuditReport) -> list[dict]:
+    out = []
+    for sev in ("error", "warning", "info"):
+        items = []
+        for f in report.findings:
+            if f.severity != sev:
+                continue
+            items.append(
+                {
+                    "f": f,
+                    "source": source_line(f.location),
+                    "numbers": [(k, _value(v)) for k, v in (f.data or {}).items()],
+                    "url": rule_url(f.rule),
+                }
+            )
+        if items:
+            out.append({"severity": sev, "title": SEVERITY_TITLES[sev], "items": items})
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        shown = ", ".join(_value(x) for x in list(v)[:8])
+        return f"[{shown}{', …' if len(v) > 8 else ''}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_value(x)}" for k, x in list(v.items())[:8]) + "}"
+    return fmt_num(v)
+
+
+def _table(rows: list[dict]) -> dict | None:
+    """Columns (union of keys, first-seen order) and formatted cells of dict rows."""
+    if not rows:
+        return None
+    cols: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in cols:
+                cols.append(k)
+    return {"cols": cols, "rows": [[_value(row.get(c, "")) if c in row else "" for c in cols] for row in rows]}
+
+
+def _flat(d: dict) -> list[tuple[str, str]]:
+    return [(k, _value(v)) for k, v in d.items() if not isinstance(v, (list, dict)) or len(v) <= 8]
+
+
+def _environment(report: AuditReport) -> list[tuple[str, str]]:
+    env = dict(report.environment)
+    rows: list[tuple[str, str]] = []
+    for key in ("gradaudit", "torch", "python", "device", "dtype"):
+        if key in env:
+            rows.append((key, str(env.pop(key))))
+    rows.append(("frontend", report.frontend))
+    rows.append(("input source", report.input_source))
+    if report.inputs:
+        rows.append(("inputs", "; ".join(_describe(x) for x in report.inputs)))
+    seconds = {k: v for k, v in env.items() if k.endswith("_seconds") and isinstance(v, (int, float))}
+    for k in seconds:
+        env.pop(k)
+    if seconds:
+        total = sum(seconds.values())
+        parts = ", ".join(f"{k.removesuffix('_seconds')} {v:.2f} s" for k, v in seconds.items())
+        rows.append(("time taken", f"{total:.2f} s ({parts})" if len(seconds) > 1 else f"{total:.2f} s"))
+    rows.extend((k, _value(v)) for k, v in env.items())
+    return rows
+
+
+def _describe(x: dict) -> str:
+    if "shape" in x:
+        return f"{x.get('dtype', '')}[{', '.join(str(s) for s in x['shape'])}]"
+    return str(x.get("value", x))
