@@ -1,0 +1,427 @@
+"""The ``gradaudit`` command line: ``check``, ``rules``, ``explain``.
+
+Exit codes: 0 no finding at or above ``--fail-on`` (default ``error``); 1 findings;
+2 usage, configuration or load error; 3 internal error. Machine output (json, sarif,
+github, html) goes to stdout or ``-o FILE``; human output goes to stderr then.
+
+torch, rich and the API are imported inside the commands, so ``gradaudit --help`` is
+instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Any
+
+import click
+
+from gradaudit import __version__
+from gradaudit.errors import ConfigError, GradauditError
+from gradaudit.report import FORMATS, MACHINE_FORMATS
+
+#: Exit status of an unexpected exception (a bug in gradaudit, not bad input).
+INTERNAL_ERROR = 3
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    click.echo(f"error: {_one_line(message)}", err=True)
+
+
+class _Group(click.Group):
+    """A group whose usage errors are one line on stderr (exit 2), like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        debug = "--debug" in (sys.argv[1:] if args is None else list(args))
+        try:
+            rv = super().main(args, prog_name or "gradaudit", complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.UsageError as exc:
+            _error(exc.format_message())
+            code = 2
+        except click.Abort:
+            click.echo("aborted", err=True)
+            code = 130
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            code = exc.exit_code
+        except GradauditError as exc:
+            if debug:
+                raise
+            _error(str(exc))
+            code = exc.exit_code
+        except BrokenPipeError:
+            code = 1
+        except Exception as exc:
+            if debug:
+                raise
+            _internal(exc)
+            code = INTERNAL_ERROR
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _internal(exc: BaseException) -> None:
+    click.echo(
+        f"internal error: {type(exc).__name__}: {_one_line(str(exc))[:300]} (run with --debug for the traceback)",
+        err=True,
+    )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradaudit")
+def main() -> None:
+    """Predict vanishing and exploding gradients in a PyTorch model before training it.
+
+    \b
+      gradaudit check examples/deep_sigmoid.py
+      gradaudit check models/net.py:build_model --input-shape 2,3,224,224
+      gradaudit rules
+      gradaudit explain GA101
+    """
+
+
+class _Shape(click.ParamType):
+    name = "SHAPE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from gradaudit.loading import parse_shape
+
+        try:
+            return parse_shape(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Range(click.ParamType):
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from gradaudit.loading import parse_range
+
+        try:
+            return parse_range(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _codes(values: tuple[str, ...]) -> list[str] | None:
+    out = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    return out or None
+
+
+@main.command()
+@click.argument("targets", nargs=-1, metavar="[TARGET]...")
+@click.option("--input-shape", "input_shapes", multiple=True, type=_Shape(),
+              help="Shape of one model input, e.g. 2,3,224,224 (repeat for several inputs).")
+@click.option("--input-dtype", help="dtype of the inputs, e.g. int64 for token ids (default float32).")
+@click.option("--input-range", type=_Range(), help="Value range LO,HI of the inputs, e.g. 0,30522 for token ids.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")
+@click.option("--select", multiple=True, help="Only these rule codes or prefixes (comma list, repeatable).")
+@click.option("--ignore", multiple=True, help="Skip these rule codes or prefixes (comma list, repeatable).")
+@click.option("--fail-on", type=click.Choice(("error", "warning", "info")), default=None,
+              help="Lowest severity that makes the exit status 1 (default error).")
+@click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings.")
+@click.option("--skip-missing", is_flag=True, help="Skip .py targets that define no model (for pre-commit).")
+@click.option("-q", "--quiet", is_flag=True, help="No human summary on stderr with machine formats.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file (default: [tool.gradaudit] of the nearest pyproject.toml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--probe", is_flag=True, help="Also run a short real forward/backward and show measured statistics.")
+@click.option("--draws", type=click.IntRange(min=1), default=None, help="Probe draws of the inputs [default: 2].")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
+              help="Probe on this batch (.pt read with weights_only=True, or .safetensors).")
+@click.option("--dtype", type=click.Choice(("fp32", "bf16", "fp16")), default=None, help="Probe dtype.")
+@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default=None, help="Probe device.")
+@click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
+@click.option("--gradcheck-module", "gradcheck_modules", multiple=True, metavar="NAME",
+              help="Module to gradcheck (repeatable).")
+def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
+          skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
+          gradcheck_modules):
+    """Audit TARGETs for vanishing / exploding gradients at initialisation.
+
+    \b
+    A TARGET is path/to/file.py[:attr], package.module:attr or model.onnx.
+    Without targets, the `targets` of [tool.gradaudit] in pyproject.toml.
+
+    Loading a target RUNS the Python file (as pytest does): only audit code you trust.
+
+    \b
+    Exit status: 0 no finding at or above --fail-on, 1 findings,
+    2 usage / config / load error, 3 internal error.
+    """
+    from gradaudit.config import load_config
+
+    config = load_config(config_path)
+    fail_on = fail_on or config.fail_on or "error"
+    select_codes = _codes(select) or config.select
+    ignore_codes = _codes(ignore) or config.ignore
+    options: dict[str, Any] = {}
+    for key, value in (("probe", probe), ("draws", draws), ("inputs_path", inputs_path), ("dtype", dtype),
+                       ("device", device), ("gradcheck", gradcheck),
+                       ("gradcheck_modules", list(gradcheck_modules) or None)):
+        if value not in (None, False):
+            options[key] = value
+    if config.per_module_ignores:
+        options["per_module_ignores"] = dict(config.per_module_ignores)
+    jobs = _jobs(targets, config, input_shapes, input_dtype, input_range)
+    renderer = None if fmt == "text" else _renderer(fmt)
+    _check_codes(config, select, ignore)
+    settings = _settings(config)
+
+    human = _human_console(fmt, output, quiet)
+    reports = []
+    failed = False
+    for spec, shapes, in_dtype, in_range in jobs:
+        if skip_missing and _no_torch(spec):
+            continue
+        try:
+            report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
+        except GradauditError as exc:
+            from gradaudit.loading import NoModelFound
+
+            if skip_missing and isinstance(exc, NoModelFound):
+                continue
+            if debug:
+                raise
+            _error(str(exc) if str(exc).startswith(spec.split(":")[0]) else f"{spec}: {exc}")
+            failed = True
+            continue
+        reports.append(report)
+        if human is not None:
+            from gradaudit.report.text import print_report
+
+            print_report(report, human, layers=fmt == "text", title=len(jobs) > 1)
+            if fmt == "text" and len(jobs) > 1:
+                human.print()
+    if failed:
+        return 2
+    if renderer is not None or output:
+        if renderer is None:
+            from gradaudit.report import text as renderer  # text to a file: no colour
+        text = _render(renderer, reports, fmt)
+        _write(text, output)
+    if exit_zero:
+        return 0
+    from gradaudit.api import exit_code
+
+    return max((exit_code(r, fail_on) for r in reports), default=0)
+
+
+def _jobs(targets, config, input_shapes, input_dtype, input_range):
+    """(spec, shapes, dtype, range) per target: CLI flags, else the config entry's."""
+    jobs = []
+    if targets:
+        for spec in targets:
+            entry = config.target_for(spec)
+            if input_shapes or entry is None:
+                jobs.append((spec, list(input_shapes) or None, input_dtype, input_range))
+            else:
+                jobs.append((spec, entry.input_shapes, input_dtype or entry.input_dtype, input_range or entry.input_range))
+        return jobs
+    if not config.targets:
+        where = f" in {os.path.relpath(config.path)}" if config.path else " (no [tool.gradaudit] in pyproject.toml)"
+        raise click.UsageError(f"no TARGET given and no targets configured{where}; try: gradaudit check model.py")
+    for entry in config.targets:
+        shapes = list(input_shapes) or entry.input_shapes
+        jobs.append((entry.path, shapes, input_dtype or entry.input_dtype, input_range or entry.input_range))
+    return jobs
+
+
+def _renderer(fmt: str):
+    from gradaudit.report import get_renderer
+
+    return get_renderer(fmt)
+
+
+def _check_codes(config, select, ignore) -> None:
+    """Reject unknown rule codes up front; name the config file for configured ones."""
+    from gradaudit.rules.base import resolve_codes
+
+    for flag, values in (("--select", _codes(select)), ("--ignore", _codes(ignore))):
+        if values:
+            try:
+                resolve_codes(values)
+            except ValueError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+    where = os.path.relpath(config.path) if config.path else ""
+    for key, values in (("select", config.select), ("ignore", config.ignore),
+                        *((f'per-module-ignores."{g}"', c) for g, c in config.per_module_ignores.items())):
+        if values:
+            try:
+                resolve_codes(values)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+
+
+def _settings(config):
+    from dataclasses import fields
+
+    from gradaudit.api import Settings
+
+    names = {f.name for f in fields(Settings)}
+    values = dict(config.settings)
+    extra = {}
+    for k, v in config.thresholds.items():
+        if k in names and k != "extra":
+            values[k] = v
+        else:
+            extra[k] = v
+    return Settings(**values, extra=extra)
+
+
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):
+    from gradaudit.api import audit
+    from gradaudit.errors import CaptureError
+    from gradaudit.loading import load_target
+
+    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    try:
+        return audit(
+            loaded.model,
+            loaded.inputs,
+            target=spec,
+            input_source=loaded.input_source,
+            select=select,
+            ignore=ignore,
+            input_stats=loaded.input_stats or None,
+            settings=settings,
+            **options,
+        )
+    except CaptureError as exc:
+        if loaded.input_source.startswith("inferred"):
+            raise CaptureError(f"{exc} (inputs were {loaded.input_source}; pass --input-shape)") from exc
+        raise
+
+
+def _no_torch(spec: str) -> bool:
+    """A .py file that never mentions torch cannot define a model: skip it without running it."""
+    path = spec.split(".py:")[0] + ".py" if ".py:" in spec else spec
+    if not path.endswith(".py") or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "torch" not in fh.read()
+    except OSError:
+        return False
+
+
+def _human_console(fmt: str, output: str | None, quiet: bool):
+    """Where the human-readable report goes: stdout for text, stderr beside machine output."""
+    from gradaudit.report.text import make_console
+
+    if fmt == "text":
+        return None if output else make_console(sys.stdout)
+    if quiet:
+        return None
+    if output is None or output == "-":
+        return make_console(sys.stderr)
+    return make_console(sys.stdout)
+
+
+def _render(renderer, reports: list, fmt: str) -> str:
+    if len(reports) == 1:
+        return renderer.render(reports[0])
+    many = getattr(renderer, "render_many", None)
+    if many is None:
+        raise ConfigError(f"--format {fmt} takes one target at a time")
+    return many(reports)
+
+
+def _write(text: str, output: str | None) -> None:
+    """stdout, or ``output`` written atomically (temp file + rename; devices written directly)."""
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    if os.path.exists(output) and not os.path.isfile(output):
+        with open(output, "w", encoding="utf-8") as fh:  # /dev/null, a pipe: no rename
+            fh.write(text)
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"-o {output}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".gradaudit-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@main.command("rules")
+@click.option("--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True)
+def rules_cmd(fmt):
+    """List the rule catalog: code, name, category, default severity, summary."""
+    from gradaudit.rules.base import all_rules
+
+    rows = [
+        {"code": code, "name": cls.name, "category": cls.category, "severity": cls.default_severity,
+         "stage": cls.stage, "summary": cls.summary()}
+        for code, cls in all_rules().items()
+    ]
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    from gradaudit.report.text import make_console
+
+    console = make_console(sys.stdout)
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("code", "name", "category", "severity", "summary"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["code"], r["name"], r["category"], r["severity"], r["summary"])
+    console.print(table)
+    return 0
+
+
+@main.command()
+@click.argument("code")
+def explain(code):
+    """Print the documentation of one rule, e.g. gradaudit explain GA101."""
+    from gradaudit.rules.base import all_rules
+
+    rules = all_rules()
+    cls = rules.get(code.strip().upper())
+    if cls is None:
+        raise ConfigError(f"unknown rule code {code!r} (see 'gradaudit rules')")
+    head = f"{cls.code} {cls.name} ({cls.category}, default severity {cls.default_severity})"
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        from rich.markdown import Markdown
+
+        from gradaudit.report.text import make_console
+
+        console = make_console(sys.stdout)
+        console.print(f"[bold]{head}[/]")
+        console.print(Markdown(cls.doc()))
+    else:
+        click.echo(head)
+        click.echo()
+        click.echo(cls.doc())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

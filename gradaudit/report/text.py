@@ -1,0 +1,179 @@
+"""Terminal output (rich): verdict first, then findings with their source line and fix,
+then the per-layer table of predicted (and measured) activation and gradient RMS.
+
+Colour follows the console: none when the stream is not a terminal or ``NO_COLOR`` is
+set. :func:`render` gives the same text without colour, for ``-o FILE``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from gradaudit.rules.base import SEVERITIES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from gradaudit.report.model import AuditReport
+
+#: Width used when the stream is not a terminal (files, pipes, CI logs).
+PLAIN_WIDTH = 120
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+_PLURAL = {"error": "errors", "warning": "warnings", "info": "info"}
+
+
+def make_console(stream: Any, *, color: bool | None = None) -> Console:
+    """A rich console on ``stream``: colour only on a terminal without ``NO_COLOR``."""
+    from rich.console import Console
+
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    no_color = bool(os.environ.get("NO_COLOR")) or not is_tty if color is None else not color
+    width = None if is_tty else int(os.environ.get("COLUMNS", PLAIN_WIDTH))
+    return Console(
+        file=stream,
+        no_color=no_color,
+        color_system=None if no_color else "auto",
+        force_terminal=is_tty and not no_color,
+        width=width,
+        highlight=False,
+        soft_wrap=False,
+        emoji=False,
+    )
+
+
+def fmt(x: Any) -> str:
+    """Three significant digits; inf / nan / strings pass through."""
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if x != x else ("inf" if x > 0 else "-inf")
+    if x == 0:
+        return "0"
+    return f"{x:.3g}"
+
+
+def verdict_sentence(report: AuditReport) -> str:
+    """The one sentence that matters, built from the depth summary or the worst finding."""
+    d = report.depth
+    findings = [f for f in report.findings if f.severity != "info"]
+    if findings:
+        from gradaudit.rules.base import SEVERITY_ORDER
+
+        worst = min(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
+        if worst.category in ("vanishing", "exploding") and d.n_layers >= 2:
+            ratio = 10.0 ** d.end_to_end_decades if math.isfinite(d.end_to_end_decades) else 0.0
+            rate = ""
+            if d.layers_per_decade is not None:
+                word = "fall" if d.decades_per_layer < 0 else "grow"
+                rate = f"; at this rate gradients {word} 10x every {d.layers_per_decade:.1f} layers"
+            verb = "vanish" if worst.category == "vanishing" else "explode"
+            return f"gradients {verb}: the first layer gets {fmt(ratio)} of the last layer's gradient{rate}"
+        return worst.message
+    if d.n_layers >= 2 and math.isfinite(d.spread_decades):
+        return (
+            f"gradients stay within {d.spread_decades:.2g} decades across {d.n_layers} weight layers "
+            f"(first / last layer: {fmt(10.0 ** d.end_to_end_decades)})"
+        )
+    return "no problem predicted"
+
+
+def print_report(report: AuditReport, console: Console, *, layers: bool = True, title: bool = False) -> None:
+    """Print ``report``: verdict, findings, and (when ``layers``) the per-layer table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if title:
+        console.rule(escape(report.target), style="dim")
+    verdict = report.verdict
+    style = "bold green" if verdict == "healthy" else _STYLE.get(report.worst_severity() or "info", "bold")
+    console.print(f"[{style}]{escape(verdict.upper())}[/]  {escape(verdict_sentence(report))}", soft_wrap=True)
+    counts = report.counts()
+    if report.findings:
+        parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in SEVERITIES if counts[s]]
+        console.print(f"{escape(report.target)}: " + ", ".join(parts))
+    for severity in SEVERITIES:
+        group = [f for f in report.findings if f.severity == severity]
+        if not group:
+            continue
+        console.print()
+        console.print(f"[{_STYLE[severity]}]{_PLURAL[severity]} ({len(group)})[/]")
+        for f in group:
+            where = _where(f.location, f.module or f.node, report.target)
+            console.print(
+                f"  {escape(where)}: [{_STYLE[severity]}]{f.rule}[/] [dim]{f.name}[/] {escape(f.message)}",
+                soft_wrap=True,
+            )
+            if f.fix:
+                console.print(f"      fix: [bold]{escape(f.fix)}[/]", soft_wrap=True)
+    if layers and report.layers:
+        measured = any(layer.measured is not None for layer in report.layers)
+        table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
+        table.add_column("#", justify="right")
+        table.add_column("module")
+        table.add_column("op")
+        table.add_column("act RMS", justify="right")
+        table.add_column("grad RMS", justify="right")
+        if measured:
+            table.add_column("measured act", justify="right")
+            table.add_column("measured grad", justify="right")
+        for layer in report.layers:
+            name = layer.module or layer.node
+            row = [
+                str(layer.depth) if layer.depth is not None else "",
+                escape(name) + (" *" if layer.estimated else ""),
+                escape(layer.op),
+                fmt(layer.predicted.act_rms),
+                fmt(layer.predicted.grad_rms),
+            ]
+            if measured:
+                m = layer.measured
+                row += [fmt(m.act_rms) if m else "-", fmt(m.grad_rms) if m else "-"]
+            table.add_row(*row)
+        console.print()
+        console.print("[bold]per layer[/] (predicted RMS of the output and of dL/d(output); # = weight-layer depth)")
+        console.print(table)
+    if report.estimated_ops:
+        ops = sorted({str(e.get("op")) for e in report.estimated_ops})
+        console.print()
+        console.print(
+            f"* {len(report.estimated_ops)} op(s) without a handler were estimated by local Monte Carlo: "
+            + escape(", ".join(ops))
+        )
+    shapes = ", ".join(_describe_input(x) for x in report.inputs)
+    console.print()
+    console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
+
+
+def render(report: AuditReport, **_: object) -> str:
+    """The terminal report as plain text (no colour), for ``-o FILE``."""
+    buf = io.StringIO()
+    print_report(report, make_console(buf, color=False))
+    return buf.getvalue()
+
+
+def render_many(reports: list[AuditReport], **_: object) -> str:
+    buf = io.StringIO()
+    console = make_console(buf, color=False)
+    for i, report in enumerate(reports):
+        if i:
+            console.print()
+        print_report(report, console, title=len(reports) > 1)
+    return buf.getvalue()
+
+
+def _describe_input(x: dict) -> str:
+    if "shape" in x:
+        return "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
+    return str(x.get("value", x))
+
+
+def _where(location: dict | None, name: str | None, target: str) -> str:
+    if location:
+        return f"{location['path']}:{location['line']}"
+    path = target.split(".py:")[0] + ".py" if ".py:" in target else target
+    return f"{path} [{name}]" if name else path
