@@ -76,9 +76,17 @@ def audit(
         graph = capture(model, inputs)
         analysis = analyse(graph, inputs, input_stats, settings)
         findings = run_rules(analysis, codes)
+        from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
+
+        findings, suppressed, unused = apply_suppressions(
+            findings, graph, model, options.get("per_module_ignores"), target=target,
+            report_unused=UNUSED_CODE in codes,
+        )
+        findings = sorted(findings + unused, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
         report = build_report(
             analysis, findings, target=target or type(model).__name__, input_source=input_source, inputs=inputs
         )
+        report.suppressed = suppressed
         report.environment["static_seconds"] = round(time.perf_counter() - started, 4)
     return report
 
