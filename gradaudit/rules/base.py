@@ -10,9 +10,9 @@ top-level ``rules/`` folder and SARIF rule metadata. Codes never change once pub
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import re
-import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -107,7 +107,8 @@ class Rule:
     # -- documentation ---------------------------------------------------------------
     @classmethod
     def doc(cls) -> str:
-        return textwrap.dedent(cls.__doc__ or "").strip()
+        # cleandoc, not dedent: the first docstring line carries no indentation
+        return inspect.cleandoc(cls.__doc__ or "")
 
     @classmethod
     def doc_sections(cls) -> dict[str, str]:
