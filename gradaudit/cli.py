@@ -180,6 +180,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     if config.per_module_ignores:
         options["per_module_ignores"] = dict(config.per_module_ignores)
     jobs = _jobs(targets, config, input_shapes, input_dtype, input_range)
+    if skip_missing and targets and config.targets:
+        jobs = _configured_only(jobs, config, input_shapes, input_dtype, input_range)
     renderer = None if fmt == "text" else _renderer(fmt)
     _check_codes(config, select, ignore)
     settings = _settings(config)
@@ -241,6 +243,22 @@ def _jobs(targets, config, input_shapes, input_dtype, input_range):
         shapes = list(input_shapes) or entry.input_shapes
         jobs.append((entry.path, shapes, input_dtype or entry.input_dtype, input_range or entry.input_range))
     return jobs
+
+
+def _configured_only(jobs, config, input_shapes, input_dtype, input_range):
+    """With --skip-missing (pre-commit passes changed files) and configured ``targets``:
+    only files named by a target count, audited as that target says (attribute, inputs)."""
+    from gradaudit.config import _normalise_spec
+
+    out = []
+    for spec, shapes, in_dtype, in_range in jobs:
+        want = _normalise_spec(spec.split(".py:")[0] + ".py" if ".py:" in spec else spec)
+        for entry in config.targets:
+            path = entry.path.split(".py:")[0] + ".py" if ".py:" in entry.path else entry.path
+            if _normalise_spec(path) == want:
+                out.append((entry.path, list(input_shapes) or entry.input_shapes, input_dtype or entry.input_dtype,
+                            input_range or entry.input_range))
+    return out
 
 
 def _renderer(fmt: str):
@@ -369,9 +387,18 @@ def _write(text: str, output: str | None) -> None:
 
 @main.command("rules")
 @click.option("--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True)
-def rules_cmd(fmt):
+@click.option("--markdown", "markdown_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the catalog as Markdown pages (one per rule + README.md) into DIR.")
+def rules_cmd(fmt, markdown_dir):
     """List the rule catalog: code, name, category, default severity, summary."""
     from gradaudit.rules.base import all_rules
+
+    if markdown_dir is not None:
+        from gradaudit.catalog import write_rules
+
+        written = write_rules(markdown_dir)
+        click.echo(f"wrote {len(written)} pages to {markdown_dir}", err=True)
+        return 0
 
     rows = [
         {"code": code, "name": cls.name, "category": cls.category, "severity": cls.default_severity,
