@@ -428,7 +428,8 @@ def infer_inputs(model: Any) -> tuple[tuple, str]:
         x = torch.randint(0, int(layer.num_embeddings), shape, generator=gen, dtype=torch.int64)
     else:
         x = torch.randn(shape, generator=gen)
-    return (x,), f"inferred from {type(layer).__name__} '{name}' ({detail})"
+    named = f" '{name}'" if name else ""
+    return (x,), f"inferred from {type(layer).__name__}{named} ({detail})"
 
 
 def _required_inputs(model: Any) -> int:
@@ -458,6 +459,8 @@ def _first_consumer(model: Any) -> tuple[str, Any] | None:
     import torch.fx as fx
 
     kinds = _consumer_types()
+    if isinstance(model, kinds):
+        return "", model
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m, qualname):
@@ -473,7 +476,7 @@ def _first_consumer(model: Any) -> tuple[str, Any] | None:
         pass
     for name, m in model.named_modules():
         if isinstance(m, kinds) and not _is_lazy(m):
-            return name or type(m).__name__, m
+            return name, m
     return None
 
 
@@ -523,7 +526,7 @@ def _shape_for(layer: Any) -> tuple[tuple[int, ...], Any, str]:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"2,3,224,224"`` (or ``2x3x224x224``) -> ``(2, 3, 224, 224)``; :class:`ConfigError` if bad."""
-    parts = [p for p in re.split(r"[,x\s]+", str(text).strip().strip("()[]")) if p]
+    parts = [p for p in re.split(r"[,\s]+|(?<=\d)x(?=\d)", str(text).strip().strip("()[]")) if p]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
