@@ -173,12 +173,48 @@ class Stats:
 
     ``mean`` and ``m2`` describe the forward value (E[x] and E[x^2]); ``g2`` is the
     second moment of dL/dx with L = sum over outputs y of <y, g>, g ~ N(0, 1).
+
+    When the tensor has a channel axis whose units differ (the output features of a
+    Linear, the channels of a conv), ``axis`` names it and ``ch_mean`` / ``ch_m2`` /
+    ``ch_g2`` hold per-channel values (float64 vectors); the scalars are then their
+    averages. Tracking units separately keeps the actual weight draw's heterogeneity
+    (a unit whose incoming weights sum to a large value is saturated for every sample)
+    that a single Gaussian per tensor would average away.
     """
 
     mean: float
     m2: float
     g2: float = 0.0
     estimated: bool = False
+    axis: int | None = None
+    ch_mean: Any = None
+    ch_m2: Any = None
+    ch_g2: Any = None
+
+    @classmethod
+    def per_channel(cls, axis: int, mean, m2) -> "Stats":
+        """Stats from per-channel mean and second-moment vectors (torch float64)."""
+        m2 = m2.clamp_min(0.0).maximum(mean * mean)
+        return cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2)
+
+    @property
+    def has_channels(self) -> bool:
+        return self.axis is not None and self.ch_mean is not None
+
+    def channels(self, axis: int, n: int):
+        """(mean, var) vectors for ``n`` channels on ``axis``; uniform if not tracked."""
+        import torch
+
+        if self.has_channels and self.axis == axis and self.ch_mean.numel() == n:
+            return self.ch_mean, (self.ch_m2 - self.ch_mean * self.ch_mean).clamp_min(0.0)
+        return (
+            torch.full((n,), self.mean, dtype=torch.float64),
+            torch.full((n,), self.var, dtype=torch.float64),
+        )
+
+    def scalar(self) -> "Stats":
+        """The same statistics without channel detail."""
+        return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated)
 
     @property
     def var(self) -> float:

@@ -26,7 +26,8 @@ import torch
 from gradaudit.ir import Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
-from gradaudit.propagation.moments import gaussian_points
+from gradaudit.propagation.channels import AtMax, apply_gain
+from gradaudit.propagation.moments import channel_points, gaussian_points
 
 #: Activation ops (the rules treat these as a network's nonlinearity).
 ACTIVATIONS = frozenset(
@@ -50,6 +51,14 @@ WEIGHT_OPS = frozenset(
     {"linear", "conv", "conv_transpose", "bilinear", "embedding", "multihead_attention", "rnn", "lstm", "gru"}
 )
 NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
+
+
+@dataclass
+class _AtMaxPart:
+    """A gradient contribution that reached only the arg-max of ``window`` values."""
+
+    value: Any
+    window: int
 
 
 class PropagationError(Exception):
@@ -248,8 +257,10 @@ class Engine:
             leaf_t = z
         for name in self.groups[root]:
             n = self.graph[name]
-            args = map_refs(n.args, lambda r: vals[r.name])
-            kwargs = map_refs(n.kwargs, lambda r: vals[r.name])
+            # clones: an in-place op (ReLU(inplace=True)) must not overwrite a value
+            # that other members or the gradient computation still read
+            args = map_refs(n.args, lambda r: vals[r.name].clone())
+            kwargs = map_refs(n.kwargs, lambda r: vals[r.name].clone())
             v = n.fn(*args, **kwargs)
             if not isinstance(v, torch.Tensor) or v.shape != z.shape:
                 raise TypeError(f"{name} is not elementwise")
@@ -261,76 +272,170 @@ class Engine:
                 break
         return vals, leaf_t
 
+    def _points(self, root: str, window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quadrature nodes for the root's distribution: (nodes,) or (nodes, C).
+
+        With ``window`` k > 1 the weights are those of the maximum of k independent
+        draws, k phi(z) Phi(z)^(k-1) (max pooling's arg-max)."""
+        rs = self.leaf_stats(root)
+        if rs.has_channels:
+            mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
+            x, w = channel_points(mean, var)
+            z = (x[:, 0] - mean[0]) / var[0].clamp_min(1e-300).sqrt() if var[0] > 0 else None
+        else:
+            x, w = gaussian_points(rs.mean, rs.var)
+            z = (x - rs.mean) / (rs.var**0.5) if rs.var > 0 else None
+        if window > 1:
+            if z is None:
+                return x, w
+            cdf = 0.5 * (1 + torch.erf(z / 2**0.5))
+            w = w * window * cdf.pow(window - 1)
+            w = w / w.sum()
+        return x, w
+
+    def fused_max_moments(self, name: str, window: int):
+        """E[max] and E[max^2] over windows of ``window`` values of fused node ``name``,
+        when it is a nondecreasing function of its root (so max f(z) = f(max z)): per
+        channel vectors or 0-d tensors. None when not applicable."""
+        root = self.roots.get(name)
+        if root is None:
+            return None
+        x, w = self._points(root)
+        with torch.no_grad():
+            vals, _ = self._eval_group(root, x, upto=name)
+        y = vals[name].double()
+        wc = w.unsqueeze(1) if y.dim() == 2 else w
+        falling = torch.zeros_like(y, dtype=torch.bool)
+        falling[1:] = y.diff(dim=0) < 0
+        # max f(z_i) = f(max z_i) unless all k draws land where f falls (SiLU below -1.28)
+        if bool(((wc * falling).sum(0) ** window > 0.01).any()):
+            return None
+        _, wm = self._points(root, window)
+        wm = wm.unsqueeze(1) if y.dim() == 2 else wm
+        return (wm * y).sum(0), (wm * y * y).sum(0)
+
     def _forward_fused(self, node: Node, root: str) -> None:
         self.roots[node.name] = root
         self.groups.setdefault(root, []).append(node.name)
-        rs = self.leaf_stats(root)
-        x, w = gaussian_points(rs.mean, rs.var)
+        x, w = self._points(root)
         with torch.no_grad():
             vals, _ = self._eval_group(root, x, upto=node.name)
         y = vals[node.name].double()
-        self.stats[node.name] = [_stats(float((w * y).sum()), float((w * y * y).sum()))]
+        rs = self.leaf_stats(root)
+        if y.dim() == 2:
+            wc = w.unsqueeze(1)
+            self.stats[node.name] = [Stats.per_channel(rs.axis, (wc * y).sum(0), (wc * y * y).sum(0))]
+        else:
+            self.stats[node.name] = [_stats(float((w * y).sum()), float((w * y * y).sum()))]
 
-    def _backward_group(self, root: str, acc: dict[tuple[str, int], float]) -> None:
+    def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
         """Set g2 of every member of ``root``'s group and add its share to the root.
 
         For a value t in the group (the root or a member) and each exit o (a member whose
         gradient comes from outside the group), dL/dt = sum_o (do/dt) g_o with g_o
-        independent of the forward values, so E[(dL/dt)^2] = sum_o E[(do/dt)^2] E[g_o^2].
-        do/dt is the total derivative through the chain, by autograd on the quadrature
-        nodes.
+        independent of the forward values, so E[(dL/dt)^2] = sum_o E[(do/dt)^2] E[g_o^2]
+        (per channel when the root tracks channels). do/dt is the total derivative
+        through the chain, by autograd on the quadrature nodes.
         """
         members = self.groups[root]
-        ext = {m: acc.get((m, 0), 0.0) for m in members}
-        exits = [m for m in members if ext[m] > 0]
-        rs = self.leaf_stats(root)
-        x, w = gaussian_points(rs.mean, rs.var)
+        at_max: dict[str, list] = {}
+        for m in members:
+            plain = []
+            for part in acc.get((m, 0), []):
+                if isinstance(part, _AtMaxPart):
+                    at_max.setdefault(m, []).append(part)
+                    plain.append(part.value)
+                else:
+                    plain.append(part)
+            acc[(m, 0)] = plain
+            self._resolve(m, 0, acc)
+        ext = {m: self._grad_of(m) for m in members}
+        exits = [m for m in members if float(ext[m].mean() if isinstance(ext[m], torch.Tensor) else ext[m]) > 0]
+        x, w = self._points(root)
+        wc = w.unsqueeze(1) if x.dim() == 2 else w
+        # weights under the arg-max distribution, for gradients that came through max pooling
+        max_w = {p.window: self._points(root, p.window)[1] for parts in at_max.values() for p in parts}
+        max_w = {k: (v.unsqueeze(1) if x.dim() == 2 else v) for k, v in max_w.items()}
         for target in [root] + members:
-            total = 0.0
+            total: float | torch.Tensor = 0.0
             with torch.enable_grad():
                 z = x.clone().requires_grad_(target == root)
-                try:
-                    vals, leaf_t = self._eval_group(root, z, upto=members[-1], leaf=target)
-                except (RuntimeError, TypeError):
-                    leaf_t = None
+                vals, leaf_t = self._eval_group(root, z, upto=members[-1], leaf=target)
                 for o in exits:
                     if o == target:
-                        total += ext[o]
+                        total = total + ext[o]
                         continue
                     if leaf_t is None or not vals[o].requires_grad:
                         continue
                     (d,) = torch.autograd.grad(vals[o].sum(), leaf_t, retain_graph=True, allow_unused=True)
                     if d is None:
                         continue
-                    d = d.detach().double()
-                    total += float((w * d * d).sum()) * ext[o]
+                    d2 = d.detach().double().pow(2)
+                    g_plain = ext[o]
+                    for p in at_max.get(o, []):
+                        g_plain = g_plain - p.value
+                        e_max = (max_w[p.window] * d2).sum(0)
+                        total = total + (e_max * p.value if x.dim() == 2 else float(e_max) * p.value)
+                    e = (wc * d2).sum(0)
+                    total = total + (e * g_plain if x.dim() == 2 else float(e) * g_plain)
             if target == root:
-                acc[(root, 0)] = acc.get((root, 0), 0.0) + total
+                acc.setdefault((root, 0), []).append(total)
             else:
-                self.stats[target][0].g2 = total
+                s = self.stats[target][0]
+                if isinstance(total, torch.Tensor) and s.has_channels:
+                    s.ch_g2 = total
+                    s.g2 = float(total.mean())
+                else:
+                    s.g2 = float(total.mean()) if isinstance(total, torch.Tensor) else float(total)
+
+    def _grad_of(self, name: str) -> float | torch.Tensor:
+        s = self.stats[name][0]
+        return s.ch_g2 if s.has_channels and s.ch_g2 is not None else s.g2
+
+    def _resolve(self, name: str, leaf: int, acc: dict[tuple[str, int], list]) -> None:
+        """Sum the gradient contributions a value received from its users."""
+        s = self.leaf_stats(name, leaf)
+        if s is None:
+            return
+        parts = acc.get((name, leaf), [])
+        if s.has_channels:
+            vec = torch.zeros(s.ch_mean.numel(), dtype=torch.float64)
+            for p in parts:
+                vec = vec + (p if isinstance(p, torch.Tensor) else float(p))
+            s.ch_g2, s.g2 = vec, float(vec.mean())
+        else:
+            s.g2 = sum(float(p.mean()) if isinstance(p, torch.Tensor) else float(p) for p in parts)
 
     # -- backward ------------------------------------------------------------------
     def _backward(self) -> None:
-        acc: dict[tuple[str, int], float] = {}
+        acc: dict[tuple[str, int], list] = {}
         for name in self.graph.output_refs:
             for leaf, s in enumerate(self.stats.get(name, [])):
                 if s is not None:
-                    acc[(name, leaf)] = acc.get((name, leaf), 0.0) + 1.0
+                    acc.setdefault((name, leaf), []).append(1.0)
         for node in reversed(self.graph.nodes):
             if node.op == "output" or node.name in self.roots:
                 continue
             if node.name in self.groups:
                 self._backward_group(node.name, acc)
             stats = self.stats.get(node.name, [])
-            for leaf, s in enumerate(stats):
-                if s is not None:
-                    s.g2 = acc.get((node.name, leaf), 0.0)
+            for leaf in range(len(stats)):
+                self._resolve(node.name, leaf, acc)
             effect = self.effects.get(node.name)
             if effect is None:
                 continue
             for src, in_leaf, out_leaf, gain in effect.gains:
-                g = stats[out_leaf].g2 if out_leaf < len(stats) and stats[out_leaf] is not None else acc.get((node.name, out_leaf), 0.0)
-                acc[(src, in_leaf)] = acc.get((src, in_leaf), 0.0) + gain * g
+                out = stats[out_leaf] if out_leaf < len(stats) else None
+                if out is None:
+                    continue
+                src_stats = self.leaf_stats(src, in_leaf)
+                if src_stats is None:
+                    continue
+                n_in = src_stats.ch_mean.numel() if src_stats.has_channels else None
+                part = apply_gain(gain, out.g2, out.ch_g2 if out.has_channels else None, n_in, src_stats.axis)
+                if isinstance(gain, AtMax) and src in self.roots:
+                    part = _AtMaxPart(part, gain.window)
+                acc.setdefault((src, in_leaf), []).append(part)
 
 
 def propagate(graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> Analysis:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gradaudit.ir import Node, Ref, Stats, TensorMeta
+from gradaudit.propagation import channels
 
 HANDLERS: dict[str, Callable[["Ctx"], "Effect"]] = {}
 
@@ -133,10 +134,52 @@ def _ratio(a: TensorMeta, b: TensorMeta) -> float:
 
 
 # --------------------------------------------------------------------------- layout
+def _keep(s: Stats) -> Stats:
+    """A copy of ``s`` (channel detail included) for an output with the same values."""
+    if s.has_channels:
+        return Stats.per_channel(s.axis, s.ch_mean, s.ch_m2)
+    return _stats(s.mean, s.m2)
+
+
+def _moved(s: Stats, axis: int | None, r: int = 1) -> Stats:
+    """``s`` with its channels now on ``axis`` (each repeated r times), or scalar."""
+    if axis is None or not s.has_channels:
+        return _stats(s.mean, s.m2)
+    if r == 1:
+        return Stats.per_channel(axis, s.ch_mean, s.ch_m2)
+    return Stats.per_channel(axis, s.ch_mean.repeat_interleave(r), s.ch_m2.repeat_interleave(r))
+
+
+def _layout_axis(ctx: Ctx, s: Stats, in_meta: TensorMeta) -> tuple[int | None, int]:
+    """Where the channel axis goes through a permutation or reshape (None: mixed)."""
+    if not s.has_channels:
+        return None, 1
+    op, out_shape, nd = ctx.node.op, ctx.out_meta.shape, len(in_meta.shape)
+    if in_meta.shape == out_shape and op not in ("permute", "transpose", "t", "movedim", "flip", "roll"):
+        return s.axis, 1
+    if op in ("flip", "roll"):
+        return s.axis, 1
+    if op == "permute":
+        dims = ctx.node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        if "dims" in ctx.node.kwargs:
+            dims = ctx.node.kwargs["dims"]
+        return channels.permuted_axis(s.axis, dims, nd), 1
+    if op in ("transpose", "t"):
+        d0, d1 = (ctx.arg(1, "dim0", 0), ctx.arg(2, "dim1", 1)) if op == "transpose" else (0, 1)
+        d0, d1 = channels.normalize_axis(d0, nd), channels.normalize_axis(d1, nd)
+        return {d0: d1, d1: d0}.get(s.axis, s.axis), 1
+    if op in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"):
+        found = channels.reshaped_axis(in_meta.shape, s.axis, out_shape)
+        return found if found is not None else (None, 1)
+    return None, 1
+
+
 @handles(
     "identity", "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t",
     "contiguous", "squeeze", "unsqueeze", "expand", "repeat", "to", "clone", "flip",
-    "roll", "narrow", "select", "movedim", "chunk_view", "tile", "repeat_interleave",
+    "roll", "narrow", "select", "movedim", "tile", "repeat_interleave",
     "alias", "cpu", "cuda",
 )
 def layout(ctx: Ctx) -> Effect:
@@ -144,11 +187,23 @@ def layout(ctx: Ctx) -> Effect:
 
     The gradient of an input element is the sum of the gradients of its copies, so the
     per-element gain is numel(out) / numel(in) (1 for a permutation, r for r copies,
-    k/n for a subset of k out of n).
+    k/n for a subset of k out of n). Channels are followed through permutations and
+    reshapes that keep them intact (``flatten`` after a conv repeats each channel's
+    statistics over its spatial block).
     """
     ref = ctx.first_ref()
     s = ctx.stat(ref)
-    return Effect([_stats(s.mean, s.m2)], [(ref.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(ref)))])
+    in_meta = ctx.meta(ref)
+    ratio = _ratio(ctx.out_meta, in_meta)
+    axis, r = _layout_axis(ctx, s, in_meta)
+    out = _moved(s, axis, r)
+    if axis is None:
+        gain: Any = ratio
+    elif r == 1:
+        gain = channels.Diag(ratio)
+    else:
+        gain = channels.Regroup(r)
+    return Effect([out], [(ref.name, 0, 0, gain)])
 
 
 @handles("getitem")
@@ -164,12 +219,13 @@ def getitem(ctx: Ctx) -> Effect:
         out, gains = [], []
         for k, leaf in enumerate(leaves):
             s = ctx._engine.leaf_stats(src.name, leaf)
-            out.append(None if s is None else _stats(s.mean, s.m2))
-            gains.append((src.name, leaf, k, 1.0))
+            out.append(None if s is None else _keep(s))
+            gains.append((src.name, leaf, k, channels.Diag(1.0)))
         return Effect(out, gains)
     if isinstance(index, Ref) or (isinstance(index, tuple) and any(isinstance(i, Ref) for i in index)):
         raise Unhandled("indexing with a tensor")
-    return layout(ctx)
+    s = ctx.stat(src)
+    return Effect([_stats(s.mean, s.m2)], [(src.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(src)))])
 
 
 def _leaves(structure: Any):
@@ -182,21 +238,66 @@ def _leaves(structure: Any):
 
 @handles("split", "chunk", "unbind", "tensor_split", "split_with_sizes")
 def split(ctx: Ctx) -> Effect:
-    """Pieces of one tensor: each keeps the statistics, each passes its gradient back."""
+    """Pieces of one tensor: each keeps the statistics, each passes its gradient back.
+
+    Split along the channel axis: each piece carries its own channels."""
     ref = ctx.first_ref()
     s = ctx.stat(ref)
+    in_meta = ctx.meta(ref)
     n = len(ctx.node.outputs)
-    return Effect([_stats(s.mean, s.m2) for _ in range(n)], [(ref.name, 0, k, 1.0) for k in range(n)])
+    dim = ctx.arg(2, "dim", 0) if ctx.node.op != "unbind" else ctx.arg(1, "dim", 0)
+    dim = channels.normalize_axis(dim, len(in_meta.shape)) if isinstance(dim, int) else None
+    out, gains = [], []
+    start = 0
+    for k, meta in enumerate(ctx.node.outputs):
+        if meta is None:
+            out.append(None)
+            continue
+        if s.has_channels and dim == s.axis and ctx.node.op != "unbind":
+            stop = start + meta.shape[dim]
+            out.append(Stats.per_channel(s.axis, s.ch_mean[start:stop], s.ch_m2[start:stop]))
+            gains.append((ref.name, 0, k, channels.Place(start, stop, in_meta.shape[dim])))
+            start = stop
+        elif s.has_channels and dim != s.axis:
+            axis = s.axis - 1 if ctx.node.op == "unbind" and dim is not None and dim < s.axis else s.axis
+            out.append(_moved(s, axis))
+            gains.append((ref.name, 0, k, channels.Diag(meta.numel / in_meta.numel)))
+        else:
+            out.append(_stats(s.mean, s.m2))
+            gains.append((ref.name, 0, k, meta.numel / in_meta.numel))
+    return Effect(out, gains)
 
 
 @handles("cat", "stack", "hstack", "vstack", "concat")
 def cat(ctx: Ctx) -> Effect:
-    """Concatenation: a numel-weighted mixture forward, gain 1 to every piece."""
+    """Concatenation: a numel-weighted mixture forward, gain 1 to every piece.
+
+    Along the channel axis the channel vectors are concatenated; along another axis
+    the per-channel statistics mix in proportion to each piece's size."""
     tensors = ctx.arg(0, "tensors")
     refs = [t for t in tensors if isinstance(t, Ref)]
     total = sum(ctx.meta(r).numel for r in refs)
     mean = sum(ctx.stat(r).mean * ctx.meta(r).numel for r in refs) / total
     m2 = sum(ctx.stat(r).m2 * ctx.meta(r).numel for r in refs) / total
+    nd = len(ctx.out_meta.shape)
+    dim = ctx.arg(1, "dim", 0)
+    stats = [ctx.stat(r) for r in refs]
+    axis = stats[0].axis if all(st.has_channels for st in stats) else None
+    if ctx.node.op in ("cat", "concat") and isinstance(dim, int) and axis is not None and all(st.axis == axis for st in stats):
+        dim = channels.normalize_axis(dim, nd)
+        if dim == axis:
+            out = Stats.per_channel(axis, torch.cat([st.ch_mean for st in stats]), torch.cat([st.ch_m2 for st in stats]))
+            gains, start = [], 0
+            for r, st in zip(refs, stats):
+                stop = start + st.ch_mean.numel()
+                gains.append((r.name, 0, 0, channels.Take(start, stop)))
+                start = stop
+            return Effect([out], gains)
+        if len({st.ch_mean.numel() for st in stats}) == 1:
+            w = [ctx.meta(r).numel / total for r in refs]
+            cm = sum(wi * st.ch_mean for wi, st in zip(w, stats))
+            c2 = sum(wi * st.ch_m2 for wi, st in zip(w, stats))
+            return Effect([Stats.per_channel(axis, cm, c2)], [(r.name, 0, 0, channels.Diag(1.0)) for r in refs])
     return Effect([_stats(mean, m2)], [(r.name, 0, 0, 1.0) for r in refs])
 
 
@@ -204,8 +305,7 @@ def cat(ctx: Ctx) -> Effect:
 def detach(ctx: Ctx) -> Effect:
     """Same values, no gradient."""
     ref = ctx.first_ref()
-    s = ctx.stat(ref)
-    return Effect([_stats(s.mean, s.m2)], [(ref.name, 0, 0, 0.0)])
+    return Effect([_keep(ctx.stat(ref))], [(ref.name, 0, 0, 0.0)])
 
 
 @handles("pad")
@@ -222,28 +322,36 @@ def pad(ctx: Ctx) -> Effect:
 
 
 # --------------------------------------------------------------------------- dense
-def _dense_forward(x: Stats, weight: torch.Tensor, bias: torch.Tensor | None) -> Stats:
-    """y_i = sum_j W_ij x_j + b_i with x_j independent, mean mu, variance v:
+def _dense(x: Stats, in_axis: int, w2: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None, out_axis: int) -> Stats:
+    """y_c = sum_c' W_cc' x_c' + b_c with independent inputs of per-channel mean mu_c'
+    and variance v_c' (He et al. 2015; Glorot & Bengio 2010):
 
-        E[y_i] = mu * sum_j W_ij + b_i,   Var[y_i] = v * sum_j W_ij^2
+        E[y_c] = sum_c' W_cc' mu_c' + b_c,   Var[y_c] = sum_c' W_cc'^2 v_c'
 
-    averaged over output units i (the weights the user actually initialised).
+    ``w2`` / ``wsum`` are the (C_out, C_in) matrices of summed squared / plain weights
+    (for a conv: over the kernel taps that read real inputs, per output position). The
+    weights are the ones the user actually initialised.
     """
-    w = weight.detach().double().reshape(weight.shape[0], -1)
-    unit_mean = x.mean * w.sum(1)
+    mean_in, var_in = x.channels(in_axis, w2.shape[1])
+    mean = wsum @ mean_in
     if bias is not None:
-        unit_mean = unit_mean + bias.detach().double().reshape(-1)
-    var = x.var * float(w.pow(2).sum(1).mean())
-    return _stats(float(unit_mean.mean()), var + float(unit_mean.pow(2).mean()))
+        mean = mean + bias.detach().double().reshape(-1)
+    var = w2 @ var_in
+    return Stats.per_channel(out_axis, mean, var + mean * mean)
+
+
+def _dense_forward(x: Stats, weight: torch.Tensor, bias: torch.Tensor | None) -> Stats:
+    """:func:`_dense` for a (C_out, C_in) weight on a tensor without channel detail."""
+    w = weight.detach().double()
+    return _dense(x.scalar(), 0, w * w, w, bias, 0).scalar()
 
 
 @handles("linear")
 def linear(ctx: Ctx) -> Effect:
-    """Fully connected layer (He et al. 2015; Glorot & Bengio 2010).
+    """Fully connected layer, per output feature (see :func:`_dense`).
 
-    Forward: see :func:`_dense_forward`. Backward: dL/dx_j = sum_i W_ij dL/dy_i, so
-    E[(dL/dx)^2] = (||W||_F^2 / fan_in) E[(dL/dy)^2]; the gain is n Var[w] with n =
-    fan_out for the backward pass.
+    Backward: dL/dx_j = sum_i W_ij dL/dy_i, so E[(dL/dx_j)^2] = sum_i W_ij^2
+    E[(dL/dy_i)^2]; with uniform output gradients the gain is ||W||_F^2 / fan_in.
     """
     ref = ctx.arg(0, "input")
     if ctx.node.kind == "call_module":
@@ -253,9 +361,11 @@ def linear(ctx: Ctx) -> Effect:
         if weight is None:
             raise Unhandled("linear with a computed weight")
     x = ctx.stat(ref)
-    fan_in = weight.shape[1]
-    gain = float(weight.detach().double().pow(2).sum()) / fan_in
-    return Effect([_dense_forward(x, weight, bias)], [(ref.name, 0, 0, gain)])
+    w = weight.detach().double()
+    w2 = w * w
+    in_axis = len(ctx.meta(ref).shape) - 1
+    out = _dense(x, in_axis, w2, w, bias, len(ctx.out_meta.shape) - 1)
+    return Effect([out], [(ref.name, 0, 0, channels.Mat(w2, axis=in_axis))])
 
 
 def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -> list[int]:
@@ -268,24 +378,23 @@ def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -
     return counts
 
 
-def _tap_mass(weight: torch.Tensor, spatial_counts: list[list[int]]) -> float:
-    """S = sum over taps t of (sum over channels of W[:, :, t]^2) * prod_d count_d[t_d]."""
-    w2 = weight.detach().double().pow(2).sum(dim=(0, 1))
-    for d, counts in enumerate(spatial_counts):
-        shape = [1] * w2.dim()
-        shape[d] = len(counts)
-        w2 = w2 * torch.tensor(counts, dtype=torch.float64).reshape(shape)
-    return float(w2.sum())
+def _tap_weighted(block: torch.Tensor, counts: list[list[int]], power: int) -> torch.Tensor:
+    """sum over taps t of W[:, :, t]^power * prod_d count_d[t_d] -> (C_out, C_in)."""
+    w = block.pow(power)
+    for d, cnt in enumerate(counts):
+        shape = [1] * w.dim()
+        shape[d + 2] = len(cnt)
+        w = w * torch.tensor(cnt, dtype=torch.float64).reshape(shape)
+    return w.flatten(2).sum(-1)
 
 
-def _tap_means(weight: torch.Tensor, spatial_counts: list[list[int]], n_positions: int, out_dim: int) -> torch.Tensor:
-    """Per output channel: sum over taps of (sum over input channels of W) * count_t / n."""
-    ksum = weight.detach().double().sum(dim=1 - out_dim)  # (C_out, *k)
-    for d, counts in enumerate(spatial_counts):
-        shape = [1] * ksum.dim()
-        shape[d + 1] = len(counts)
-        ksum = ksum * torch.tensor(counts, dtype=torch.float64).reshape(shape)
-    return ksum.reshape(ksum.shape[0], -1).sum(1) / n_positions
+def _conv_blocks(weight: torch.Tensor, groups: int, transposed: bool) -> list[torch.Tensor]:
+    """The weight as per-group (C_out/g, C_in/g, *k) blocks, whatever the conv type."""
+    w = weight.detach().double()
+    if not transposed:  # (C_out, C_in/g, *k)
+        return list(w.chunk(groups, 0))
+    # transposed: (C_in, C_out/g, *k)
+    return [blk.transpose(0, 1) for blk in w.chunk(groups, 0)]
 
 
 def _tuple(v: Any, n: int) -> tuple:
@@ -294,16 +403,17 @@ def _tuple(v: Any, n: int) -> tuple:
 
 @handles("conv", "conv1d", "conv2d", "conv3d", "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv(ctx: Ctx) -> Effect:
-    """Convolution and transposed convolution, with exact border effects.
+    """Convolution and transposed convolution, per channel, with exact border effects.
 
-    For a convolution, y[c, o] = sum over (c', tap t valid at o) of W[c, c', t] x[c', o +
-    t]. With S = sum_t (sum_{c,c'} W[c,c',t]^2) * N_t, where N_t counts the output
-    positions at which tap t reads a real input (not padding), the averages are
+    y[c, o] = sum over (c', tap t valid at o) of W[c, c', t] x[c', o + t]. With N_t the
+    number of output positions at which tap t reads a real input (not zero padding):
 
-        E[y^2] = v S / (C_out N_out) + E_c[mean_c^2],   gain(x) = S / (C_in N_in)
+        Var[y_c] = sum_{c', t} W[c,c',t]^2 v_c' N_t / N_out       (averaged over o)
+        E[(dL/dx_c')^2] = sum_{c, t} W[c,c',t]^2 g2_c N_t / N_in
 
-    A transposed convolution is the adjoint of a convolution, so the same S serves with
-    the roles of input and output positions exchanged. Zero padding shrinks both.
+    A transposed convolution is the adjoint of a convolution, so the same sums serve
+    with input and output positions exchanged. Groups make the channel matrices
+    block-diagonal.
     """
     node = ctx.node
     transposed = node.op.startswith("conv_transpose")
@@ -313,14 +423,15 @@ def conv(ctx: Ctx) -> Effect:
     if node.kind == "call_module":
         m = node.fn
         weight, bias = ctx.param("weight"), ctx.param("bias")
-        stride, padding, dilation = m.stride, m.padding, m.dilation
+        stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
         zero_pad = getattr(m, "padding_mode", "zeros") == "zeros"
     else:
         weight, bias = ctx.const(ctx.arg(1, "weight")), ctx.const(ctx.arg(2, "bias"))
         if weight is None:
             raise Unhandled("convolution with a computed weight")
         stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
-        dilation = ctx.arg(6 if transposed else 5, "dilation", 1)
+        dilation = ctx.arg(7 if transposed else 5, "dilation", 1)
+        groups = ctx.arg(6, "groups", 1)
         zero_pad = True
     nd = weight.dim() - 2
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
@@ -329,62 +440,67 @@ def conv(ctx: Ctx) -> Effect:
     if isinstance(padding, str):
         padding = (0,) * nd if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(dilation, ksize))
     padding = _tuple(padding, nd)
-    # "strided side" positions o, "dense side" positions p = o*s + t*d - pad
+    # o runs over the strided side, p = o*s + t*d - pad over the dense side
     o_sp, p_sp = (x_sp, y_sp) if transposed else (y_sp, x_sp)
     if zero_pad:
         counts = [valid_taps(p_sp[d], o_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
     else:  # reflect / replicate / circular padding: every tap reads a real value
         counts = [[o_sp[d]] * ksize[d] for d in range(nd)]
-    s_mass = _tap_mass(weight, counts)
-    x = ctx.stat(ref)
-    c_in, c_out = x_meta.shape[-nd - 1], y_meta.shape[-nd - 1]
+    blocks = _conv_blocks(weight, groups, transposed)
     n_x, n_y = math.prod(x_sp), math.prod(y_sp)
-    n_o = math.prod(o_sp)
-    means = _tap_means(weight, counts, n_y, out_dim=1 if transposed else 0) * x.mean
-    if bias is not None:
-        means = means + bias.detach().double()
-    m2 = x.var * s_mass / (c_out * n_y) + float(means.pow(2).mean())
-    del n_o
-    gain = s_mass / (c_in * n_x)
-    return Effect([_stats(float(means.mean()), m2)], [(ref.name, 0, 0, gain)])
+    w2 = torch.block_diag(*[_tap_weighted(b, counts, 2) for b in blocks])
+    wsum = torch.block_diag(*[_tap_weighted(b, counts, 1) for b in blocks])
+    axis_in, axis_out = len(x_meta.shape) - nd - 1, len(y_meta.shape) - nd - 1
+    out = _dense(ctx.stat(ref), axis_in, w2 / n_y, wsum / n_y, bias, axis_out)
+    return Effect([out], [(ref.name, 0, 0, channels.Mat(w2 / n_x, axis=axis_in))])
 
 
 @handles("embedding")
 def embedding(ctx: Ctx) -> Effect:
-    """Lookup of rows of W: the output has the statistics of W's entries (ids uniform)."""
+    """Lookup of rows of W: each output feature c has the statistics of column W[:, c]
+    (ids uniform over the table)."""
     weight = ctx.param("weight") if ctx.node.kind == "call_module" else ctx.const(ctx.arg(1, "weight"))
     if weight is None:
         raise Unhandled("embedding with a computed table")
-    w = weight.double()
-    return Effect([_stats(float(w.mean()), float(w.pow(2).mean()))], [])
+    w = weight.detach().double()
+    return Effect([Stats.per_channel(len(ctx.out_meta.shape) - 1, w.mean(0), w.pow(2).mean(0))], [])
 
 
 # --------------------------------------------------------------------------- norms
-def _norm_effect(ref: Ref, x: Stats, n: int, weight, bias, eps: float, projected: int, rms: bool = False) -> Effect:
-    """Shared algebra of batch/layer/group/instance/RMS norm in training mode.
+def _affine(weight, bias, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = weight.detach().double().reshape(-1) if weight is not None else torch.ones(n, dtype=torch.float64)
+    b = bias.detach().double().reshape(-1) if bias is not None else torch.zeros(n, dtype=torch.float64)
+    if g.numel() != n:
+        g = torch.full((n,), float(g.pow(2).mean().sqrt()), dtype=torch.float64)
+    if b.numel() != n:
+        b = torch.full((n,), float(b.mean()), dtype=torch.float64)
+    return g, b
 
-    y = gamma * x_hat + beta with x_hat = (x - mu_B) / sqrt(var_B + eps) over a group of n
-    elements. Forward: E[y^2] = E[gamma^2] var/(var+eps) + E[beta^2] (+ 2 E[gamma beta]
-    E[x_hat], zero). Backward (Ioffe & Szegedy 2015): dL/dx = gamma/sigma * P(dL/dy)
-    where P projects out the mean and x_hat directions (RMSNorm: x_hat only), so
-    E[(dL/dx)^2] = E[gamma^2] / (var + eps) * (n - k)/n * E[(dL/dy)^2], k = 2 (or 1).
+
+def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, keep: float) -> Effect:
+    """y = gamma * x_hat + beta per channel, and its backward.
+
+    Backward (Ioffe & Szegedy 2015): dL/dx = gamma/sigma * P(dL/dy), where P projects
+    out the directions the statistics were computed along (the mean and x_hat; RMSNorm:
+    x_hat only); over a group of n elements it keeps (n - k)/n of the second moment:
+    E[(dL/dx_c)^2] = gamma_c^2 / (var + eps) * (n - k)/n * E[(dL/dy_c)^2].
     """
-    g2 = float(weight.double().pow(2).mean()) if weight is not None else 1.0
-    gm = float(weight.double().mean()) if weight is not None else 1.0
-    b2 = float(bias.double().pow(2).mean()) if bias is not None else 0.0
-    bm = float(bias.double().mean()) if bias is not None else 0.0
-    scale = x.m2 if rms else x.var
-    xhat2 = scale / (scale + eps) if scale + eps > 0 else 0.0
-    mean = bm + (gm * x.mean / math.sqrt(scale + eps) if rms and scale + eps > 0 else 0.0)
-    m2 = g2 * xhat2 + b2 + (2 * gm * bm * x.mean / math.sqrt(scale + eps) if rms and scale + eps > 0 else 0.0)
-    keep = max(n - projected, 0) / n if n else 0.0
-    gain = g2 / (scale + eps) * keep if scale + eps > 0 else 0.0
-    return Effect([_stats(mean, m2)], [(ref.name, 0, 0, gain)])
+    mean = gamma * xhat_mean + beta
+    m2 = gamma * gamma * xhat_m2 + 2 * gamma * beta * xhat_mean + beta * beta
+    gain = gamma * gamma * inv_var * keep
+    return Effect([Stats.per_channel(axis, mean, m2)], [(ref.name, 0, 0, channels.Diag(gain, axis=axis))])
+
+
+def _keep_fraction(n: float, projected: int) -> float:
+    return max(n - projected, 0) / n if n else 0.0
 
 
 @handles("batch_norm")
 def batch_norm(ctx: Ctx) -> Effect:
-    """BatchNorm in training mode: statistics over batch and spatial positions per channel."""
+    """BatchNorm in training mode: each channel normalised over batch and positions.
+
+    x_hat_c has mean 0 and second moment v_c / (v_c + eps); see :func:`_normalized`
+    (k = 2, n = elements per channel)."""
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
     if ctx.node.kind == "call_module":
@@ -392,57 +508,96 @@ def batch_norm(ctx: Ctx) -> Effect:
     else:
         weight, bias = ctx.const(ctx.arg(3, "weight")), ctx.const(ctx.arg(4, "bias"))
         eps = ctx.arg(7, "eps", 1e-5)
-    n = meta.numel // meta.shape[1] if len(meta.shape) > 1 else meta.numel
-    return _norm_effect(ref, ctx.stat(ref), n, weight, bias, eps, projected=2)
+    axis = 1 if len(meta.shape) > 1 else 0
+    c = meta.shape[axis]
+    n = meta.numel / c
+    _, var = ctx.stat(ref).channels(axis, c)
+    gamma, beta = _affine(weight, bias, c)
+    zero = torch.zeros(c, dtype=torch.float64)
+    return _normalized(ref, axis, gamma, beta, zero, var / (var + eps), 1.0 / (var + eps), _keep_fraction(n, 2))
 
 
 @handles("layer_norm", "rms_norm")
 def layer_norm(ctx: Ctx) -> Effect:
-    """LayerNorm (Ba et al. 2016) / RMSNorm (Zhang & Sennrich 2019) over the last dims."""
+    """LayerNorm (Ba et al. 2016) / RMSNorm (Zhang & Sennrich 2019) over the last dims.
+
+    Per sample the statistics run over the features, so feature c of x_hat has mean
+    (mu_c - mu) / sigma and second moment (v_c + (mu_c - mu)^2) / sigma^2, with mu and
+    sigma^2 the averages over features (RMSNorm: x_hat_c = x_c / rms, rms^2 = E[x^2]).
+    See :func:`_normalized` (k = 2, or 1 for RMSNorm; n = normalised elements)."""
     ref = ctx.arg(0, "input")
+    meta = ctx.meta(ref)
+    rms = ctx.node.op == "rms_norm"
     if ctx.node.kind == "call_module":
         shape = ctx.attr("normalized_shape")
         weight, bias = ctx.param("weight"), ctx.param("bias")
         eps = ctx.attr("eps", 1e-5)
-        if eps is None:
-            eps = torch.finfo(torch.float32).eps
+    elif rms:
+        shape, weight, bias, eps = ctx.arg(1, "normalized_shape"), ctx.const(ctx.arg(2, "weight")), None, ctx.arg(3, "eps")
     else:
         shape = ctx.arg(1, "normalized_shape")
         weight, bias = ctx.const(ctx.arg(2, "weight")), ctx.const(ctx.arg(3, "bias"))
         eps = ctx.arg(4, "eps", 1e-5)
-        if ctx.node.op == "rms_norm":
-            weight, bias, eps = ctx.const(ctx.arg(2, "weight")), None, ctx.arg(3, "eps", None)
-            eps = torch.finfo(torch.float32).eps if eps is None else eps
+    if eps is None:
+        eps = torch.finfo(torch.float32).eps
     n = math.prod(_tuple(shape, 1))
-    rms = ctx.node.op == "rms_norm"
-    return _norm_effect(ref, ctx.stat(ref), n, weight, bias, eps, projected=1 if rms else 2, rms=rms)
+    x = ctx.stat(ref)
+    axis = len(meta.shape) - 1
+    c = meta.shape[axis]
+    mean_c, var_c = x.channels(axis, c)
+    if n != c:  # normalised over several dims: no per-feature detail
+        mean_c = torch.full((c,), x.mean, dtype=torch.float64)
+        var_c = torch.full((c,), x.var, dtype=torch.float64)
+    gamma, beta = _affine(weight, bias, c)
+    if rms:
+        ms = float((var_c + mean_c * mean_c).mean()) + eps
+        return _normalized(ref, axis, gamma, beta, mean_c / math.sqrt(ms), (var_c + mean_c**2) / ms, torch.full((c,), 1 / ms, dtype=torch.float64), _keep_fraction(n, 1))
+    mu = float(mean_c.mean())
+    var = float((var_c + (mean_c - mu) ** 2).mean()) + eps
+    return _normalized(ref, axis, gamma, beta, (mean_c - mu) / math.sqrt(var), (var_c + (mean_c - mu) ** 2) / var, torch.full((c,), 1 / var, dtype=torch.float64), _keep_fraction(n, 2))
+
+
+def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps: float) -> Effect:
+    """Per (sample, group of channels) normalisation: channel c in group G gets x_hat
+    with mean (mu_c - mu_G)/sigma_G and second moment (v_c + (mu_c - mu_G)^2)/sigma_G^2."""
+    meta = ctx.meta(ref)
+    c = meta.shape[1]
+    mean_c, var_c = ctx.stat(ref).channels(1, c)
+    n = meta.numel / (meta.shape[0] * groups)
+    mg = mean_c.reshape(groups, -1)
+    vg = var_c.reshape(groups, -1)
+    mu = mg.mean(1, keepdim=True)
+    var = (vg + (mg - mu) ** 2).mean(1, keepdim=True) + eps
+    xm = ((mg - mu) / var.sqrt()).reshape(-1)
+    x2 = ((vg + (mg - mu) ** 2) / var).reshape(-1)
+    inv = (1.0 / var).expand_as(mg).reshape(-1)
+    gamma, beta = _affine(weight, bias, c)
+    return _normalized(ref, 1, gamma, beta, xm, x2, inv, _keep_fraction(n, 2))
 
 
 @handles("group_norm")
 def group_norm(ctx: Ctx) -> Effect:
     """GroupNorm (Wu & He 2018): statistics over C/G channels and all positions."""
     ref = ctx.arg(0, "input")
-    meta = ctx.meta(ref)
     if ctx.node.kind == "call_module":
         groups, weight, bias, eps = ctx.attr("num_groups"), ctx.param("weight"), ctx.param("bias"), ctx.attr("eps")
     else:
         groups = ctx.arg(1, "num_groups")
         weight, bias, eps = ctx.const(ctx.arg(2, "weight")), ctx.const(ctx.arg(3, "bias")), ctx.arg(4, "eps", 1e-5)
-    n = meta.numel // (meta.shape[0] * groups)
-    return _norm_effect(ref, ctx.stat(ref), n, weight, bias, eps, projected=2)
+    return _group_effect(ctx, ref, groups, weight, bias, eps)
 
 
 @handles("instance_norm")
 def instance_norm(ctx: Ctx) -> Effect:
-    """InstanceNorm (Ulyanov et al. 2016): statistics per sample and channel."""
+    """InstanceNorm (Ulyanov et al. 2016): statistics per sample and channel, i.e.
+    GroupNorm with one channel per group."""
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
     if ctx.node.kind == "call_module":
         weight, bias, eps = ctx.param("weight"), ctx.param("bias"), ctx.attr("eps")
     else:
         weight, bias, eps = ctx.const(ctx.arg(3, "weight")), ctx.const(ctx.arg(4, "bias")), ctx.arg(7, "eps", 1e-5)
-    n = math.prod(meta.shape[2:]) if len(meta.shape) > 2 else meta.shape[-1]
-    return _norm_effect(ref, ctx.stat(ref), n, weight, bias, eps, projected=2)
+    return _group_effect(ctx, ref, meta.shape[1], weight, bias, eps)
 
 
 # --------------------------------------------------------------------------- dropout
@@ -451,17 +606,22 @@ def dropout(ctx: Ctx) -> Effect:
     """Inverted dropout in training mode: y = x * m / (1 - p), m ~ Bernoulli(1 - p).
 
     E[y] = E[x], E[y^2] = E[x^2] / (1 - p); the gradient is masked and scaled the same
-    way, gain 1 / (1 - p).
+    way, gain 1 / (1 - p). Channels keep their own statistics.
     """
     ref = ctx.first_ref()
     p = ctx.attr("p") if ctx.node.kind == "call_module" else ctx.arg(1, "p", 0.5)
     training = ctx.arg(2, "training", True) if ctx.node.kind != "call_module" else True
     x = ctx.stat(ref)
     if not training or p == 0:
-        return Effect([_stats(x.mean, x.m2)], [(ref.name, 0, 0, 1.0)])
+        return Effect([_keep(x)], [(ref.name, 0, 0, channels.Diag(1.0))])
     if p >= 1:
         return Effect([_stats(0.0, 0.0)], [(ref.name, 0, 0, 0.0)])
-    return Effect([_stats(x.mean, x.m2 / (1 - p))], [(ref.name, 0, 0, 1.0 / (1 - p))])
+    scale = 1.0 / (1 - p)
+    if x.has_channels:
+        out = Stats.per_channel(x.axis, x.ch_mean, x.ch_m2 * scale)
+    else:
+        out = _stats(x.mean, x.m2 * scale)
+    return Effect([out], [(ref.name, 0, 0, channels.Diag(scale))])
 
 
 # --------------------------------------------------------------------------- pooling
@@ -469,18 +629,16 @@ _SAMPLER_SEED = 20240521
 
 
 @lru_cache(maxsize=256)
-def _max_moments(k: int, mean: float, std: float) -> tuple[float, float]:
-    """E[max] and E[max^2] of k iid N(mean, std^2), by quadrature on the CDF.
-
-    The density of the maximum is k phi(z) Phi(z)^(k-1).
-    """
+def _max_of_normals(k: int) -> tuple[float, float]:
+    """E[M] and E[M^2] for M the maximum of k iid N(0, 1), by quadrature on the density
+    k phi(z) Phi(z)^(k-1). For N(mu, s^2): E[max] = mu + s E[M], E[max^2] = mu^2 +
+    2 mu s E[M] + s^2 E[M^2]."""
     z = torch.linspace(-12, 12, 8001, dtype=torch.float64)
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
     dens = k * pdf * cdf.pow(k - 1)
     dens = dens / dens.sum()
-    x = mean + std * z
-    return float((dens * x).sum()), float((dens * x * x).sum())
+    return float((dens * z).sum()), float((dens * z * z).sum())
 
 
 def _window(ctx: Ctx, ref: Ref) -> float:
@@ -495,53 +653,94 @@ def _window(ctx: Ctx, ref: Ref) -> float:
     return float(math.prod(_tuple(ks, nd)))
 
 
+def _pool_channels(ctx: Ctx, ref: Ref) -> tuple[Stats, torch.Tensor, torch.Tensor, int]:
+    meta = ctx.meta(ref)
+    axis = 1 if len(meta.shape) > 2 else 0
+    x = ctx.stat(ref)
+    mean, var = x.channels(axis, meta.shape[axis])
+    return x, mean, var, axis
+
+
 @handles("max_pool", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool", "adaptive_max_pool1d", "adaptive_max_pool2d")
 def max_pool(ctx: Ctx) -> Effect:
-    """Max over windows of k elements, treated as k independent Gaussians.
+    """Max over windows of k elements, per channel.
+
+    Forward: when the input is a monotone function f of a Gaussian value (ReLU, ...
+    after a conv or norm), max f(z_i) = f(max z_i) is integrated exactly under the
+    density of the maximum of k Gaussians, k phi(z) Phi(z)^(k-1); otherwise the k
+    inputs are treated as Gaussians with the input's moments.
 
     Backward: each window routes its gradient to its arg-max, so the summed squared
-    gradient is preserved: gain = numel(out) / numel(in).
+    gradient is preserved: gain = numel(out) / numel(in) -- but only arg-max elements
+    receive it, which the engine accounts for upstream (:class:`channels.AtMax`).
     """
     ref = ctx.first_ref()
-    x = ctx.stat(ref)
-    k = int(round(_window(ctx, ref)))
-    mean, m2 = _max_moments(max(k, 1), round(x.mean, 12), round(math.sqrt(x.var), 12))
-    return Effect([_stats(mean, m2)], [(ref.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(ref)))])
+    _, mean, var, axis = _pool_channels(ctx, ref)
+    k = max(int(round(_window(ctx, ref))), 1)
+    exact = ctx._engine.fused_max_moments(ref.name, k)
+    if exact is not None:
+        out = Stats.per_channel(axis, *exact) if exact[0].dim() else _stats(float(exact[0]), float(exact[1]))
+    else:
+        em, em2 = _max_of_normals(k)
+        sd = var.sqrt()
+        out = Stats.per_channel(axis, mean + sd * em, mean * mean + 2 * mean * sd * em + var * em2)
+    return Effect([out], [(ref.name, 0, 0, channels.AtMax(_ratio(ctx.out_meta, ctx.meta(ref)), k, axis=axis))])
 
 
 @handles("avg_pool", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
 def avg_pool(ctx: Ctx) -> Effect:
-    """Mean over windows of k independent elements: E[y^2] = mu^2 + v/k.
+    """Mean over windows of k independent elements: E[y_c^2] = mu_c^2 + v_c / k.
 
     Backward: every input receives dL/dy / k from each window it belongs to:
     gain = numel(out) / (k numel(in)).
     """
     ref = ctx.first_ref()
-    x = ctx.stat(ref)
+    _, mean, var, axis = _pool_channels(ctx, ref)
     k = _window(ctx, ref)
-    return Effect([_stats(x.mean, x.mean**2 + x.var / k)], [(ref.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(ref)) / k)])
+    out = Stats.per_channel(axis, mean, mean * mean + var / k)
+    return Effect([out], [(ref.name, 0, 0, channels.Diag(_ratio(ctx.out_meta, ctx.meta(ref)) / k, axis=axis))])
 
 
 # --------------------------------------------------------------------------- reductions
-def _reduced_count(ctx: Ctx, ref: Ref) -> float:
-    return ctx.meta(ref).numel / max(ctx.out_meta.numel, 1)
+def _reduction(ctx: Ctx, ref: Ref) -> tuple[float, int | None]:
+    """Elements per output element, and where the input's channel axis ends up."""
+    meta = ctx.meta(ref)
+    n = meta.numel / max(ctx.out_meta.numel, 1)
+    x = ctx.stat(ref)
+    if not x.has_channels:
+        return n, None
+    nd = len(meta.shape)
+    dims = ctx.arg(1, "dim", None)
+    if dims is None:
+        return n, None
+    dims = [channels.normalize_axis(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    if x.axis in dims:
+        return n, None
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    return n, x.axis if keepdim else x.axis - sum(1 for d in dims if d < x.axis)
 
 
 @handles("mean")
 def mean(ctx: Ctx) -> Effect:
-    """Mean of n independent elements: E[y^2] = mu^2 + v/n; gain 1/n^2."""
+    """Mean of n independent elements: E[y^2] = mu^2 + v/n per channel; gain 1/n^2."""
     ref = ctx.first_ref()
+    n, axis = _reduction(ctx, ref)
     x = ctx.stat(ref)
-    n = _reduced_count(ctx, ref)
+    if axis is not None:
+        mu, var = x.channels(x.axis, x.ch_mean.numel())
+        return Effect([Stats.per_channel(axis, mu, mu * mu + var / n)], [(ref.name, 0, 0, channels.Diag(1.0 / n**2))])
     return Effect([_stats(x.mean, x.mean**2 + x.var / n)], [(ref.name, 0, 0, 1.0 / n**2)])
 
 
 @handles("sum")
 def sum_(ctx: Ctx) -> Effect:
-    """Sum of n independent elements: E[y^2] = n v + n^2 mu^2; gain 1."""
+    """Sum of n independent elements: E[y^2] = n v + n^2 mu^2 per channel; gain 1."""
     ref = ctx.first_ref()
+    n, axis = _reduction(ctx, ref)
     x = ctx.stat(ref)
-    n = _reduced_count(ctx, ref)
+    if axis is not None:
+        mu, var = x.channels(x.axis, x.ch_mean.numel())
+        return Effect([Stats.per_channel(axis, n * mu, n * var + (n * mu) ** 2)], [(ref.name, 0, 0, channels.Diag(1.0))])
     return Effect([_stats(n * x.mean, n * x.var + (n * x.mean) ** 2)], [(ref.name, 0, 0, 1.0)])
 
 
@@ -559,17 +758,65 @@ def _operand(ctx: Ctx, a: Any) -> tuple[Stats, Ref | None]:
     raise Unhandled(f"operand {a!r}")
 
 
+def _binary_channels(ctx: Ctx, a: Any, b: Any) -> tuple[int, list] | None:
+    """Per-channel (mean, m2) vectors of both operands on a shared channel axis of the
+    output, when at least one carries channels and the other is compatible: same
+    channels, a python number, or a constant varying only along that axis (a bias)."""
+    out_shape = ctx.out_meta.shape
+    sa = ctx.stat(a) if isinstance(a, Ref) else None
+    sb = ctx.stat(b) if isinstance(b, Ref) else None
+    lead = next((s for s, r in ((sa, a), (sb, b)) if s is not None and s.has_channels and ctx.meta(r).shape == out_shape), None)
+    if lead is None:
+        return None
+    axis, c = lead.axis, out_shape[lead.axis]
+    vecs = []
+    for op, s in ((a, sa), (b, sb)):
+        if isinstance(op, (int, float, bool)):
+            v = torch.full((c,), float(op), dtype=torch.float64)
+            vecs.append((v, v * v, None))
+            continue
+        if not isinstance(op, Ref):
+            return None
+        const = ctx.const(op)
+        if ctx.meta(op).shape == out_shape and s.has_channels and s.axis == axis:
+            vecs.append((s.ch_mean, s.ch_m2, "same"))
+        elif const is not None:
+            v = channels.broadcast_channel_vector(const, out_shape, axis)
+            if v is None:
+                return None
+            vecs.append((v, v * v, "const"))
+        elif ctx.meta(op).shape == out_shape and not s.has_channels:
+            vecs.append((torch.full((c,), s.mean, dtype=torch.float64), torch.full((c,), s.m2, dtype=torch.float64), "same"))
+        else:
+            return None
+    return axis, vecs
+
+
 @handles("add", "sub", "rsub")
 def add(ctx: Ctx) -> Effect:
     """Sum of independent values (a residual connection): E[(a+b)^2] = E[a^2] + E[b^2]
-    + 2 E[a] E[b]; each input receives the full gradient (times its broadcast count).
-    ``alpha`` scales b."""
+    + 2 E[a] E[b], per channel; each input receives the full gradient (times its
+    broadcast count). ``alpha`` scales b."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     alpha = float(ctx.node.kwargs.get("alpha", 1.0))
     sign = -1.0 if ctx.node.op in ("sub", "rsub") else 1.0
+    c = sign * alpha
+    if ctx.node.op == "rsub":
+        a, b = b, a
+        c = -alpha
+        # rsub(x, y) = y - alpha * x: keep the formula below with a = y, b = x
+    chan = _binary_channels(ctx, a, b)
+    if chan is not None:
+        axis, ((ma, qa, ka), (mb, qb, kb)) = chan
+        out = Stats.per_channel(axis, ma + c * mb, qa + c * c * qb + 2 * c * ma * mb)
+        gains = []
+        if isinstance(a, Ref):
+            gains.append((a.name, 0, 0, channels.Diag(1.0) if ka == "same" else _numel_gain(ctx, a)))
+        if isinstance(b, Ref):
+            gains.append((b.name, 0, 0, channels.Diag(c * c) if kb == "same" else c * c * _numel_gain(ctx, b)))
+        return Effect([out], gains)
     sa, ra = _operand(ctx, a)
     sb, rb = _operand(ctx, b)
-    c = sign * alpha
     mean = sa.mean + c * sb.mean
     m2 = sa.m2 + c * c * sb.m2 + 2 * c * sa.mean * sb.mean
     gains = []
@@ -582,9 +829,20 @@ def add(ctx: Ctx) -> Effect:
 
 @handles("mul")
 def mul(ctx: Ctx) -> Effect:
-    """Product of independent values (gating): E[(ab)^2] = E[a^2] E[b^2];
-    dL/da = b dL/dy, so gain(a) = E[b^2] (times a's broadcast count)."""
+    """Product of independent values (gating, a per-channel scale): E[(ab)^2] =
+    E[a^2] E[b^2] per channel; dL/da = b dL/dy, so gain(a) = E[b^2] (times a's broadcast
+    count)."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
+    chan = _binary_channels(ctx, a, b)
+    if chan is not None:
+        axis, ((ma, qa, ka), (mb, qb, kb)) = chan
+        out = Stats.per_channel(axis, ma * mb, qa * qb)
+        gains = []
+        if isinstance(a, Ref):
+            gains.append((a.name, 0, 0, channels.Diag(qb) if ka == "same" else float(qb.mean()) * _numel_gain(ctx, a)))
+        if isinstance(b, Ref):
+            gains.append((b.name, 0, 0, channels.Diag(qa) if kb == "same" else float(qa.mean()) * _numel_gain(ctx, b)))
+        return Effect([out], gains)
     sa, ra = _operand(ctx, a)
     sb, rb = _operand(ctx, b)
     gains = []
