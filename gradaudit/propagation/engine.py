@@ -142,6 +142,7 @@ class Engine:
         self.groups: dict[str, list[str]] = {}  # root -> fused members in order
         self.effects: dict[str, Effect] = {}
         self.estimates: list[Estimate] = []
+        self.single_d2: dict[str, torch.Tensor] = {}  # root -> E[phi'^2] of its lone member
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -257,11 +258,10 @@ class Engine:
             leaf_t = z
         for name in self.groups[root]:
             n = self.graph[name]
-            # clones: an in-place op (ReLU(inplace=True)) must not overwrite a value
-            # that other members or the gradient computation still read
-            args = map_refs(n.args, lambda r: vals[r.name].clone())
-            kwargs = map_refs(n.kwargs, lambda r: vals[r.name].clone())
-            v = n.fn(*args, **kwargs)
+            # an in-place op (ReLU(inplace=True), relu_) gets copies: it must not
+            # overwrite a value that other members or the gradient still read
+            copy = (lambda r: vals[r.name].clone()) if _in_place(n) else (lambda r: vals[r.name])
+            v = n.fn(*map_refs(n.args, copy), **map_refs(n.kwargs, copy))
             if not isinstance(v, torch.Tensor) or v.shape != z.shape:
                 raise TypeError(f"{name} is not elementwise")
             if name == leaf:
@@ -318,9 +318,17 @@ class Engine:
         self.roots[node.name] = root
         self.groups.setdefault(root, []).append(node.name)
         x, w = self._points(root)
-        with torch.no_grad():
-            vals, _ = self._eval_group(root, x, upto=node.name)
-        y = vals[node.name].double()
+        single = len(self.groups[root]) == 1
+        with torch.enable_grad() if single else torch.no_grad():
+            z = x.clone().requires_grad_(single)
+            vals, _ = self._eval_group(root, z, upto=node.name)
+            y = vals[node.name]
+            if single:  # the common case (an activation): keep E[phi'^2] for the backward
+                d = torch.autograd.grad(y.sum(), z, allow_unused=True)[0] if y.requires_grad else None
+                d2 = torch.zeros_like(z) if d is None else d.detach().double().pow(2)
+                wc = w.unsqueeze(1) if d2.dim() == 2 else w
+                self.single_d2[root] = (wc * d2).sum(0)
+        y = y.detach().double()
         rs = self.leaf_stats(root)
         if y.dim() == 2:
             wc = w.unsqueeze(1)
@@ -350,6 +358,12 @@ class Engine:
             acc[(m, 0)] = plain
             self._resolve(m, 0, acc)
         ext = {m: self._grad_of(m) for m in members}
+        if len(members) == 1 and not at_max and root in self.single_d2:
+            # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi'^2 from the forward
+            d2 = self.single_d2[root]
+            part = d2 * ext[members[0]] if d2.dim() else float(d2) * ext[members[0]]
+            acc.setdefault((root, 0), []).append(part)
+            return
         exits = [m for m in members if float(ext[m].mean() if isinstance(ext[m], torch.Tensor) else ext[m]) > 0]
         x, w = self._points(root)
         wc = w.unsqueeze(1) if x.dim() == 2 else w
@@ -436,6 +450,13 @@ class Engine:
                 if isinstance(gain, AtMax) and src in self.roots:
                     part = _AtMaxPart(part, gain.window)
                 acc.setdefault((src, in_leaf), []).append(part)
+
+
+def _in_place(node: Node) -> bool:
+    if getattr(node.fn, "inplace", False) or node.kwargs.get("inplace"):
+        return True
+    name = getattr(node.fn, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 def propagate(graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> Analysis:

@@ -380,21 +380,28 @@ def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -
 
 def _tap_weighted(block: torch.Tensor, counts: list[list[int]], power: int) -> torch.Tensor:
     """sum over taps t of W[:, :, t]^power * prod_d count_d[t_d] -> (C_out, C_in)."""
-    w = block.pow(power)
-    for d, cnt in enumerate(counts):
-        shape = [1] * w.dim()
-        shape[d + 2] = len(cnt)
-        w = w * torch.tensor(cnt, dtype=torch.float64).reshape(shape)
-    return w.flatten(2).sum(-1)
+    taps = torch.ones((), dtype=block.dtype)
+    for cnt in counts:
+        taps = torch.outer(taps.reshape(-1), torch.tensor(cnt, dtype=block.dtype))
+    w = block.reshape(block.shape[0] * block.shape[1], -1)
+    if power == 2:
+        w = w * w
+    return (w @ taps.reshape(-1)).reshape(block.shape[0], block.shape[1]).double()
 
 
 def _conv_blocks(weight: torch.Tensor, groups: int, transposed: bool) -> list[torch.Tensor]:
     """The weight as per-group (C_out/g, C_in/g, *k) blocks, whatever the conv type."""
-    w = weight.detach().double()
+    w = weight.detach()
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
     if not transposed:  # (C_out, C_in/g, *k)
         return list(w.chunk(groups, 0))
     # transposed: (C_in, C_out/g, *k)
     return [blk.transpose(0, 1) for blk in w.chunk(groups, 0)]
+
+
+def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
 
 def _tuple(v: Any, n: int) -> tuple:
@@ -448,8 +455,8 @@ def conv(ctx: Ctx) -> Effect:
         counts = [[o_sp[d]] * ksize[d] for d in range(nd)]
     blocks = _conv_blocks(weight, groups, transposed)
     n_x, n_y = math.prod(x_sp), math.prod(y_sp)
-    w2 = torch.block_diag(*[_tap_weighted(b, counts, 2) for b in blocks])
-    wsum = torch.block_diag(*[_tap_weighted(b, counts, 1) for b in blocks])
+    w2 = _block_diag([_tap_weighted(b, counts, 2) for b in blocks])
+    wsum = _block_diag([_tap_weighted(b, counts, 1) for b in blocks])
     axis_in, axis_out = len(x_meta.shape) - nd - 1, len(y_meta.shape) - nd - 1
     out = _dense(ctx.stat(ref), axis_in, w2 / n_y, wsum / n_y, bias, axis_out)
     return Effect([out], [(ref.name, 0, 0, channels.Mat(w2 / n_x, axis=axis_in))])
