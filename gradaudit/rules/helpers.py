@@ -1,18 +1,49 @@
-"""Small shared helpers for rules: what follows a layer, which fix line fits it."""
+"""Shared helpers for rules: graph structure, init gains and fix lines.
+
+Everything here reads an :class:`~gradaudit.propagation.engine.Analysis` (graph plus
+predicted statistics). The module imports no heavy library at import time, so that
+listing the rule catalog stays fast; torch is imported inside the functions that need it.
+
+Structure the rules share:
+
+- *residual add*: an ``add``/``sub`` of two tensors where one operand is an ancestor of
+  the other and a weight layer lies between them (``x + f(x)``). ``tok_emb + pos_emb``
+  or ``x + x.mean()`` are not residual.
+- *chain*: weight layers in execution order where each feeds the next (through
+  activations, dropout, layout ops, pooling ...). A chain is *plain* when no
+  normalization op and no residual add lies between consecutive layers.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
 from gradaudit.propagation.depth import DepthSummary
-from gradaudit.propagation.engine import ACTIVATIONS, Analysis
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.ir import Node
+    from gradaudit.propagation.engine import Analysis
 
 #: Ops that pass a value through without changing what "the next activation" is.
 TRANSPARENT = frozenset(
-    {"dropout", "identity", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "to", "getitem"}
+    {
+        "dropout", "alpha_dropout", "identity", "view", "reshape", "flatten", "unflatten", "permute",
+        "transpose", "contiguous", "to", "getitem", "squeeze", "unsqueeze", "clone",
+    }
 )
 SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "logsigmoid"})
-RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "hardswish"})
+RELU_FAMILY = frozenset(
+    {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "hardswish"}
+)
+NORMS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
+#: Ops whose weight is a matrix mapping fan_in inputs to each output unit.
+DENSE_OPS = frozenset({"linear", "conv"})
+RECURRENT_OPS = frozenset({"rnn", "lstm", "gru"})
 
 
+# ----------------------------------------------------------------------------- text
 def depth_rate_text(depth: DepthSummary) -> str:
     lpd = depth.layers_per_decade
     if lpd is None:
@@ -21,36 +52,471 @@ def depth_rate_text(depth: DepthSummary) -> str:
     return f"at this rate gradients {word} 10x every {lpd:.1f} layers"
 
 
-def next_activation(analysis: Analysis, node) -> str | None:
-    """The activation op applied to ``node``'s output, looking through norms/dropout."""
-    for user in analysis.next_nodes(node, TRANSPARENT | {"batch_norm", "layer_norm", "group_norm"}):
-        if user.op in ACTIVATIONS:
-            return user.op
-    return None
+def module_expr(qualname: str | None, root: str = "model") -> str:
+    """Python expression reaching a submodule: ``layers.3.fc`` -> ``model.layers[3].fc``."""
+    if not qualname:
+        return root
+    parts = qualname.split(".")
+    if not all(p.isdigit() or p.isidentifier() for p in parts):
+        return f"{root}.get_submodule({qualname!r})"
+    return root + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts)
 
 
-def init_fix(analysis: Analysis, node) -> str:
-    """The init line that keeps this layer's gain at 1 for the activation that follows."""
-    act = next_activation(analysis, node)
-    target = f"model.{node.module}.weight" if node.module else "layer.weight"
+def where(node: Node) -> str:
+    """Short human name of a node: the expression reaching its module, else its name."""
+    return module_expr(node.module) if node.module else node.name
+
+
+def fmt(x: float) -> str:
+    """A number in 3 significant digits."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"
+
+
+# ----------------------------------------------------------------------------- weights
+def weight_matrix(node: Node):
+    """The node's weight as a float64 (fan_out, fan_in) matrix, or None.
+
+    For ``nn.Linear`` that is ``weight``; for a convolution ``weight`` reshaped to
+    (C_out, C_in/groups * prod(kernel)), whose row length is the fan-in (He et al. 2015).
+    """
+    if node.op not in DENSE_OPS:
+        return None
+    w = node.params.get("weight")
+    if w is None or getattr(w, "dim", lambda: 0)() < 2:
+        return None
+    w = w.detach().double()
+    return w.reshape(w.shape[0], -1)
+
+
+def fan_in_gain(w) -> float:
+    """n E[w^2] over the rows of a (fan_out, fan_in) matrix: the factor a layer applies to
+    the second moment of independent zero-mean inputs (He et al. 2015, Eq. 7)."""
+    return float(w.pow(2).sum(1).mean())
+
+
+def rows_equal(w) -> bool:
+    """True when every row of ``w`` equals the first (constant or zero init)."""
+    if w.shape[0] < 2:
+        return False
+    return bool((w == w[:1]).all())
+
+
+def leaky_slope(node: Node | None) -> float:
+    fn = getattr(node, "fn", None)
+    for attr in ("negative_slope",):
+        v = getattr(fn, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.01
+
+
+def needed_gain(act: str | None, act_node: Node | None = None) -> tuple[float, str]:
+    """The n Var[w] that keeps the second moment through ``act`` (He et al. 2015).
+
+    ReLU family: 2 (He; 2 / (1 + a^2) for leaky ReLU with slope a). SELU: 1 (LeCun,
+    Klambauer et al. 2017). tanh, sigmoid, linear and the rest: 1 (LeCun / Xavier for a
+    square layer; tanh with zero bias is critical at sigma_w^2 = 1, Schoenholz et al. 2017).
+    """
+    if act == "leaky_relu":
+        a = leaky_slope(act_node)
+        return 2.0 / (1.0 + a * a), "He (leaky ReLU)"
+    if act in RELU_FAMILY:
+        return 2.0, "He"
+    if act == "selu":
+        return 1.0, "LeCun"
+    return 1.0, "LeCun/Xavier"
+
+
+def act_name(act: str | None) -> str:
+    return {None: "no activation"}.get(act, act or "no activation")
+
+
+# ----------------------------------------------------------------------------- fix lines
+def init_fix(analysis: Analysis, node: Node) -> str:
+    """The init line that keeps this layer's gain at what the next activation needs."""
+    act, act_node = next_activation_node(analysis, node)
+    target = f"{module_expr(node.module)}.weight" if node.module else "layer.weight"
+    if act == "leaky_relu":
+        return f"nn.init.kaiming_normal_({target}, a={leaky_slope(act_node):g}, nonlinearity='leaky_relu')"
     if act in RELU_FAMILY:
         return f"nn.init.kaiming_normal_({target}, nonlinearity='relu')"
     if act == "selu":
         return f"nn.init.kaiming_normal_({target}, nonlinearity='linear')  # LeCun normal for SELU"
-    if act == "tanh":
-        return f"nn.init.xavier_normal_({target}, gain=nn.init.calculate_gain('tanh'))"
-    if act == "sigmoid":
-        return f"nn.init.xavier_normal_({target})  # and prefer ReLU/GELU over stacked sigmoids"
-    return f"nn.init.xavier_normal_({target})"
+    return f"nn.init.kaiming_normal_({target}, nonlinearity='linear')  # LeCun normal: n Var[w] = 1"
+
+
+def features(node: Node) -> int | None:
+    """Feature count a norm after ``node`` would take (channels for conv, last dim else)."""
+    shape = node.shape
+    if not shape:
+        return None
+    return shape[1] if node.op == "conv" and len(shape) > 2 else shape[-1]
+
+
+def norm_ctor(node: Node) -> str:
+    n = features(node)
+    shape = node.shape or ()
+    if node.op == "conv" and len(shape) in (3, 4, 5):
+        return f"nn.BatchNorm{len(shape) - 2}d({n})"
+    return f"nn.LayerNorm({n})"
+
+
+def add_norm_fix(node: Node) -> str:
+    """One line that puts a normalization layer right after ``node``'s module."""
+    if node.module:
+        expr = module_expr(node.module)
+        return f"{expr} = nn.Sequential({expr}, {norm_ctor(node)})"
+    return f"x = {norm_ctor(node)}(x)  # after the layer at {node.location or node.name}"
 
 
 def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
-    """The weight layer whose activation most shrinks or grows the gradient, with a fix."""
+    """The weight layer to fix first, with its fix line.
+
+    1. A hidden layer whose n Var[w] is off by more than 2x from what its activation
+       needs (:func:`init_mismatch`): the worst one (the earliest among those within 10% of
+       the worst), fixed by an init line.
+    2. Else, when most layers feed a saturating activation, the activation is the culprit
+       (its derivative caps the gain whatever the init): add a normalization layer.
+    3. Else the layer with the largest predicted change of gradient RMS, by an init line.
+    """
+    if not layers:
+        return None
+    scores = []
+    for n in layers:
+        m = init_mismatch(analysis, n) if has_successor(analysis, n) else None
+        scores.append(abs(math.log2(m)) if m is not None and m > 0 else 0.0)
+    top = max(scores)
+    if top > 1.0:
+        worst = next(n for n, s in zip(layers, scores) if s >= 0.9 * top)
+        return worst, init_fix(analysis, worst)
     acts = [next_activation(analysis, n) for n in layers]
     sat = [n for n, a in zip(layers, acts) if a in SATURATING]
-    if len(sat) >= len(layers) // 2 and sat:
-        kind = next_activation(analysis, sat[0])
-        return sat[0], f"replace nn.{'Sigmoid' if kind == 'sigmoid' else 'Tanh'}() with nn.ReLU() and add nn.LayerNorm between layers"
-    if layers:
-        return layers[0], init_fix(analysis, layers[0])
-    return None
+    if sat and len(sat) >= len(layers) // 2:
+        return sat[0], add_norm_fix(sat[0])
+    grads = [analysis.stat(n.name).grad_rms for n in layers]
+    worst, score = layers[0], -1.0
+    for i in range(len(layers) - 1):
+        a, b = grads[i], grads[i + 1]
+        if a > 0 and b > 0:
+            s = abs(math.log(a / b))
+            if s > score:
+                worst, score = layers[i], s
+    return worst, init_fix(analysis, worst)
+
+
+def init_mismatch(analysis: Analysis, node: Node) -> float | None:
+    """n E[w^2] of a linear/conv layer divided by the gain its next activation needs
+    (:func:`needed_gain`); None for other layers."""
+    w = weight_matrix(node)
+    if w is None:
+        return None
+    act, act_node = next_activation_node(analysis, node)
+    return fan_in_gain(w) / needed_gain(act, act_node)[0]
+
+
+# ----------------------------------------------------------------------------- graph walking
+def next_activation_node(analysis: Analysis, node: Node) -> tuple[str | None, Node | None]:
+    """The activation applied to ``node``'s output (looking through layout ops, dropout and
+    normalization), with its node; ``(None, None)`` when a linear map follows."""
+    from gradaudit.propagation.engine import ACTIVATIONS
+
+    for user in analysis.next_nodes(node, TRANSPARENT | NORMS):
+        if user.op in ACTIVATIONS:
+            return user.op, user
+    return None, None
+
+
+def next_activation(analysis: Analysis, node: Node) -> str | None:
+    """The activation op applied to ``node``'s output, looking through norms/dropout."""
+    return next_activation_node(analysis, node)[0]
+
+
+def followed_by_norm(analysis: Analysis, node: Node) -> bool:
+    """Whether a normalization op rescales ``node``'s output before the next weight layer
+    (directly, or after its activation / dropout / layout ops)."""
+    from gradaudit.propagation.engine import ACTIVATIONS
+
+    return any(u.op in NORMS for u in analysis.next_nodes(node, TRANSPARENT | ACTIVATIONS))
+
+
+@dataclass
+class Edge:
+    src: str
+    dst: str
+    norm: bool  # every path between them crosses a normalization op
+    residual: bool  # every path between them crosses a residual add
+
+
+@dataclass
+class Structure:
+    """Facts about the graph computed once per analysis."""
+
+    weight_layers: list
+    index: dict[str, int]
+    residual_adds: set[str]
+    edges: dict[str, list[Edge]] = field(default_factory=dict)
+    wdepth: dict[str, int] = field(default_factory=dict)
+
+
+_CACHE: dict[int, tuple[object, Structure]] = {}
+
+
+def structure(analysis: Analysis) -> Structure:
+    """Residual adds and layer-to-layer edges of ``analysis.graph`` (cached)."""
+    key = id(analysis)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is analysis:
+        return hit[1]
+    st = _build_structure(analysis)
+    if len(_CACHE) > 16:
+        _CACHE.clear()
+    _CACHE[key] = (analysis, st)
+    return st
+
+
+def _build_structure(analysis: Analysis) -> Structure:
+    graph = analysis.graph
+    wl = analysis.weight_layers()
+    wset = {n.name for n in wl}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    anc: dict[str, int] = {}
+    wdepth: dict[str, int] = {}
+    for n in graph.nodes:
+        a = 0
+        d = 0
+        for src in n.inputs:
+            a |= anc[src] | (1 << order[src])
+            d = max(d, wdepth[src])
+        anc[n.name] = a
+        wdepth[n.name] = d + (1 if n.name in wset else 0)
+    residual: set[str] = set()
+    for n in graph.nodes:
+        if n.op not in ("add", "sub") or len(n.inputs) < 2:
+            continue
+        a, b = n.inputs[0], n.inputs[1]
+        related = (anc[b] >> order[a]) & 1 or (anc[a] >> order[b]) & 1
+        if related and wdepth[a] != wdepth[b]:
+            residual.add(n.name)
+    st = Structure(wl, {n.name: i for i, n in enumerate(wl)}, residual, wdepth=wdepth)
+    for layer in wl:
+        st.edges[layer.name] = _edges_from(analysis, layer, wset, residual)
+    return st
+
+
+def _edges_from(analysis: Analysis, layer: Node, wset: set[str], residual: set[str]) -> list[Edge]:
+    """Weight layers reached from ``layer`` without passing another weight layer.
+
+    Walks users with a state (crossed a norm, crossed a residual add), so each node is
+    visited at most four times; an edge is ``norm`` / ``residual`` only if every path has
+    that crossing.
+    """
+    graph = analysis.graph
+    seen: set[tuple[str, bool, bool]] = set()
+    found: dict[str, tuple[bool, bool]] = {}
+    stack = [(u, False, False) for u in graph.users(layer.name)]
+    while stack:
+        node, nrm, res = stack.pop()
+        key = (node.name, nrm, res)
+        if key in seen:
+            continue
+        seen.add(key)
+        if node.name in wset:
+            old = found.get(node.name)
+            found[node.name] = (nrm, res) if old is None else (old[0] and nrm, old[1] and res)
+            continue
+        if node.op == "output":
+            continue
+        nrm2 = nrm or node.op in NORMS
+        res2 = res or node.name in residual
+        for u in graph.users(node.name):
+            stack.append((u, nrm2, res2))
+    return [Edge(layer.name, dst, n, r) for dst, (n, r) in found.items()]
+
+
+def longest_chain(
+    analysis: Analysis,
+    *,
+    allow_norm: bool,
+    allow_residual: bool,
+    keep: Callable[[Node], bool] | None = None,
+    link: Callable[[Node, Node], bool] | None = None,
+) -> list:
+    """The longest sequence of weight layers, each feeding the next, whose edges cross
+    no normalization (unless ``allow_norm``) and no residual add (unless
+    ``allow_residual``), and whose layers all satisfy ``keep`` (and consecutive pairs
+    ``link``). Longest path in a DAG by dynamic programming in execution order.
+    """
+    st = structure(analysis)
+    best: dict[str, tuple[int, str | None]] = {}
+    by_name = {n.name: n for n in st.weight_layers}
+    for n in st.weight_layers:
+        if keep is not None and not keep(n):
+            continue
+        best.setdefault(n.name, (1, None))
+        length = best[n.name][0]
+        for e in st.edges.get(n.name, []):
+            if (e.norm and not allow_norm) or (e.residual and not allow_residual):
+                continue
+            dst = by_name[e.dst]
+            if keep is not None and not keep(dst):
+                continue
+            if link is not None and not link(n, dst):
+                continue
+            if best.get(e.dst, (0, None))[0] < length + 1:
+                best[e.dst] = (length + 1, n.name)
+    if not best:
+        return []
+    end = max(best, key=lambda k: (best[k][0], -st.index[k]))
+    chain = []
+    cur: str | None = end
+    while cur is not None:
+        chain.append(by_name[cur])
+        cur = best[cur][1]
+    return chain[::-1]
+
+
+def has_successor(analysis: Analysis, node: Node) -> bool:
+    """Whether ``node``'s output feeds another weight layer (a hidden layer)."""
+    return bool(structure(analysis).edges.get(node.name))
+
+
+def is_residual_add(analysis: Analysis, node: Node) -> bool:
+    return node.name in structure(analysis).residual_adds
+
+
+def log10_ratio(a: float, b: float) -> float:
+    if a <= 0 or b <= 0 or not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf if a > b else -math.inf
+    return math.log10(a / b)
+
+
+def slope_per_layer(values: Iterable[float]) -> float | None:
+    """Least-squares slope of log10(values) against layer index (decades per layer)."""
+    pts = [(i, math.log10(v)) for i, v in enumerate(values) if v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
+
+
+def parent(qualname: str | None) -> str | None:
+    if not qualname or "." not in qualname:
+        return None
+    return qualname.rsplit(".", 1)[0]
+
+
+
+@dataclass
+class GradientProfile:
+    """Predicted gradient RMS at the output of each weight layer, in execution order."""
+
+    layers: list
+    grads: list[float]
+    decades_per_layer: float  # fitted change per layer moving toward the input
+    end_to_end_decades: float  # log10(first / last)
+
+    @property
+    def rate_text(self) -> str:
+        s = self.decades_per_layer
+        if abs(s) < 1e-3:
+            return "the trend across layers is flat"
+        return f"at this rate gradients {'fall' if s < 0 else 'grow'} 10x every {1 / abs(s):.1f} layers"
+
+
+def gradient_profile(analysis: Analysis) -> GradientProfile | None:
+    """The gradient RMS over weight layers and its fitted slope (see ``propagation.depth``).
+
+    ``decades_per_layer`` is the least-squares slope of log10(grad RMS) against -depth:
+    negative when gradients shrink on their way back to the input.
+    """
+    layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
+    if len(layers) < 2:
+        return None
+    grads = [analysis.stat(n.name).grad_rms for n in layers]
+    if grads[-1] <= 0 or not math.isfinite(grads[-1]):
+        return None
+    slope = slope_per_layer(grads)
+    slope = -slope if slope is not None else 0.0
+    end = log10_ratio(grads[0], grads[-1])
+    return GradientProfile(layers, grads, slope, end)
+
+
+@dataclass
+class ActivationProfile:
+    """Predicted activation RMS at the output of each weight layer, in execution order."""
+
+    layers: list
+    acts: list[float]
+
+    def rate_text(self, upto: int | None = None) -> str:
+        s = slope_per_layer(self.acts[: (upto + 1) if upto is not None else None])
+        if s is None or abs(s) < 1e-3:
+            return "the trend across layers is flat"
+        return f"at this rate activations {'grow' if s > 0 else 'shrink'} 10x every {1 / abs(s):.1f} layers"
+
+
+def activation_profile(analysis: Analysis) -> ActivationProfile | None:
+    layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
+    if len(layers) < 2:
+        return None
+    return ActivationProfile(layers, [analysis.stat(n.name).act_rms for n in layers])
+
+
+@dataclass
+class LayerInit:
+    """How a linear/conv layer's weights compare with what its activation needs."""
+
+    node: object
+    gain: float  # n E[w^2]
+    act: str | None
+    needed: float
+    scheme: str  # "He", "LeCun", ...
+    fan_in: int
+    fan_out: int
+    normalized: bool  # a norm rescales the output before the next weight layer
+    symmetric: bool  # every row equal (constant or zero init)
+    hidden: bool  # the output feeds another weight layer
+
+    @property
+    def ratio(self) -> float:
+        return self.gain / self.needed
+
+    @property
+    def xavier_like(self) -> bool:
+        """n Var[w] within 25% of LeCun's 1 or of Glorot's 2 n_in / (n_in + n_out)."""
+        glorot = 2.0 * self.fan_in / (self.fan_in + self.fan_out)
+        return any(0.75 <= self.gain / t <= 1.0 / 0.75 for t in (1.0, glorot))
+
+
+def layer_init(analysis: Analysis, node: Node) -> LayerInit | None:
+    w = weight_matrix(node)
+    if w is None:
+        return None
+    act, act_node = next_activation_node(analysis, node)
+    needed, scheme = needed_gain(act, act_node)
+    return LayerInit(
+        node=node,
+        gain=fan_in_gain(w),
+        act=act,
+        needed=needed,
+        scheme=scheme,
+        fan_in=w.shape[1],
+        fan_out=w.shape[0],
+        normalized=followed_by_norm(analysis, node),
+        symmetric=rows_equal(w),
+        hidden=has_successor(analysis, node),
+    )
+
+
+def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
+    """:func:`layer_init` of every linear/conv weight layer, by node name."""
+    out = {}
+    for n in analysis.weight_layers():
+        li = layer_init(analysis, n)
+        if li is not None:
+            out[n.name] = li
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import culprit_layer, depth_rate_text
+from gradaudit.rules.helpers import culprit_layer, gradient_profile, where
 
 
 @register
@@ -17,21 +17,24 @@ class VanishingGradients(Rule):
     Jacobian, from the weights the model was initialised with, and reports when the
     gradient reaching the earliest weight layers is at most 1e-3 of the gradient at the
     last weight layer (error), or when the fitted per-layer trend would reach 1e-3
-    within twice the model's depth (warning).
+    within twice the model's depth (warning). The message names the layer where the
+    gradient crosses 1e-3 and the rate ("gradients fall 10x every 4.2 layers").
 
     ## Why is this bad?
     The first layers receive almost no gradient: they barely move, so a deep model
     trains like a shallow one, or not at all. In mean-field terms the per-layer gain
-    chi_1 = sigma_w^2 E[phi'(h)^2] is below 1 and the gradient decays like chi_1^depth
-    (depth scale xi = -1/ln chi_1; networks train roughly when depth < 6 xi).
+    chi_1 = sigma_w^2 E[phi'(h)^2] is below 1 and the gradient's second moment decays
+    like chi_1^depth (depth scale xi = -1/ln chi_1; networks train roughly when depth
+    < 6 xi). A sigmoid layer with Xavier init has chi_1 ~ 1/16: the gradient RMS falls
+    4x per layer.
 
     ## Example
     ```python
     layers = []
     for _ in range(20):
         layer = nn.Linear(256, 256)
-        nn.init.normal_(layer.weight, std=1.0)   # saturates the sigmoid
-        layers += [layer, nn.Sigmoid()]
+        nn.init.xavier_normal_(layer.weight)
+        layers += [layer, nn.Sigmoid()]   # sigmoid'(x) <= 1/4
     model = nn.Sequential(*layers)
     ```
 
@@ -47,6 +50,7 @@ class VanishingGradients(Rule):
     - Schoenholz et al., "Deep Information Propagation", ICLR 2017.
     - Glorot & Bengio, "Understanding the difficulty of training deep feedforward neural
       networks", AISTATS 2010.
+    - Hochreiter, "Untersuchungen zu dynamischen neuronalen Netzen", 1991.
     """
 
     code = "GA101"
@@ -56,45 +60,43 @@ class VanishingGradients(Rule):
 
     def check(self, analysis) -> Iterator[Finding]:
         settings = analysis.config["settings"]
-        from gradaudit.propagation.depth import summarize
-
-        layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
-        if len(layers) < 2:
+        prof = gradient_profile(analysis)
+        if prof is None:
             return
-        grads = [analysis.stat(n.name).grad_rms for n in layers]
-        depth = summarize(grads, grads)
+        layers, grads, rate = prof.layers, prof.grads, prof.rate_text
         last = grads[-1]
-        if last <= 0:
-            return
-        limit = 10.0 ** (-settings.crossing_decades)
+        decades = settings.crossing_decades
+        limit = 10.0 ** (-decades)
         below = [i for i, g in enumerate(grads) if g <= last * limit]
+        culprit = culprit_layer(analysis, layers)
         if below:
-            # the deepest-from-output layer where it has crossed first (closest to output)
-            first_cross = max(below)
-            node = layers[first_cross]
+            cross = max(below)  # walking back from the output, the first layer past 1e-3
+            node = layers[cross]
             ratio = grads[0] / last
-            culprit = culprit_layer(analysis, layers)
             yield self.finding(
-                f"gradient falls {1 / max(ratio, 1e-300):.3g}x from the last weight layer to the first "
-                f"({depth.end_to_end_decades:+.1f} decades over {len(layers)} layers); it crosses 1e-3 of the "
-                f"output's at layer {first_cross + 1} of {len(layers)} ('{node.module or node.name}'). "
-                f"{depth_rate_text(depth)}",
+                f"predicted gradient falls {1 / max(ratio, 1e-300):.3g}x from the last weight layer to the first "
+                f"({prof.end_to_end_decades:+.1f} decades over {len(layers)} layers); it crosses "
+                f"{limit:.0e} of the last layer's at layer {cross + 1} of {len(layers)} ('{where(node)}'); "
+                f"{rate}",
                 node=node,
                 fix=culprit[1] if culprit else None,
                 ratio=ratio,
-                decades=depth.end_to_end_decades,
-                layer_index=first_cross + 1,
+                decades=prof.end_to_end_decades,
+                layer_index=cross + 1,
+                decades_per_layer=prof.decades_per_layer,
             )
             return
-        if depth.vanish_depth is not None and depth.vanish_depth <= 2 * len(layers):
-            node = layers[0]
-            culprit = culprit_layer(analysis, layers)
-            yield self.finding(
-                f"gradients shrink toward the input ({depth.end_to_end_decades:+.1f} decades over {len(layers)} "
-                f"layers): {depth_rate_text(depth)}; at this rate they reach 1e-3 of the output's after "
-                f"{depth.vanish_depth:.0f} layers",
-                node=node,
-                fix=culprit[1] if culprit else None,
-                severity="warning",
-                vanish_depth=depth.vanish_depth,
-            )
+        slope = prof.decades_per_layer
+        if slope < 0:
+            reach = decades / -slope
+            if reach <= 2 * len(layers):
+                yield self.finding(
+                    f"predicted gradients shrink toward the input ({prof.end_to_end_decades:+.1f} decades over "
+                    f"{len(layers)} layers): {rate}; at this rate they reach {limit:.0e} of the last layer's "
+                    f"after {reach:.0f} layers (this model has {len(layers)})",
+                    node=layers[0],
+                    fix=culprit[1] if culprit else None,
+                    severity="warning",
+                    vanish_depth=reach,
+                    decades_per_layer=slope,
+                )

@@ -1,0 +1,81 @@
+"""GA103 activation-collapse."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import activation_profile, culprit_layer, fmt, where
+
+
+@register
+class ActivationCollapse(Rule):
+    """Predicted activations shrink by 1000x or more across the weight layers.
+
+    ## What it does
+    Propagates the mean and second moment of every activation forward from standard
+    normal inputs through the model's actual weights, and reports the first weight layer
+    whose output RMS is at most 1e-3 of the first weight layer's. The message carries
+    both RMS values and the fitted rate (decades per layer).
+
+    ## Why is this bad?
+    Each layer multiplies the second moment of its input by n Var[w] times the
+    activation's E[phi(h)^2] / E[h^2]; below 1 the signal decays geometrically. He et
+    al. (2015) show that Xavier init before ReLU (n Var[w] = 1) halves the variance at
+    every layer: 2^-29 over 30 layers, and their 30-layer network does not learn. Deep
+    activations that carry no signal also carry no gradient to the weights that read
+    them (dL/dW = dL/dy x^T), and the smallest values underflow in low precision.
+
+    ## Example
+    ```python
+    layers = []
+    for _ in range(30):
+        layer = nn.Linear(256, 256, bias=False)
+        nn.init.xavier_normal_(layer.weight)        # n Var[w] = 1, ReLU needs 2
+        layers += [layer, nn.ReLU()]
+    model = nn.Sequential(*layers)
+    ```
+
+    ## Use instead
+    ```python
+    for _ in range(30):
+        layer = nn.Linear(256, 256, bias=False)
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")   # n Var[w] = 2
+        layers += [layer, nn.ReLU()]
+    ```
+
+    ## References
+    - He et al., "Delving Deep into Rectifiers", ICCV 2015.
+    - Poole et al., "Exponential expressivity in deep neural networks through transient
+      chaos", NeurIPS 2016.
+    """
+
+    code = "GA103"
+    name = "activation-collapse"
+    category = "vanishing"
+    default_severity = "warning"
+
+    def check(self, analysis) -> Iterator[Finding]:
+        settings = analysis.config["settings"]
+        prof = activation_profile(analysis)
+        if prof is None:
+            return
+        layers, acts = prof.layers, prof.acts
+        limit = 10.0 ** (-settings.crossing_decades)
+        first = acts[0]
+        if first <= 0:
+            return
+        hit = next((i for i, a in enumerate(acts) if a <= first * limit), None)
+        if hit is None:
+            return
+        node = layers[hit]
+        culprit = culprit_layer(analysis, layers[: hit + 1])
+        yield self.finding(
+            f"predicted activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[hit])} at "
+            f"'{where(node)}' (layer {hit + 1} of {len(layers)}, {first / max(acts[hit], 1e-300):.3g}x smaller); "
+            f"{prof.rate_text(hit)}",
+            node=node,
+            fix=culprit[1] if culprit else None,
+            ratio=acts[hit] / first,
+            layer_index=hit + 1,
+        )
