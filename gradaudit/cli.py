@@ -345,11 +345,7 @@ def _human_console(fmt: str, output: str | None, quiet: bool):
 
     if fmt == "text":
         return None if output else make_console(sys.stdout)
-    if quiet:
-        return None
-    if output is None or output == "-":
-        return make_console(sys.stderr)
-    return make_console(sys.stdout)
+    return None if quiet else make_console(sys.stderr)
 
 
 def _render(renderer, reports: list, fmt: str) -> str:

@@ -1,0 +1,266 @@
+"""The command line: exit codes, formats, -o, rules / explain, start-up cost."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gradaudit.rules.base import all_rules
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEEP_SIGMOID = os.path.join(ROOT, "examples", "deep_sigmoid.py")
+RESNET = os.path.join(ROOT, "examples", "resnet18.py")
+SEVERITY = {"error": 0, "warning": 1, "info": 2}
+
+MLP = """
+import torch.nn as nn
+
+def build_model():
+    layers = []
+    for _ in range(12):
+        layer = nn.Linear(64, 64)
+        nn.init.xavier_normal_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        layers += [layer, nn.ReLU()]
+    return nn.Sequential(*layers)
+"""
+
+
+def _json(result):
+    return json.loads(result.stdout)
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from gradaudit.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'rich', 'jinja2', 'matplotlib', 'onnx', 'numpy') if m in sys.modules]\n"
+        "print('heavy=' + ','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "heavy="
+
+
+@pytest.mark.parametrize("command", ["check", "rules", "explain"])
+def test_subcommand_help(command, cli):
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.stdout
+
+
+def test_help_says_loading_runs_the_file(cli):
+    assert "RUNS the Python file" in cli("check", "--help").stdout
+
+
+def test_deep_sigmoid_exits_1_with_vanishing_finding(run):
+    proc = run("check", DEEP_SIGMOID, "--format", "json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    vanishing = [f for f in report["findings"] if f["rule"] == "GA101"]
+    assert vanishing and vanishing[0]["severity"] == "error" and vanishing[0]["category"] == "vanishing"
+    assert report["summary"]["verdict"] == "vanishing"
+    # the human summary went to stderr, the JSON alone to stdout
+    assert "GA101" in proc.stderr
+
+
+def test_resnet18_exits_0(run):
+    proc = run("check", RESNET)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("HEALTHY")
+
+
+def test_python_m_gradaudit_version(run):
+    proc = run("--version")
+    from gradaudit import __version__
+
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+@pytest.mark.parametrize("fail_on", ["error", "warning", "info"])
+def test_fail_on(fail_on, cli, write, tmp_path):
+    write("net.py", MLP)
+    result = cli("check", "net.py", "--format", "json", "--fail-on", fail_on, cwd=tmp_path)
+    findings = _json(result)["findings"]
+    assert any(f["severity"] == "warning" for f in findings)
+    expected = 1 if any(SEVERITY[f["severity"]] <= SEVERITY[fail_on] for f in findings) else 0
+    assert result.exit_code == expected
+
+
+def test_exit_zero(cli):
+    result = cli("check", DEEP_SIGMOID, "--exit-zero", "--format", "json")
+    assert result.exit_code == 0 and _json(result)["summary"]["counts"]["error"] >= 1
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--select", "GA101"], {"GA101"}),
+        (["--select", "GA1"], None),
+        (["--ignore", "GA101"], None),
+        (["--select", "GA101,GA102", "--ignore", "GA102"], {"GA101"}),
+        (["--select", "GA101", "--select", "GA102"], None),
+    ],
+)
+def test_select_ignore(flags, expected, cli):
+    full = {f["rule"] for f in _json(cli("check", DEEP_SIGMOID, "--format", "json"))["findings"]}
+    got = {f["rule"] for f in _json(cli("check", DEEP_SIGMOID, "--format", "json", *flags))["findings"]}
+    selected = {c for flag, v in zip(flags[::2], flags[1::2]) if flag == "--select" for c in v.split(",")}
+    ignored = {c for flag, v in zip(flags[::2], flags[1::2]) if flag == "--ignore" for c in v.split(",")}
+    want = {r for r in full if (not selected or any(r.startswith(s) for s in selected))}
+    want = {r for r in want if not any(r.startswith(s) for s in ignored)}
+    assert got == want
+    if expected is not None:
+        assert got == expected
+
+
+def test_json_contract(cli):
+    report = _json(cli("check", DEEP_SIGMOID, "--format", "json"))
+    assert report["format_version"] == 1
+    assert report["frontend"] == "fx"
+    assert report["summary"]["verdict"] in ("healthy", "vanishing", "exploding", "saturation", "dead-units", "init",
+                                            "normalization", "residual", "nan", "gradcheck", "precision", "other")
+    assert "gradient_spread_decades" in report["summary"]
+    for f in report["findings"]:
+        assert {"rule", "name", "category", "severity", "message", "fix", "node", "module", "location"} <= set(f)
+        assert f["location"] is None or set(f["location"]) == {"path", "line"}
+    linears = [layer for layer in report["layers"] if layer["op"] == "linear"]
+    assert len(linears) == 31  # every parameterized module call is listed
+    for layer in report["layers"]:
+        assert {"node", "module", "op", "predicted", "measured"} <= set(layer)
+        assert set(layer["predicted"]) == {"act_rms", "grad_rms"}
+        assert layer["measured"] is None
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in layer["predicted"].values())
+
+
+def test_json_several_targets(cli, write, tmp_path):
+    write("net.py", MLP)
+    result = cli("check", "net.py", DEEP_SIGMOID, "--format", "json", cwd=tmp_path)
+    doc = _json(result)
+    assert doc["format_version"] == 1 and [r["target"] for r in doc["reports"]] == ["net.py", DEEP_SIGMOID]
+    assert result.exit_code == 1  # the worst target decides
+
+
+def test_output_file_is_written_whole(cli, tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text("old content")
+    result = cli("check", DEEP_SIGMOID, "--format", "json", "-o", out)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert json.loads(out.read_text())["format_version"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temp file left
+
+
+def test_output_to_dev_null(cli):
+    if not os.path.exists(os.devnull):
+        pytest.skip("no null device")
+    result = cli("check", DEEP_SIGMOID, "--format", "json", "-o", os.devnull)
+    assert result.exit_code == 1 and os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+
+def test_text_report_to_file_has_no_colour(cli, tmp_path):
+    out = tmp_path / "report.txt"
+    cli("check", DEEP_SIGMOID, "-o", out)
+    text = out.read_text()
+    assert text.startswith("VANISHING") and "\x1b[" not in text and "GA101" in text
+
+
+def test_text_report_layout(cli):
+    result = cli("check", DEEP_SIGMOID, "--select", "GA101")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("VANISHING  gradients vanish: the first layer gets ")
+    assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
+    assert any("GA101 vanishing-gradients" in line for line in lines)
+    assert any(line.strip().startswith("fix: ") for line in lines)
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["#", "module", "op", "act", "RMS"])
+    rows = [line.split() for line in lines[header + 1:] if line.strip() and line.split()[0].isdigit()]
+    assert len(rows) == 31
+    assert lines[-1].startswith("inputs: 64x32 float32 (example_inputs in ")
+
+
+def test_first_layer_ratio_in_verdict_matches_layers(cli):
+    """The verdict's "first layer gets X" is grad_rms(first weight layer) / grad_rms(last)."""
+    report = _json(cli("check", DEEP_SIGMOID, "--format", "json"))
+    grads = [layer["predicted"]["grad_rms"] for layer in report["layers"] if layer["depth"] is not None]
+    text = cli("check", DEEP_SIGMOID).stdout.splitlines()[0]
+    shown = float(text.split("the first layer gets ")[1].split()[0])
+    assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)
+
+
+def test_skip_missing_skips_files_without_models(cli, write, tmp_path):
+    write("util.py", "def helper():\n    return 1\n")
+    write("torchy.py", "import torch\nWIDTH = 3\n")
+    result = cli("check", "--skip-missing", "util.py", "torchy.py", cwd=tmp_path)
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+    result = cli("check", "util.py", cwd=tmp_path)
+    assert result.exit_code == 2
+
+
+def test_probe_options_are_passed_through(cli, monkeypatch, write, tmp_path):
+    import gradaudit.api
+
+    seen = {}
+    real = gradaudit.api.audit
+
+    def spy(model, inputs, **kwargs):
+        seen.update(kwargs)
+        keep = {k: v for k, v in kwargs.items() if k in ("target", "input_source", "select", "ignore", "input_stats",
+                                                         "settings")}
+        return real(model, inputs, **keep)
+
+    monkeypatch.setattr(gradaudit.api, "audit", spy)
+    write("net.py", MLP)
+    cli("check", "net.py", "--probe", "--draws", "3", "--inputs", "batch.pt", "--dtype", "bf16", "--device", "cpu",
+        "--gradcheck", "--gradcheck-module", "a", "--gradcheck-module", "b", cwd=tmp_path)
+    assert {k: seen[k] for k in ("probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules")} == {
+        "probe": True, "draws": 3, "inputs_path": "batch.pt", "dtype": "bf16", "device": "cpu", "gradcheck": True,
+        "gradcheck_modules": ["a", "b"],
+    }
+    seen.clear()
+    cli("check", "net.py", cwd=tmp_path)
+    assert not {"probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules"} & set(seen)
+
+
+@pytest.mark.parametrize("code", sorted(all_rules()))
+def test_rules_lists_every_rule(code, cli):
+    rows = {r["code"]: r for r in json.loads(cli("rules", "--format", "json").stdout)}
+    cls = all_rules()[code]
+    assert rows[code]["name"] == cls.name and rows[code]["severity"] == cls.default_severity
+    assert rows[code]["category"] == cls.category and rows[code]["summary"]
+    assert any(line.split()[:2] == [code, cls.name] for line in cli("rules").stdout.splitlines())
+
+
+@pytest.mark.parametrize("code", sorted(all_rules()))
+def test_explain_prints_the_docstring(code, cli):
+    result = cli("explain", code.lower())
+    cls = all_rules()[code]
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0].startswith(f"{code} {cls.name} ({cls.category}")
+    assert "## What it does" in result.stdout and "## Why is this bad?" in result.stdout
+    assert cls.doc() in result.stdout
+
+
+def test_missing_renderer_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from gradaudit.errors import ConfigError
+    from gradaudit.report import get_renderer
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "gradaudit.report.sarif":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ConfigError, match="the sarif format is not available"):
+        get_renderer("sarif")
