@@ -62,6 +62,11 @@ def audit(
         raise ConfigError(f"audit() needs an nn.Module, got {type(model).__name__}")
     settings = settings or Settings()
     started = time.perf_counter()
+    from gradaudit.probe import stage
+
+    stage_options = stage.parse_options(options)
+    example_inputs, batch_source = stage.load_inputs(stage_options, example_inputs)
+    input_source = batch_source or input_source
     if example_inputs is None:
         from gradaudit.loading import infer_inputs
 
@@ -76,6 +81,7 @@ def audit(
         graph = capture(model, inputs)
         analysis = analyse(graph, inputs, input_stats, settings)
         findings = run_rules(analysis, codes)
+        findings += stage.run(model, inputs, analysis, codes, stage_options, settings)
         from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
@@ -87,6 +93,7 @@ def audit(
             analysis, findings, target=target or type(model).__name__, input_source=input_source, inputs=inputs
         )
         report.suppressed = suppressed
+        stage.attach(report, analysis, stage_options)
         report.environment["static_seconds"] = round(time.perf_counter() - started, 4)
     return report
 

@@ -104,13 +104,13 @@ def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters(remove_duplicate=False):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
         h.update(str((p.requires_grad, p.dtype, p.device, id(p.grad))).encode())
         if p.grad is not None:
-            h.update(p.grad.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(p.grad.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for name, b in model.named_buffers(remove_duplicate=False):
         h.update(name.encode())
-        h.update(b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if b.numel() else b"")
+        h.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if b.numel() else b"")
     for name, m in model.named_modules():
         h.update(f"{name}:{m.training}".encode())
         for attr in _HOOK_DICTS:
