@@ -31,29 +31,19 @@ def depth_chart(report: AuditReport) -> str | None:
     """Gradient RMS and activation RMS per layer (predicted, and measured when probed)
     on a log scale across depth, with the vanishing (<= 1e-3 of the last weight layer's
     gradient) and exploding (>= 1e3) bands shaded. ``None`` when there are no layers."""
-    layers = [layer for layer in report.layers if layer.predicted is not None]
-    if not layers:
+    data = series(report)
+    if data is None:
         return None
+    finite = [v for v in data["grad"] + data["act"] + data["grad_measured"] + data["act_measured"] if v == v]
+    if not finite:
+        return None
+    # no pyplot: the caller's backend and global figure state stay untouched
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
     from matplotlib.figure import Figure
 
-    x = list(range(1, len(layers) + 1))
-
-    def pos(vals):
-        return [v if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else float("nan") for v in vals]
-
-    g_pred = pos([layer.predicted.grad_rms for layer in layers])
-    a_pred = pos([layer.predicted.act_rms for layer in layers])
-    measured = [layer.measured for layer in layers]
-    has_meas = any(m is not None for m in measured)
-    g_meas = pos([m.grad_rms if m else float("nan") for m in measured])
-    a_meas = pos([m.act_rms if m else float("nan") for m in measured])
-
-    weight = [g for layer, g in zip(layers, g_pred) if layer.depth is not None and g == g]
-    ref = weight[-1] if weight else next((g for g in reversed(g_pred) if g == g), None)
+    x, g_pred, a_pred, g_meas, a_meas = data["x"], data["grad"], data["act"], data["grad_measured"], data["act_measured"]
+    has_meas = data["measured"]
+    ref = data["reference"]
 
     rc = {
         "svg.fonttype": "none",
@@ -68,10 +58,9 @@ def depth_chart(report: AuditReport) -> str | None:
         "text.color": _FG,
         "legend.frameon": False,
     }
-    with plt.rc_context(rc):
+    with matplotlib.rc_context(rc):
         fig = Figure(figsize=(8.0, 3.6), layout="constrained")
         ax = fig.add_subplot()
-        finite = [v for v in g_pred + a_pred + g_meas + a_meas if v == v]
         lo, hi = min(finite), max(finite)
         if ref:
             lo, hi = min(lo, ref * 10 ** (-_BAND_DECADES - 0.5)), max(hi, ref * 10 ** (_BAND_DECADES + 0.5))
@@ -99,6 +88,38 @@ def depth_chart(report: AuditReport) -> str | None:
         buf = io.StringIO()
         fig.savefig(buf, format="svg", transparent=True, metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     return clean_svg(buf.getvalue(), title="Gradient and activation RMS per layer")
+
+
+def series(report: AuditReport) -> dict | None:
+    """What the depth chart plots: per layer (1 = nearest the input) the predicted and
+    measured gradient and activation RMS (NaN where missing or not positive), and the
+    band limits ``reference * 1e-3`` / ``reference * 1e3`` where ``reference`` is the
+    predicted gradient RMS of the last weight layer (the last layer when none has a
+    depth). ``None`` when there are no layers."""
+    layers = [layer for layer in report.layers if layer.predicted is not None]
+    if not layers:
+        return None
+
+    def pos(vals):
+        return [float(v) if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else float("nan") for v in vals]
+
+    grad = pos([layer.predicted.grad_rms for layer in layers])
+    act = pos([layer.predicted.act_rms for layer in layers])
+    measured = [layer.measured for layer in layers]
+    weight = [g for layer, g in zip(layers, grad) if layer.depth is not None and g == g]
+    ref = weight[-1] if weight else next((g for g in reversed(grad) if g == g), None)
+    return {
+        "x": list(range(1, len(layers) + 1)),
+        "modules": [layer.module or layer.node for layer in layers],
+        "grad": grad,
+        "act": act,
+        "grad_measured": pos([m.grad_rms if m else float("nan") for m in measured]),
+        "act_measured": pos([m.act_rms if m else float("nan") for m in measured]),
+        "measured": any(m is not None for m in measured),
+        "reference": ref,
+        "vanishing_below": None if ref is None else ref * 10**-_BAND_DECADES,
+        "exploding_above": None if ref is None else ref * 10**_BAND_DECADES,
+    }
 
 
 def clean_svg(svg: str, title: str | None = None) -> str:
