@@ -520,3 +520,79 @@ def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
         if li is not None:
             out[n.name] = li
     return out
+
+
+# ----------------------------------------------------------------------------- recurrent
+#: Gate layout of the stacked recurrent weight (rows, in order) and each gate's
+#: nonlinearity, as torch.nn documents them.
+_GATES = {
+    "LSTM": (("input", "sigmoid"), ("forget", "sigmoid"), ("cell", "tanh"), ("output", "sigmoid")),
+    "GRU": (("reset", "sigmoid"), ("update", "sigmoid"), ("new", "tanh")),
+}
+#: gamma = max |phi'| (Pascanu et al. 2013): 1 for tanh and ReLU, 1/4 for the sigmoid.
+GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
+
+
+@dataclass
+class RecurrentBlock:
+    param: str  # e.g. "weight_hh_l0"
+    gate: str  # "input", "cell", ... or "hidden" for a plain RNN
+    activation: str
+    gamma: float
+    sigma_max: float
+
+    @property
+    def threshold(self) -> float:
+        return 1.0 / self.gamma
+
+
+def recurrent_kind(node: Node) -> tuple[str, str] | None:
+    """``(family, activation)`` of an RNN/LSTM/GRU module or cell: family is ``LSTM``,
+    ``GRU`` or ``RNN`` (activation ``tanh`` or ``relu`` for the plain RNN)."""
+    import torch.nn as nn
+
+    fn = node.fn
+    if isinstance(fn, (nn.LSTM, nn.LSTMCell)):
+        return "LSTM", "tanh"
+    if isinstance(fn, (nn.GRU, nn.GRUCell)):
+        return "GRU", "tanh"
+    if isinstance(fn, nn.RNN):
+        return "RNN", "relu" if getattr(fn, "mode", "RNN_TANH") == "RNN_RELU" else "tanh"
+    if isinstance(fn, nn.RNNCell):
+        return "RNN", "relu" if getattr(fn, "nonlinearity", "tanh") == "relu" else "tanh"
+    return None
+
+
+def recurrent_blocks(node: Node) -> list[RecurrentBlock]:
+    """Largest singular value of each gate block of every recurrent weight
+    (``weight_hh``, ``weight_hh_l{k}``, ``weight_hh_l{k}_reverse``) of the module."""
+    import torch
+
+    kind = recurrent_kind(node)
+    if kind is None:
+        return []
+    family, act = kind
+    out = []
+    for pname, w in node.params.items():
+        if not pname.startswith("weight_hh") or w.dim() != 2:
+            continue
+        w = w.detach().double()
+        gates = _GATES.get(family, (("hidden", act),))
+        for block, (gate, gate_act) in zip(w.chunk(len(gates), 0), gates):
+            sigma = float(torch.linalg.matrix_norm(block, ord=2))
+            out.append(RecurrentBlock(pname, gate, gate_act, GAMMA[gate_act], sigma))
+    return out
+
+
+def recurrent_layers(analysis: Analysis) -> list:
+    """Recurrent module calls, one per module (a cell called in a loop counts once)."""
+    seen: set[str] = set()
+    out = []
+    for n in analysis.graph:
+        if n.kind != "call_module" or recurrent_kind(n) is None:
+            continue
+        key = n.module or n.name
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out
