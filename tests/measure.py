@@ -100,9 +100,15 @@ def measure(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: 
     runs in whatever mode it is in (training mode: BatchNorm uses batch statistics,
     dropout is active); its buffers, ``.grad`` and the global RNG states are restored
     afterwards, and gradients are taken with ``torch.autograd.grad`` so no parameter's
-    ``.grad`` is touched. ``leaf`` selects which output of a tuple-valued node
-    (``nn.LSTM``, ``nn.MultiheadAttention``) is reported.
+    ``.grad`` is touched. Values that do not require grad (``detach``) get a gradient
+    RMS of 0. ``leaf`` selects which output of a tuple-valued node (``nn.LSTM``,
+    ``nn.MultiheadAttention``) is reported.
     """
+    return {k: (v[0], v[1]) for k, v in measure_moments(model, inputs, seed, draws, leaf).items()}
+
+
+def measure_moments(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Like :func:`measure`, with the mean: ``{node: (act_rms, grad_rms, mean)}``."""
     inputs = inputs if isinstance(inputs, tuple) else (tuple(inputs) if isinstance(inputs, list) else (inputs,))
     sums: dict[str, list[float]] = {}
     with preserved(model):
@@ -124,14 +130,16 @@ def measure(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: 
                 names, tensors = [], []
                 for name, leaves in rec.values.items():
                     t = leaves[leaf] if leaf < len(leaves) else None
-                    if t is not None and t.requires_grad:
+                    if t is not None:
                         names.append(name)
                         tensors.append(t)
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                needs = [t for t in tensors if t.requires_grad]
+                found = iter(torch.autograd.grad(loss, needs, allow_unused=True) if needs else ())
+                grads = [next(found) if t.requires_grad else None for t in tensors]
             for name, t, g in zip(names, tensors, grads):
-                a2 = float(t.detach().double().pow(2).mean())
-                g2 = 0.0 if g is None else float(g.detach().double().pow(2).mean())
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += a2
-                acc[1] += g2
-    return {name: ((a / draws) ** 0.5, (g / draws) ** 0.5) for name, (a, g) in sums.items()}
+                td = t.detach().double()
+                acc = sums.setdefault(name, [0.0, 0.0, 0.0])
+                acc[0] += float(td.pow(2).mean())
+                acc[1] += 0.0 if g is None else float(g.detach().double().pow(2).mean())
+                acc[2] += float(td.mean())
+    return {name: ((a / draws) ** 0.5, (g / draws) ** 0.5, m / draws) for name, (a, g, m) in sums.items()}

@@ -1,0 +1,541 @@
+"""Every op handler against real autograd, parametrized over the handler table.
+
+For each op registered in ``HANDLERS`` a small model applies that op to values that
+satisfy the handlers' assumption: independent Gaussian entries, all with the same mean
+and variance. A "front" layer with orthonormal rows (scaled by ``std``, bias ``mean``)
+turns the model's N(0, 1) input into exactly such values, so the op sees a network value
+with a non-trivial mean and scale. The op's output is returned, so L = <op(x), g> and
+the gradient reaching the op's input is the op's own backward gain.
+
+For every case we compare, over several draws of the input and of g
+(:func:`measure.measure`):
+
+- the predicted forward RMS of the op's output with the measured one, and its mean
+  (``|mean_pred - mean_meas| <= tol * rms_meas``);
+- the predicted gradient RMS at each of the op's inputs with the measured one.
+
+Tolerances (relative error on RMS) are stated per case: ``EXACT`` (10%) for handlers
+that are exact in expectation under independent inputs, ``APPROX`` (25%) where the
+handler documents an approximation (sampled softmax moments, attention, Hutchinson
+estimates of interpolation norms, pooling windows shortened by padding).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from measure import measure_moments  # noqa: E402
+
+from gradaudit.frontends.fx import trace  # noqa: E402
+from gradaudit.propagation.engine import propagate  # noqa: E402
+from gradaudit.propagation.handlers import HANDLERS  # noqa: E402
+
+EXACT = 0.10
+APPROX = 0.25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads cost more than they save (10x on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- building blocks
+def _orthonormal_rows(d_out: int, d_in: int, gen: torch.Generator) -> torch.Tensor:
+    assert d_out <= d_in, "a front with orthonormal rows needs d_out <= d_in"
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_out, generator=gen, dtype=torch.float64))
+    return q.t().float()
+
+
+def front(d_in: int, d_out: int | None = None, *, mean: float = 0.3, std: float = 1.3, seed: int = 0, conv: int = 0) -> nn.Module:
+    """Linear over the last dim (``conv=0``) or a 1x1 ConvNd over dim 1 (``conv=N``).
+
+    With orthonormal rows W (times ``std``) and x ~ N(0, I), Wx + b has independent
+    N(mean, std^2) entries: the i.i.d. input every handler assumes.
+    """
+    d_out = d_out or d_in
+    gen = torch.Generator().manual_seed(1000 + seed)
+    w = _orthonormal_rows(d_out, d_in, gen) * std
+    if conv:
+        layer = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[conv - 1](d_in, d_out, 1)
+        w = w.reshape(d_out, d_in, *([1] * conv))
+    else:
+        layer = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.fill_(mean)
+    return layer
+
+
+class Call(nn.Module):
+    """``fn(self, *values)``; keyword members (parameters, modules) become attributes."""
+
+    def __init__(self, fn: Callable, **members) -> None:
+        super().__init__()
+        self.fn = fn
+        for k, v in members.items():
+            setattr(self, k, v)
+
+    def forward(self, *values):
+        return self.fn(self, *values)
+
+
+class Unary(nn.Module):
+    def __init__(self, op: Callable, f: nn.Module) -> None:
+        super().__init__()
+        self.front = f
+        self.op = op if isinstance(op, nn.Module) else Call(lambda m, h: op(h))
+
+    def forward(self, x):
+        return self.op(self.front(x))
+
+
+class Binary(nn.Module):
+    """Two independent inputs, each through its own front, then the op."""
+
+    def __init__(self, op: Callable, fa: nn.Module, fb: nn.Module) -> None:
+        super().__init__()
+        self.front_a, self.front_b = fa, fb
+        self.op = op if isinstance(op, nn.Module) else Call(lambda m, a, b: op(a, b))
+
+    def forward(self, x, y):
+        return self.op(self.front_a(x), self.front_b(y))
+
+
+class Ternary(nn.Module):
+    def __init__(self, op: Callable, fq: nn.Module, fk: nn.Module, fv: nn.Module) -> None:
+        super().__init__()
+        self.front_q, self.front_k, self.front_v = fq, fk, fv
+        self.op = op
+
+    def forward(self, q, k, v):
+        return self.op(self.front_q(q), self.front_k(k), self.front_v(v))
+
+
+def param(*shape: int, std: float, seed: int) -> nn.Parameter:
+    gen = torch.Generator().manual_seed(2000 + seed)
+    return nn.Parameter(torch.randn(*shape, generator=gen) * std)
+
+
+def affine(norm: nn.Module, seed: int = 0) -> nn.Module:
+    """Give a norm layer a non-trivial gamma (U(0.5, 1.5)) and beta (N(0.2, 0.3^2))."""
+    gen = torch.Generator().manual_seed(3000 + seed)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=gen))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(0.2 + 0.3 * torch.randn(norm.bias.shape, generator=gen))
+    return norm
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape)
+
+
+@dataclass
+class Case:
+    """One random instance of an op.
+
+    ``build`` returns ``(model, inputs)``. ``find`` is the op name of the node under test
+    (default: the handler's own name). ``relabel``: the op name no torch call produces on
+    this machine (``cuda`` needs a GPU; ``concat`` and ``upsample`` are names other
+    frontends emit, torch.fx normalises the calls to ``cat`` / ``interpolate``): the node computed by ``find`` is relabelled so that
+    the handler registered under the tested name runs on the same computation.
+    """
+
+    build: Callable[[], tuple[nn.Module, tuple]]
+    tol: float
+    why: str
+    find: str | None = None
+    relabel: bool = False
+    draws: int = 8
+    check_grad: bool = True
+
+
+def U(op, f, *shape, tol=EXACT, why="exact in expectation", **kw) -> Case:
+    return Case(lambda: (Unary(op, f()), (randn(*shape),)), tol, why, **kw)
+
+
+def B(op, fa, fb, sa, sb, tol=EXACT, why="exact in expectation", **kw) -> Case:
+    return Case(lambda: (Binary(op, fa(), fb()), (randn(*sa), randn(*sb))), tol, why, **kw)
+
+
+LIN = lambda **k: (lambda: front(64, **k))  # noqa: E731
+C2 = lambda c=8, **k: (lambda: front(c, conv=2, **k))  # noqa: E731
+C1 = lambda c=8, **k: (lambda: front(c, conv=1, **k))  # noqa: E731
+C3 = lambda c=4, **k: (lambda: front(c, conv=3, **k))  # noqa: E731
+
+LAYOUT = "layout: same values, per-element gain numel(out)/numel(in), exact"
+POOL = "average of k independent entries, exact"
+MAXPOOL = "max of k i.i.d. Gaussians, exact for independent entries"
+SOFTMAX = "softmax moments are sampled once with a fixed seed (no closed form)"
+ATTN = "attention: sampled softmax moments, q/k/v treated as independent"
+INTERP = "Hutchinson estimate of ||L||_F^2 from 8 probes"
+NORM = "training-mode normalisation: exact up to O(1/n) in the group size"
+DROP = "inverted dropout: exact in expectation (masks resampled per draw)"
+
+
+def _sdpa(causal: bool) -> Case:
+    def build():
+        fq, fk, fv = (front(16, mean=0.1, std=1.5, seed=s) for s in range(3))
+        op = Call(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        return Ternary(op, fq, fk, fv), tuple(randn(4, 2, 24, 16) for _ in range(3))
+
+    return Case(build, APPROX, ATTN, find="scaled_dot_product_attention", draws=12)
+
+
+def _mha() -> Case:
+    def build():
+        torch.manual_seed(5)
+        mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        op = Call(lambda m, h: m.attn(h, h, h), attn=mha)
+        return Unary(op, front(32, std=1.0, mean=0.0)), (randn(8, 16, 32),)
+
+    return Case(build, APPROX, ATTN + "; self-attention (q = k = v input)", find="multihead_attention", draws=12)
+
+
+class Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+def _embedding() -> Case:
+    def build():
+        torch.manual_seed(3)
+        return Lookup(), (torch.randint(0, 50, (64, 16)),)
+
+    return Case(build, EXACT, "rows of the table; ids uniform over the table", check_grad=False)
+
+
+def _detach() -> Case:
+    def build():
+        torch.manual_seed(4)
+        op = Call(lambda m, h: (h.detach(), m.lin(h)), lin=nn.Linear(64, 32))
+        return Unary(op, front(64)), (randn(32, 64),)
+
+    return Case(build, EXACT, "no gradient through detach; the other branch's gain is exact")
+
+
+def _conv_fn(fn, nd: int, w_shape, **kw) -> Case:
+    """Functional convolution with weight N(0, 1/fan_in) and a bias parameter."""
+    fan_in = math.prod(w_shape[1:]) if "transpose" not in fn.__name__ else w_shape[0] * math.prod(w_shape[2:])
+    c_in = w_shape[1] if "transpose" not in fn.__name__ else w_shape[0]
+    c_out = w_shape[0] if "transpose" not in fn.__name__ else w_shape[1]
+    spatial = {1: (24,), 2: (12, 12), 3: (6, 6, 6)}[nd]
+
+    def build():
+        op = Call(
+            lambda m, h: fn(h, m.weight, m.bias, **kw),
+            weight=param(*w_shape, std=1 / math.sqrt(fan_in), seed=nd),
+            bias=param(c_out, std=0.1, seed=nd + 10),
+        )
+        return Unary(op, front(c_in, conv=nd)), (randn(8, c_in, *spatial),)
+
+    return Case(build, EXACT, "convolution with exact border counts: exact in expectation")
+
+
+CASES: dict[str, list[Case]] = {
+    # ---------------------------------------------------------------- layout
+    "identity": [U(nn.Identity(), LIN(), 32, 64, why=LAYOUT)],
+    "view": [U(lambda h: h.view(32, 8, 8), LIN(), 32, 64, why=LAYOUT)],
+    "reshape": [U(lambda h: h.reshape(-1), LIN(), 32, 64, why=LAYOUT)],
+    "flatten": [U(lambda h: torch.flatten(h, 1), LIN(), 16, 4, 64, why=LAYOUT)],
+    "unflatten": [U(lambda h: h.unflatten(1, (8, 8)), LIN(), 32, 64, why=LAYOUT)],
+    "permute": [U(lambda h: h.permute(1, 0, 2), LIN(), 8, 4, 64, why=LAYOUT)],
+    "transpose": [U(lambda h: h.transpose(0, 1), LIN(), 32, 64, why=LAYOUT)],
+    "t": [U(lambda h: h.t(), LIN(), 32, 64, why=LAYOUT)],
+    "contiguous": [U(lambda h: h.transpose(0, 1).contiguous(), LIN(), 32, 64, why=LAYOUT)],
+    "squeeze": [U(lambda h: h.squeeze(1), LIN(), 32, 1, 64, why=LAYOUT)],
+    "unsqueeze": [U(lambda h: h.unsqueeze(1), LIN(), 32, 64, why=LAYOUT)],
+    "expand": [U(lambda h: h.expand(32, 4, 64), LIN(), 32, 1, 64, why=LAYOUT + " (4 copies: gain 4)")],
+    "repeat": [U(lambda h: h.repeat(1, 3), LIN(), 32, 64, why=LAYOUT + " (3 copies)")],
+    "tile": [U(lambda h: h.tile((2, 1)), LIN(), 32, 64, why=LAYOUT + " (2 copies)")],
+    "repeat_interleave": [U(lambda h: h.repeat_interleave(2, dim=1), LIN(), 32, 64, why=LAYOUT + " (2 copies)")],
+    "to": [U(lambda h: h.to(torch.float64), LIN(), 32, 64, why=LAYOUT)],
+    "clone": [U(lambda h: h.clone(), LIN(), 32, 64, why=LAYOUT)],
+    "flip": [U(lambda h: torch.flip(h, [1]), LIN(), 32, 64, why=LAYOUT)],
+    "roll": [U(lambda h: torch.roll(h, 3, 1), LIN(), 32, 64, why=LAYOUT)],
+    "narrow": [U(lambda h: h.narrow(1, 8, 16), LIN(), 32, 64, why=LAYOUT + " (a quarter of the elements)")],
+    "select": [U(lambda h: h.select(1, 3), LIN(), 32, 4, 64, why=LAYOUT + " (a quarter of the elements)")],
+    "movedim": [U(lambda h: torch.movedim(h, 0, 1), LIN(), 8, 4, 64, why=LAYOUT)],
+    "alias": [U(lambda h: torch.ops.aten.alias(h), LIN(), 32, 64, why=LAYOUT)],
+    "cpu": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT)],
+    "cuda": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT + "; a device copy", find="cpu", relabel=True)],
+    "getitem": [U(lambda h: h[:, 4:20], LIN(), 32, 64, why=LAYOUT + " (a quarter of the elements)")],
+    "pixel_shuffle": [U(lambda h: F.pixel_shuffle(h, 2), C2(), 8, 8, 6, 6, why=LAYOUT)],
+    "pixel_unshuffle": [U(lambda h: F.pixel_unshuffle(h, 2), C2(), 8, 8, 6, 6, why=LAYOUT)],
+    "pad": [U(lambda h: F.pad(h, (2, 6), value=0.5), LIN(), 32, 64, why="mixture of the input and the constant, exact")],
+    "detach": [_detach()],
+    # ---------------------------------------------------------------- split / join
+    "split": [U(lambda h: torch.split(h, 16, 1), LIN(), 32, 64, why="pieces keep statistics; each element's gradient comes from one piece")],
+    "chunk": [U(lambda h: torch.chunk(h, 4, 1), LIN(), 32, 64, why="pieces keep statistics; each element's gradient comes from one piece")],
+    "unbind": [U(lambda h: torch.unbind(h, 1), LIN(), 32, 4, 64, why="pieces keep statistics; each element's gradient comes from one piece")],
+    "tensor_split": [U(lambda h: torch.tensor_split(h, 3, 1), LIN(), 32, 64, why="pieces keep statistics; each element's gradient comes from one piece")],
+    "split_with_sizes": [U(lambda h: h.split_with_sizes([16, 48], 1), LIN(), 32, 64, why="pieces keep statistics; each element's gradient comes from one piece")],
+    "cat": [B(lambda a, b: torch.cat([a, b], 1), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
+    "concat": [B(lambda a, b: torch.cat([a, b], 1), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact", find="cat", relabel=True)],
+    "stack": [B(lambda a, b: torch.stack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
+    "hstack": [B(lambda a, b: torch.hstack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
+    "vstack": [B(lambda a, b: torch.vstack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
+    # ---------------------------------------------------------------- dense
+    "linear": [U(nn.Linear(64, 32), LIN(), 32, 64)],
+    "conv": [
+        U(nn.Conv2d(8, 16, 3, stride=2, padding=1), C2(), 16, 8, 12, 12),
+        U(nn.Conv1d(8, 16, 5, padding=4, dilation=2), C1(), 16, 8, 20),
+    ],
+    "conv1d": [_conv_fn(F.conv1d, 1, (16, 8, 3), stride=2, padding=1)],
+    "conv2d": [_conv_fn(F.conv2d, 2, (16, 8, 3, 3), padding=2, dilation=2)],
+    "conv3d": [_conv_fn(F.conv3d, 3, (8, 4, 3, 3, 3), padding=1)],
+    "conv_transpose": [U(nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), C2(), 16, 8, 8, 8)],
+    "conv_transpose1d": [_conv_fn(F.conv_transpose1d, 1, (8, 4, 4), stride=2, padding=1)],
+    "conv_transpose2d": [_conv_fn(F.conv_transpose2d, 2, (8, 4, 3, 3), stride=2, padding=1)],
+    "conv_transpose3d": [_conv_fn(F.conv_transpose3d, 3, (4, 4, 3, 3, 3), stride=2)],
+    "embedding": [_embedding()],
+    # ---------------------------------------------------------------- norms
+    "batch_norm": [U(affine(nn.BatchNorm2d(16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
+    "layer_norm": [U(affine(nn.LayerNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM)],
+    "group_norm": [U(affine(nn.GroupNorm(4, 16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
+    "instance_norm": [U(affine(nn.InstanceNorm2d(16, affine=True)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
+    "rms_norm": [U(affine(nn.RMSNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM)],
+    # ---------------------------------------------------------------- dropout
+    "dropout": [U(nn.Dropout(0.3), LIN(), 32, 64, why=DROP)],
+    "dropout1d": [U(lambda h: F.dropout1d(h, 0.3), C1(32), 16, 32, 16, why=DROP, draws=16)],
+    "dropout2d": [U(lambda h: F.dropout2d(h, 0.3), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
+    "dropout3d": [U(lambda h: F.dropout3d(h, 0.3), C3(32), 16, 32, 2, 2, 2, why=DROP, draws=16)],
+    "feature_dropout": [U(lambda h: torch.feature_dropout(h, 0.3, True), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
+    # ---------------------------------------------------------------- pooling
+    "max_pool": [
+        U(nn.MaxPool2d(2), C2(), 8, 8, 16, 16, why=MAXPOOL),
+        U(nn.MaxPool2d(3, stride=2, padding=1), C2(), 8, 8, 16, 16, tol=APPROX, why=MAXPOOL + "; border windows are shortened by padding"),
+    ],
+    "max_pool1d": [U(lambda h: F.max_pool1d(h, 4), C1(), 8, 8, 32, why=MAXPOOL)],
+    "max_pool2d": [U(lambda h: F.max_pool2d(h, 2, stride=1), C2(), 8, 8, 12, 12, why=MAXPOOL + " (overlapping windows)")],
+    "max_pool3d": [U(lambda h: F.max_pool3d(h, 2), C3(), 8, 4, 8, 8, 8, why=MAXPOOL)],
+    "adaptive_max_pool": [U(nn.AdaptiveMaxPool2d(2), C2(), 8, 8, 8, 8, why=MAXPOOL)],
+    "adaptive_max_pool1d": [U(lambda h: F.adaptive_max_pool1d(h, 4), C1(), 8, 8, 32, why=MAXPOOL)],
+    "adaptive_max_pool2d": [U(lambda h: F.adaptive_max_pool2d(h, 3), C2(), 8, 8, 12, 12, why=MAXPOOL)],
+    "avg_pool": [U(nn.AvgPool2d(2), C2(), 8, 8, 16, 16, why=POOL)],
+    "avg_pool1d": [U(lambda h: F.avg_pool1d(h, 4), C1(), 8, 8, 32, why=POOL)],
+    "avg_pool2d": [U(lambda h: F.avg_pool2d(h, 3), C2(), 8, 8, 12, 12, why=POOL)],
+    "avg_pool3d": [U(lambda h: F.avg_pool3d(h, 2), C3(), 8, 4, 8, 8, 8, why=POOL)],
+    "adaptive_avg_pool": [U(nn.AdaptiveAvgPool2d(1), C2(), 16, 8, 8, 8, why=POOL + " (global)")],
+    "adaptive_avg_pool1d": [U(lambda h: F.adaptive_avg_pool1d(h, 4), C1(), 8, 8, 32, why=POOL)],
+    "adaptive_avg_pool2d": [U(lambda h: F.adaptive_avg_pool2d(h, 3), C2(), 8, 8, 12, 12, why=POOL)],
+    "adaptive_avg_pool3d": [U(lambda h: F.adaptive_avg_pool3d(h, 2), C3(), 8, 4, 8, 8, 8, why=POOL)],
+    # ---------------------------------------------------------------- reductions
+    "mean": [U(lambda h: h.mean(dim=1), LIN(), 256, 64, why="mean of n independent entries, exact", draws=32)],
+    "sum": [U(lambda h: h.sum(dim=1), LIN(), 256, 64, why="sum of n independent entries, exact", draws=32)],
+    # ---------------------------------------------------------------- arithmetic on two branches
+    "add": [B(lambda a, b: a + b, LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="sum of independent values, exact")],
+    "sub": [B(lambda a, b: a - b, LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="difference of independent values, exact")],
+    "rsub": [B(lambda a, b: torch.rsub(a, b), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="rsub(a, b) = b - a of independent values, exact")],
+    "mul": [B(lambda a, b: a * b, LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="product of independent values (gating), exact")],
+    # ---------------------------------------------------------------- contractions
+    "matmul": [
+        B(lambda a, b: a @ b, LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
+        B(lambda a, b: torch.bmm(a, b), LIN(mean=0.0), LIN(mean=0.3, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
+    ],
+    "einsum": [B(lambda a, b: torch.einsum("bik,bkj->bij", a, b), LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact")],
+    # ---------------------------------------------------------------- softmax and attention
+    "softmax": [U(lambda h: F.softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
+    "softmin": [U(lambda h: F.softmin(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
+    "log_softmax": [U(lambda h: F.log_softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
+    "scaled_dot_product_attention": [_sdpa(False), _sdpa(True)],
+    "multihead_attention": [_mha()],
+    # ---------------------------------------------------------------- fixed linear maps
+    "interpolate": [
+        U(lambda h: F.interpolate(h, scale_factor=2, mode="nearest"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP),
+        U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP),
+    ],
+    "upsample": [U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP, find="interpolate", relabel=True)],
+    "upsample_nearest2d": [U(lambda h: torch._C._nn.upsample_nearest2d(h, None, [2.0, 2.0]), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP)],
+    "upsample_bilinear2d": [U(lambda h: torch._C._nn.upsample_bilinear2d(h, None, False, [2.0, 2.0]), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP)],
+}
+
+
+# --------------------------------------------------------------------------- comparison
+def _rel(pred: float, meas: float) -> float:
+    if meas == 0.0:
+        return 0.0 if pred == 0.0 else math.inf
+    return abs(pred - meas) / meas
+
+
+def check_case(op: str, case: Case) -> list[str]:
+    """Problems found for one case (empty when the handler agrees with autograd)."""
+    torch.manual_seed(hash(op) % 10_000)
+    model, inputs = case.build()
+    graph = trace(model, inputs)
+    find = case.find or op
+    targets = [n for n in graph if n.op == find and not (n.module or "").startswith("front")]
+    assert targets, f"the model for '{op}' has no '{find}' node: {[n.op for n in graph]}"
+    node = targets[0]
+    if case.relabel:
+        node.op = op
+    analysis = propagate(graph)
+    assert node.name in analysis.effects and node.name not in analysis.roots, (
+        f"node '{node.name}' did not go through the '{op}' handler"
+    )
+    assert node.name not in {e.node for e in analysis.estimates}, f"'{op}' was estimated, not handled"
+    meas = measure_moments(model, inputs, draws=case.draws)
+    problems = []
+    rows = []
+    s = analysis.stat(node.name)
+    m_act, _, m_mean = meas[node.name]
+    err = _rel(s.act_rms, m_act)
+    rows.append(f"  {node.name} act_rms: predicted {s.act_rms:.5g}, measured {m_act:.5g} (rel. err {err:.3f})")
+    if err > case.tol:
+        problems.append(rows[-1])
+    mean_err = abs(s.mean - m_mean) / m_act if m_act else abs(s.mean)
+    rows.append(f"  {node.name} mean: predicted {s.mean:.5g}, measured {m_mean:.5g} (err/rms {mean_err:.3f})")
+    if mean_err > case.tol:
+        problems.append(rows[-1])
+    if case.check_grad:
+        checked = 0
+        for src in node.inputs:
+            if graph[src].op == "param" or src not in meas:
+                continue
+            p_grad = analysis.stat(src).grad_rms
+            m_grad = meas[src][1]
+            err = _rel(p_grad, m_grad)
+            rows.append(f"  {src} grad_rms: predicted {p_grad:.5g}, measured {m_grad:.5g} (rel. err {err:.3f})")
+            if err > case.tol:
+                problems.append(rows[-1])
+            checked += 1
+        assert checked, f"no gradient of an input of '{node.name}' was compared"
+    print(f"{op} [{case.why}; tol {case.tol:.0%}]\n" + "\n".join(rows))
+    return problems
+
+
+def test_every_handler_has_a_case():
+    missing = sorted(set(HANDLERS) - set(CASES))
+    assert not missing, f"handlers without a test case: {missing}"
+
+
+def test_no_case_without_a_handler():
+    stale = sorted(set(CASES) - set(HANDLERS))
+    assert not stale, f"cases for ops that have no handler: {stale}"
+
+
+@pytest.mark.parametrize("op", sorted(HANDLERS))
+def test_handler_matches_autograd(op):
+    assert op in CASES, f"handler '{op}' has no test case in tests/test_handlers.py"
+    problems: list[str] = []
+    for k, case in enumerate(CASES[op]):
+        problems += [f"case {k} ({case.why}; tol {case.tol:.0%}):{p}" for p in check_case(op, case)]
+    assert not problems, f"'{op}' disagrees with real autograd:\n" + "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- ops without a handler
+class Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.front_a, self.front_b = front(32), front(32, seed=1)
+        torch.manual_seed(11)
+        self.bil = nn.Bilinear(32, 32, 16)
+
+    def forward(self, x, y):
+        return self.bil(self.front_a(x), self.front_b(y))
+
+
+UNHANDLED = {
+    # op name -> (model, inputs); each changes the scale, so identity would be wrong
+    "cumsum": lambda: (Unary(lambda h: torch.cumsum(h, 1), front(64)), (randn(64, 64),)),
+    "bilinear": lambda: (Bilinear(), (randn(256, 32), randn(256, 32))),
+    "module": lambda: (Unary(nn.LocalResponseNorm(2, alpha=1.0, beta=0.75, k=1.0), front(8, conv=2, std=2.0)), (randn(16, 8, 8, 8),)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(UNHANDLED))
+def test_op_without_handler_is_estimated_not_identity(op):
+    """An op no handler knows is run alone on Gaussian inputs (one Monte Carlo sample of
+    the node's real shape: tolerance 25%), listed in ``analysis.estimates``, and its
+    moments differ from the identity's."""
+    assert op not in HANDLERS, f"'{op}' now has a handler: pick another op for this test"
+    model, inputs = UNHANDLED[op]()
+    graph = trace(model, inputs)
+    node = next(n for n in graph if n.op == op)
+    analysis = propagate(graph)
+    assert node.name in {e.node for e in analysis.estimates}, f"'{op}' is not listed as estimated"
+    assert analysis.stat(node.name).estimated
+    meas = measure_moments(model, inputs, draws=8)
+    pred, m_act = analysis.stat(node.name).act_rms, meas[node.name][0]
+    src = next(s for s in node.inputs if graph[s].op != "param")
+    identity_act = analysis.stat(src).act_rms
+    table = [f"{op}: act_rms predicted {pred:.4g}, measured {m_act:.4g}, identity would give {identity_act:.4g}"]
+    for s in node.inputs:
+        table.append(f"  {s} grad_rms: predicted {analysis.stat(s).grad_rms:.4g}, measured {meas[s][1]:.4g}")
+    print("\n".join(table))
+    assert _rel(identity_act, m_act) > APPROX, "the case cannot tell an estimate from identity"
+    assert _rel(pred, m_act) <= APPROX, "\n".join(table)
+    for s in node.inputs:
+        assert _rel(analysis.stat(s).grad_rms, meas[s][1]) <= APPROX, "\n".join(table)
+
+
+# --------------------------------------------------------------------------- fused elementwise chains
+class MyMish(nn.Module):
+    """A user's own activation, written out: x * tanh(softplus(x))."""
+
+    def forward(self, x):
+        return x * torch.tanh(F.softplus(x))
+
+
+def _expected(fn: Callable, mean: float, std: float) -> tuple[float, float]:
+    """(sqrt E[phi(x)^2], sqrt E[phi'(x)^2]) for x ~ N(mean, std^2), by brute-force sampling
+    of 2e6 points (independent of gradaudit's quadrature)."""
+    gen = torch.Generator().manual_seed(99)
+    x = (mean + std * torch.randn(2_000_000, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    y = fn(x)
+    (d,) = torch.autograd.grad(y.sum(), x)
+    return float(y.detach().pow(2).mean().sqrt()), float(d.pow(2).mean().sqrt())
+
+
+FUSED = {
+    "swish-by-hand": (lambda h: h * torch.sigmoid(h), lambda x: x * torch.sigmoid(x)),
+    "user-module": (MyMish(), lambda x: x * torch.tanh(F.softplus(x))),
+    "gelu-tanh-by-hand": (
+        lambda h: 0.5 * h * (1 + torch.tanh(0.7978845608 * (h + 0.044715 * h.pow(3)))),
+        lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x.pow(3)))),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_elementwise_chain(name):
+    """A chain of elementwise ops on one value is one activation phi: the output's RMS
+    is sqrt E[phi(x)^2] and the gradient gain into x is E[phi'(x)^2] (x ~ N(0.3, 1.3^2)
+    from the front), checked against sampling and against real autograd (10%)."""
+    op, phi = FUSED[name]
+    model, inputs = Unary(op, front(64, mean=0.3, std=1.3)), (randn(256, 64),)
+    graph = trace(model, inputs)
+    analysis = propagate(graph)
+    out = graph[graph.output_refs[0]]
+    assert analysis.roots.get(out.name) == "front", f"'{out.name}' was not fused onto the front"
+    want_act, want_gain = _expected(phi, 0.3, 1.3)
+    meas = measure_moments(model, inputs, draws=4)
+    pred_act, pred_grad = analysis.stat(out.name).act_rms, analysis.stat("front").grad_rms
+    table = (
+        f"{name}: act_rms predicted {pred_act:.5g}, sampled {want_act:.5g}, measured {meas[out.name][0]:.5g}; "
+        f"grad_rms into x predicted {pred_grad:.5g}, sampled {want_gain:.5g}, measured {meas['front'][1]:.5g}"
+    )
+    print(table)
+    assert _rel(pred_act, want_act) <= 0.01, table
+    assert _rel(pred_grad, want_gain) <= 0.01, table
+    assert _rel(pred_act, meas[out.name][0]) <= EXACT, table
+    assert _rel(pred_grad, meas["front"][1]) <= EXACT, table
