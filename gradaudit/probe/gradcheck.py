@@ -25,8 +25,9 @@ cancel exactly. The relative error |a - b| / (|a| + |b|) is graded as in the gra
 checking literature (and TheDeepChecker / torch.autograd.gradcheck's float64 design):
 < 1e-7 correct, 1e-7..1e-4 acceptable (rounding), 1e-4..1e-2 suspicious, >= 1e-2 wrong.
 An entry whose one-sided differences (f(x+h) - f(x)) / h and (f(x) - f(x-h)) / h differ by
-more than 1e-4 of their size sits on a kink (ReLU at 0, a max tie): it is reported, not
-graded. Entries where |a| + |b| is within 100x of the rounding noise
+more than 1e-4 of their size has a kink within the step: the check retries with
+h = 1e-7, then 1e-8; a point still kinked at 1e-8 sits on a kink (ReLU at 0, a max tie)
+and is reported, not graded. Entries where |a| + |b| is within 100x of the rounding noise
 eps * sum_k |v_k f_k| / h are below the check's resolution and are counted, not graded.
 
 The whole model is checked along one random direction u in parameter and input space
@@ -45,7 +46,8 @@ from typing import Any, Callable
 
 from gradaudit.errors import ConfigError
 
-STEP = 1e-6
+#: Steps tried in turn when the one-sided differences disagree (a kink within the step).
+STEPS = (1e-6, 1e-7, 1e-8)
 SEED = 7
 ENTRIES_PER_TENSOR = 12
 KINK_TOLERANCE = 1e-4
@@ -322,24 +324,27 @@ def check_entries(call: Callable[[], Any], tensors: list[tuple[str, Any]], per_t
         for i in _indices(t.numel(), per_tensor, SEED + k):
             a = 0.0 if g is None else float(g.reshape(-1)[i])
             x0 = float(flat[i])
-            with torch.no_grad():
-                flat[i] = x0 + STEP
-                plus = chk.evaluate()
-                flat[i] = x0 - STEP
-                minus = chk.evaluate()
-                flat[i] = x0
-            zero = chk.base
-            diff, noise = chk.project(plus, minus)
-            b = diff / (2 * STEP)
-            fwd, _ = chk.project(plus, zero)
-            bwd, _ = chk.project(zero, minus)
-            fwd /= STEP
-            bwd /= STEP
-            index = list(torch.unravel_index(torch.tensor(i), t.shape)) if t.dim() else []
-            index = [int(j) for j in index]
-            resolution = 100 * EPS64 * noise / STEP
-            if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
-                kinks.append({"tensor": name, "index": index, "value": x0, "left": bwd, "right": fwd})
+            index = [int(j) for j in torch.unravel_index(torch.tensor(i), t.shape)] if t.dim() else []
+            kink = None
+            for step in STEPS:
+                with torch.no_grad():
+                    flat[i] = x0 + step
+                    plus = chk.evaluate()
+                    flat[i] = x0 - step
+                    minus = chk.evaluate()
+                    flat[i] = x0
+                diff, noise = chk.project(plus, minus)
+                b = diff / (2 * step)
+                fwd = chk.project(plus, chk.base)[0] / step
+                bwd = chk.project(chk.base, minus)[0] / step
+                resolution = 100 * EPS64 * noise / step
+                if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
+                    kink = {"tensor": name, "index": index, "value": x0, "left": bwd, "right": fwd, "step": step}
+                    continue
+                kink = None
+                break
+            if kink is not None:
+                kinks.append(kink)
                 continue
             if abs(a) + abs(b) <= resolution:
                 unresolved += 1
@@ -483,17 +488,24 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
             for _, t in leaves:
                 t.requires_grad_(False)
         a = sum(float((g * d).sum()) for g, d in zip(grads, u) if g is not None)
-        with torch.no_grad():
-            plus = run(STEP, u)
-            minus = run(-STEP, u)
-        diff = sum(float((w * (p - m)).sum()) for p, m, w in zip(plus, minus, v))
-        fwd = sum(float((w * (p - b0)).sum()) for p, b0, w in zip(plus, base, v)) / STEP
-        bwd = sum(float((w * (b0 - m)).sum()) for b0, m, w in zip(base, minus, v)) / STEP
-        noise = sum(float((w.abs() * torch.maximum(p.abs(), m.abs())).sum()) for p, m, w in zip(plus, minus, v))
-        b = diff / (2 * STEP)
-        resolution = 100 * EPS64 * noise / STEP
-        if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
-            kinks.append({"tensor": "direction", "index": [attempt], "left": bwd, "right": fwd})
+        kink = None
+        for step in STEPS:
+            with torch.no_grad():
+                plus = run(step, u)
+                minus = run(-step, u)
+            diff = sum(float((w * (p - m)).sum()) for p, m, w in zip(plus, minus, v))
+            fwd = sum(float((w * (p - b0)).sum()) for p, b0, w in zip(plus, base, v)) / step
+            bwd = sum(float((w * (b0 - m)).sum()) for b0, m, w in zip(base, minus, v)) / step
+            noise = sum(float((w.abs() * torch.maximum(p.abs(), m.abs())).sum()) for p, m, w in zip(plus, minus, v))
+            b = diff / (2 * step)
+            resolution = 100 * EPS64 * noise / step
+            if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
+                kink = {"tensor": "direction", "index": [attempt], "left": bwd, "right": fwd, "step": step}
+                continue
+            kink = None
+            break
+        if kink is not None:
+            kinks.append(kink)
             continue
         entries = [{"tensor": "direction in parameter and input space", "index": [attempt], "autograd": a, "numeric": b,
                     "rel_error": relative_error(a, b)}]

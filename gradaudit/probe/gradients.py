@@ -759,16 +759,12 @@ def probe(
         seconds = []
         finite = True
         for d in range(draws):
-            rec = runner.run(
-                inputs,
-                seed=SEED + d,
-                device=device,
-                autocast_dtype=reduced,
-                units=(d == 0),
-                check_all=(d == 0 and reduced is not None),
-                zeros=(d == 0 and reduced is not None),
-                cosine=(d == 0),
-            )
+            kwargs = dict(seed=SEED + d, device=device, autocast_dtype=reduced, units=(d == 0), cosine=(d == 0))
+            try:
+                rec = runner.run(inputs, check_all=(d == 0 and reduced is not None), zeros=(d == 0 and reduced is not None), **kwargs)
+            except CaptureError:
+                # the forward raised: when a non-finite value came first, that is the finding
+                rec = runner.run(inputs, check_all=True, zeros=reduced is not None, **kwargs)
             seconds.append(rec.seconds)
             if d == 0:
                 first_draw = rec
