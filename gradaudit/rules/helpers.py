@@ -171,6 +171,18 @@ def add_norm_fix(node: Node) -> str:
     return f"x = {norm_ctor(node)}(x)  # after the layer at {node.location or node.name}"
 
 
+def swap_activation_fix(analysis: Analysis, node: Node) -> str:
+    """One line replacing the saturating activation after ``node`` by a ReLU."""
+    act, act_node = next_activation_node(analysis, node)
+    if act_node is not None and act_node.kind == "call_module" and act_node.module:
+        return (
+            f"{module_expr(act_node.module)} = nn.ReLU()  # was {act_node.module_type}; "
+            f"then nn.init.kaiming_normal_(..., nonlinearity='relu') on the layers"
+        )
+    loc = f" at {act_node.location}" if act_node is not None and act_node.location else ""
+    return f"x = torch.relu(x)  # instead of {act or 'the activation'}{loc}; He init for the layers"
+
+
 def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     """The weight layer to fix first, with its fix line.
 
@@ -178,7 +190,7 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
        needs (:func:`init_mismatch`): the worst one (the earliest among those within 10% of
        the worst), fixed by an init line.
     2. Else, when most layers feed a saturating activation, the activation is the culprit
-       (its derivative caps the gain whatever the init): add a normalization layer.
+       (sigmoid' <= 1/4 caps the gain whatever the init or normalization): replace it.
     3. Else the layer with the largest predicted change of gradient RMS, by an init line.
     """
     if not layers:
@@ -194,7 +206,7 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     acts = [next_activation(analysis, n) for n in layers]
     sat = [n for n, a in zip(layers, acts) if a in SATURATING]
     if sat and len(sat) >= len(layers) // 2:
-        return sat[0], add_norm_fix(sat[0])
+        return sat[0], swap_activation_fix(analysis, sat[0])
     grads = [analysis.stat(n.name).grad_rms for n in layers]
     worst, score = layers[0], -1.0
     for i in range(len(layers) - 1):

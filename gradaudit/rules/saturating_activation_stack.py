@@ -6,7 +6,16 @@ import math
 from typing import Callable, Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import SATURATING, add_norm_fix, fmt, layer_inits, longest_chain, next_activation, where
+from gradaudit.rules.helpers import (
+    SATURATING,
+    add_norm_fix,
+    fmt,
+    layer_inits,
+    longest_chain,
+    next_activation,
+    swap_activation_fix,
+    where,
+)
 
 
 def sigmoid_prime(u: float) -> float:
@@ -88,7 +97,9 @@ class SaturatingActivationStack(Rule):
     :func:`widest_band`). Outside it the unit is saturated and passes almost nothing.
     Stacked, these factors multiply: gradients vanish with small weights and saturate
     (or explode, with large ones) at depth. tanh'(x) <= 1 has the same problem on a
-    wider band. A normalization layer keeps each pre-activation near the useful band.
+    wider band. A normalization layer keeps tanh pre-activations near the useful band;
+    for the sigmoid it is not enough (E[sigma'(z)^2] = 0.045 at unit variance, so the
+    gradient still shrinks ~5x per layer): use a ReLU-family activation.
 
     ## Example
     ```python
@@ -161,7 +172,7 @@ class SaturatingActivationStack(Rule):
             f"('{where(chain[0])}' to '{where(chain[-1])}'): {'; '.join(facts)}. Predicted gradient RMS changes "
             f"{fmt(per_layer)}x per layer along the chain ({fmt(g0 / g1 if g1 > 0 else math.inf)}x over it)",
             node=chain[0],
-            fix=add_norm_fix(chain[0]),
+            fix=swap_activation_fix(analysis, chain[0]) if 'sigmoid' in kinds else add_norm_fix(chain[0]),
             count=len(chain),
             activations=kinds,
             per_layer_gradient_factor=per_layer,

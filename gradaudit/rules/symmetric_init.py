@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import TRANSPARENT, fmt, init_fix, is_residual_add, layer_inits, where
+from gradaudit.rules.helpers import TRANSPARENT, fmt, init_fix, is_residual_add, layer_inits, structure, where
 
 
 @register
@@ -15,16 +15,18 @@ class SymmetricInit(Rule):
     ## What it does
     Reports every linear/conv layer that feeds another weight layer and whose weight
     matrix (conv: reshaped to C_out x C_in k) has identical rows: all zeros or one
-    constant. A zero-initialised layer whose output only feeds a residual add (the last
-    layer of a residual branch, as in Fixup and SkipInit) is legitimate and not
-    reported.
+    constant. It is an error when the units are exactly symmetric — equal biases and
+    equal outgoing weights in the next layer too — and a warning otherwise. A
+    zero-initialised layer whose output only feeds a residual add (the last layer of a
+    residual branch, as in Fixup and SkipInit) is legitimate and not reported.
 
     ## Why is this bad?
-    Units with equal incoming weights compute the same value for every input, so with
-    equal outgoing paths they receive the same gradient and stay copies of one another:
-    the layer has the capacity of a single unit. With all-zero weights the output is
-    constant, and through ReLU (relu'(0) = 0 in PyTorch) no gradient reaches anything
-    before it. Random init exists to break this symmetry.
+    Units with equal incoming weights all see the same projection w.x of the input:
+    the layer's output has rank 1 (plus the bias). When their biases and outgoing
+    weights are equal as well, they compute the same value, receive the same gradient,
+    and stay copies of one another forever: the layer has the capacity of a single
+    unit. Otherwise only the differences downstream pull them apart, slowly. Random
+    init exists to break this symmetry.
 
     ## Example
     ```python
@@ -52,6 +54,7 @@ class SymmetricInit(Rule):
     default_severity = "error"
 
     def check(self, analysis) -> Iterator[Finding]:
+        st = structure(analysis)
         seen: set[str] = set()
         for name, li in layer_inits(analysis).items():
             node = li.node
@@ -63,18 +66,42 @@ class SymmetricInit(Rule):
             value = float(w.reshape(-1)[0])
             if value == 0.0 and _feeds_only_residual(analysis, node):
                 continue
-            what = "all zero" if value == 0.0 and bool((w == 0).all()) else (
-                f"constant {fmt(value)}" if bool((w == value).all()) else "equal"
-            )
+            what = f"all {fmt(value)}" if bool((w == value).all()) else "equal"
+            bias = node.params.get("bias")
+            bias_equal = bias is None or bool((bias == bias.reshape(-1)[:1]).all())
+            nexts = [analysis.graph[e.dst] for e in st.edges.get(node.name, [])]
+            out_equal = bool(nexts) and all(_columns_equal(n, li.fan_out) for n in nexts)
+            permanent = bias_equal and out_equal
+            if permanent:
+                tail = (
+                    f"its biases and the next layer's weights from these units are equal too, so all {li.fan_out} "
+                    f"units compute the same value and receive the same gradient at every step: the layer trains "
+                    f"as one unit"
+                )
+            else:
+                tail = (
+                    "every unit sees the same projection w.x of the input, so the layer's output has rank 1 "
+                    "(plus the bias) and only differences downstream can pull the units apart"
+                )
             yield self.finding(
-                f"all {li.fan_out} rows of {where(node)}.weight are {what}: its {li.fan_out} units compute the same "
-                f"value for every input and receive the same gradient, so they stay copies of one unit"
-                + ("; with zero weights the output is constant and a following ReLU passes no gradient" if value == 0.0 else ""),
+                f"all {li.fan_out} rows of {where(node)}.weight are {what}: {tail}",
                 node=node,
                 fix=init_fix(analysis, node),
+                severity="error" if permanent else "warning",
                 rows=li.fan_out,
                 value=value,
+                permanent=permanent,
             )
+
+
+def _columns_equal(node, units: int) -> bool:
+    """Whether a linear/conv layer reading ``units`` features weights them all alike
+    (its input columns, or input channels for a conv, are equal)."""
+    w = node.params.get("weight")
+    if node.op not in ("linear", "conv") or w is None or w.dim() < 2 or w.shape[1] != units:
+        return False
+    w = w.detach()
+    return bool((w == w[:, :1]).all())
 
 
 def _feeds_only_residual(analysis, node) -> bool:

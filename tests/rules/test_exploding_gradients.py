@@ -1,0 +1,47 @@
+"""GA102 exploding-gradients: failing and passing models, checked against real autograd."""
+
+import math
+
+import pytest
+import torch.nn as nn
+from rulemodels import audit, he, measure_layers, mlp, normal, scaled, x_for
+
+CODE = "GA102"
+
+CASES = [
+    pytest.param(lambda: mlp(24, 64, nn.ReLU, scaled(4.0)), ("4", "error"), id="relu-twice-he-24"),
+    pytest.param(lambda: mlp(16, 64, nn.Tanh, normal(1.0)), ("10", "error"), id="tanh-normal-1"),
+    pytest.param(lambda: mlp(12, 64, nn.ReLU, scaled(4.0)), ("0", "warning"), id="relu-twice-he-12"),
+    pytest.param(lambda: mlp(24, 64, nn.ReLU, he), None, id="relu-he-24"),
+    pytest.param(lambda: mlp(16, 64, nn.Tanh, normal(1.0), norm=nn.LayerNorm), None, id="tanh-normal-1-layernorm"),
+]
+
+
+@pytest.mark.parametrize("build, expect", CASES)
+def test_finding_and_real_gradients(build, expect):
+    """The finding appears exactly when real autograd shows the first layer's gradient at
+    >= 1e3 times the last one's (error) or the real per-layer rate reaching 1e3 within
+    twice the depth (warning)."""
+    model = build()
+    found = audit(model, x_for(model), CODE)
+    assert [(f.module, f.severity) for f in found] == ([expect] if expect else [])
+    real = [g for _, g in measure_layers(model, x_for(model)).values()]
+    ratio = real[0] / real[-1]
+    if expect is not None and expect[1] == "error":
+        assert ratio >= 1e3
+        crossed = max(i for i, g in enumerate(real) if g >= 1e3 * real[-1]) + 1
+        assert abs(found[0].data["layer_index"] - crossed) <= 1
+    else:
+        assert ratio < 1e3
+        rate = math.log10(real[0] / real[-1]) / (len(real) - 1)
+        reaches = 3 / rate if rate > 0 else math.inf
+        assert (reaches <= 2 * len(real)) == (expect is not None)
+
+
+def test_message_carries_ratio_and_rate():
+    model = mlp(24, 64, nn.ReLU, scaled(4.0))
+    (f,) = audit(model, x_for(model), CODE)
+    real = [g for _, g in measure_layers(model, x_for(model)).values()]
+    assert f.data["ratio"] == pytest.approx(real[0] / real[-1], rel=0.5)
+    assert f"grows {f.data['ratio']:.3g}x" in f.message and "10x every" in f.message
+    assert f.fix == "nn.init.kaiming_normal_(model[0].weight, nonlinearity='relu')"

@@ -1,0 +1,59 @@
+"""GA101 vanishing-gradients: failing and passing models, checked against real autograd."""
+
+import math
+
+import pytest
+import torch.nn as nn
+from rulemodels import audit, he, lecun, measure_layers, mlp, scaled, x_for
+
+CODE = "GA101"
+
+CASES = [
+    # (model, expected (module, severity) or None); every case is also measured.
+    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), ("12", "error"), id="sigmoid-xavier"),
+    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_, norm=nn.LayerNorm), ("9", "error"), id="sigmoid-layernorm"),
+    pytest.param(lambda: mlp(12, 64, nn.ReLU), ("6", "error"), id="relu-default-init"),
+    pytest.param(lambda: mlp(12, 64, nn.Tanh, scaled(0.5), bias=False), ("0", "warning"), id="tanh-half-gain"),
+    pytest.param(lambda: mlp(12, 64, nn.ReLU, he), None, id="relu-he"),
+    pytest.param(lambda: mlp(12, 64, nn.Tanh, lecun, bias=False), None, id="tanh-lecun"),
+]
+
+
+@pytest.mark.parametrize("build, expect", CASES)
+def test_finding_and_real_gradients(build, expect):
+    """The finding appears exactly when real autograd shows the first layer's gradient at
+    <= 1e-3 of the last one's (error) or the real per-layer rate reaching 1e-3 within
+    twice the depth (warning)."""
+    model = build()
+    found = audit(model, x_for(model), CODE)
+    assert [(f.module, f.severity) for f in found] == ([expect] if expect else [])
+    real = [g for _, g in measure_layers(model, x_for(model)).values()]
+    ratio = real[0] / real[-1]
+    if expect is not None and expect[1] == "error":
+        assert ratio <= 1e-3
+        crossed = max(i for i, g in enumerate(real) if g <= 1e-3 * real[-1]) + 1
+        assert abs(found[0].data["layer_index"] - crossed) <= 1
+    else:
+        assert ratio > 1e-3
+        rate = math.log10(real[-1] / real[0]) / (len(real) - 1)  # decades lost per layer
+        reaches = 3 / rate if rate > 0 else math.inf
+        assert (reaches <= 2 * len(real)) == (expect is not None)
+
+
+def test_rate_in_message_matches_autograd_slope():
+    """'gradients fall 10x every N layers': N within 25% of the slope fitted to real gradients."""
+    model = mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_)
+    (f,) = audit(model, x_for(model), CODE)
+    logs = [math.log10(g) for _, g in measure_layers(model, x_for(model)).values()]
+    n = len(logs)
+    mx, my = (n - 1) / 2, sum(logs) / n
+    slope = sum((i - mx) * (v - my) for i, v in enumerate(logs)) / sum((i - mx) ** 2 for i in range(n))
+    assert -f.data["decades_per_layer"] == pytest.approx(slope, rel=0.25)
+    assert f"10x every {1 / -f.data['decades_per_layer']:.1f} layers" in f.message
+
+
+def test_fix_is_code_naming_the_module():
+    model = mlp(12, 64, nn.ReLU)
+    (f,) = audit(model, x_for(model), CODE)
+    assert f.fix.startswith("nn.init.kaiming_normal_(model[0].weight") and "nonlinearity='relu'" in f.fix
+    compile(f.fix, "<fix>", "exec")
