@@ -1,0 +1,79 @@
+"""The generated catalog (rules/) and gallery (reports/) are up to date.
+
+Regenerate them with ``make catalog`` (``gradaudit rules --markdown rules/`` and
+``python -m gradaudit.catalog reports reports/``) when these fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from gradaudit.catalog import example_targets, gallery, rule_markdown, rules_index, scrub
+from gradaudit.rules.base import all_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = all_rules()
+STALE = "stale: run `make catalog` and commit rules/ and reports/"
+
+
+@pytest.mark.parametrize("code", sorted(RULES))
+def test_rule_page_up_to_date(code):
+    page = ROOT / "rules" / f"{code}.md"
+    assert page.is_file(), STALE
+    assert page.read_text(encoding="utf-8") == rule_markdown(RULES[code]), STALE
+
+
+@pytest.mark.parametrize("code", sorted(RULES))
+def test_rule_page_carries_every_docstring_section(code):
+    page = (ROOT / "rules" / f"{code}.md").read_text(encoding="utf-8")
+    for heading in ("What it does", "Why is this bad?", "Example", "Use instead", "References"):
+        assert f"## {heading}\n" in page, f"{code}: docstring lacks '## {heading}'"
+
+
+def test_rules_index_up_to_date():
+    assert (ROOT / "rules" / "README.md").read_text(encoding="utf-8") == rules_index(RULES.values()), STALE
+
+
+def test_no_pages_for_rules_that_do_not_exist():
+    pages = {p.stem for p in (ROOT / "rules").glob("GA*.md")}
+    assert pages == set(RULES), STALE
+
+
+def test_every_rule_linked_from_the_index():
+    index = (ROOT / "rules" / "README.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"\]\((GA\d{3})\.md\)", index)) == set(RULES)
+
+
+@pytest.fixture(scope="module")
+def regenerated():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return gallery("examples")
+    finally:
+        os.chdir(cwd)
+
+
+EXAMPLES = [Path(t).stem for t in example_targets(str(ROOT / "examples"))]
+
+
+@pytest.mark.parametrize("stem", EXAMPLES)
+@pytest.mark.parametrize("ext,kind", [("html", "html"), ("sarif", "json")])
+def test_gallery_report_up_to_date(regenerated, stem, ext, kind):
+    path = ROOT / "reports" / f"{stem}.{ext}"
+    assert path.is_file(), STALE
+    want = scrub(regenerated[f"{stem}.{ext}"], kind, root=str(ROOT))
+    assert scrub(path.read_text(encoding="utf-8"), kind, root=str(ROOT)) == want, STALE
+
+
+def test_gallery_index_up_to_date(regenerated):
+    assert (ROOT / "reports" / "README.md").read_text(encoding="utf-8") == regenerated["README.md"], STALE
+
+
+def test_no_reports_for_examples_that_do_not_exist():
+    have = {p.name for p in (ROOT / "reports").iterdir() if p.suffix in (".html", ".sarif")}
+    assert have == {f"{s}.{e}" for s in EXAMPLES for e in ("html", "sarif")}, STALE
