@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 from measure import measure  # noqa: E402
 
 import gradaudit  # noqa: E402
+from gradaudit.api import exit_code  # noqa: E402
 
 FACTOR = 2.0
 REQUIRED = 0.90
@@ -95,3 +96,58 @@ def test_example_prediction_agrees_with_measurement(name):
     frac, table, bad = agreement_table(name)
     print("\n" + table)
     assert frac >= REQUIRED, table + "\nlayers off (predicted / measured):\n  " + "\n  ".join(bad)
+
+
+#: What a real backward pass shows for each example, and the verdict that must follow.
+#: "vanishing": the measured gradient at the first weight layer is <= 1e-3 of the last's.
+VERDICTS = {
+    "resnet18": ("healthy", 0),
+    "relu_he_30": ("healthy", 0),
+    "relu_xavier_30": ("vanishing", 1),
+    "deep_sigmoid": ("vanishing", 1),
+}
+
+
+def _measured_weight_grads(name: str) -> tuple[list[str], list[float]]:
+    torch.manual_seed(0)
+    model, inputs = load(name)
+    report = gradaudit.audit(model, inputs)
+    meas = measure(model, inputs, draws=DRAWS)
+    weight = [layer for layer in report.layers if layer.depth is not None]
+    return [layer.node for layer in weight], [meas[layer.node][1] for layer in weight]
+
+
+@pytest.mark.parametrize("name", sorted(VERDICTS))
+def test_example_verdict(name):
+    """The measured gradient decides the verdict; the audit (on the example's own inputs,
+    as ``gradaudit check`` runs it) must reach it: exit code and GA101 for vanishing."""
+    verdict, code = VERDICTS[name]
+    nodes, grads = _measured_weight_grads(name)
+    ratio = grads[0] / grads[-1]
+    measured = "vanishing" if ratio <= 1e-3 else ("exploding" if ratio >= 1e3 else "healthy")
+    assert measured == verdict, f"{name}: measured first/last gradient ratio {ratio:.3g} is {measured}, not {verdict}"
+    ns = runpy.run_path(os.path.join(EXAMPLES, f"{name}.py"))
+    report = gradaudit.audit(ns["model"], ns["example_inputs"])
+    rules = [(f.rule, f.severity) for f in report.findings]
+    assert exit_code(report) == code, f"{name}: exit code {exit_code(report)}, findings {rules}"
+    if verdict == "vanishing":
+        assert ("GA101", "error") in rules, f"{name}: no GA101 error among {rules}"
+        assert report.verdict == "vanishing", report.verdict
+
+
+def test_deep_sigmoid_vanishing_finding_at_the_measured_layer():
+    """GA101 names the layer where the gradient crosses 1e-3 of the last weight layer's
+    (counting from the output). Measured and predicted RMS agree within a factor 2 and
+    this model's gradient falls ~0.73x per layer, so the crossing may shift by
+    log(2) / log(1 / 0.73) = 2.2 layers: we allow 3."""
+    nodes, grads = _measured_weight_grads("deep_sigmoid")
+    limit = 1e-3 * grads[-1]
+    measured = max(i for i, g in enumerate(grads) if g <= limit)
+    ns = runpy.run_path(os.path.join(EXAMPLES, "deep_sigmoid.py"))
+    report = gradaudit.audit(ns["model"], ns["example_inputs"])
+    finding = next(f for f in report.findings if f.rule == "GA101")
+    predicted = nodes.index(finding.node)
+    assert abs(predicted - measured) <= 3, (
+        f"GA101 points at weight layer {predicted + 1} ('{finding.node}'); the measured gradient crosses "
+        f"1e-3 of the last layer's at weight layer {measured + 1} ('{nodes[measured]}')"
+    )
