@@ -20,7 +20,9 @@ from gradaudit.rules.base import Finding, all_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json").read_text())
-VALIDATOR = jsonschema.Draft7Validator(SCHEMA)
+# This copy of the schema keeps the log's own schema under definitions/Root (its top
+# level constrains nothing): validate against that definition.
+VALIDATOR = jsonschema.Draft7Validator({**SCHEMA, "$ref": "#/definitions/Root"})
 RULES = all_rules()
 
 
@@ -63,6 +65,23 @@ def deep_sigmoid_log(tmp_path_factory):
 
 def test_deep_sigmoid_validates(deep_sigmoid_log):
     assert _errors(deep_sigmoid_log) == []
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda log: log.update(version="2.0.0"),
+        lambda log: log["runs"][0].update(bogus=1),
+        lambda log: log["runs"][0]["results"][0].update(level="fatal"),
+        lambda log: log["runs"][0]["artifacts"].append({"uri": "a.py"}),
+        lambda log: log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["region"].update(startLine=0),
+        lambda log: log["runs"][0]["tool"]["driver"].pop("name"),
+    ],
+)
+def test_the_schema_check_bites(deep_sigmoid_log, spoil):
+    log = json.loads(json.dumps(deep_sigmoid_log))
+    spoil(log)
+    assert _errors(log) != []
 
 
 def test_deep_sigmoid_carries_user_file_and_line(deep_sigmoid_log):

@@ -170,9 +170,9 @@ def _artifacts(results: list[dict]) -> list[dict]:
         for loc in res.get("locations", []):
             art = loc["physicalLocation"]["artifactLocation"]
             if art["uri"] not in seen:
-                seen[art["uri"]] = dict(art)
+                seen[art["uri"]] = {"location": dict(art), "sourceLanguage": "python"}
     arts = list(seen.values())
-    pos = {a["uri"]: i for i, a in enumerate(arts)}
+    pos = {a["location"]["uri"]: i for i, a in enumerate(arts)}
     for res in results:
         for loc in res.get("locations", []):
             loc["physicalLocation"]["artifactLocation"]["index"] = pos[loc["physicalLocation"]["artifactLocation"]["uri"]]
