@@ -1,0 +1,118 @@
+"""How long the static audit takes on the ResNet-18 example at 2x3x224x224.
+
+Two measurements, medians over several repeats:
+
+1. In process, after tracing: the *static pass* = propagation + rules + report
+   building, timed apart from the torch.fx trace (``gradaudit.frontends.fx.trace``).
+   Target: under 50 ms.
+2. Whole processes: ``gradaudit check examples/resnet18.py --input-shape 2,3,224,224
+   --format json -o /dev/null`` beside a baseline ``python -c`` that imports torch,
+   builds the same model (runs the same file) and traces it with
+   ``torch.fx.symbolic_trace``. Target: gradaudit within 1.3x of the baseline.
+
+    python benchmarks/bench_static.py [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join("examples", "resnet18.py")
+SHAPE = (2, 3, 224, 224)
+STATIC_TARGET_MS = 50.0
+PROCESS_TARGET_RATIO = 1.3
+
+
+def static_pass(repeats: int) -> tuple[list[float], list[float]]:
+    """(trace seconds, static-pass seconds) per repeat."""
+    from gradaudit.api import Settings, analyse, build_report, run_rules
+    from gradaudit.frontends import fx
+    from gradaudit.loading import load_target
+    from gradaudit.rules.base import all_rules
+
+    loaded = load_target(os.path.join(ROOT, EXAMPLE), input_shapes=[SHAPE])
+    inputs = loaded.inputs
+    codes = set(all_rules())
+    settings = Settings()
+    traces, passes = [], []
+    for _ in range(repeats + 1):  # the first round warms caches (quadrature nodes, imports)
+        t0 = time.perf_counter()
+        graph = fx.trace(loaded.model, inputs)
+        t1 = time.perf_counter()
+        analysis = analyse(graph, inputs, None, settings)
+        findings = run_rules(analysis, codes)
+        build_report(analysis, findings, target=EXAMPLE, input_source=loaded.input_source, inputs=inputs)
+        t2 = time.perf_counter()
+        traces.append(t1 - t0)
+        passes.append(t2 - t1)
+    return traces[1:], passes[1:]
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of the child, exit status)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode not in (0, 1):
+        sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    return elapsed, cpu, proc.returncode
+
+
+def processes(repeats: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
+    shape = ",".join(map(str, SHAPE))
+    check = [sys.executable, "-m", "gradaudit", "check", EXAMPLE, "--input-shape", shape, "--format", "json",
+             "-o", os.devnull]
+    baseline = [
+        sys.executable,
+        "-c",
+        f"import runpy, torch, torch.fx; ns = runpy.run_path({EXAMPLE!r}); torch.fx.symbolic_trace(ns['model'])",
+    ]
+    ours, base, status = [], [], 0
+    timed(baseline)  # warm the file cache once
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        wall, cpu, status = timed(check)
+        ours.append((wall, cpu))
+        base.append(timed(baseline)[:2])
+    return ours, base, status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    traces, passes = static_pass(args.repeats)
+    trace_ms = statistics.median(traces) * 1e3
+    pass_ms = statistics.median(passes) * 1e3
+    ours, base, status = processes(max(3, args.repeats // 2 + 1))
+    ours_s, base_s = statistics.median(w for w, _ in ours), statistics.median(w for w, _ in base)
+    ours_cpu, base_cpu = statistics.median(c for _, c in ours), statistics.median(c for _, c in base)
+    ratio = ours_s / base_s
+    cpu_ratio = ours_cpu / base_cpu
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(f"ResNet-18 example at {'x'.join(map(str, SHAPE))}, medians of {args.repeats} runs (torch.fx trace apart):")
+    print(f"  torch.fx trace + fake shapes   {trace_ms:8.1f} ms")
+    print(f"  static pass (propagate + rules + report) {pass_ms:8.1f} ms   target < {STATIC_TARGET_MS:.0f} ms: "
+          f"{verdict(pass_ms < STATIC_TARGET_MS)}")
+    print(f"whole process, medians of {len(ours)} runs (wall clock; CPU time of the process beside it):")
+    print(f"  gradaudit check (exit {status})                      {ours_s:6.2f} s wall  {ours_cpu:6.2f} s cpu")
+    print(f"  baseline: import torch + build + fx.symbolic_trace {base_s:6.2f} s wall  {base_cpu:6.2f} s cpu")
+    print(f"  ratio {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu   target <= {PROCESS_TARGET_RATIO}x: "
+          f"{verdict(ratio <= PROCESS_TARGET_RATIO)}")
+
+
+if __name__ == "__main__":
+    main()
