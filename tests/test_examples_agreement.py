@@ -13,6 +13,7 @@ fast; every BatchNorm still normalises over >= 16 values per channel.
 
 from __future__ import annotations
 
+import functools
 import os
 import runpy
 import sys
@@ -68,11 +69,16 @@ def _within(pred: float, meas: float) -> bool:
     return 1.0 / FACTOR <= pred / meas <= FACTOR
 
 
-def agreement_table(name: str) -> tuple[float, str, list[str]]:
+@functools.lru_cache(maxsize=None)
+def audited(name: str):
+    """(report, measurement) of one example, computed once per test session."""
     torch.manual_seed(0)
     model, inputs = load(name)
-    report = gradaudit.audit(model, inputs)
-    meas = measure(model, inputs, draws=DRAWS)
+    return gradaudit.audit(model, inputs), measure(model, inputs, draws=DRAWS)
+
+
+def agreement_table(name: str) -> tuple[float, str, list[str]]:
+    report, meas = audited(name)
     lines = [f"{name}: predicted vs measured (factor-{FACTOR:g} agreement)", f"{'layer':28s} {'act pred':>10s} {'act meas':>10s} {'grad pred':>10s} {'grad meas':>10s}  ok"]
     bad = []
     for layer in report.layers:
@@ -110,10 +116,7 @@ VERDICTS = {
 
 
 def _measured_weight_grads(name: str) -> tuple[list[str], list[float]]:
-    torch.manual_seed(0)
-    model, inputs = load(name)
-    report = gradaudit.audit(model, inputs)
-    meas = measure(model, inputs, draws=DRAWS)
+    report, meas = audited(name)
     weight = [layer for layer in report.layers if layer.depth is not None]
     return [layer.node for layer in weight], [meas[layer.node][1] for layer in weight]
 
