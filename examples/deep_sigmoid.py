@@ -11,10 +11,11 @@ plus a fluctuating part of variance ~ width Var[s]; the sigmoid saturates, and i
 derivative (at most 1/4) is small on most units. The per-layer gradient gain is
 chi = E_i[sum_j W_ij^2] E[sigma'(h)^2] = width * E[sigma'(h)^2], and because the spread of
 h grows like sqrt(width), E[sigma'(h)^2] ~ (1/6) phi(0) / sqrt(q) shrinks like
-1/sqrt(width): chi ~ 0.12 sqrt(width). So N(0, 1) weights make gradients *vanish* only
-for narrow layers (width below about 60; at width 256, chi ~ 2 and they explode). At
-width 32 and depth 30, a real backward pass (L = <y, g>, g ~ N(0, 1)) measures the
-gradient at the first layer about 1.5e4 times smaller than at the last hidden layer.
+1/sqrt(width): chi grows like sqrt(width). Measured on this architecture (30 layers,
+seed 0, real backward passes), chi is about 0.52 at width 32, 0.85 at width 64 and
+1.55 at width 256: N(0, 1) weights make gradients *vanish* only for narrow layers; at
+width 256 they explode. At width 32 and depth 30 the gradient at the first layer is
+about 1.5e4 times smaller than at the last hidden layer (L = <y, g>, g ~ N(0, 1)).
 
 At width 32 a single network scatters widely around the mean-field prediction (Hanin
 2018): other seeds give end-to-end decays between 1e-4 and 1e-5. The seed below is
