@@ -406,17 +406,14 @@ def rules_cmd(fmt, markdown_dir):
 
         click.echo(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
+    import shutil
 
-    from gradaudit.report.text import make_console
-
-    console = make_console(sys.stdout)
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("code", "name", "category", "severity", "summary"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["code"], r["name"], r["category"], r["severity"], r["summary"])
-    console.print(table)
+    keys = ("code", "name", "category", "severity")
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 10_000
+    for r in [dict(zip(keys + ("summary",), keys + ("summary",)))] + rows:
+        line = "  ".join(r[k].ljust(widths[k]) for k in keys) + "  " + r["summary"]
+        click.echo(line if len(line) <= width else line[: width - 3] + "...")
     return 0
 
 
