@@ -80,7 +80,7 @@ def test_round_trip_through_the_runner_parser(message, path):
     (line,) = github.render(_report([_finding(message=message, path=path, line=12, fix="x = 1")])).splitlines()
     cmd, props, data = parse(line)
     assert (cmd, props) == ("error", {"file": path, "line": "12", "title": "GA101 vanishing-gradients"})
-    assert data == f"[fc] {message}\nFix: x = 1"
+    assert data == f"{message}\nFix: x = 1"
 
 
 def test_suppressed_findings_are_not_annotated():

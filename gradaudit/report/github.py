@@ -39,8 +39,6 @@ def annotation(finding: dict, target: str | None = None) -> str:
             props.append(f"line={int(loc['line'])}")
     props.append(f"title={escape_property(finding['rule'] + ' ' + finding.get('name', ''))}")
     text = finding.get("message") or ""
-    if finding.get("module"):
-        text = f"[{finding['module']}] {text}"
     if finding.get("fix"):
         text = f"{text}\nFix: {finding['fix']}"
     cmd = COMMANDS.get(finding.get("severity", "warning"), "warning")

@@ -79,6 +79,10 @@ def _markup(svg: str):
 
 
 def _groups(report: AuditReport) -> list[dict]:
+    from gradaudit.rules.base import all_rules
+    from gradaudit.rules.helpers import module_expr
+
+    rules = all_rules()
     out = []
     for sev in ("error", "warning", "info"):
         items = []
@@ -91,6 +95,8 @@ def _groups(report: AuditReport) -> list[dict]:
                     "source": source_line(f.location),
                     "numbers": [(k, _value(v)) for k, v in (f.data or {}).items()],
                     "url": rule_url(f.rule),
+                    "module": module_expr(f.module) if f.module else None,
+                    "summary": rules[f.rule].summary() if f.rule in rules else "",
                 }
             )
         if items:
