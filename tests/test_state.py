@@ -162,3 +162,20 @@ def test_forward_hooks_do_not_see_the_audit():
     model[0].register_forward_hook(lambda m, i, o: seen.append(type(o).__name__))
     gradaudit.audit(model, (torch.randn(8, 16),))
     assert seen == [], f"the user's forward hook ran during the audit on {seen}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_measurement_helper_leaves_model_untouched(name):
+    """tests/measure.py runs real forward/backward passes (BatchNorm statistics, dropout
+    masks); the agreement tests rely on it restoring everything too."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from measure import measure
+
+    model, inputs = MODELS[name]()
+    before = _snapshot(model)
+    measure(model, inputs, draws=2)
+    after = _snapshot(model)
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, f"measure() changed: {changed}"
