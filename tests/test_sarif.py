@@ -196,3 +196,10 @@ def test_non_finite_numbers_stay_valid_json():
 
     log = json.loads(text, parse_constant=reject)  # strict JSON: no Infinity / NaN literals
     assert log["runs"][0]["results"][0]["properties"]["data"] == {"ratio": "inf", "x": "nan"}
+
+
+def test_uris_are_percent_encoded(tmp_path):
+    log = sarif.to_sarif([_report([_finding(path=str(tmp_path / "my models" / "net 1.py"))])], base=str(tmp_path))
+    art = log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    assert art == {"uri": "my%20models/net%201.py", "uriBaseId": "%SRCROOT%", "index": 0}
+    assert log["runs"][0]["originalUriBaseIds"]["%SRCROOT%"]["uri"] == tmp_path.as_uri() + "/"

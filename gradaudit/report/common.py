@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 #: Where the generated rule catalog lives, relative to the repository root.
 CATALOG_DIR = "rules"
@@ -42,8 +44,8 @@ def target_path(target: str | None) -> str | None:
 
 
 def relative_uri(path: str, base: str | None = None) -> tuple[str, bool]:
-    """``(uri, relative)``: a forward-slash path relative to ``base`` (default: the
-    working directory) when the file lies inside it, else a ``file://`` URI."""
+    """``(uri, relative)``: a forward-slash, percent-encoded path relative to ``base``
+    (default: the working directory) when the file lies inside it, else a ``file://`` URI."""
     base = os.path.abspath(base or os.getcwd())
     apath = os.path.abspath(path)
     try:
@@ -51,8 +53,8 @@ def relative_uri(path: str, base: str | None = None) -> tuple[str, bool]:
     except ValueError:  # another drive on Windows
         rel = None
     if rel is not None and not rel.startswith(".."):
-        return rel.replace(os.sep, "/"), True
-    return "file://" + apath.replace(os.sep, "/") if apath.startswith("/") else "file:///" + apath.replace(os.sep, "/"), False
+        return quote(rel.replace(os.sep, "/"), safe="/"), True
+    return Path(apath).as_uri(), False
 
 
 def source_line(location: dict | None) -> str | None:

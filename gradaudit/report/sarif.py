@@ -203,10 +203,10 @@ def _invocation(reports: list, truncated: bool, dropped: int) -> dict:
 
 
 def _dir_uri(path: str) -> str:
-    p = path.replace(os.sep, "/")
-    if not p.endswith("/"):
-        p += "/"
-    return "file://" + p if p.startswith("/") else "file:///" + p
+    from pathlib import Path
+
+    uri = Path(path).as_uri()
+    return uri if uri.endswith("/") else uri + "/"
 
 
 def _pascal(name: str) -> str:
