@@ -165,6 +165,8 @@ class ProbeResult:
     seconds_per_draw: float = 0.0
     notes: list[str] = field(default_factory=list)
     agreement: list[dict] = field(default_factory=list)
+    #: Per floating input: its measured RMS and the RMS the prediction assumed.
+    inputs: list[dict] = field(default_factory=list)
 
     @property
     def total_grad_norm(self) -> float:
@@ -198,6 +200,7 @@ class ProbeResult:
                 "nonfinite": self.nonfinite.to_json() if self.nonfinite else None,
                 "precision": self.precision,
                 "notes": self.notes,
+                "inputs": self.inputs,
             }
         )
 
@@ -344,6 +347,7 @@ class Runner:
         self.free_after: dict[int, list[str]] = {}
         for name, i in last_use.items():
             self.free_after.setdefault(i, []).append(name)
+        self.all_params = list(model.parameters())
         # the parameters of each layer module (a module called twice shares them)
         self.layer_params: dict[str, list] = {}
         for node_name, mod_name in layers.items():
@@ -382,7 +386,9 @@ class Runner:
 
         rec = DrawRecord()
         started = time.perf_counter()
-        torch.manual_seed(seed)
+        # the CPU generator directly: torch.manual_seed also seeds every lazily
+        # initialised backend, which costs milliseconds per call
+        torch.default_generator.manual_seed(seed)
         if device.startswith("cuda"):
             torch.cuda.manual_seed_all(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -395,7 +401,7 @@ class Runner:
                     x = x.clone().requires_grad_(True)
                     leaves.append(x)
             args_in.append(x)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.all_params if p.requires_grad]
         env: dict[str, Any] = {}
         pending: list[tuple[str, str, Any, int]] = []  # (kind, node, sum of squares, numel)
         hooks: list = []
@@ -428,13 +434,13 @@ class Runner:
                             slots = grad_slots if n.name in self.layers else None
                             for t in ts:
                                 if t.requires_grad:
-                                    hooks.append(t.register_hook(_order(backward_order, n.name, slots)))
+                                    hooks.append(t.register_hook(_order(backward_order, n.name, slots, zeros)))
                         if n.name in self.layers:
                             out = value[0] if isinstance(value, (tuple, list)) else value
                             if isinstance(out, torch.Tensor) and out.is_floating_point():
                                 pending.append(("act", n.name, _sumsq(out), out.numel()))
                                 if out.requires_grad and not check_all:
-                                    hooks.append(out.register_hook(_grab(grad_slots, n.name)))
+                                    hooks.append(out.register_hook(_grab(grad_slots, n.name, zeros)))
                     env[n.name] = value
                     if not check_all:
                         for dead in self.free_after.get(i, ()):
@@ -455,26 +461,23 @@ class Runner:
         finally:
             for h in hooks:
                 h.remove()
-        pgrad = {id(p): g for p, g in zip(params, grads[: len(params)])}
-        for kind, name, sq, numel in pending:
-            rec.act_sq[name] = float(sq) / max(numel, 1)
-        for name, g in grad_slots.items():
-            gd = g.detach()
-            rec.grad_sq[name] = float(_sumsq(gd)) / max(gd.numel(), 1)
-            if zeros:
-                rec.grad_zero[name] = int((gd == 0).sum())
-        norm_sq = 0.0
-        for p in params:
-            g = pgrad.get(id(p))
-            if g is not None:
-                norm_sq += float(_sumsq(g))
+        present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
+        sq_of = dict(zip((id(p) for p, _ in present), _sums_of_squares([g for _, g in present])))
+        for kind, name, norm, numel in pending:
+            rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
+        for name, (norm, numel, zero) in grad_slots.items():
+            rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
+            if zero is not None:
+                rec.grad_zero[name] = int(zero)
+        norm_sq = sum(sq_of.values())
         rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
+        pgrad = dict((id(p), g) for p, g in present) if zeros else {}
         for name, ps in self.layer_params.items():
-            gs = [pgrad.get(id(p)) for p in ps if p.requires_grad]
-            if gs:
-                rec.weight_grad_sq[name] = sum(float(_sumsq(g)) for g in gs if g is not None)
+            own = [id(p) for p in ps if id(p) in sq_of]
+            if own:
+                rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
                 if zeros:
-                    rec.weight_grad_zero[name] = sum(int((g == 0).sum()) for g in gs if g is not None)
+                    rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
         if check_all and rec.first_forward is None:
             self._first_backward(backward_order, env, rec)
         values = list(rec.act_sq.values()) + list(rec.grad_sq.values()) + [rec.grad_norm]
@@ -673,12 +676,27 @@ class _Null:
 
 
 def _sumsq(t):
-    """Sum of squares, accumulated in float32 at least (float64 for float64 input)."""
+    """The 2-norm of ``t`` as a 0-dim tensor (square it for the sum of squares),
+    accumulated in float32 at least (float64 for float64 input)."""
     import torch
 
     d = t.detach()
-    acc = torch.float64 if d.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(d, 2, dtype=acc).double().pow(2)
+    if d.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(d, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(d, 2)
+
+
+def _sums_of_squares(tensors: list) -> list[float]:
+    """Sum of squares of each tensor, with one fused norm kernel when available."""
+    import torch
+
+    if not tensors:
+        return []
+    try:
+        norms = torch._foreach_norm([t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach() for t in tensors])
+    except (AttributeError, RuntimeError):
+        norms = [_sumsq(t) for t in tensors]
+    return [v * v for v in torch.stack(list(norms)).double().tolist()]
 
 
 def _batch_cosine(x) -> float:
@@ -687,30 +705,38 @@ def _batch_cosine(x) -> float:
 
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 2:
         return float("nan")
-    v = x.detach().reshape(x.shape[0], -1).double()
-    norms = v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    v = x.detach().reshape(x.shape[0], -1).float()
+    norms = v.norm(dim=1, keepdim=True).clamp_min(1e-30)
     u = v / norms
     s = u.sum(dim=0)
     b = x.shape[0]
     return float((s.dot(s) - b) / (b * (b - 1)))
 
 
-def _grab(slots: dict, name: str):
+def _reduce(g, zeros: bool) -> tuple:
+    """What is kept of a gradient: its sum of squares, size and (optionally) zero count.
+    Reduced inside the hook, so no gradient tensor outlives the backward pass."""
+    d = g.detach()
+    return _sumsq(d), d.numel(), (d == 0).sum() if zeros else None
+
+
+def _grab(slots: dict, name: str, zeros: bool):
     def hook(g):
         if name not in slots:
-            slots[name] = g.detach().clone()
+            slots[name] = _reduce(g, zeros)
         return None
 
     return hook
 
 
-def _order(order: list, name: str, slots: dict | None):
+def _order(order: list, name: str, slots: dict | None, zeros: bool):
     import torch
 
     def hook(g):
-        order.append((name, bool(torch.isfinite(g).all()), g.detach().clone()))
+        finite = bool(torch.isfinite(g).all())
+        order.append((name, finite, None if finite else g.detach().clone()))
         if slots is not None and name not in slots:
-            slots[name] = g.detach().clone()
+            slots[name] = _reduce(g, zeros)
         return None
 
     return hook
@@ -803,8 +829,24 @@ def probe(
         seconds_per_draw=sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
         notes=notes,
     )
+    result.inputs = _input_rms(analysis, inputs)
     result.agreement = agreement(analysis, result)
     return result
+
+
+def _input_rms(analysis, inputs: tuple) -> list[dict]:
+    """Measured RMS of each floating input beside the RMS the prediction assumed."""
+    import torch
+
+    out = []
+    names = analysis.graph.input_names
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or i >= len(names):
+            continue
+        s = analysis.stat(names[i])
+        measured = float(x.detach().double().pow(2).mean().sqrt()) if x.numel() else float("nan")
+        out.append({"input": names[i], "measured_rms": measured, "predicted_rms": s.act_rms if s else None})
+    return out
 
 
 def _accumulate(layers: dict[str, LayerMeasure], rec: DrawRecord, runner: Runner, first: bool) -> None:
@@ -820,7 +862,7 @@ def _accumulate(layers: dict[str, LayerMeasure], rec: DrawRecord, runner: Runner
         if first:
             ps = [p for p in runner.layer_params.get(name, []) if p.requires_grad]
             m.weight_numel = sum(p.numel() for p in ps)
-            m.weight_sq = sum(float(_sumsq(p)) for p in ps) if ps else None
+            m.weight_sq = sum(_sums_of_squares(ps)) if ps else None
             c = rec.cosine.get(name)
             m.input_batch_cosine = c if c is not None and math.isfinite(c) else None
 

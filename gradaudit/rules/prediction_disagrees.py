@@ -16,10 +16,11 @@ class PredictionDisagrees(Rule):
     Compares, per layer, the predicted and the measured RMS of the output and of its
     gradient. Where they differ by more than 10x (configurable as `disagree_factor`) at
     a layer whose upstream layers agreed, it reports the layer, both numbers and the
-    reasons the prediction is unreliable there: an op on the way was estimated by
-    sampling instead of modelled, or the layer's input is strongly correlated across
-    the batch (moment propagation treats entries as independent), or values reach
-    float resolution. Later layers that inherit the disagreement are counted, not
+    reasons the prediction is unreliable there: the real inputs do not have the
+    statistics the prediction assumed (N(0, 1) unless told otherwise), an op on the way
+    was estimated by sampling instead of modelled, the layer's input is strongly
+    correlated across the batch (moment propagation treats entries as independent), or
+    values reach float resolution. Later layers that inherit the disagreement are counted, not
     repeated.
 
     ## Why is this bad?
@@ -28,13 +29,12 @@ class PredictionDisagrees(Rule):
 
     ## Example
     ```python
-    x = self.fc(x)
-    x = x - x.mean(dim=0, keepdim=True)   # batch-coupled op the moment model treats as independent
+    report = gradaudit.audit(model, images, probe=True)   # pixels in 0..255, prediction assumes N(0, 1)
     ```
 
     ## Use instead
     ```python
-    # nothing to change in the model; read the measured column of the report for it
+    report = gradaudit.audit(model, images, probe=True, input_stats=[(120.0, 60.0)])
     ```
 
     ## References
@@ -63,12 +63,12 @@ class PredictionDisagrees(Rule):
             i for i, r in enumerate(rows)
             if any(r.get(k) is not None and abs(r[k]) > limit for k in ("act_log10_error", "grad_log10_error"))
         ]
-        reported = set()
+        bad_set = set(bad)
         for i in bad:
-            if i - 1 in bad and i - 1 in reported | set(bad[: bad.index(i)]):
+            if i - 1 in bad_set:
                 continue  # inherited from the layer before
             run = 1
-            while i + run in bad:
+            while i + run in bad_set:
                 run += 1
             r = rows[i]
             why = []
@@ -82,10 +82,16 @@ class PredictionDisagrees(Rule):
                 if isinstance(v, float) and (v < 1e-30 or v > 1e30):
                     why.append("the values reach the limits of float resolution")
                     break
+            for inp in probe.inputs:
+                m, pr = inp.get("measured_rms"), inp.get("predicted_rms")
+                if isinstance(m, float) and isinstance(pr, float) and m > 0 and pr > 0 and abs(math.log10(m / pr)) > 0.3:
+                    why.append(
+                        f"input '{inp['input']}' has RMS {m:.3g} but the prediction assumed {pr:.3g} "
+                        "(pass its mean and std to audit(..., input_stats=...))"
+                    )
             if not why:
                 why.append("the moment model's independence assumptions do not hold for this model")
             node = analysis.graph[r["node"]]
-            reported.add(i)
             yield self.finding(
                 f"predicted vs measured at '{r['node']}': act RMS {r['predicted_act_rms']:.3g} vs "
                 f"{r['measured_act_rms']:.3g}, grad RMS {r['predicted_grad_rms']:.3g} vs {r['measured_grad_rms']:.3g} "
