@@ -42,9 +42,11 @@ class PostLnTransformer(Rule):
     ## Why is this bad?
     Xiong et al. (2020) show that at initialization the expected gradient of the
     parameters near the output of a Post-LN Transformer is large, O(d sqrt(ln d))
-    for the last FFN independent of depth, and that the gradient grows with the layer
-    index toward the output, while for Pre-LN (``x = x + f(norm(x))``) it is
-    O(d sqrt(ln d / L)) and flat across layers. Post-LN therefore needs a learning-rate
+    for the last FFN independent of depth, and that it grows with the layer index
+    toward the output, while for Pre-LN (``x = x + f(norm(x))``) it is
+    O(d sqrt(ln d / L)) and does not grow. (With small residual branches, as with
+    PyTorch's default init, the Post-LN profile is nearly flat and the Pre-LN one falls
+    toward the output; the skew of Post-LN toward the output relative to Pre-LN remains.) Post-LN therefore needs a learning-rate
     warmup: Post-LN BERT diverged at lr 3e-4 without it, and deeper Post-LN stacks are
     harder to train at all.
 
@@ -90,7 +92,8 @@ class PostLnTransformer(Rule):
 
         g_first, g_last = block_grad(first), block_grad(last)
         numbers = (
-            f" (predicted weight-gradient RMS {fmt(g_first)} in '{first}' vs {fmt(g_last)} in '{last}')"
+            f"; predicted gradient RMS at the weight layers' outputs: {fmt(g_first)} in '{first}', "
+            f"{fmt(g_last)} in '{last}'"
             if g_first is not None and g_last is not None
             else ""
         )
@@ -106,9 +109,10 @@ class PostLnTransformer(Rule):
             fix = f"x = x + f({norm}(x))  # Pre-LN, instead of x = {norm}(x + f(x))"
         yield self.finding(
             f"LayerNorm follows the residual add (Post-LN, x = norm(x + f(x))) in {len(blocks)} blocks "
-            f"('{first}' to '{last}'): at init the expected gradient of the weights grows toward the output "
-            f"(Xiong et al. 2020){numbers}, so training needs learning-rate warmup; Pre-LN (x = x + f(norm(x))) "
-            f"keeps it flat across blocks",
+            f"('{first}' to '{last}'): at init the gradient of the weights near the output is large, "
+            f"O(d sqrt(ln d)) for the last layer whatever the depth, against O(d sqrt(ln d / L)) for Pre-LN "
+            f"(x = x + f(norm(x))), and it is skewed toward the output rather than toward the input (Xiong et "
+            f"al. 2020), so training needs learning-rate warmup{numbers}",
             node=node,
             fix=fix,
             blocks=len(blocks),
