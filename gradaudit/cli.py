@@ -359,6 +359,8 @@ def _render(renderer, reports: list, fmt: str) -> str:
 
 def _write(text: str, output: str | None) -> None:
     """stdout, or ``output`` written atomically (temp file + rename; devices written directly)."""
+    if text and not text.endswith("\n"):
+        text += "\n"
     if output is None or output == "-":
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -264,3 +264,30 @@ def test_missing_renderer_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(ConfigError, match="the sarif format is not available"):
         get_renderer("sarif")
+
+
+class _FakeTTY:
+    def __init__(self):
+        self.parts = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("no_color,coloured", [(None, True), ("1", False)])
+def test_colour_only_on_a_terminal_without_no_color(no_color, coloured, monkeypatch):
+    from gradaudit.report.text import make_console
+
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    stream = _FakeTTY()
+    make_console(stream).print("[bold red]GA101[/]")
+    assert ("\x1b[" in "".join(stream.parts)) == coloured
