@@ -89,9 +89,9 @@ def test_suppressed_findings_are_not_annotated():
     assert github.render(rep) == ""
 
 
-def _check(example):
-    return subprocess.run([sys.executable, "-m", "gradaudit", "check", example, "--format", "github", "-q"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _check(example, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "gradaudit", "check", str(example), "--format", "github", "-q"],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_deep_sigmoid_annotates_the_user_line_and_fails():
@@ -105,7 +105,12 @@ def test_deep_sigmoid_annotates_the_user_line_and_fails():
     ]
 
 
-def test_healthy_model_exits_zero_without_errors():
-    proc = _check("examples/relu_he_30.py")
+def test_healthy_model_exits_zero_without_errors(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\nimport torch.nn as nn\n\n"
+        "model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+        "example_inputs = (torch.randn(4, 16),)\n"
+    )
+    proc = _check("net.py", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not [line for line in proc.stdout.splitlines() if line.startswith("::error")]
