@@ -37,7 +37,9 @@ def _flat(val, out):
         out.append(val)
 
 
-def hook_measure(model: nn.Module, inputs: tuple, modules: list[str], seed: int, draws: int) -> list[tuple[float, float]]:
+def hook_measure(
+    model: nn.Module, inputs: tuple, modules: list[str], seed: int, draws: int
+) -> list[tuple[float, float]]:
     """(act_rms, grad_rms) of the k-th call of each layer module, in call order.
 
     ``modules`` lists the qualified names of layer modules, one entry per call in

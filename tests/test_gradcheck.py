@@ -80,7 +80,6 @@ def test_swish_missing_term_is_a_gradcheck_error_naming_the_function():
     # worst entries: both values, recomputed here from the closed form
     worst = res["worst"][0]
     assert worst["tensor"] == "input[0]"
-    x = None
     torch.manual_seed(0)
     model = Net(SwishMissingTerm)
     with torch.no_grad():
@@ -116,8 +115,17 @@ def test_relative_error_1e_3_is_suspicious_warning():
 
 @pytest.mark.parametrize(
     "rel, expected",
-    [(0.0, "correct"), (9.9e-8, "correct"), (1e-7, "acceptable"), (9.9e-5, "acceptable"), (1e-4, "suspicious"),
-     (9.9e-3, "suspicious"), (1e-2, "wrong"), (0.5, "wrong"), (float("nan"), "wrong")],
+    [
+        (0.0, "correct"),
+        (9.9e-8, "correct"),
+        (1e-7, "acceptable"),
+        (9.9e-5, "acceptable"),
+        (1e-4, "suspicious"),
+        (9.9e-3, "suspicious"),
+        (1e-2, "wrong"),
+        (0.5, "wrong"),
+        (float("nan"), "wrong"),
+    ],
 )
 def test_grades(rel, expected):
     assert gc.grade(rel) == expected

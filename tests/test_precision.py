@@ -96,7 +96,9 @@ def test_gradient_underflow_without_loss_scaling():
         with ctx:
             h = model.body(xg)
             y = model.head(torch.tanh(h))
-        (gh,) = torch.autograd.grad(y, [h], torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.dtype))
+        (gh,) = torch.autograd.grad(
+            y, [h], torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.dtype)
+        )
         fractions[dtype] = float((gh == 0).float().mean())
     lost = fractions[torch.float16] - fractions[None]
     assert lost > 0.5

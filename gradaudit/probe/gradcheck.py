@@ -310,7 +310,9 @@ def _indices(numel: int, count: int, seed: int) -> list[int]:
     return sorted(torch.randperm(numel, generator=gen)[:count].tolist())
 
 
-def check_entries(call: Callable[[], Any], tensors: list[tuple[str, Any]], per_tensor: int = ENTRIES_PER_TENSOR) -> dict:
+def check_entries(
+    call: Callable[[], Any], tensors: list[tuple[str, Any]], per_tensor: int = ENTRIES_PER_TENSOR
+) -> dict:
     """Central differences entry by entry against autograd for ``tensors`` (float64)."""
     import torch
 
@@ -349,7 +351,9 @@ def check_entries(call: Callable[[], Any], tensors: list[tuple[str, Any]], per_t
             if abs(a) + abs(b) <= resolution:
                 unresolved += 1
                 continue
-            entries.append({"tensor": name, "index": index, "autograd": a, "numeric": b, "rel_error": relative_error(a, b)})
+            entries.append(
+                {"tensor": name, "index": index, "autograd": a, "numeric": b, "rel_error": relative_error(a, b)}
+            )
     return _summarise(entries, kinks, unresolved)
 
 
@@ -367,6 +371,10 @@ def _summarise(entries: list[dict], kinks: list[dict], unresolved: int) -> dict:
         "kink_count": len(kinks),
         "below_resolution": unresolved,
     }
+
+
+def _call_function(fn, args, kwargs) -> Callable[[], Any]:
+    return lambda: fn(*args, **kwargs)
 
 
 def _call_module(mod, args, kwargs) -> Callable[[], Any]:
@@ -422,7 +430,7 @@ def check_function(target: Target) -> dict:
         tensors: list = []
         _float_leaves(args, tensors, "input")
         _float_leaves(kwargs, tensors, "input")
-        out = check_entries(lambda: target.fn(*args, **kwargs), tensors)
+        out = check_entries(_call_function(target.fn, args, kwargs), tensors)
         out["input_shapes"] = [list(t.shape) for _, t in tensors]
         return out
     return _unchecked(f"the Function could not be run on its recorded input in float64: {_first(last_error)}")
@@ -435,13 +443,18 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     theta = {n: p.detach().to(torch.float64) if p.is_floating_point() else p.detach() for n, p in params.items()}
-    bufs = {n: b.detach().clone().to(torch.float64) if b.is_floating_point() else b.detach().clone() for n, b in buffers.items()}
+    bufs = {
+        n: b.detach().clone().to(torch.float64) if b.is_floating_point() else b.detach().clone()
+        for n, b in buffers.items()
+    }
     xs = tuple(_to64(x, None) for x in inputs)
     for m in model.modules():
         if isinstance(m, _dropout_types()):
             m.eval()
     leaves = [(f"param {n}", t) for n, t in theta.items() if t.is_floating_point()]
-    leaves += [(f"input[{i}]", x) for i, x in enumerate(xs) if hasattr(x, "is_floating_point") and x.is_floating_point()]
+    leaves += [
+        (f"input[{i}]", x) for i, x in enumerate(xs) if hasattr(x, "is_floating_point") and x.is_floating_point()
+    ]
 
     def run(offset: float, u: list | None):
         state = dict(bufs)
@@ -507,8 +520,15 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
         if kink is not None:
             kinks.append(kink)
             continue
-        entries = [{"tensor": "direction in parameter and input space", "index": [attempt], "autograd": a, "numeric": b,
-                    "rel_error": relative_error(a, b)}]
+        entries = [
+            {
+                "tensor": "direction in parameter and input space",
+                "index": [attempt],
+                "autograd": a,
+                "numeric": b,
+                "rel_error": relative_error(a, b),
+            }
+        ]
         out = _summarise(entries, kinks, 0)
         out["input_shapes"] = [list(x.shape) for x in xs if hasattr(x, "shape")]
         return out
@@ -516,8 +536,16 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
 
 
 def _unchecked(note: str) -> dict:
-    return {"max_rel_error": None, "grade": "unchecked", "checked": 0, "worst": [], "kinks": [], "kink_count": 0,
-            "below_resolution": 0, "note": note}
+    return {
+        "max_rel_error": None,
+        "grade": "unchecked",
+        "checked": 0,
+        "worst": [],
+        "kinks": [],
+        "kink_count": 0,
+        "below_resolution": 0,
+        "note": note,
+    }
 
 
 def _first(exc: BaseException | None) -> str:
@@ -567,4 +595,6 @@ def _moved(target: Target, device: str) -> Target:
             return {k: mv(v) for k, v in obj.items()}
         return obj
 
-    return Target(target.name, target.kind, target.fn, mv(target.args), mv(target.kwargs), target.module, target.location)
+    return Target(
+        target.name, target.kind, target.fn, mv(target.args), mv(target.kwargs), target.module, target.location
+    )

@@ -176,13 +176,12 @@ class ProbeResult:
     def agreement_summary(self) -> dict[str, Any]:
         rows = [r for r in self.agreement if r.get("grad_log10_error") is not None]
         both = [r for r in self.agreement if r.get("within_2x") is not None]
-        frac = lambda xs, key: (sum(1 for r in xs if abs(r[key]) <= math.log10(2)) / len(xs)) if xs else None  # noqa: E731
         acts = [r for r in self.agreement if r.get("act_log10_error") is not None]
         return {
             "layers": len(self.agreement),
             "fraction_within_2x": (sum(1 for r in both if r["within_2x"]) / len(both)) if both else None,
-            "fraction_act_within_2x": frac(acts, "act_log10_error"),
-            "fraction_grad_within_2x": frac(rows, "grad_log10_error"),
+            "fraction_act_within_2x": _fraction_within_2x(acts, "act_log10_error"),
+            "fraction_grad_within_2x": _fraction_within_2x(rows, "grad_log10_error"),
         }
 
     def to_json(self) -> dict:
@@ -203,6 +202,12 @@ class ProbeResult:
                 "inputs": self.inputs,
             }
         )
+
+
+def _fraction_within_2x(rows: list[dict], key: str) -> float | None:
+    if not rows:
+        return None
+    return sum(1 for r in rows if abs(r[key]) <= math.log10(2)) / len(rows)
 
 
 def _clean(obj: Any) -> Any:
@@ -274,8 +279,15 @@ def tensor_summary(name: str, t: Any) -> dict | None:
     else:
         lo = hi = amax = float("nan")
     return _clean(
-        {"name": name, "shape": list(d.shape), "dtype": str(d.dtype).replace("torch.", ""), "min": lo, "max": hi,
-         "absmax": amax, "nonfinite": n_bad}
+        {
+            "name": name,
+            "shape": list(d.shape),
+            "dtype": str(d.dtype).replace("torch.", ""),
+            "min": lo,
+            "max": hi,
+            "absmax": amax,
+            "nonfinite": n_bad,
+        }
     )
 
 
@@ -581,7 +593,9 @@ class Runner:
                 continue
             finite = bool(torch.isfinite(d).all())
             rec.out_dtype[n.name] = str(d.dtype).replace("torch.", "")
-            amax = float(d[torch.isfinite(d)].abs().max()) if d.numel() and bool(torch.isfinite(d).any()) else float("nan")
+            amax = (
+                float(d[torch.isfinite(d)].abs().max()) if d.numel() and bool(torch.isfinite(d).any()) else float("nan")
+            )
             rec.absmax[n.name] = max(rec.absmax.get(n.name, 0.0), amax) if math.isfinite(amax) else amax
             if not finite and rec.first_forward is None:
                 kw = {}
@@ -591,7 +605,6 @@ class Runner:
     def _first_backward(self, order: list, env: dict, rec: DrawRecord) -> None:
         """The first gradient, in backward execution order, that is not finite; blame the
         op whose backward produced it: a user of that node whose own gradients were finite."""
-        import torch
         import torch.fx as fx
 
         bad_at: dict[str, Any] = {}
@@ -693,7 +706,9 @@ def _sums_of_squares(tensors: list) -> list[float]:
     if not tensors:
         return []
     try:
-        norms = torch._foreach_norm([t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach() for t in tensors])
+        norms = torch._foreach_norm(
+            [t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach() for t in tensors]
+        )
     except (AttributeError, RuntimeError):
         norms = [_sumsq(t) for t in tensors]
     return [v * v for v in torch.stack(list(norms)).double().tolist()]
@@ -757,8 +772,6 @@ def probe(
     settings: Any = None,
 ) -> ProbeResult:
     """Measure ``analysis``'s layers on the real model; leave the model as found."""
-    import torch
-
     from gradaudit.probe.precision import DTYPES, autocast_dtype, check_precision
     from gradaudit.state import preserved
 
@@ -787,7 +800,9 @@ def probe(
         for d in range(draws):
             kwargs = dict(seed=SEED + d, device=device, autocast_dtype=reduced, units=(d == 0), cosine=(d == 0))
             try:
-                rec = runner.run(inputs, check_all=(d == 0 and reduced is not None), zeros=(d == 0 and reduced is not None), **kwargs)
+                rec = runner.run(
+                    inputs, check_all=(d == 0 and reduced is not None), zeros=(d == 0 and reduced is not None), **kwargs
+                )
             except CaptureError:
                 # the forward raised: when a non-finite value came first, that is the finding
                 rec = runner.run(inputs, check_all=True, zeros=reduced is not None, **kwargs)

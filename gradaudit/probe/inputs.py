@@ -41,7 +41,9 @@ def load_batch(path: str) -> tuple:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"--inputs: cannot read {path} with torch.load(weights_only=True): {_first_line(exc)}") from exc
+        raise ConfigError(
+            f"--inputs: cannot read {path} with torch.load(weights_only=True): {_first_line(exc)}"
+        ) from exc
     return as_inputs(obj, path)
 
 
@@ -55,7 +57,9 @@ def as_inputs(obj: Any, what: str = "the batch") -> tuple:
         obj = list(obj.values())
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(x, torch.Tensor) for x in obj):
         return tuple(obj)
-    raise ConfigError(f"--inputs: {what} must hold a tensor, or a tuple, list or dict of tensors (got {type(obj).__name__})")
+    raise ConfigError(
+        f"--inputs: {what} must hold a tensor, or a tuple, list or dict of tensors (got {type(obj).__name__})"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

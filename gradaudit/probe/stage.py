@@ -103,9 +103,12 @@ def run(model, inputs: tuple, analysis, codes: set[str], opts: StageOptions, set
     from gradaudit.api import run_rules
     from gradaudit.probe.gradients import probe, resolve_device
 
+    import time
+
     findings: list = []
     if not opts.active:
         return findings
+    started = time.perf_counter()
     device = resolve_device(opts.device)
     settings = with_thresholds(settings, opts)
     analysis.config["settings"] = settings
@@ -120,6 +123,7 @@ def run(model, inputs: tuple, analysis, codes: set[str], opts: StageOptions, set
         analysis.config["gradcheck"] = gradcheck(model, inputs, modules=opts.gradcheck_modules, device=device)
         findings += run_rules(analysis, codes, stage="gradcheck")
     analysis.config["device"] = device
+    analysis.config["probe_seconds"] = time.perf_counter() - started
     return findings
 
 
@@ -131,6 +135,7 @@ def attach(report, analysis, opts: StageOptions) -> None:
         return
     result = analysis.config.get("probe")
     report.environment["device"] = analysis.config.get("device", "cpu")
+    report.environment["probe_seconds"] = round(analysis.config.get("probe_seconds", 0.0), 4)
     if result is not None:
         report.environment["dtype"] = {"fp32": "float32", "bf16": "bfloat16 (autocast)", "fp16": "float16 (autocast)"}[
             opts.dtype

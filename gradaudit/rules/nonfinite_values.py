@@ -103,5 +103,13 @@ class NonFiniteValues(Rule):
             detail.append(f"weights — {_describe(nf.weights)}")
         message = head + (". " + ". ".join(detail) if detail else "")
         guard = _GUARDS.get(nf.op, "torch.nan_to_num(x)  # after keeping this op's inputs inside its domain")
-        yield self.finding(message, node=node, fix=guard, phase=nf.phase, value=nf.value, inputs=nf.inputs,
-                           weights=nf.weights, gradient_of=nf.gradient_of)
+        yield self.finding(
+            message,
+            node=node,
+            fix=guard,
+            phase=nf.phase,
+            value=nf.value,
+            inputs=nf.inputs,
+            weights=nf.weights,
+            gradient_of=nf.gradient_of,
+        )

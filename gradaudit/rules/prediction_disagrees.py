@@ -60,7 +60,8 @@ class PredictionDisagrees(Rule):
         limit = math.log10(factor)
         rows = probe.agreement
         bad = [
-            i for i, r in enumerate(rows)
+            i
+            for i, r in enumerate(rows)
             if any(r.get(k) is not None and abs(r[k]) > limit for k in ("act_log10_error", "grad_log10_error"))
         ]
         bad_set = set(bad)
@@ -84,7 +85,13 @@ class PredictionDisagrees(Rule):
                     break
             for inp in probe.inputs:
                 m, pr = inp.get("measured_rms"), inp.get("predicted_rms")
-                if isinstance(m, float) and isinstance(pr, float) and m > 0 and pr > 0 and abs(math.log10(m / pr)) > 0.3:
+                if (
+                    isinstance(m, float)
+                    and isinstance(pr, float)
+                    and m > 0
+                    and pr > 0
+                    and abs(math.log10(m / pr)) > 0.3
+                ):
                     why.append(
                         f"input '{inp['input']}' has RMS {m:.3g} but the prediction assumed {pr:.3g} "
                         "(pass its mean and std to audit(..., input_stats=...))"
