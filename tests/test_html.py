@@ -170,15 +170,21 @@ def test_no_layers_no_chart():
     assert "<svg" not in page and "No layer statistics to chart." in page
 
 
-def test_gradcheck_table_escaped_and_in_column_order():
-    rows = [{"target": "<script>alert(1)</script>", "kind": "autograd.Function", "max_rel_error": 1.5e-9, "grade": "ok"},
-            {"target": "Swish", "kind": "module", "max_rel_error": 0.25, "grade": "wrong", "worst": [[0, 1, 0.25]]}]
+def test_gradcheck_table_escaped_with_the_worst_entry_spelled_out():
+    rows = [{"target": "<script>alert(1)</script>", "kind": "autograd.Function", "max_rel_error": 1.5e-9,
+             "grade": "correct", "worst": []},
+            {"target": "Swish", "kind": "module", "max_rel_error": 0.25, "grade": "wrong", "seed": 7,
+             "worst": [{"tensor": "input[0]", "index": [1, 3], "autograd": 0.5, "numeric": 0.3, "rel_error": 0.25}],
+             "kinks": [{"index": [0]}], "location": {"path": "net.py", "line": 9}}]
     page = html_report.render(_report([_layer(0, 1.0, 1.0)], gradcheck=rows))
     table = page[page.index('id="gradcheck"'):page.index('id="estimated"')]
     assert "<script>" not in table and "&lt;script&gt;alert(1)&lt;/script&gt;" in table
     heads = re.findall(r"<th>([^<]*)</th>", table)
-    assert heads == ["target", "kind", "max_rel_error", "grade", "worst"]
-    assert "<td>1.5e-09</td>" in table and "<td>0.25</td>" in table
+    assert heads == ["target", "kind", "grade", "max rel. error", "worst entry", "location", "seed"]
+    body = re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)[1:]
+    cells = [re.findall(r"<td>([^<]*)</td>", row) for row in body]
+    assert cells[0] == ["&lt;script&gt;alert(1)&lt;/script&gt;", "autograd.Function", "correct", "1.5e-09", "", "", ""]
+    assert cells[1] == ["Swish", "module", "wrong", "0.25", "input[0][1, 3]: autograd 0.5 vs numeric 0.3", "net.py:9", "7"]
 
 
 def test_suppressed_findings_listed():

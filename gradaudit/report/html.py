@@ -44,7 +44,7 @@ def render(report: AuditReport, **opts: Any) -> str:
         headline=headline(report),
         groups=_groups(report),
         chart=None if chart is None else _markup(chart),
-        gradcheck=_table(report.gradcheck),
+        gradcheck=_gradcheck(report.gradcheck),
         probe=_flat(report.probe) if report.probe else None,
         layers=report.layers,
         environment=_environment(report),
@@ -104,25 +104,61 @@ def _groups(report: AuditReport) -> list[dict]:
     return out
 
 
+def _gradcheck(rows: list[dict]) -> dict | None:
+    """The gradcheck table: one row per checked target, the worst entry spelled out.
+
+    Known keys (``target``, ``kind``, ``grade``, ``max_rel_error``, ``checked``,
+    ``worst``, ``kink_count``, ``below_resolution``, ``location``, ``note``) get their own
+    columns in that order; any other scalar keys follow."""
+    if not rows:
+        return None
+    known = ("target", "kind", "grade", "max_rel_error", "checked", "worst", "kink_count", "below_resolution",
+             "location", "note")
+    skip = {"kinks", "input_shapes"}
+    extra: list[str] = []
+    for row in rows:
+        for k, v in row.items():
+            if k not in known and k not in skip and k not in extra and not isinstance(v, (list, dict)):
+                extra.append(k)
+    cols = [k for k in known if any(k in row for row in rows)] + extra
+    out = []
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            if c == "worst":
+                cells.append(_worst(v))
+            elif c == "location":
+                cells.append(f"{v.get('path')}:{v.get('line')}" if isinstance(v, dict) else "")
+            elif v is None:
+                cells.append("")
+            else:
+                cells.append(_value(v))
+        out.append(cells)
+    titles = {"max_rel_error": "max rel. error", "kink_count": "kinks", "below_resolution": "below resolution",
+              "worst": "worst entry"}
+    return {"cols": [titles.get(c, c) for c in cols], "rows": out}
+
+
+def _worst(entries: Any) -> str:
+    if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
+        return _value(entries) if entries else ""
+    e = entries[0]
+    index = e.get("index")
+    where = f"{e.get('tensor', '')}{list(index) if isinstance(index, (list, tuple)) else ''}"
+    return f"{where}: autograd {fmt_num(e.get('autograd'))} vs numeric {fmt_num(e.get('numeric'))}"
+
+
 def _value(v: Any) -> str:
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+        more = f" (+{len(v) - 1} more)" if len(v) > 1 else ""
+        return _value(v[0]) + more
     if isinstance(v, (list, tuple)):
         shown = ", ".join(_value(x) for x in list(v)[:8])
         return f"[{shown}{', …' if len(v) > 8 else ''}]"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_value(x)}" for k, x in list(v.items())[:8]) + "}"
     return fmt_num(v)
-
-
-def _table(rows: list[dict]) -> dict | None:
-    """Columns (union of keys, first-seen order) and formatted cells of dict rows."""
-    if not rows:
-        return None
-    cols: list[str] = []
-    for row in rows:
-        for k in row:
-            if k not in cols:
-                cols.append(k)
-    return {"cols": cols, "rows": [[_value(row.get(c, "")) if c in row else "" for c in cols] for row in rows]}
 
 
 def _flat(d: dict) -> list[tuple[str, str]]:
