@@ -171,7 +171,7 @@ def test_inputs_path_pt_replaces_example_inputs(tmp_path):
 
 
 def test_inputs_path_safetensors(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors
     model, _ = small_models()["frozen_layernorm"]
     batch = torch.randn(5, 12)
     path = tmp_path / "batch.safetensors"
