@@ -135,3 +135,31 @@ def test_dead_threshold_is_configurable():
     model = _dead()
     report = gradaudit.audit(model, (torch.randn(16, 8),), probe=True, dead_units_min=1.01)
     assert not [f for f in report.findings if f.rule == "GA602"]
+
+
+def test_dead_unit_fraction_matches_direct_count():
+    torch.manual_seed(0)
+    model = _dead()
+    with torch.no_grad():
+        nn.init.uniform_(model[0].bias, -4.0, 1.0)  # a mix of dead and live units
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        zero = (model[1](model[0](x)) == 0).float().mean(dim=0)
+    expected = float((zero >= 0.7).float().mean())
+    assert 0.5 <= expected < 1.0  # the oracle: most but not all units are dead
+    report = gradaudit.audit(model, (x,), probe=True, draws=1)
+    (finding,) = [f for f in report.findings if f.rule == "GA602"]
+    assert finding.data["dead_fraction"] == pytest.approx(expected)
+    assert finding.data["units"] == 64
+
+
+def test_saturated_fraction_matches_direct_count():
+    torch.manual_seed(0)
+    model = _saturated()
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        expected = float((model[0](x).abs() >= 5).float().mean())
+    assert expected > 0.5
+    report = gradaudit.audit(model, (x,), probe=True, draws=1)
+    (finding,) = [f for f in report.findings if f.rule == "GA603"]
+    assert finding.data["saturated_fraction"] == pytest.approx(expected)
