@@ -76,7 +76,7 @@ def fmt(x: float) -> str:
 
 # ----------------------------------------------------------------------------- weights
 def weight_matrix(node: Node):
-    """The node's weight as a float64 (fan_out, fan_in) matrix, or None.
+    """The node's weight as a (fan_out, fan_in) matrix view, or None.
 
     For ``nn.Linear`` that is ``weight``; for a convolution ``weight`` reshaped to
     (C_out, C_in/groups * prod(kernel)), whose row length is the fan-in (He et al. 2015).
@@ -86,19 +86,23 @@ def weight_matrix(node: Node):
     w = node.params.get("weight")
     if w is None or getattr(w, "dim", lambda: 0)() < 2:
         return None
-    w = w.detach().double()
+    w = w.detach()
     return w.reshape(w.shape[0], -1)
 
 
 def fan_in_gain(w) -> float:
     """n E[w^2] over the rows of a (fan_out, fan_in) matrix: the factor a layer applies to
     the second moment of independent zero-mean inputs (He et al. 2015, Eq. 7)."""
-    return float(w.pow(2).sum(1).mean())
+    import torch
+
+    return float(torch.linalg.vector_norm(w.float(), dim=1).pow(2).double().mean())
 
 
 def rows_equal(w) -> bool:
     """True when every row of ``w`` equals the first (constant or zero init)."""
-    if w.shape[0] < 2:
+    import torch
+
+    if w.shape[0] < 2 or not torch.equal(w[0], w[1]):
         return False
     return bool((w == w[:1]).all())
 
@@ -191,7 +195,8 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
        the worst), fixed by an init line.
     2. Else, when most layers feed a saturating activation, the activation is the culprit
        (sigmoid' <= 1/4 caps the gain whatever the init or normalization): replace it.
-    3. Else the layer with the largest predicted change of gradient RMS, by an init line.
+    3. Else the linear/conv layer with the largest predicted change of gradient RMS, by
+       an init line; None when there is no linear/conv layer to re-initialise.
     """
     if not layers:
         return None
@@ -207,25 +212,23 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     sat = [n for n, a in zip(layers, acts) if a in SATURATING]
     if sat and len(sat) >= len(layers) // 2:
         return sat[0], swap_activation_fix(analysis, sat[0])
+    inits = layer_inits(analysis)
     grads = [analysis.stat(n.name).grad_rms for n in layers]
-    worst, score = layers[0], -1.0
+    worst, score = None, -1.0
     for i in range(len(layers) - 1):
         a, b = grads[i], grads[i + 1]
-        if a > 0 and b > 0:
+        if layers[i].name in inits and a > 0 and b > 0:
             s = abs(math.log(a / b))
             if s > score:
                 worst, score = layers[i], s
-    return worst, init_fix(analysis, worst)
+    return (worst, init_fix(analysis, worst)) if worst is not None else None
 
 
 def init_mismatch(analysis: Analysis, node: Node) -> float | None:
     """n E[w^2] of a linear/conv layer divided by the gain its next activation needs
     (:func:`needed_gain`); None for other layers."""
-    w = weight_matrix(node)
-    if w is None:
-        return None
-    act, act_node = next_activation_node(analysis, node)
-    return fan_in_gain(w) / needed_gain(act, act_node)[0]
+    li = layer_inits(analysis).get(node.name)
+    return li.ratio if li is not None else None
 
 
 # ----------------------------------------------------------------------------- graph walking
@@ -270,6 +273,7 @@ class Structure:
     residual_adds: set[str]
     edges: dict[str, list[Edge]] = field(default_factory=dict)
     wdepth: dict[str, int] = field(default_factory=dict)
+    inits: dict | None = None  # layer_inits(), filled on first use
 
 
 _CACHE: dict[int, tuple[object, Structure]] = {}
@@ -504,33 +508,37 @@ class LayerInit:
         return any(0.75 <= self.gain / t <= 1.0 / 0.75 for t in (1.0, glorot))
 
 
-def layer_init(analysis: Analysis, node: Node) -> LayerInit | None:
-    w = weight_matrix(node)
-    if w is None:
-        return None
-    act, act_node = next_activation_node(analysis, node)
-    needed, scheme = needed_gain(act, act_node)
-    return LayerInit(
-        node=node,
-        gain=fan_in_gain(w),
-        act=act,
-        needed=needed,
-        scheme=scheme,
-        fan_in=w.shape[1],
-        fan_out=w.shape[0],
-        normalized=followed_by_norm(analysis, node),
-        symmetric=rows_equal(w),
-        hidden=has_successor(analysis, node),
-    )
-
-
 def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
-    """:func:`layer_init` of every linear/conv weight layer, by node name."""
-    out = {}
+    """:func:`layer_init` of every linear/conv weight layer, by node name (computed once
+    per analysis; a module called several times is measured once)."""
+    st = structure(analysis)
+    if st.inits is not None:
+        return st.inits
+    out: dict[str, LayerInit] = {}
+    by_module: dict[str, tuple[float, bool]] = {}
     for n in analysis.weight_layers():
-        li = layer_init(analysis, n)
-        if li is not None:
-            out[n.name] = li
+        w = weight_matrix(n)
+        if w is None:
+            continue
+        key = n.module or n.name
+        if key not in by_module:
+            by_module[key] = (fan_in_gain(w), rows_equal(w))
+        gain, sym = by_module[key]
+        act, act_node = next_activation_node(analysis, n)
+        needed, scheme = needed_gain(act, act_node)
+        out[n.name] = LayerInit(
+            node=n,
+            gain=gain,
+            act=act,
+            needed=needed,
+            scheme=scheme,
+            fan_in=w.shape[1],
+            fan_out=w.shape[0],
+            normalized=followed_by_norm(analysis, n),
+            symmetric=sym,
+            hidden=has_successor(analysis, n),
+        )
+    st.inits = out
     return out
 
 
