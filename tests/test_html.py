@@ -199,3 +199,16 @@ def test_healthy_headline():
     layers = [_layer(0, 1.0, 0.5), _layer(1, 1.0, 1.0)]
     rep = _report(layers)
     assert html_report.headline(rep).startswith("No gradient problem predicted: across 2 weight layers")
+
+
+def test_cli_writes_the_same_page(deep_sigmoid, tmp_path):
+    import subprocess
+    import sys
+
+    from gradaudit.catalog import scrub
+
+    out = tmp_path / "audit.html"
+    proc = subprocess.run([sys.executable, "-m", "gradaudit", "check", "examples/deep_sigmoid.py", "--format", "html",
+                           "-o", str(out), "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert scrub(out.read_text(encoding="utf-8"), "html", root=str(ROOT)) == scrub(deep_sigmoid[1], "html", root=str(ROOT))

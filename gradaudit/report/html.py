@@ -35,6 +35,7 @@ def render(report: AuditReport, **opts: Any) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
     )
     env.filters["num"] = fmt_num
     chart = depth_chart(report)
