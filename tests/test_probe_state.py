@@ -122,3 +122,20 @@ def test_forward_that_raises_leaves_model_untouched_and_is_one_error():
         gradaudit.audit(model, (torch.randn(3, 4),), probe=True)
     assert fingerprint(model) == before
     assert all(not getattr(m, "_forward_hooks") for m in model.modules())
+
+
+def test_probe_runs_in_training_mode_and_restores_eval():
+    """A model handed over in eval mode is measured as training runs it: BatchNorm with
+    batch statistics (the output of a training-mode BN has per-channel mean 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(5.0)
+    x = torch.randn(64, 6)
+    report = gradaudit.audit(model, (x,), probe=True, draws=1)
+    (bn,) = [layer for layer in report.layers if layer.module == "1"]
+    with torch.no_grad():
+        h = model[0](x)
+        expected = ((h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)).pow(2).mean().sqrt()
+    assert bn.measured.act_rms == pytest.approx(float(expected), rel=1e-4)
+    assert not model.training and not model[1].training

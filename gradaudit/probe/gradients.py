@@ -1,8 +1,8 @@
 """The gradient probe: real forward/backward passes that measure what was predicted.
 
-Each draw runs the user's model once forward and once backward, in the mode it is in
-(training mode: BatchNorm uses batch statistics, dropout is active), with the loss of
-DESIGN.md
+Each draw runs the user's model once forward and once backward in training mode, as
+training runs (BatchNorm uses batch statistics, dropout is active; the modes are restored
+afterwards), with the loss of DESIGN.md
 
     L = sum over every floating output y of <y, g>,   g ~ N(0, 1) drawn per element,
 
@@ -789,6 +789,7 @@ def probe(
     acts = {n.name: n.op for n in graph if n.op in ACTIVATIONS}
     result_layers = {n.name: LayerMeasure(n.name, n.module) for n in layer_nodes}
     with preserved(model), _on_device(model, device):
+        model.train()  # as training runs: batch statistics in BatchNorm, dropout active
         gm = graph_module(model)
         runner = Runner(model, gm, graph, layers, acts, settings)
         notes: list[str] = []
