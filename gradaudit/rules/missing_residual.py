@@ -71,8 +71,8 @@ class MissingResidual(Rule):
             None,
         )
         fix = (
-            f"x = x + {module_expr(block.module)}(x)  # skip connection around '{block.module}' and the layers "
-            f"after it"
+            f"x = x + {module_expr(block.module)}(x)  # identity shortcut around this layer; likewise for "
+            f"the others (or blocks of two)"
             if block is not None
             else "x = x + block(x)  # identity shortcut around each block (1x1 projection where shapes differ)"
         )

@@ -28,17 +28,21 @@ def test_finding(build, expect):
 
 def test_thirty_layers_halve_the_variance_29_times():
     """ORACLES.md (He et al. 2015): 30 Xavier-ReLU layers -> forward variance ratio 2^-29.
-    The message states it; the prediction and a real forward pass agree with it within
-    +-1.5 in log2 (one draw, width 256)."""
-    model = mlp(30, 256, nn.ReLU, nn.init.xavier_normal_, bias=False)
-    (f,) = audit(model, x_for(model), CODE)
-    assert f.data["theory"] == 2.0**-29 and "2^-29" in f.message and "30 layers" in f.message
-    assert abs(math.log2(f.data["variance_ratio"]) + 29) <= 1.5
-    torch.manual_seed(7)
-    x = torch.randn(2048, 256)
-    with torch.no_grad():
-        y = model(x)
-    real = float(y.pow(2).mean() / x.pow(2).mean())
-    assert abs(math.log2(real) + 29) <= 1.5
-    assert abs(math.log2(real) - math.log2(f.data["variance_ratio"])) <= 1.5
+    The message states it. Per draw (width 256) the prediction follows a real forward
+    pass of the same weights within 0.5 in log2; single draws scatter (Hanin 2018), so
+    the average of three draws is compared with 2^-29 (+-1.5 in log2)."""
+    preds, reals = [], []
+    for seed in (0, 1, 2):
+        model = mlp(30, 256, nn.ReLU, nn.init.xavier_normal_, bias=False, seed=seed)
+        (f,) = audit(model, x_for(model), CODE)
+        assert f.data["theory"] == 2.0**-29 and "2^-29" in f.message and "30 layers" in f.message
+        torch.manual_seed(7)
+        x = torch.randn(2048, 256)
+        with torch.no_grad():
+            y = model(x)
+        preds.append(math.log2(f.data["variance_ratio"]))
+        reals.append(math.log2(float(y.pow(2).mean() / x.pow(2).mean())))
+        assert abs(preds[-1] - reals[-1]) <= 0.5
+    assert abs(sum(reals) / 3 + 29) <= 1.5
+    assert abs(sum(preds) / 3 + 29) <= 1.5
     assert f.fix == "nn.init.kaiming_normal_(model[0].weight, nonlinearity='relu')"
