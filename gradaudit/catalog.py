@@ -132,7 +132,8 @@ def gallery(examples: str = "examples", *, formats: tuple[str, ...] = ("html", "
             stem = os.path.splitext(os.path.basename(target))[0]
             for fmt in formats:
                 ext = {"html": "html", "sarif": "sarif", "json": "json"}[fmt]
-                files[f"{stem}.{ext}"] = get_renderer(fmt).render(report)
+                opts = {"srcroot": False} if fmt == "sarif" else {}  # no local absolute path in published logs
+                files[f"{stem}.{ext}"] = get_renderer(fmt).render(report, **opts)
             c = report.counts()
             rows.append(
                 f"| [`{target}`](../{target}) | **{report.verdict}** | {c['error']} / {c['warning']} / {c['info']} | "

@@ -203,3 +203,9 @@ def test_uris_are_percent_encoded(tmp_path):
     art = log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
     assert art == {"uri": "my%20models/net%201.py", "uriBaseId": "%SRCROOT%", "index": 0}
     assert log["runs"][0]["originalUriBaseIds"]["%SRCROOT%"]["uri"] == tmp_path.as_uri() + "/"
+
+
+def test_srcroot_can_be_left_out():
+    log = sarif.to_sarif([_report([_finding()])], srcroot=False)
+    assert "originalUriBaseIds" not in log["runs"][0] and _errors(log) == []
+    assert log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uriBaseId"] == "%SRCROOT%"

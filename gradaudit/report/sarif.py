@@ -45,9 +45,10 @@ def render_many(reports: Iterable[AuditReport], **opts) -> str:
     return json.dumps(to_sarif(list(reports), **opts), indent=2, ensure_ascii=False) + "\n"
 
 
-def to_sarif(reports: list[AuditReport], *, base: str | None = None, **_: object) -> dict:
+def to_sarif(reports: list[AuditReport], *, base: str | None = None, srcroot: bool = True, **_: object) -> dict:
     """The SARIF log as a dict. ``base`` is the directory ``%SRCROOT%`` stands for
-    (default: the working directory)."""
+    (default: the working directory); ``srcroot=False`` leaves its absolute address out
+    of the log (``originalUriBaseIds``), for logs published beside the sources."""
     from gradaudit.rules.base import SEVERITY_ORDER, all_rules
 
     base = os.path.abspath(base or os.getcwd())
@@ -79,7 +80,6 @@ def to_sarif(reports: list[AuditReport], *, base: str | None = None, **_: object
                 "rules": [_descriptor(cls) for cls in rules],
             }
         },
-        "originalUriBaseIds": {"%SRCROOT%": {"uri": _dir_uri(base)}},
         "artifacts": _artifacts(results),
         "results": results,
         "columnKind": "unicodeCodePoints",
@@ -90,6 +90,8 @@ def to_sarif(reports: list[AuditReport], *, base: str | None = None, **_: object
             "truncated": truncated,
         },
     }
+    if srcroot:
+        run["originalUriBaseIds"] = {"%SRCROOT%": {"uri": _dir_uri(base)}}
     return {"$schema": SCHEMA_URI, "version": "2.1.0", "runs": [run]}
 
 
