@@ -106,7 +106,7 @@ def series(report: AuditReport) -> dict | None:
     grad = pos([layer.predicted.grad_rms for layer in layers])
     act = pos([layer.predicted.act_rms for layer in layers])
     measured = [layer.measured for layer in layers]
-    weight = [g for layer, g in zip(layers, grad) if layer.depth is not None and g == g]
+    weight = [g for layer, g in zip(layers, grad, strict=True) if layer.depth is not None and g == g]
     ref = weight[-1] if weight else next((g for g in reversed(grad) if g == g), None)
     return {
         "x": list(range(1, len(layers) + 1)),
