@@ -96,7 +96,11 @@ class ActivationBlowup(Rule):
             layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
             upto = [n for n in layers if order[n.name] <= order[node.name]]
             culprit = culprit_layer(analysis, upto) if upto else None
-            fix = culprit[1] if culprit else "with torch.autocast('cuda', dtype=torch.bfloat16):  # bfloat16 does not overflow at 65504"
+            fix = (
+                culprit[1]
+                if culprit
+                else "torch.set_autocast_dtype('cuda', torch.bfloat16)  # bfloat16 reaches 3.4e38, float16 65504"
+            )
             yield self.finding(
                 f"predicted RMS {fmt(s.act_rms)} at '{where(node)}' ({node.op}) puts {sigmas:g}-sigma values at "
                 f"{fmt(s.act_rms * sigmas)}, beyond float16's largest value 65504"

@@ -130,7 +130,11 @@ class UnscaledAttention(Rule):
         loc = f" at {mm.location}" if mm.location else ""
         if scaled:
             why = "the logits are scaled but q and k are too large"
-            fix = f"nn.init.xavier_uniform_(q_proj.weight); nn.init.xavier_uniform_(k_proj.weight)  # q/k feeding{loc}"
+            projs = [p for p in (_projection(analysis, a), _projection(analysis, b)) if p is not None]
+            if projs:
+                fix = "; ".join(f"nn.init.xavier_uniform_({module_expr(p.module)}.weight)" for p in projs)
+            else:
+                fix = f"q, k = q / q.std(), k / k.std()  # before q @ k^T{loc}"
         else:
             why = "no 1/sqrt(d) scale between q @ k^T and the softmax"
             fix = f"scores = q @ k.transpose(-2, -1) / math.sqrt({d or 'head_dim'})  # {loc.strip() or 'before softmax'}"
@@ -143,6 +147,16 @@ class UnscaledAttention(Rule):
             head_dim=d,
             scaled=scaled,
         )
+
+
+def _projection(analysis, name: str):
+    """The linear layer that produced an operand of q @ k^T (through layout ops), if any."""
+    node = analysis.graph[name]
+    srcs = [node] if node.op == "linear" else analysis.prev_nodes(node, TRANSPARENT) if node.op in TRANSPARENT else []
+    for src in srcs:
+        if src.op == "linear" and src.module:
+            return src
+    return None
 
 
 def _find_qk(analysis, node):

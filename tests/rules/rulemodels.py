@@ -17,9 +17,15 @@ import gradaudit
 
 
 def audit(model: nn.Module, x, code: str, **kw):
-    """The findings of rule ``code`` (only that rule selected)."""
+    """The findings of rule ``code`` (only that rule selected). Every finding must carry
+    a fix that is valid Python and a message with at least one number."""
     report = gradaudit.audit(model, x, select=[code], **kw)
-    return [f for f in report.findings if f.rule == code]
+    found = [f for f in report.findings if f.rule == code]
+    for f in found:
+        assert f.fix, f"{code} finding without a fix"
+        compile(f.fix, "<fix>", "exec")
+        assert any(ch.isdigit() for ch in f.message)
+    return found
 
 
 # ----------------------------------------------------------------------------- MLPs
@@ -287,3 +293,12 @@ def measure_layers(model: nn.Module, x: torch.Tensor, draws: int = 2, batch: int
             acc[n][1] += store[n].grad.double().pow(2).mean().item() / draws
     return {n: (math.sqrt(a), math.sqrt(b)) for n, (a, b) in acc.items()}
 
+
+
+class ScaledBigQK(HandAttention):
+    """Scaled dot-product attention whose q/k projections are 4x too large (std 4/sqrt(d))."""
+
+    def __init__(self, d=64, seed=0):
+        super().__init__(d, scale=True, seed=seed)
+        for lin in (self.q, self.k):
+            nn.init.normal_(lin.weight, std=4 / math.sqrt(d))

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from rulemodels import MHA, SDPA, HandAttention, audit
+from rulemodels import MHA, SDPA, HandAttention, ScaledBigQK, audit
 
 CODE = "GA402"
 
 CASES = [
     pytest.param(lambda: HandAttention(64, scale=False), ("softmax", "warning"), id="hand-unscaled-d64"),
     pytest.param(lambda: HandAttention(64, scale=True), None, id="hand-scaled-d64"),
+    pytest.param(lambda: ScaledBigQK(64), ("softmax", "warning"), id="hand-scaled-oversized-qk"),
     pytest.param(lambda: HandAttention(8, scale=False), None, id="hand-unscaled-d8"),
     pytest.param(lambda: SDPA(64, scale=1.0), ("scaled_dot_product_attention", "warning"), id="sdpa-scale-1"),
     pytest.param(lambda: SDPA(64), None, id="sdpa-default-scale"),
@@ -56,3 +57,9 @@ def test_saturated_softmax_for_real():
 def test_sdpa_message_names_the_scale():
     (f,) = audit(SDPA(64, scale=1.0), x_attn()[:1], CODE)
     assert "scale=1 instead of 1/sqrt(64) = 0.125" in f.message
+
+
+def test_oversized_projections_fix_names_them():
+    (f,) = audit(ScaledBigQK(64), x_attn()[:1], CODE)
+    assert "scaled but q and k are too large" in f.message
+    assert f.fix == "nn.init.xavier_uniform_(model.q.weight); nn.init.xavier_uniform_(model.k.weight)"
