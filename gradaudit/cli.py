@@ -292,14 +292,22 @@ def _settings(config):
 
     from gradaudit.api import Settings
 
-    names = {f.name for f in fields(Settings)}
+    from gradaudit.config import known_thresholds
+
+    names = {f.name for f in fields(Settings)} - {"extra"}
     values = dict(config.settings)
     extra = {}
+    known = None
     for k, v in config.thresholds.items():
-        if k in names and k != "extra":
-            values[k] = v
-        else:
-            extra[k] = v
+        if k in names:
+            values[k] = type(getattr(Settings(), k))(v)
+            continue
+        known = known if known is not None else known_thresholds()
+        if k not in known:
+            where = os.path.relpath(config.path) if config.path else "config"
+            choices = ", ".join(sorted(n.replace("_", "-") for n in known | names))
+            raise ConfigError(f"{where}: unknown threshold '{k.replace('_', '-')}' in thresholds; known: {choices}")
+        extra[k] = v
     return Settings(**values, extra=extra)
 
 

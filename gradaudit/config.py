@@ -259,6 +259,30 @@ def _relative_to(spec: str, base: str) -> str:
     return spec
 
 
+def known_thresholds() -> set[str]:
+    """Names the rules and the probe read from ``Settings.extra``.
+
+    Rules read them as ``settings.extra.get("name", default)``; the probe keeps its
+    defaults in ``gradaudit.probe.gradients.DEFAULTS``. Found by reading the rule sources,
+    so a new rule's threshold is known without a list to keep in step.
+    """
+    import re
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules")
+    names: set[str] = set()
+    pattern = re.compile(r"extra\.get\(\s*[\"'](\w+)[\"']")
+    for entry in sorted(os.listdir(folder)):
+        if entry.endswith(".py"):
+            with open(os.path.join(folder, entry), encoding="utf-8") as fh:
+                names.update(pattern.findall(fh.read()))
+    try:
+        from gradaudit.probe.gradients import DEFAULTS
+    except ImportError:  # pragma: no cover - the probe ships with the package
+        DEFAULTS = {}
+    names.update(DEFAULTS)
+    return names
+
+
 def _show(path: str) -> str:
     """A path relative to the working directory when inside it."""
     apath = os.path.abspath(path)

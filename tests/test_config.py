@@ -197,3 +197,23 @@ def test_unknown_code_in_config_names_file_and_key(cli, write, tmp_path):
     result = cli("check", cwd=tmp_path)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: pyproject.toml: select: unknown rule code 'XY1'")
+
+
+def test_unknown_threshold_names_file_and_key(cli, write, tmp_path):
+    _project(write, "[tool.gradaudit.thresholds]\nresidual-dept = 30\n")
+    result = cli("check", cwd=tmp_path)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: pyproject.toml: unknown threshold 'residual-dept'")
+    assert "residual-depth" in result.stderr
+
+
+@pytest.mark.parametrize("depth,present", [(None, True), (40, False), (31, True)])
+def test_threshold_reaches_the_rules(depth, present, cli, write, tmp_path):
+    """GA303 fires on a chain of at least ``residual-depth`` weight layers; the deep sigmoid has 31."""
+    import gradaudit.rules.missing_residual  # noqa: F401  (the rule this test drives)
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "deep_sigmoid.py")
+    table = f"[tool.gradaudit.thresholds]\nresidual-depth = {depth}\n" if depth else "fail-on = 'error'\n"
+    write("pyproject.toml", "[tool.gradaudit]\n" + table)
+    report = json.loads(cli("check", example, "--format", "json", cwd=tmp_path).stdout)
+    assert any(f["rule"] == "GA303" for f in report["findings"]) == present
