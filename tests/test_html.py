@@ -212,3 +212,18 @@ def test_cli_writes_the_same_page(deep_sigmoid, tmp_path):
                            "-o", str(out), "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert scrub(out.read_text(encoding="utf-8"), "html", root=str(ROOT)) == scrub(deep_sigmoid[1], "html", root=str(ROOT))
+
+
+def test_probe_summary():
+    probe = {"draws": 2, "device": "cpu", "dtype": "fp32", "total_grad_norm": 16.0, "grad_norms": [23.3, 8.64],
+             "agreement": [{"node": "fc"}], "agreement_summary": {"layers": 4, "fraction_act_within_2x": 0.75,
+                                                                  "fraction_grad_within_2x": 1.0},
+             "nonfinite": {"phase": "backward", "op": "log", "module": "<b>head</b>", "node": "log_1", "value": "nan",
+                           "cause": "nan", "location": {"path": "net.py", "line": 7}},
+             "notes": ["2 draw(s) on CPU"], "inputs": [{"input": "x", "measured_rms": 1.33, "predicted_rms": 1.0}]}
+    page = html_report.render(_report([_layer(0, 1.0, 1.0, measured=Moments(1.0, 1.0))], probe=probe))
+    rows = dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", page[page.index("<h3>Probe</h3>"):]))
+    assert rows["prediction within 2x of measurement"] == "activations 75%, gradients 100% of 4 layers"
+    assert rows["input x"] == "measured RMS 1.33, prediction assumed 1"
+    assert rows["first non-finite value"] == "nan in the backward pass of log &#39;&lt;b&gt;head&lt;/b&gt;&#39; at net.py:7 (nan)"
+    assert rows["gradient norm per draw"] == "[23.3, 8.64]" and rows["draws"] == "2"

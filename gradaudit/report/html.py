@@ -46,7 +46,7 @@ def render(report: AuditReport, **opts: Any) -> str:
         groups=_groups(report),
         chart=None if chart is None else _markup(chart),
         gradcheck=_gradcheck(report.gradcheck),
-        probe=_flat(report.probe) if report.probe else None,
+        probe=_probe(report.probe) if report.probe else None,
         layers=report.layers,
         environment=_environment(report),
         suppressed=report.suppressed,
@@ -162,8 +162,42 @@ def _value(v: Any) -> str:
     return fmt_num(v)
 
 
-def _flat(d: dict) -> list[tuple[str, str]]:
-    return [(k, _value(v)) for k, v in d.items() if not isinstance(v, (list, dict)) or len(v) <= 8]
+def _probe(d: dict) -> list[tuple[str, str]]:
+    """Rows of the probe summary: what ran, how well prediction and measurement agree,
+    where values stopped being finite. Per-layer numbers are in the layers table."""
+    rows: list[tuple[str, str]] = []
+    shown = {"agreement", "units", "agreement_summary", "notes", "inputs", "nonfinite", "grad_norms", "precision"}
+    names = {"draws": "draws", "device": "device", "dtype": "dtype", "total_grad_norm": "total gradient norm",
+             "seconds_per_draw": "seconds per draw"}
+    for key, label in names.items():
+        if d.get(key) is not None:
+            rows.append((label, _value(d[key])))
+    if d.get("grad_norms"):
+        rows.append(("gradient norm per draw", _value(d["grad_norms"])))
+    summary = d.get("agreement_summary") or {}
+    parts = []
+    for key, what in (("fraction_act_within_2x", "activations"), ("fraction_grad_within_2x", "gradients")):
+        if isinstance(summary.get(key), (int, float)):
+            parts.append(f"{what} {100 * summary[key]:.0f}%")
+    if parts:
+        rows.append(("prediction within 2x of measurement", f"{', '.join(parts)} of {summary.get('layers', '?')} layers"))
+    for item in d.get("inputs") or []:
+        if isinstance(item, dict) and "measured_rms" in item:
+            rows.append((f"input {item.get('input', '')}",
+                         f"measured RMS {fmt_num(item['measured_rms'])}, prediction assumed {fmt_num(item.get('predicted_rms'))}"))
+    bad = d.get("nonfinite")
+    if isinstance(bad, dict):
+        where = bad.get("module") or bad.get("node")
+        loc = bad.get("location")
+        at = f" at {loc.get('path')}:{loc.get('line')}" if isinstance(loc, dict) else ""
+        rows.append(("first non-finite value", f"{bad.get('value')} in the {bad.get('phase')} pass of {bad.get('op')} "
+                                               f"'{where}'{at} ({bad.get('cause')})"))
+    if isinstance(d.get("precision"), dict):
+        rows.extend((f"precision: {k}", _value(v)) for k, v in d["precision"].items())
+    if d.get("notes"):
+        rows.append(("notes", "; ".join(str(n) for n in d["notes"])))
+    rows.extend((k, _value(v)) for k, v in d.items() if k not in names and k not in shown)
+    return rows
 
 
 def _environment(report: AuditReport) -> list[tuple[str, str]]:
