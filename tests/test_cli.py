@@ -195,6 +195,36 @@ def test_first_layer_ratio_in_verdict_matches_layers(cli):
     assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)
 
 
+EXPLODING_MLP = """
+import torch
+import torch.nn as nn
+
+def build_model():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(24):
+        layer = nn.Linear(128, 128)
+        nn.init.normal_(layer.weight, std=(4.0 / 128) ** 0.5)  # twice He's variance: gradients grow
+        nn.init.zeros_(layer.bias)
+        layers += [layer, nn.ReLU()]
+    return nn.Sequential(*layers)
+"""
+
+
+def test_exploding_verdict_matches_layers(cli, write, tmp_path):
+    write("boom.py", EXPLODING_MLP)
+    report = _json(cli("check", "boom.py", "--format", "json", cwd=tmp_path))
+    assert report["summary"]["verdict"] == "exploding"
+    grads = [layer["predicted"]["grad_rms"] for layer in report["layers"] if layer["depth"] is not None]
+    # the mean-field oracle: chi = n Var[w] E[relu'^2] = 4 * 1/2 = 2 per layer, sqrt(2) in RMS
+    per_layer = (grads[0] / grads[-1]) ** (1 / (len(grads) - 1))
+    assert math.log2(per_layer) == pytest.approx(0.5, abs=0.15)
+    first = cli("check", "boom.py", cwd=tmp_path).stdout.splitlines()[0]
+    assert first.startswith("EXPLODING  gradients explode: the first layer gets ")
+    shown = float(first.split("the first layer gets ")[1].split("x ")[0])
+    assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)
+
+
 def test_skip_missing_skips_files_without_models(cli, write, tmp_path):
     write("util.py", "def helper():\n    return 1\n")
     write("torchy.py", "import torch\nWIDTH = 3\n")

@@ -65,14 +65,17 @@ def verdict_sentence(report: AuditReport) -> str:
         from gradaudit.rules.base import SEVERITY_ORDER
 
         worst = min(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
-        if worst.category in ("vanishing", "exploding") and d.n_layers >= 2:
+        shrinks = worst.category == "vanishing" and d.end_to_end_decades <= -1
+        grows = worst.category == "exploding" and d.end_to_end_decades >= 1
+        if (shrinks or grows) and d.n_layers >= 2:
             ratio = 10.0 ** d.end_to_end_decades if math.isfinite(d.end_to_end_decades) else 0.0
             rate = ""
             if d.layers_per_decade is not None:
                 word = "fall" if d.decades_per_layer < 0 else "grow"
                 rate = f"; at this rate gradients {word} 10x every {d.layers_per_decade:.1f} layers"
-            verb = "vanish" if worst.category == "vanishing" else "explode"
-            return f"gradients {verb}: the first layer gets {fmt(ratio)} of the last layer's gradient{rate}"
+            if shrinks:
+                return f"gradients vanish: the first layer gets {fmt(ratio)} of the last layer's gradient{rate}"
+            return f"gradients explode: the first layer gets {fmt(ratio)}x the last layer's gradient{rate}"
         return worst.message
     if d.n_layers >= 2 and math.isfinite(d.spread_decades):
         return (
