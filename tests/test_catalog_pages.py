@@ -77,3 +77,16 @@ def test_gallery_index_up_to_date(regenerated):
 def test_no_reports_for_examples_that_do_not_exist():
     have = {p.name for p in (ROOT / "reports").iterdir() if p.suffix in (".html", ".sarif")}
     assert have == {f"{s}.{e}" for s in EXAMPLES for e in ("html", "sarif")}, STALE
+
+
+def test_rules_markdown_command_writes_the_catalog(tmp_path):
+    from click.testing import CliRunner
+
+    from gradaudit.catalog import rule_pages
+    from gradaudit.cli import main
+
+    (tmp_path / "GA999.md").write_text("a page of a rule that is gone\n")
+    result = CliRunner().invoke(main, ["rules", "--markdown", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0
+    written = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.iterdir()}
+    assert written == rule_pages()
