@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from gradaudit.rules.helpers import RELU_FAMILY, fmt, init_fix, layer_inits, log10_ratio, longest_chain, where
+from gradaudit.rules.helpers import RELU_FAMILY, fmt, init_fix, layer_inits, log10_ratio, longest_chain, times, where
 
 
 def mis_scaled_run(analysis, direction: int):
@@ -67,9 +67,9 @@ def check(rule, analysis, direction: int) -> Iterator:
         f"{len(chain)} layers in a plain stack ('{where(chain[0])}' to '{where(chain[-1])}', "
         f"{'/'.join(acts)}) are initialised {fmt(factor)}x {word} the gain their activation needs: "
         f"n Var[w] = {fmt(min(gains))}..{fmt(max(gains))} vs {', '.join(schemes)}; "
-        f"across them the predicted activation RMS {moved} {fmt(10 ** abs(act_change))}x"
+        f"across them the predicted activation RMS {moved} {times(abs(act_change))}x"
         f"{'' if act_change >= 0 else ' the other way'} and the gradient RMS toward the input "
-        f"{moved} {fmt(10 ** abs(grad_change))}x{'' if grad_change >= 0 else ' the other way'}",
+        f"{moved} {times(abs(grad_change))}x{'' if grad_change >= 0 else ' the other way'}",
         node=chain[0],
         fix=init_fix(analysis, chain[0]),
         layers=[n.module or n.name for n in chain],

@@ -67,6 +67,11 @@ def where(node: Node) -> str:
     return module_expr(node.module) if node.module else node.name
 
 
+def times(decades: float) -> str:
+    """``10 ** decades`` formatted (an overflowing value reads as inf)."""
+    return fmt(10.0 ** decades) if decades < 300 else "inf"
+
+
 def fmt(x: float) -> str:
     """A number in 3 significant digits."""
     if x == 0 or not math.isfinite(x):
@@ -294,7 +299,9 @@ def structure(analysis: Analysis) -> Structure:
 
 def _build_structure(analysis: Analysis) -> Structure:
     graph = analysis.graph
-    wl = analysis.weight_layers()
+    # layers without predicted statistics (an op that could not be estimated) are looked
+    # through like any other op, so every chain layer has statistics
+    wl = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
     wset = {n.name for n in wl}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     anc: dict[str, int] = {}
