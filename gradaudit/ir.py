@@ -112,6 +112,17 @@ class Node:
         return f"node '{self.name}' [{self.op}]{where}{loc}"
 
 
+def callable_of(node: Node) -> Callable:
+    """What to call to compute ``node`` outside the model's own forward: a module's
+    ``forward`` (so the user's hooks never see the audit's sampled or fake tensors),
+    else the function itself."""
+    fn = node.fn
+    forward = getattr(fn, "forward", None)
+    if forward is not None and hasattr(fn, "_forward_hooks"):
+        return forward
+    return fn
+
+
 def iter_refs(obj: Any) -> Iterator[Ref]:
     """Every :class:`Ref` inside a nested structure of tuples, lists and dicts."""
     if isinstance(obj, Ref):

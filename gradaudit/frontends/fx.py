@@ -9,6 +9,7 @@ runs and its buffers (BatchNorm's ``num_batches_tracked``) are never touched.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import re
@@ -23,19 +24,66 @@ from gradaudit.errors import CaptureError
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../gradaudit
 
 #: Module classes traced through rather than kept as leaves.
 _TRACE_THROUGH = (
     nn.Sequential,
     nn.ModuleList,
     nn.ModuleDict,
-    nn.Transformer,
     nn.TransformerEncoder,
     nn.TransformerDecoder,
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
 )
+
+
+# torch's Transformer layers pick a fused fast path by inspecting their input (control
+# flow fx cannot trace); in training mode they compute exactly these slow paths.
+def _encoder_layer(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    x = src
+    if self.norm_first:
+        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + self._ff_block(self.norm2(x))
+    x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return self.norm2(x + self._ff_block(x))
+
+
+def _decoder_layer(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+    x = tgt
+    if self.norm_first:
+        x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        return x + self._ff_block(self.norm3(x))
+    x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+    x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+    return self.norm3(x + self._ff_block(x))
+
+
+def _encoder(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    out = src
+    for layer in self.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    return self.norm(out) if self.norm is not None else out
+
+
+def _decoder(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+             memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    out = tgt
+    for layer in self.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return self.norm(out) if self.norm is not None else out
+
+
+_TRACEABLE_FORWARD = {
+    nn.TransformerEncoderLayer: _encoder_layer,
+    nn.TransformerDecoderLayer: _decoder_layer,
+    nn.TransformerEncoder: _encoder,
+    nn.TransformerDecoder: _decoder,
+}
 
 #: Leaf module class -> normalised op name.
 MODULE_OPS: dict[type, str] = {
@@ -162,12 +210,18 @@ class _Tracer(fx.Tracer):
             return False
         return type(m) in MODULE_OPS or super().is_leaf_module(m, qualname)
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        replacement = _TRACEABLE_FORWARD.get(type(m))
+        if replacement is not None:
+            forward = replacement.__get__(m)
+        return super().call_module(m, forward, args, kwargs)
+
 
 def user_location(frames: list[tuple[str, int, str | None]]) -> Location | None:
     """The innermost frame outside torch and gradaudit: the user's own line."""
     for path, line, code in reversed(frames):
         apath = os.path.abspath(path) if not path.startswith("<") else path
-        if apath.startswith(_TORCH_DIR) or apath.startswith(_PKG_DIR + os.sep + "gradaudit"):
+        if apath.startswith(_TORCH_DIR + os.sep) or apath.startswith(_PKG_DIR + os.sep):
             continue
         if path.startswith("<"):
             continue
@@ -217,13 +271,23 @@ def _method_caller(name: str):
 def trace(model: nn.Module, example_inputs: tuple) -> Graph:
     """Symbolically trace ``model`` and propagate fake shapes; raise :class:`CaptureError`."""
     tracer = _Tracer()
+    original_class = type(model)
+    replacement = _TRACEABLE_FORWARD.get(original_class)
     try:
-        fx_graph = tracer.trace(model)
+        concrete = None
+        if replacement is not None:  # the model itself is e.g. an nn.TransformerEncoder
+            model.__class__ = type(original_class.__name__, (original_class,), {"forward": replacement})
+            params = list(inspect.signature(replacement).parameters.values())[1:]
+            tensors = 2 if original_class is nn.TransformerDecoder else 1  # (tgt, memory) / (src,)
+            concrete = {p.name: p.default for p in params[tensors:]}
+        fx_graph = tracer.trace(model, concrete_args=concrete)
     except Exception as exc:  # torch.fx raises many types for untraceable code
         loc = _exception_location(exc)
         where = f" at {loc}" if loc else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.fx could not trace the model{where}: {first}", location=loc) from exc
+    finally:
+        model.__class__ = original_class
     gm = fx.GraphModule(tracer.root, fx_graph)
     _propagate_fake_shapes(gm, example_inputs)
     return _to_ir(gm, model)
@@ -231,7 +295,8 @@ def trace(model: nn.Module, example_inputs: tuple) -> Graph:
 
 def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    _NoHookFakeProp = _no_hook_prop_class()
 
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     state = {
@@ -247,7 +312,7 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             self.gm = gm
 
         def forward(self, *args):
-            return FakeTensorProp(self.gm, mode).propagate(*args)
+            return _NoHookFakeProp(self.gm, mode).propagate(*args)
 
     wrapper = _Prop()
     try:
@@ -261,6 +326,19 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         raise CaptureError(
             f"the example inputs do not fit the model{at_node}{where}: {first}", location=loc
         ) from exc
+
+
+def _no_hook_prop_class():
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    class NoHookFakeProp(FakeTensorProp):
+        """FakeTensorProp that calls leaf modules' ``forward`` directly: the user's
+        forward hooks must not see (or choke on) the audit's fake tensors."""
+
+        def call_module(self, target, args, kwargs):
+            return self.fetch_attr(target).forward(*args, **kwargs)
+
+    return NoHookFakeProp
 
 
 def _failing_fx_node(gm: fx.GraphModule, exc: BaseException) -> fx.Node | None:

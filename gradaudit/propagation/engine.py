@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import Graph, Node, Stats, iter_refs, map_refs
+from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, apply_gain
@@ -261,7 +261,7 @@ class Engine:
             # an in-place op (ReLU(inplace=True), relu_) gets copies: it must not
             # overwrite a value that other members or the gradient still read
             copy = (lambda r: vals[r.name].clone()) if _in_place(n) else (lambda r: vals[r.name])
-            v = n.fn(*map_refs(n.args, copy), **map_refs(n.kwargs, copy))
+            v = callable_of(n)(*map_refs(n.args, copy), **map_refs(n.kwargs, copy))
             if not isinstance(v, torch.Tensor) or v.shape != z.shape:
                 raise TypeError(f"{name} is not elementwise")
             if name == leaf:

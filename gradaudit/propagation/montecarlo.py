@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import Node, Ref, Stats, map_refs
+from gradaudit.ir import callable_of, Node, Ref, Stats, map_refs
 from gradaudit.propagation.handlers import Effect, _stats
 
 SEED = 1234
@@ -55,7 +55,7 @@ def estimate(node: Node, engine) -> Effect:
     args = map_refs(node.args, sample)
     kwargs = map_refs(node.kwargs, sample)
     with torch.enable_grad():
-        out = node.fn(*args, **kwargs)
+        out = callable_of(node)(*args, **kwargs)
     outs: list[Any] = []
     _flatten(out, outs)
     stats: list[Stats | None] = []
