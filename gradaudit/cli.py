@@ -33,6 +33,10 @@ def _error(message: str) -> None:
     click.echo(f"error: {_one_line(message)}", err=True)
 
 
+#: click >= 8.2 raises this for a bare ``gradaudit``; it carries the help text.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Group(click.Group):
     """A group whose usage errors are one line on stderr (exit 2), like every other error."""
 
@@ -43,6 +47,9 @@ class _Group(click.Group):
             code = rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as exc:
             code = exc.exit_code
+        except _NO_ARGS_IS_HELP as exc:
+            click.echo(exc.format_message())
+            code = 0
         except click.UsageError as exc:
             _error(exc.format_message())
             code = 2

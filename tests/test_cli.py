@@ -52,6 +52,11 @@ def test_help_does_not_import_torch():
     assert proc.stdout.strip().splitlines()[-1] == "heavy="
 
 
+def test_no_arguments_prints_help(cli):
+    result = cli()
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: gradaudit") and "check" in result.stdout
+
+
 @pytest.mark.parametrize("command", ["check", "rules", "explain"])
 def test_subcommand_help(command, cli):
     result = cli(command, "--help")
