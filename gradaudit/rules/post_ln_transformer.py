@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import TRANSPARENT, features, fmt, is_residual_add, module_expr, parent, where
+from gradaudit.rules.helpers import TRANSPARENT, features, fmt, is_residual_add, module_expr, parent
 
 _LN = frozenset({"layer_norm", "rms_norm"})
 

@@ -56,7 +56,7 @@ class SymmetricInit(Rule):
     def check(self, analysis) -> Iterator[Finding]:
         st = structure(analysis)
         seen: set[str] = set()
-        for name, li in layer_inits(analysis).items():
+        for li in layer_inits(analysis).values():
             node = li.node
             key = node.module or node.name
             if not li.symmetric or not li.hidden or key in seen:

@@ -279,7 +279,7 @@ def measure_layers(model: nn.Module, x: torch.Tensor, draws: int = 2, batch: int
     for _ in range(draws):
         store = {}
         hooks = [
-            mod.register_forward_hook(lambda _m, _i, out, n=n: (out.retain_grad(), store.__setitem__(n, out))[0])
+            mod.register_forward_hook(lambda _m, _i, out, n=n, store=store: (out.retain_grad(), store.__setitem__(n, out))[0])
             for n, mod in layers.items()
         ]
         xin = torch.randn((batch,) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype)
