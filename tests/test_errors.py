@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_and_exit_2(case, cli, write, tmp_path):
     assert list(out.parent.iterdir()) == []  # -o created nothing, not even a temp file
 
 
-@pytest.mark.parametrize("case", ["syntax error", "factory raising", "untraceable model"])
+@pytest.mark.parametrize("case", ["syntax error", "factory raising", "untraceable model", "wrong input shape"])
 def test_bad_input_in_a_real_process(case, write, tmp_path, run):
     args, expected = CASES[case](write)
     proc = run(*args, cwd=tmp_path)
