@@ -106,3 +106,36 @@ def test_gradient_underflow_without_loss_scaling():
     (finding,) = [f for f in report.findings if f.rule == "GA605" and f.module == "body"]
     assert finding.data["grad_underflow_fraction"] == pytest.approx(lost, abs=1e-6)
     assert "GradScaler" in finding.fix
+
+
+class LargeBackward(nn.Module):
+    """Forward O(1) in float16, but the gradient through ``b`` exceeds 65504."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.b.weight.mul_(1.5e5)
+
+    def forward(self, x):
+        return self.b(self.a(x) * 1e-5)
+
+
+def test_fp16_gradient_overflow_is_reported_at_the_op_whose_backward_overflows():
+    model = LargeBackward()
+    x = torch.randn(4, 8)
+    grads = {}
+    for dtype in (None, torch.float16):  # the oracle: dL/d(a(x) * 1e-5) in each dtype
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            m = model.a(x) * 1e-5
+            y = model.b(m)
+        (grads[dtype],) = torch.autograd.grad(y, [m], torch.randn(y.shape).to(y.dtype))
+    assert torch.isfinite(grads[None]).all() and not torch.isfinite(grads[torch.float16]).all()
+    report = gradaudit.audit(model, (x,), probe=True, dtype="fp16", draws=1)
+    (finding,) = [f for f in report.findings if f.rule == "GA604"]
+    assert finding.node == "b" and "backward" in finding.message
+    assert report.probe["precision"]["grad_overflow"]["gradient_of"] == "mul"
+    assert not [f for f in report.findings if f.rule == "GA601"]

@@ -8,6 +8,8 @@ with 8 bits of mantissa. Two things go wrong without care:
 * overflow: an activation beyond the dtype's largest value becomes ``inf`` (and then
   ``nan`` downstream) — found as the first node, in execution order, whose output is not
   finite in the reduced run while the float32 run of the same draw is finite;
+* gradient overflow: the same for the backward pass (the first op whose backward gives an
+  Inf/NaN gradient in the reduced dtype only) — what ``GradScaler`` detects and skips;
 * underflow: a gradient entry below the smallest subnormal becomes exactly 0 — measured
   per layer as the fraction of entries of dL/d(output) and of the weight gradient that
   are 0 in the reduced run but not in the float32 run of the same draw (same seed, same
@@ -53,6 +55,7 @@ def check_precision(reduced_run, reference, dtype: str, reduced, runner, setting
         "max": float(info.max),
         "smallest_subnormal": float(smallest),
         "overflow": None,
+        "grad_overflow": None,
         "beyond_range": [],
         "underflow": [],
     }
@@ -76,6 +79,17 @@ def check_precision(reduced_run, reference, dtype: str, reduced, runner, setting
             "inputs": first.inputs,
             "weights": first.weights,
             "depth": _layer_index(runner, first.node),
+        }
+        return out
+    back = reduced_run.first_backward if reduced_run is not None else None
+    if back is not None and reference.first_forward is None and reference.first_backward is None:
+        out["grad_overflow"] = {
+            "node": back.node,
+            "op": back.op,
+            "module": back.module,
+            "location": back.location,
+            "value": back.value,
+            "gradient_of": back.gradient_of,
         }
         return out
     limit = threshold(settings, "underflow_fraction")

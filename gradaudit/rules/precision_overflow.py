@@ -15,7 +15,8 @@ class PrecisionOverflow(Rule):
     With `--dtype fp16` or `--dtype bf16` the probe runs under `torch.autocast` and
     checks every node: the first node, in execution order, whose output is Inf or NaN
     in the reduced dtype while the float32 run of the same draw is finite is where the
-    overflow happens (error). Values of the float32 run beyond the dtype's range at
+    overflow happens (error); likewise the first op whose backward gives an Inf gradient
+    only in the reduced dtype. Values of the float32 run beyond the dtype's range at
     nodes autocast keeps in float32 are reported as a warning: they overflow as soon
     as they are cast down.
 
@@ -70,6 +71,18 @@ class PrecisionOverflow(Rule):
                 fix="nn.LayerNorm(features)  # keep activations O(1); or use --dtype bf16 / torch.bfloat16",
                 dtype=prec["dtype"],
                 absmax_float32=amax,
+            )
+            return
+        back = prec.get("grad_overflow")
+        if back:
+            node = _node(analysis, back["node"])
+            yield self.finding(
+                f"under {prec['dtype']} autocast the backward of '{back['node']}' [{back['op']}] gives a "
+                f"{back['value']} gradient (dL/d '{back['gradient_of']}'), finite in float32: the gradient exceeds "
+                f"{prec['dtype']}'s largest value {prec['max']:.6g}",
+                node=node,
+                fix="scaler = torch.amp.GradScaler()  # skips steps with inf gradients; or use torch.bfloat16",
+                dtype=prec["dtype"],
             )
             return
         for row in prec.get("beyond_range", [])[:1]:
