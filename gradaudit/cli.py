@@ -19,7 +19,7 @@ import click
 
 from gradaudit import __version__
 from gradaudit.errors import ConfigError, GradauditError
-from gradaudit.report import FORMATS, MACHINE_FORMATS
+from gradaudit.report import FORMATS
 
 #: Exit status of an unexpected exception (a bug in gradaudit, not bad input).
 INTERNAL_ERROR = 3

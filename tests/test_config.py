@@ -141,7 +141,7 @@ def build(depth=12):
 
 def _project(write, extra=""):
     write("models/net.py", MODEL)
-    write("pyproject.toml", f"[tool.gradaudit]\ntargets = [{{ path = 'models/net.py:build', input-shape = [[4, 64]] }}]\n"
+    write("pyproject.toml", "[tool.gradaudit]\ntargets = [{ path = 'models/net.py:build', input-shape = [[4, 64]] }]\n"
           + extra)
 
 
@@ -210,8 +210,6 @@ def test_unknown_threshold_names_file_and_key(cli, write, tmp_path):
 @pytest.mark.parametrize("depth,present", [(None, True), (40, False), (31, True)])
 def test_threshold_reaches_the_rules(depth, present, cli, write, tmp_path):
     """GA303 fires on a chain of at least ``residual-depth`` weight layers; the deep sigmoid has 31."""
-    import gradaudit.rules.missing_residual  # noqa: F401  (the rule this test drives)
-
     example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "deep_sigmoid.py")
     table = f"[tool.gradaudit.thresholds]\nresidual-depth = {depth}\n" if depth else "fail-on = 'error'\n"
     write("pyproject.toml", "[tool.gradaudit]\n" + table)
