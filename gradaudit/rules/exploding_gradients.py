@@ -13,12 +13,17 @@ class ExplodingGradients(Rule):
     """Predicted gradients grow by 1000x or more between the output and the first layers.
 
     ## What it does
-    Propagates the second moment of dL/d(activation) backward through every op's
-    Jacobian, from the weights the model was initialised with, and reports when the
-    gradient reaching the earliest weight layers is at least 1e3 times the gradient at
-    the last weight layer (error), or when the fitted per-layer trend would reach 1e3
-    within twice the model's depth (warning). The message names the layer where the
-    gradient crosses 1e3 and the rate ("gradients grow 10x every 3.1 layers").
+    Reports when the predicted gradient reaching the earliest weight layers is at least
+    1e3 times the gradient at the last weight layer (error), or when the fitted
+    per-layer trend would reach 1e3 within twice the model's depth (warning). The
+    prediction propagates the second moment of dL/d(activation) backward through every
+    op's Jacobian, from the weights the model was initialised with. The gradient
+    reaching a weight layer is the RMS of dL/d(output) times sqrt(P), P the positions
+    per sample that share each weight (spatial positions of a conv, sequence positions
+    of a linear layer; 1 in an MLP): dL/dW sums over them, so a global average pool,
+    which divides each position's gradient by P, does not read as vanishing. The message
+    names the layer where the gradient crosses 1e3 and the rate ("gradients grow 10x
+    every 3.1 layers").
 
     ## Why is this bad?
     The first layers get updates orders of magnitude larger than the last: any learning

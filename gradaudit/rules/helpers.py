@@ -450,16 +450,34 @@ class GradientProfile:
         return f"at this rate gradients {'fall' if s < 0 else 'grow'} 10x every {1 / abs(s):.1f} layers"
 
 
-def gradient_profile(analysis: Analysis) -> GradientProfile | None:
-    """The gradient RMS over weight layers and its fitted slope (see ``propagation.depth``).
+def shared_positions(node: Node) -> int:
+    """How many positions per sample share each weight of ``node``: spatial positions of a
+    convolution's output, sequence positions of a linear layer applied to (B, T, d)."""
+    shape = node.shape
+    if not shape or len(shape) < 3:
+        return 1
+    if node.op in ("conv", "conv_transpose"):
+        return max(math.prod(shape[2:]), 1)
+    return max(math.prod(shape[1:-1]), 1)
 
-    ``decades_per_layer`` is the least-squares slope of log10(grad RMS) against -depth:
-    negative when gradients shrink on their way back to the input.
+
+def gradient_profile(analysis: Analysis) -> GradientProfile | None:
+    """The gradient reaching each weight layer and its fitted slope (see ``propagation.depth``).
+
+    The value per layer is the predicted RMS of dL/d(output) times sqrt(P), P the number
+    of positions per sample that share each weight (:func:`shared_positions`). dL/dW sums
+    dL/dy x^T over those positions, so this is the weight gradient's scale per unit of
+    input activation: a global average pool, which divides every position's gradient by
+    P but leaves P terms in dL/dW, no longer reads as a 1/P drop. For MLPs P = 1 and the
+    value is the output-gradient RMS itself.
+
+    ``decades_per_layer`` is the least-squares slope of log10 of these values against
+    -depth: negative when gradients shrink on their way back to the input.
     """
     layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
     if len(layers) < 2:
         return None
-    grads = [analysis.stat(n.name).grad_rms for n in layers]
+    grads = [analysis.stat(n.name).grad_rms * math.sqrt(shared_positions(n)) for n in layers]
     if grads[-1] <= 0 or not math.isfinite(grads[-1]):
         return None
     slope = slope_per_layer(grads)

@@ -302,3 +302,40 @@ class ScaledBigQK(HandAttention):
         super().__init__(d, scale=True, seed=seed)
         for lin in (self.q, self.k):
             nn.init.normal_(lin.weight, std=4 / math.sqrt(d))
+
+
+def cifar_cnn(init=default, seed=0):
+    """Five 3x3 convs with ReLU and max pools, a global average pool over 8x8, a classifier."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            init(m.weight)
+    return model
+
+
+def weight_grad_per_input(model: nn.Module, x: torch.Tensor, batch: int = 64, draws: int = 16):
+    """Real RMS of dL/dW per sample, divided by the RMS of the layer's input, for every
+    conv/linear layer in order (L = <y, g>, g ~ N(0, 1), mean square over ``draws``
+    draws of g: one draw is noisy when activations share a large mean); on a deep copy."""
+    import copy
+
+    m = copy.deepcopy(model)
+    layers = [mod for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    ins = {}
+    hooks = [mod.register_forward_hook(lambda _m, i, _o, k=k: ins.__setitem__(k, i[0].detach())) for k, mod in enumerate(layers)]
+    gen = torch.Generator().manual_seed(11)
+    xs = torch.randn((batch,) + tuple(x.shape[1:]), generator=gen)
+    y = m(xs)
+    for h in hooks:
+        h.remove()
+    sq = [0.0] * len(layers)
+    for _ in range(draws):
+        grads = torch.autograd.grad((y * torch.randn(y.shape, generator=gen)).sum(), [l.weight for l in layers], retain_graph=True)
+        for k, gw in enumerate(grads):
+            sq[k] += float(gw.pow(2).mean()) / draws
+    return [math.sqrt(sq[k] / batch) / float(ins[k].pow(2).mean().sqrt()) for k in range(len(layers))]

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 import torch.nn as nn
 from rulemodels import audit, he, lecun, measure_layers, mlp, scaled, x_for
 
@@ -57,3 +58,30 @@ def test_fix_is_code_naming_the_module():
     (f,) = audit(model, x_for(model), CODE)
     assert f.fix.startswith("nn.init.kaiming_normal_(model[0].weight") and "nonlinearity='relu'" in f.fix
     compile(f.fix, "<fix>", "exec")
+
+
+@pytest.mark.parametrize(
+    "init, expect",
+    [(he, None), (lambda w: None, ("0", "warning"))],
+    ids=["he", "default-init"],
+)
+def test_global_average_pool_is_not_vanishing(init, expect):
+    """A global average pool divides each position's gradient by their number (64 here)
+    but dL/dW sums over the positions. With He init the real weight gradient per unit
+    input at the first conv is ~1/20 of the classifier's, not below 1e-3, and GA101 stays
+    quiet; with the default init (6x per ReLU layer) it warns. The first/last ratio GA101
+    works with agrees with the real one within a factor 2."""
+    from rulemodels import cifar_cnn, weight_grad_per_input
+
+    from gradaudit.rules.helpers import gradient_profile
+
+    model = cifar_cnn(init)
+    x = torch.randn(2, 3, 32, 32)
+    found = audit(model, x, CODE)
+    assert [(f.module, f.severity) for f in found] == ([expect] if expect else [])
+    real = weight_grad_per_input(model, x)
+    assert real[0] / real[-1] > 1e-3
+    from gradaudit.api import Settings, analyse, capture
+
+    prof = gradient_profile(analyse(capture(model, (x,)), (x,), None, Settings()))
+    assert abs(math.log2((prof.grads[0] / prof.grads[-1]) / (real[0] / real[-1]))) <= 1
