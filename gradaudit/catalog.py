@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -183,9 +184,10 @@ _ENV_KEYS = ("gradaudit", "torch", "python", "numpy")
 
 
 def scrub(text: str, kind: str, root: str | None = None) -> str:
-    """``text`` of a report (``kind`` = html, sarif or json) without what varies between
-    machines and runs: tool and library versions, times, the absolute working directory,
-    and the last digits of chart coordinates."""
+    """``text`` of a report (``kind`` = html or json, SARIF included) without what varies
+    between machines and runs: tool and library versions, times, the absolute working
+    directory. Compare the results with :func:`difference`, which allows for float
+    rounding in the numbers."""
     root = os.path.abspath(root or os.getcwd())
     if kind in ("json", "sarif"):
         data = json.loads(text)
@@ -194,13 +196,38 @@ def scrub(text: str, kind: str, root: str | None = None) -> str:
     if kind == "html":
         out = re.sub(r"(<th>(?:%s)</th><td>)[^<]*" % "|".join(_ENV_KEYS), r"\1<VERSION>", text)
         out = re.sub(r"(<th>time taken</th><td>)[^<]*", r"\1<TIME>", out)
-        out = out.replace(root + os.sep, "<ROOT>/").replace(root, "<ROOT>")
-
-        def coarse(m: re.Match) -> str:
-            return re.sub(r"-?\d+\.\d+", lambda n: f"{float(n.group(0)):.0f}", m.group(0))
-
-        return re.sub(r"<svg.*?</svg>", coarse, out, flags=re.S)
+        return out.replace(root + os.sep, "<ROOT>/").replace(root, "<ROOT>")
     raise ValueError(f"unknown kind {kind!r}")
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+def difference(got: str, want: str, rel: float = 1e-3) -> str | None:
+    """``None`` when two scrubbed reports are the same text with the same numbers up to a
+    relative ``rel`` (float rounding differs between CPUs: weights drawn by vectorised
+    and scalar code paths, summation order), else where they first differ."""
+    got_text, want_text = _NUMBER.split(got), _NUMBER.split(want)
+    got_nums, want_nums = _NUMBER.findall(got), _NUMBER.findall(want)
+    pos = 0
+    for i in range(max(len(got_text), len(want_text))):
+        a = got_text[i] if i < len(got_text) else None
+        b = want_text[i] if i < len(want_text) else None
+        if a != b:
+            return _context(got, want, pos)
+        pos += len(a)
+        if i < len(got_nums) or i < len(want_nums):
+            x = got_nums[i] if i < len(got_nums) else None
+            y = want_nums[i] if i < len(want_nums) else None
+            if x is None or y is None or not math.isclose(float(x), float(y), rel_tol=rel, abs_tol=1e-12):
+                return _context(got, want, pos)
+            pos += len(x)
+    return None
+
+
+def _context(got: str, want: str, pos: int) -> str:
+    line = got.count("\n", 0, pos) + 1
+    return f"first difference at line {line}: got {got[max(pos - 60, 0):pos + 60]!r}, want {want[max(pos - 60, 0):pos + 60]!r}"
 
 
 def _scrub_tree(obj, root: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gradaudit.catalog import example_targets, gallery, rule_markdown, rules_index, scrub
+from gradaudit.catalog import difference, example_targets, gallery, rule_markdown, rules_index, scrub
 from gradaudit.rules.base import all_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,8 @@ def test_gallery_report_up_to_date(regenerated, stem, ext, kind):
     path = ROOT / "reports" / f"{stem}.{ext}"
     assert path.is_file(), STALE
     want = scrub(regenerated[f"{stem}.{ext}"], kind, root=str(ROOT))
-    assert scrub(path.read_text(encoding="utf-8"), kind, root=str(ROOT)) == want, STALE
+    diff = difference(scrub(path.read_text(encoding="utf-8"), kind, root=str(ROOT)), want)
+    assert diff is None, f"{STALE}: {diff}"
 
 
 def test_gallery_index_up_to_date(regenerated):

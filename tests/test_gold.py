@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gradaudit.catalog import scrub
+from gradaudit.catalog import difference, scrub
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLD = Path(__file__).parent / "gold"
@@ -56,9 +56,27 @@ def test_gold(report, fmt, ext, monkeypatch):
     if UPDATE:
         gold.write_text(got, encoding="utf-8")
     assert gold.is_file(), f"no gold file {gold.name}: run GRADAUDIT_UPDATE_GOLD=1 python -m pytest tests/test_gold.py"
-    assert got == gold.read_text(encoding="utf-8"), (
-        f"{gold.name} differs; if the change is intended: GRADAUDIT_UPDATE_GOLD=1 python -m pytest tests/test_gold.py"
+    diff = difference(got, gold.read_text(encoding="utf-8"))
+    assert diff is None, (
+        f"{gold.name}: {diff}; if the change is intended: GRADAUDIT_UPDATE_GOLD=1 python -m pytest tests/test_gold.py"
     )
+
+
+@pytest.mark.parametrize(
+    "got,want,same",
+    [
+        ("gain 1.25 at layer 3", "gain 1.25 at layer 3", True),
+        ("gain 1.2500001 at layer 3", "gain 1.25 at layer 3", True),  # float rounding
+        ('"x": 2.5e-07', '"x": 2.5000002e-07', True),
+        ("gain 1.26 at layer 3", "gain 1.25 at layer 3", False),
+        ("gain 1.25 at layer 4", "gain 1.25 at layer 3", False),
+        ("gain 1.25 at node 3", "gain 1.25 at layer 3", False),
+        ("gain 1.25 at layer 3 of 9", "gain 1.25 at layer 3", False),
+        ("gain -1.25", "gain 1.25", False),
+    ],
+)
+def test_difference_allows_only_float_rounding(got, want, same):
+    assert (difference(got, want) is None) is same
 
 
 def test_scrub_removes_what_varies(report, monkeypatch):

@@ -220,9 +220,10 @@ def _cut(text: str) -> str:
 
 
 def _finite(data: dict) -> dict:
+    """JSON-safe numbers as in the JSON report: inf/nan as strings, 6 significant digits."""
     out = {}
     for k, v in data.items():
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-            v = str(v)
+        if isinstance(v, float):
+            v = str(v) if (v != v or v in (float("inf"), float("-inf"))) else float(f"{v:.6g}")
         out[k] = v
     return out
