@@ -2,26 +2,25 @@
 
 import pytest
 import torch
+import torch.nn as nn
 from rulemodels import Encoder, HandTransformer, audit
 
 CODE = "GA401"
 
 
-@pytest.fixture(autouse=True)
-def no_mha_fastpath():
-    """nn.TransformerEncoderLayer.forward branches on ``src.dim()`` to choose its inference
-    fast path, which torch.fx cannot trace; with the fast path off the branch is skipped.
-    The global flag is restored afterwards."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    yield
-    torch.backends.mha.set_fastpath_enabled(before)
+def torch_encoder(depth, norm_first):
+    """nn.TransformerEncoder itself (the frontend traces through it)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
 CASES = [
     pytest.param(lambda: Encoder(6, norm_first=False), ("layers.0.norm1", "warning"), id="encoder-post-ln-6"),
     pytest.param(lambda: Encoder(6, norm_first=True), None, id="encoder-pre-ln-6"),
     pytest.param(lambda: Encoder(5, norm_first=False), None, id="encoder-post-ln-5"),
+    pytest.param(lambda: torch_encoder(6, False), ("layers.0.norm1", "warning"), id="nn-transformer-encoder-post-ln"),
+    pytest.param(lambda: torch_encoder(6, True), None, id="nn-transformer-encoder-pre-ln"),
     pytest.param(lambda: HandTransformer(6, pre=False), ("blocks.0.ln", "warning"), id="hand-post-ln-6"),
     pytest.param(lambda: HandTransformer(8, pre=True), None, id="hand-pre-ln-8"),
 ]

@@ -87,14 +87,6 @@ ZOO = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_mha_fastpath():
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    yield
-    torch.backends.mha.set_fastpath_enabled(before)
-
-
 @pytest.mark.parametrize("build, inputs, healthy", ZOO)
 def test_static_rules_on_the_zoo(build, inputs, healthy):
     """Healthy designs (He-initialised BN ResNet, Pre-LN GPT) get no warning or error from
