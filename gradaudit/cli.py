@@ -194,8 +194,6 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     settings = _settings(config)
 
     human = _human_console(fmt, output, quiet)
-    if not debug:
-        _quiet_torch_logs()
     reports = []
     failed = False
     for spec, shapes, in_dtype, in_range in jobs:
@@ -318,14 +316,6 @@ def _settings(config):
             raise ConfigError(f"{where}: unknown threshold '{k.replace('_', '-')}' in thresholds; known: {choices}")
         extra[k] = v
     return Settings(**values, extra=extra)
-
-
-def _quiet_torch_logs() -> None:
-    """torch logs a full traceback (logger ``torch._subclasses.fake_tensor``) when a shape
-    does not fit, before raising the error gradaudit turns into its one line."""
-    import logging
-
-    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
 
 def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):

@@ -10,9 +10,12 @@ runs and its buffers (BatchNorm's ``num_batches_tracked``) are never touched.
 from __future__ import annotations
 
 import inspect
+import linecache
+import logging
 import operator
 import os
 import re
+import sys
 import traceback
 from typing import Any
 
@@ -200,10 +203,26 @@ def normalise_name(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
+_TRACE_CODE = fx.Tracer.trace.__code__
+
+
 class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """Record the user's line for each node from the live Python stack (fx's own
+        ``record_stack_traces`` formats whole tracebacks and imports torch._inductor)."""
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not _TRACE_CODE:  # only frames of the traced forward
+            path = frame.f_code.co_filename
+            if not _is_internal(path):
+                node.meta["gradaudit_location"] = Location(
+                    path=display_path(os.path.abspath(path)),
+                    line=frame.f_lineno,
+                    code=linecache.getline(path, frame.f_lineno).strip() or None,
+                )
+                break
+            frame = frame.f_back
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _TRACE_THROUGH):
@@ -217,15 +236,19 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def _is_internal(path: str) -> bool:
+    """Frames of torch, of gradaudit itself, or without a real file."""
+    if path.startswith("<"):
+        return True
+    apath = os.path.abspath(path)
+    return apath.startswith(_TORCH_DIR + os.sep) or apath.startswith(_PKG_DIR + os.sep)
+
+
 def user_location(frames: list[tuple[str, int, str | None]]) -> Location | None:
     """The innermost frame outside torch and gradaudit: the user's own line."""
     for path, line, code in reversed(frames):
-        apath = os.path.abspath(path) if not path.startswith("<") else path
-        if apath.startswith(_TORCH_DIR + os.sep) or apath.startswith(_PKG_DIR + os.sep):
-            continue
-        if path.startswith("<"):
-            continue
-        return Location(path=display_path(apath), line=line, code=code)
+        if not _is_internal(path):
+            return Location(path=display_path(os.path.abspath(path)), line=line, code=code)
     return None
 
 
@@ -238,15 +261,10 @@ def display_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in [^\n]*(?:\n {4}(?P<code>[^\n]*))?')
 
 
 def _location_of(node: fx.Node) -> Location | None:
-    trace = node.stack_trace or (node.meta.get("stack_trace") if node.meta else None)
-    if not trace:
-        return None
-    frames = [(m["path"], int(m["line"]), (m["code"] or "").strip() or None) for m in _FRAME.finditer(trace)]
-    return user_location(frames)
+    return node.meta.get("gradaudit_location") if node.meta else None
 
 
 def _exception_location(exc: BaseException) -> Location | None:
@@ -315,17 +333,28 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             return _NoHookFakeProp(self.gm, mode).propagate(*args)
 
     wrapper = _Prop()
+    # torch logs a full traceback for a failing fake op before raising; the error we
+    # raise below says it in one line
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         torch.func.functional_call(wrapper, {f"gm.{k}": v for k, v in fake_state.items()}, fake_inputs, strict=False)
     except Exception as exc:
         bad = _failing_fx_node(gm, exc)
         loc = _location_of(bad) if bad is not None else _exception_location(exc)
         where = f" at {loc}" if loc else ""
-        at_node = f" in node '{bad.name}'" if bad is not None else ""
+        at_node = ""
+        if bad is not None:
+            at_node = f" in node '{bad.name}'"
+            if bad.op == "call_module":
+                at_node += f" ({type(gm.get_submodule(str(bad.target))).__name__} '{bad.target}')"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"the example inputs do not fit the model{at_node}{where}: {first}", location=loc
         ) from exc
+    finally:
+        fake_log.setLevel(level)
 
 
 def _no_hook_prop_class():
@@ -343,7 +372,7 @@ def _no_hook_prop_class():
 
 def _failing_fx_node(gm: fx.GraphModule, exc: BaseException) -> fx.Node | None:
     """FakeTensorProp records the node being run in the exception's notes (torch >= 2.1)."""
-    for note in getattr(exc, "__notes__", []) or []:
+    for note in [str(exc), *(getattr(exc, "__notes__", None) or [])]:
         m = re.search(r"While executing (%\w+)", note)
         if m:
             name = m.group(1).lstrip("%")
