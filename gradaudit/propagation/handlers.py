@@ -244,7 +244,6 @@ def split(ctx: Ctx) -> Effect:
     ref = ctx.first_ref()
     s = ctx.stat(ref)
     in_meta = ctx.meta(ref)
-    n = len(ctx.node.outputs)
     dim = ctx.arg(2, "dim", 0) if ctx.node.op != "unbind" else ctx.arg(1, "dim", 0)
     dim = channels.normalize_axis(dim, len(in_meta.shape)) if isinstance(dim, int) else None
     out, gains = [], []
