@@ -81,6 +81,7 @@ def audit(
         graph = capture(model, inputs)
         analysis = analyse(graph, inputs, input_stats, settings)
         findings = run_rules(analysis, codes)
+        static_seconds = time.perf_counter() - started
         findings += stage.run(model, inputs, analysis, codes, stage_options, settings)
         from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
 
@@ -94,7 +95,7 @@ def audit(
         )
         report.suppressed = suppressed
         stage.attach(report, analysis, stage_options)
-        report.environment["static_seconds"] = round(time.perf_counter() - started, 4)
+        report.environment["static_seconds"] = round(static_seconds, 4)
     return report
 
 
