@@ -325,16 +325,14 @@ class Engine:
             y = vals[node.name]
             if single:  # the common case (an activation): keep E[phi'^2] for the backward
                 d = torch.autograd.grad(y.sum(), z, allow_unused=True)[0] if y.requires_grad else None
-                d2 = torch.zeros_like(z) if d is None else d.detach().double().pow(2)
-                wc = w.unsqueeze(1) if d2.dim() == 2 else w
-                self.single_d2[root] = (wc * d2).sum(0)
-        y = y.detach().double()
+                d = torch.zeros_like(z) if d is None else d.detach()
+                self.single_d2[root] = _expect(w, d * d)
+        y = y.detach()
         rs = self.leaf_stats(root)
         if y.dim() == 2:
-            wc = w.unsqueeze(1)
-            self.stats[node.name] = [Stats.per_channel(rs.axis, (wc * y).sum(0), (wc * y * y).sum(0))]
+            self.stats[node.name] = [Stats.per_channel(rs.axis, _expect(w, y), _expect(w, y * y))]
         else:
-            self.stats[node.name] = [_stats(float((w * y).sum()), float((w * y * y).sum()))]
+            self.stats[node.name] = [_stats(float(_expect(w, y)), float(_expect(w, y * y)))]
 
     def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
         """Set g2 of every member of ``root``'s group and add its share to the root.
@@ -450,6 +448,13 @@ class Engine:
                 if isinstance(gain, AtMax) and src in self.roots:
                     part = _AtMaxPart(part, gain.window)
                 acc.setdefault((src, in_leaf), []).append(part)
+
+
+def _expect(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k values[k] over quadrature nodes (dim 0): a float64 scalar or vector."""
+    if values.dim() == 2:  # (nodes, C): one matrix-vector product in the values' dtype
+        return (w.to(values.dtype) @ values).double()
+    return (w * values.double()).sum()
 
 
 def _in_place(node: Node) -> bool:

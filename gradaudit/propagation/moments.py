@@ -58,8 +58,8 @@ def channel_points(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor,
     the weights (nodes,). A coarser grid than :func:`gaussian_points` (512 nodes on
     [-8, 8]) keeps wide layers cheap; the nodes are float32, the sums float64."""
     z, w = _channel_grid()
-    x = mean.unsqueeze(0) + var.clamp_min(0.0).sqrt().unsqueeze(0) * z.unsqueeze(1)
-    return x.float(), w
+    z32 = z.float().unsqueeze(1)
+    return mean.float().unsqueeze(0) + var.clamp_min(0.0).sqrt().float().unsqueeze(0) * z32, w
 
 
 @dataclass(frozen=True)
