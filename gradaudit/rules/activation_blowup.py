@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import activation_profile, culprit_layer, fmt, where
+from gradaudit.rules.helpers import activation_crossing, culprit_fix, fmt, where
 
 #: Largest finite float16 value.
 FLOAT16_MAX = 65504.0
@@ -63,23 +63,20 @@ class ActivationBlowup(Rule):
 
     def check(self, analysis) -> Iterator[Finding]:
         settings = analysis.config["settings"]
-        prof = activation_profile(analysis)
-        if prof is not None and prof.acts[0] > 0:
+        hit = activation_crossing(analysis, +1)
+        if hit is not None:
+            prof, i, fix = hit
             layers, acts = prof.layers, prof.acts
-            limit = 10.0**settings.crossing_decades
-            hit = next((i for i, a in enumerate(acts) if a >= acts[0] * limit), None)
-            if hit is not None:
-                node = layers[hit]
-                culprit = culprit_layer(analysis, layers[: hit + 1])
-                yield self.finding(
-                    f"predicted activation RMS grows from {fmt(acts[0])} at '{where(layers[0])}' to "
-                    f"{fmt(acts[hit])} at '{where(node)}' (layer {hit + 1} of {len(layers)}, "
-                    f"{acts[hit] / acts[0]:.3g}x larger); {prof.rate_text(hit)}",
-                    node=node,
-                    fix=culprit[1] if culprit else None,
-                    ratio=acts[hit] / acts[0],
-                    layer_index=hit + 1,
-                )
+            node = layers[i]
+            yield self.finding(
+                f"predicted activation RMS grows from {fmt(acts[0])} at '{where(layers[0])}' to "
+                f"{fmt(acts[i])} at '{where(node)}' (layer {i + 1} of {len(layers)}, "
+                f"{acts[i] / acts[0]:.3g}x larger); {prof.rate_text(i)}",
+                node=node,
+                fix=fix,
+                ratio=acts[i] / acts[0],
+                layer_index=i + 1,
+            )
         yield from self._float16(analysis, settings)
 
     def _float16(self, analysis, settings) -> Iterator[Finding]:
@@ -95,11 +92,8 @@ class ActivationBlowup(Rule):
             order = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
             layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
             upto = [n for n in layers if order[n.name] <= order[node.name]]
-            culprit = culprit_layer(analysis, upto) if upto else None
-            fix = (
-                culprit[1]
-                if culprit
-                else "torch.set_autocast_dtype('cuda', torch.bfloat16)  # bfloat16 reaches 3.4e38, float16 65504"
+            fix = (culprit_fix(analysis, upto) if upto else None) or (
+                "torch.set_autocast_dtype('cuda', torch.bfloat16)  # bfloat16 reaches 3.4e38, float16 65504"
             )
             yield self.finding(
                 f"predicted RMS {fmt(s.act_rms)} at '{where(node)}' ({node.op}) puts {sigmas:g}-sigma values at "

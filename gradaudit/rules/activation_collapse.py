@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import activation_profile, culprit_layer, fmt, where
+from gradaudit.rules.helpers import activation_crossing, fmt, where
 
 
 @register
@@ -56,26 +56,19 @@ class ActivationCollapse(Rule):
     default_severity = "warning"
 
     def check(self, analysis) -> Iterator[Finding]:
-        settings = analysis.config["settings"]
-        prof = activation_profile(analysis)
-        if prof is None:
-            return
-        layers, acts = prof.layers, prof.acts
-        limit = 10.0 ** (-settings.crossing_decades)
-        first = acts[0]
-        if first <= 0:
-            return
-        hit = next((i for i, a in enumerate(acts) if a <= first * limit), None)
+        hit = activation_crossing(analysis, -1)
         if hit is None:
             return
-        node = layers[hit]
-        culprit = culprit_layer(analysis, layers[: hit + 1])
+        prof, i, fix = hit
+        layers, acts = prof.layers, prof.acts
+        first = acts[0]
+        node = layers[i]
         yield self.finding(
-            f"predicted activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[hit])} at "
-            f"'{where(node)}' (layer {hit + 1} of {len(layers)}, {first / max(acts[hit], 1e-300):.3g}x smaller); "
-            f"{prof.rate_text(hit)}",
+            f"predicted activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[i])} at "
+            f"'{where(node)}' (layer {i + 1} of {len(layers)}, {first / max(acts[i], 1e-300):.3g}x smaller); "
+            f"{prof.rate_text(i)}",
             node=node,
-            fix=culprit[1] if culprit else None,
-            ratio=acts[hit] / first,
-            layer_index=hit + 1,
+            fix=fix,
+            ratio=acts[i] / first,
+            layer_index=i + 1,
         )

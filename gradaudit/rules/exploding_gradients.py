@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import culprit_layer, gradient_profile, where
+from gradaudit.rules.helpers import gradient_crossing, where
 
 
 @register
@@ -64,44 +64,34 @@ class ExplodingGradients(Rule):
     default_severity = "error"
 
     def check(self, analysis) -> Iterator[Finding]:
-        settings = analysis.config["settings"]
-        prof = gradient_profile(analysis)
-        if prof is None:
+        c = gradient_crossing(analysis, +1)
+        if c is None:
             return
+        prof = c.profile
         layers, grads, rate = prof.layers, prof.grads, prof.rate_text
-        last = grads[-1]
-        decades = settings.crossing_decades
-        limit = 10.0**decades
-        above = [i for i, g in enumerate(grads) if g >= last * limit]
-        culprit = culprit_layer(analysis, layers)
-        if above:
-            cross = max(above)
-            node = layers[cross]
-            ratio = grads[0] / last
+        if c.cross is not None:
+            node = layers[c.cross]
+            ratio = grads[0] / grads[-1]
             yield self.finding(
                 f"predicted gradient grows {ratio:.3g}x from the last weight layer to the first "
                 f"({prof.end_to_end_decades:+.1f} decades over {len(layers)} layers); it crosses "
-                f"{limit:.0e} times the last layer's at layer {cross + 1} of {len(layers)} ('{where(node)}'); "
+                f"{c.limit:.0e} times the last layer's at layer {c.cross + 1} of {len(layers)} ('{where(node)}'); "
                 f"{rate}",
                 node=node,
-                fix=culprit[1] if culprit else None,
+                fix=c.fix,
                 ratio=ratio,
                 decades=prof.end_to_end_decades,
-                layer_index=cross + 1,
+                layer_index=c.cross + 1,
                 decades_per_layer=prof.decades_per_layer,
             )
-            return
-        slope = prof.decades_per_layer
-        if slope > 0:
-            reach = decades / slope
-            if reach <= 2 * len(layers):
-                yield self.finding(
-                    f"predicted gradients grow toward the input ({prof.end_to_end_decades:+.1f} decades over "
-                    f"{len(layers)} layers): {rate}; at this rate they reach {limit:.0e} times the last layer's "
-                    f"after {reach:.0f} layers (this model has {len(layers)})",
-                    node=layers[0],
-                    fix=culprit[1] if culprit else None,
-                    severity="warning",
-                    explode_depth=reach,
-                    decades_per_layer=slope,
-                )
+        elif c.reach is not None:
+            yield self.finding(
+                f"predicted gradients grow toward the input ({prof.end_to_end_decades:+.1f} decades over "
+                f"{len(layers)} layers): {rate}; at this rate they reach {c.limit:.0e} times the last layer's "
+                f"after {c.reach:.0f} layers (this model has {len(layers)})",
+                node=layers[0],
+                fix=c.fix,
+                severity="warning",
+                explode_depth=c.reach,
+                decades_per_layer=prof.decades_per_layer,
+            )

@@ -229,6 +229,12 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     return (worst, init_fix(analysis, worst)) if worst is not None else None
 
 
+def culprit_fix(analysis: Analysis, layers) -> str | None:
+    """The fix line of :func:`culprit_layer`, or None."""
+    culprit = culprit_layer(analysis, layers)
+    return culprit[1] if culprit else None
+
+
 def init_mismatch(analysis: Analysis, node: Node) -> float | None:
     """n E[w^2] of a linear/conv layer divided by the gain its next activation needs
     (:func:`needed_gain`); None for other layers."""
@@ -487,6 +493,47 @@ def gradient_profile(analysis: Analysis) -> GradientProfile | None:
 
 
 @dataclass
+class GradientCrossing:
+    """Where the gradient profile passes ``limit`` times the last layer's value.
+
+    ``cross`` is the index of the layer nearest the input that is past the limit
+    (walking back from the output, the first one past it), None when none is.
+    ``reach`` is, when none is past it yet but the fitted trend heads there, the number
+    of layers after which the trend reaches it (None when that is beyond twice the
+    model's depth).
+    """
+
+    profile: GradientProfile
+    limit: float
+    cross: int | None
+    reach: float | None
+    fix: str | None  # :func:`culprit_fix` of the profile's layers, when there is a finding
+
+
+def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | None:
+    """The crossing of ``10 ** (direction * crossing_decades)`` times the last layer's
+    gradient: ``direction`` +1 for growth toward the input (exploding), -1 for decay
+    (vanishing). None when there is no :func:`gradient_profile`."""
+    prof = gradient_profile(analysis)
+    if prof is None:
+        return None
+    decades = analysis.config["settings"].crossing_decades
+    limit = 10.0 ** (direction * decades)
+    last = prof.grads[-1]
+    if direction > 0:
+        past = [i for i, g in enumerate(prof.grads) if g >= last * limit]
+    else:
+        past = [i for i, g in enumerate(prof.grads) if g <= last * limit]
+    cross = max(past) if past else None
+    reach = None
+    slope = prof.decades_per_layer
+    if cross is None and direction * slope > 0 and decades / abs(slope) <= 2 * len(prof.layers):
+        reach = decades / abs(slope)
+    fix = culprit_fix(analysis, prof.layers) if cross is not None or reach is not None else None
+    return GradientCrossing(prof, limit, cross, reach, fix)
+
+
+@dataclass
 class ActivationProfile:
     """Predicted activation RMS at the output of each weight layer, in execution order."""
 
@@ -505,6 +552,25 @@ def activation_profile(analysis: Analysis) -> ActivationProfile | None:
     if len(layers) < 2:
         return None
     return ActivationProfile(layers, [analysis.stat(n.name).act_rms for n in layers])
+
+
+def activation_crossing(analysis: Analysis, direction: int) -> tuple[ActivationProfile, int, str | None] | None:
+    """The first weight layer whose predicted activation RMS is past
+    ``10 ** (direction * crossing_decades)`` times the first layer's (``direction`` +1:
+    growth, -1: decay), as ``(profile, index, fix)`` with the :func:`culprit_fix` of the
+    layers up to it; None when no layer is past it or the first layer's RMS is 0."""
+    prof = activation_profile(analysis)
+    if prof is None or not prof.acts[0] > 0:
+        return None
+    first = prof.acts[0]
+    limit = 10.0 ** (direction * analysis.config["settings"].crossing_decades)
+    if direction > 0:
+        hit = next((i for i, a in enumerate(prof.acts) if a >= first * limit), None)
+    else:
+        hit = next((i for i, a in enumerate(prof.acts) if a <= first * limit), None)
+    if hit is None:
+        return None
+    return prof, hit, culprit_fix(analysis, prof.layers[: hit + 1])
 
 
 @dataclass
