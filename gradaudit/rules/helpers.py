@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from gradaudit.propagation.depth import DepthSummary
 
@@ -693,6 +693,23 @@ def recurrent_blocks(node: Node) -> list[RecurrentBlock]:
             sigma = float(torch.linalg.matrix_norm(block, ord=2))
             out.append(RecurrentBlock(pname, gate, gate_act, GAMMA[gate_act], sigma))
     return out
+
+
+def recurrent_weights(analysis: Analysis) -> Iterator[tuple[Node, list[RecurrentBlock], str]]:
+    """``(node, blocks, severity)`` for each recurrent module call with recurrent weights
+    (:func:`recurrent_layers`, :func:`recurrent_blocks`). The severity of a finding on
+    it is ``warning`` for a plain RNN and ``info`` for an LSTM or GRU, whose cell state
+    carries gradient past the recurrent matrix."""
+    for node in recurrent_layers(analysis):
+        blocks = recurrent_blocks(node)
+        if blocks:
+            yield node, blocks, "warning" if recurrent_kind(node)[0] == "RNN" else "info"
+
+
+def param_expr(node: Node, param: str) -> str:
+    """Python expression reaching a parameter of ``node``'s module (the bare name when the
+    node has no module)."""
+    return f"{module_expr(node.module)}.{param}" if node.module else param
 
 
 def recurrent_layers(analysis: Analysis) -> list:

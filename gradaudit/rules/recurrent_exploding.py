@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import module_expr, recurrent_blocks, recurrent_kind, recurrent_layers, where
+from gradaudit.rules.helpers import param_expr, recurrent_weights, where
 
 #: Relative margin above 1/gamma before reporting (an orthogonal matrix has sigma = 1 up
 #: to rounding).
@@ -60,9 +60,7 @@ class RecurrentExploding(Rule):
     default_severity = "warning"
 
     def check(self, analysis) -> Iterator[Finding]:
-        for node in recurrent_layers(analysis):
-            family, _ = recurrent_kind(node)
-            blocks = recurrent_blocks(node)
+        for node, blocks, severity in recurrent_weights(analysis):
             over = [b for b in blocks if b.sigma_max > b.threshold * (1 + MARGIN)]
             if not over:
                 continue
@@ -71,14 +69,13 @@ class RecurrentExploding(Rule):
                 f"value {b.sigma_max:.3g} > 1/gamma = {b.threshold:g}"
                 for b in over
             ]
-            target = f"{module_expr(node.module)}.{over[0].param}" if node.module else over[0].param
             yield self.finding(
                 f"recurrent weights of '{where(node)}' ({node.module_type}) allow gradients to explode over time "
                 f"(Pascanu et al. 2013: sigma_max > 1/gamma is necessary for explosion, gamma = max|phi'|): "
                 + "; ".join(parts),
                 node=node,
-                fix=f"nn.init.orthogonal_({target})  # and clip: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
-                severity="warning" if family == "RNN" else "info",
+                fix=f"nn.init.orthogonal_({param_expr(node, over[0].param)})  # and clip: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
+                severity=severity,
                 sigma_max=max(b.sigma_max for b in over),
                 threshold=over[0].threshold,
                 blocks=[(b.param, b.gate, b.sigma_max, b.threshold) for b in over],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import module_expr, recurrent_blocks, recurrent_kind, recurrent_layers, where
+from gradaudit.rules.helpers import param_expr, recurrent_weights, where
 
 
 @register
@@ -57,16 +57,11 @@ class RecurrentVanishing(Rule):
     def check(self, analysis) -> Iterator[Finding]:
         settings = analysis.config["settings"]
         ratio = float(settings.extra.get("recurrent_vanish_ratio", 0.5))
-        for node in recurrent_layers(analysis):
-            family, _ = recurrent_kind(node)
-            blocks = recurrent_blocks(node)
-            if not blocks:
-                continue
+        for node, blocks, severity in recurrent_weights(analysis):
             top = max(blocks, key=lambda b: b.sigma_max * b.gamma)
             if not top.sigma_max * top.gamma < ratio:
                 continue
             per_step = top.sigma_max * top.gamma
-            target = f"{module_expr(node.module)}.{top.param}" if node.module else top.param
             yield self.finding(
                 f"recurrent weights of '{where(node)}' ({node.module_type}) make gradients vanish over time: the "
                 f"largest singular value of every block is below {ratio:g}/gamma (largest: {top.param}"
@@ -74,8 +69,8 @@ class RecurrentVanishing(Rule):
                 f"{top.threshold:g}); the gradient shrinks at least {per_step:.3g}x per step, "
                 f"{per_step**20:.2g}x over 20 steps (Pascanu et al. 2013)",
                 node=node,
-                fix=f"nn.init.orthogonal_({target})",
-                severity="warning" if family == "RNN" else "info",
+                fix=f"nn.init.orthogonal_({param_expr(node, top.param)})",
+                severity=severity,
                 sigma_max=top.sigma_max,
                 threshold=top.threshold,
             )
