@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import graph_node
 
 
 @register
@@ -56,10 +57,7 @@ class GradientUnderflow(Rule):
         if not prec or prec.get("overflow"):
             return
         for row in prec.get("underflow", []):
-            try:
-                node = analysis.graph[row["node"]]
-            except KeyError:
-                node = None
+            node = graph_node(analysis, row["node"])
             parts = []
             if row.get("grad_underflow_fraction") is not None:
                 parts.append(f"{row['grad_underflow_fraction']:.1%} of dL/d(output)")

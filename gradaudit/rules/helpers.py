@@ -62,6 +62,15 @@ def module_expr(qualname: str | None, root: str = "model") -> str:
     return root + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts)
 
 
+def graph_node(analysis: Analysis, name: str) -> Node | None:
+    """The node of ``analysis.graph`` called ``name``, or None when the graph has none
+    (a probe may report a node the captured graph does not hold)."""
+    try:
+        return analysis.graph[name]
+    except KeyError:
+        return None
+
+
 def where(node: Node) -> str:
     """Short human name of a node: the expression reaching its module, else its name."""
     return module_expr(node.module) if node.module else node.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import graph_node
 
 #: A concrete guard per op family whose domain excludes some inputs.
 _GUARDS = {
@@ -83,10 +84,7 @@ class NonFiniteValues(Rule):
         nf = getattr(probe, "nonfinite", None)
         if nf is None or nf.cause != "nan":
             return
-        try:
-            node = analysis.graph[nf.node]
-        except KeyError:
-            node = None
+        node = graph_node(analysis, nf.node)
         where = f" at {node.location}" if node is not None and node.location else ""
         what = f"'{nf.node}' [{nf.op}]" + (f" (module '{nf.module}')" if nf.module else "")
         if nf.phase == "forward":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import graph_node
 
 
 @register
@@ -59,7 +60,7 @@ class PrecisionOverflow(Rule):
             return
         over = prec.get("overflow")
         if over:
-            node = _node(analysis, over["node"])
+            node = graph_node(analysis, over["node"])
             amax = over.get("absmax_float32")
             ref = f"; in float32 its abs-max is {amax:.4g}" if isinstance(amax, float) else ""
             layer = f" (after weight layer {over['depth']})" if over.get("depth") else ""
@@ -75,7 +76,7 @@ class PrecisionOverflow(Rule):
             return
         back = prec.get("grad_overflow")
         if back:
-            node = _node(analysis, back["node"])
+            node = graph_node(analysis, back["node"])
             yield self.finding(
                 f"under {prec['dtype']} autocast the backward of '{back['node']}' [{back['op']}] gives a "
                 f"{back['value']} gradient (dL/d '{back['gradient_of']}'), finite in float32: the gradient exceeds "
@@ -86,7 +87,7 @@ class PrecisionOverflow(Rule):
             )
             return
         for row in prec.get("beyond_range", [])[:1]:
-            node = _node(analysis, row["node"])
+            node = graph_node(analysis, row["node"])
             yield self.finding(
                 f"'{row['node']}' reaches {row['absmax_float32']:.4g} in float32, beyond {prec['dtype']}'s largest "
                 f"value {prec['max']:.6g}; it overflows as soon as it is cast to {prec['dtype']}",
@@ -95,10 +96,3 @@ class PrecisionOverflow(Rule):
                 fix="nn.LayerNorm(features)  # keep activations O(1)",
                 absmax_float32=row["absmax_float32"],
             )
-
-
-def _node(analysis, name: str):
-    try:
-        return analysis.graph[name]
-    except KeyError:
-        return None
