@@ -100,18 +100,24 @@ def _has_backward_hooks(m) -> bool:
     return bool(getattr(m, "_backward_hooks", None)) or bool(getattr(m, "_backward_pre_hooks", None))
 
 
-def _detach(obj: Any) -> Any:
+def _map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts);
+    anything else is kept as it is."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+        return tuple(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [_detach(o) for o in obj]
+        return [_map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _detach(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach().clone())
 
 
 def _ours(path: str) -> bool:
@@ -183,11 +189,8 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
             h.remove()
     targets = list(functions.values())
     for name, kind in wanted.items():
-        if name in captured:
-            args, kwargs = captured[name]
-            targets.append(Target(name=name, kind=kind, module=modules[name], args=args, kwargs=kwargs))
-        else:
-            targets.append(Target(name=name, kind=kind, module=modules[name], args=(), kwargs={}))
+        args, kwargs = captured.get(name, ((), {}))
+        targets.append(Target(name=name, kind=kind, module=modules[name], args=args, kwargs=kwargs))
     return targets
 
 
@@ -196,22 +199,19 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
 
 
 def _to64(obj: Any, rows: int | None) -> Any:
+    """Detached copies of the tensors in ``obj``, floating ones in float64, each cut to its
+    first ``rows`` rows (all when None)."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
+    def one(t):
+        t = t.detach()
         if rows is not None and t.dim() >= 1 and t.shape[0] > rows:
             t = t[:rows]
         if t.is_floating_point():
             t = t.to(torch.float64)
         return t.clone()
-    if isinstance(obj, tuple):
-        return tuple(_to64(o, rows) for o in obj)
-    if isinstance(obj, list):
-        return [_to64(o, rows) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to64(v, rows) for k, v in obj.items()}
-    return obj
+
+    return _map_tensors(obj, one)
 
 
 def _float_leaves(obj: Any, out: list, prefix: str) -> None:
@@ -229,19 +229,10 @@ def _float_leaves(obj: Any, out: list, prefix: str) -> None:
 
 
 def _outputs(val: Any) -> list:
-    import torch
-
+    """The floating-point tensors in ``val``, in :func:`_float_leaves` order."""
     out: list = []
-    if isinstance(val, torch.Tensor):
-        if val.is_floating_point():
-            out.append(val)
-    elif isinstance(val, (tuple, list)):
-        for v in val:
-            out.extend(_outputs(v))
-    elif isinstance(val, dict):
-        for v in val.values():
-            out.extend(_outputs(v))
-    return out
+    _float_leaves(val, out, "")
+    return [t for _, t in out]
 
 
 class _Checked:
@@ -301,6 +292,12 @@ def torch_max_abs(a, b):
     return torch.maximum(a.abs(), b.abs()).double()
 
 
+def _kink(fwd: float, bwd: float, resolution: float) -> bool:
+    """Whether the one-sided differences disagree by more than ``KINK_TOLERANCE``
+    relative (plus the rounding resolution): a kink lies within the step."""
+    return abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution
+
+
 def _indices(numel: int, count: int, seed: int) -> list[int]:
     import torch
 
@@ -340,7 +337,7 @@ def check_entries(
                 fwd = chk.project(plus, chk.base)[0] / step
                 bwd = chk.project(chk.base, minus)[0] / step
                 resolution = 100 * EPS64 * noise / step
-                if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
+                if _kink(fwd, bwd, resolution):
                     kink = {"tensor": name, "index": index, "value": x0, "left": bwd, "right": fwd, "step": step}
                     continue
                 kink = None
@@ -373,67 +370,47 @@ def _summarise(entries: list[dict], kinks: list[dict], unresolved: int) -> dict:
     }
 
 
-def _call_function(fn, args, kwargs) -> Callable[[], Any]:
-    return lambda: fn(*args, **kwargs)
+def _check_recorded(run: Callable[..., Any], target: Target, extra: list, what: str) -> dict:
+    """:func:`check_entries` of ``run(*args, **kwargs)`` on the target's recorded input in
+    float64 (cut to two samples, or whole when the cut input does not run), for the
+    input tensors plus ``extra`` (name, tensor) pairs."""
+    import torch
 
-
-def _call_module(mod, args, kwargs) -> Callable[[], Any]:
-    return lambda: mod(*args, **kwargs)
+    last_error = None
+    for rows in (2, None):
+        args = _to64(target.args, rows)
+        kwargs = _to64(target.kwargs, rows)
+        try:
+            torch.manual_seed(SEED)
+            with torch.no_grad():
+                run(*args, **kwargs)
+        except Exception as exc:
+            last_error = exc
+            continue
+        tensors: list = []
+        _float_leaves(args, tensors, "input")
+        _float_leaves(kwargs, tensors, "input")
+        out = check_entries(lambda: run(*args, **kwargs), tensors + extra)
+        out["input_shapes"] = [list(t.shape) for _, t in tensors]
+        return out
+    return _unchecked(f"the {what} could not be run on its recorded input in float64: {_first(last_error)}")
 
 
 def check_module(target: Target) -> dict:
     """Float64 copy of the module; the recorded input cut to two samples when it runs."""
-    import torch
-
     mod = copy.deepcopy(target.module)
     mod.double()
     for m in mod.modules():
         if isinstance(m, _dropout_types()):
             m.eval()
-    last_error = None
-    for rows in (2, None):
-        args = _to64(target.args, rows)
-        kwargs = _to64(target.kwargs, rows)
-        try:
-            torch.manual_seed(SEED)
-            with torch.no_grad():
-                mod(*args, **kwargs)
-        except Exception as exc:
-            last_error = exc
-            continue
-        tensors: list = []
-        _float_leaves(args, tensors, "input")
-        _float_leaves(kwargs, tensors, "input")
-        params = [(f"{target.name}.{n}" if target.name else n, p) for n, p in mod.named_parameters()]
-        for _, p in params:
-            p.requires_grad_(False)
-        out = check_entries(_call_module(mod, args, kwargs), tensors + params)
-        out["input_shapes"] = [list(t.shape) for _, t in tensors]
-        return out
-    return _unchecked(f"the module could not be run on its recorded input in float64: {_first(last_error)}")
+    params = [(f"{target.name}.{n}" if target.name else n, p) for n, p in mod.named_parameters()]
+    for _, p in params:
+        p.requires_grad_(False)
+    return _check_recorded(mod, target, params, "module")
 
 
 def check_function(target: Target) -> dict:
-    import torch
-
-    last_error = None
-    for rows in (2, None):
-        args = _to64(target.args, rows)
-        kwargs = _to64(target.kwargs, rows)
-        try:
-            torch.manual_seed(SEED)
-            with torch.no_grad():
-                target.fn(*args, **kwargs)
-        except Exception as exc:
-            last_error = exc
-            continue
-        tensors: list = []
-        _float_leaves(args, tensors, "input")
-        _float_leaves(kwargs, tensors, "input")
-        out = check_entries(_call_function(target.fn, args, kwargs), tensors)
-        out["input_shapes"] = [list(t.shape) for _, t in tensors]
-        return out
-    return _unchecked(f"the Function could not be run on its recorded input in float64: {_first(last_error)}")
+    return _check_recorded(target.fn, target, [], "Function")
 
 
 def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
@@ -512,7 +489,7 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
             noise = sum(float((w.abs() * torch.maximum(p.abs(), m.abs())).sum()) for p, m, w in zip(plus, minus, v))
             b = diff / (2 * step)
             resolution = 100 * EPS64 * noise / step
-            if abs(fwd - bwd) > KINK_TOLERANCE * (abs(fwd) + abs(bwd)) + resolution:
+            if _kink(fwd, bwd, resolution):
                 kink = {"tensor": "direction", "index": [attempt], "left": bwd, "right": fwd, "step": step}
                 continue
             kink = None
@@ -582,18 +559,8 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
 
 
 def _moved(target: Target, device: str) -> Target:
-    import torch
-
     def mv(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj.to(device)
-        if isinstance(obj, tuple):
-            return tuple(mv(o) for o in obj)
-        if isinstance(obj, list):
-            return [mv(o) for o in obj]
-        if isinstance(obj, dict):
-            return {k: mv(v) for k, v in obj.items()}
-        return obj
+        return _map_tensors(obj, lambda t: t.to(device))
 
     return Target(
         target.name, target.kind, target.fn, mv(target.args), mv(target.kwargs), target.module, target.location
