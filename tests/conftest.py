@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository's examples, a model-file writer, CLI runners."""
+"""Shared fixtures: the repository's examples, a model-file writer, CLI runners, one
+intra-op thread."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors, where threads cost more than they
+    save on 2 busy cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -37,13 +37,7 @@ SMALL_INPUTS = {"resnet18": lambda: (torch.randn(4, 3, 64, 64),)}
 DRAWS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they save on 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def example_names() -> list[str]:
