@@ -8,6 +8,7 @@ else: tests call them, not the audit.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -293,6 +294,35 @@ def measure_layers(model: nn.Module, x: torch.Tensor, draws: int = 2, batch: int
             acc[n][1] += store[n].grad.double().pow(2).mean().item() / draws
     return {n: (math.sqrt(a), math.sqrt(b)) for n, (a, b) in acc.items()}
 
+
+
+def check_gradient_crossing(model: nn.Module, code: str, expect, direction: int) -> None:
+    """GA101 (``direction`` -1) / GA102 (+1) on ``model`` against real autograd.
+
+    The finding ``expect`` ((module, severity) or None) appears exactly when the real
+    first layer's gradient is past 1e3x (+1) or 1e-3x (-1) the last one's (error, at the
+    crossing layer within one), or the real per-layer rate reaches it within twice the
+    depth (warning).
+    """
+    found = audit(model, x_for(model), code)
+    assert [(f.module, f.severity) for f in found] == ([expect] if expect else [])
+    real = [g for _, g in measure_layers(model, x_for(model)).values()]
+    ratio = real[0] / real[-1]
+    if direction > 0:
+        limit, past, short = 1e3, operator.ge, operator.lt
+        away, toward = real[0], real[-1]
+    else:
+        limit, past, short = 1e-3, operator.le, operator.gt
+        away, toward = real[-1], real[0]  # decades lost per layer
+    if expect is not None and expect[1] == "error":
+        assert past(ratio, limit)
+        crossed = max(i for i, g in enumerate(real) if past(g, limit * real[-1])) + 1
+        assert abs(found[0].data["layer_index"] - crossed) <= 1
+    else:
+        assert short(ratio, limit)
+        rate = math.log10(away / toward) / (len(real) - 1)
+        reaches = 3 / rate if rate > 0 else math.inf
+        assert (reaches <= 2 * len(real)) == (expect is not None)
 
 
 class ScaledBigQK(HandAttention):
