@@ -25,13 +25,7 @@ class Swish(torch.autograd.Function):
         return g * (s + x * s * (1 - s))
 
 
-class SwishMissingTerm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        s = torch.sigmoid(x)
-        ctx.save_for_backward(x, s)
-        return x * s
-
+class SwishMissingTerm(Swish):
     @staticmethod
     def backward(ctx, g):
         x, s = ctx.saved_tensors
