@@ -119,12 +119,17 @@ def _snapshot(model: nn.Module) -> dict:
     }
 
 
+def _seed_all(seed):
+    """Seed the torch, Python and numpy RNGs."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_audit_leaves_model_and_rng_untouched(name):
     model, inputs = MODELS[name]()
-    torch.manual_seed(123)
-    random.seed(123)
-    np.random.seed(123)
+    _seed_all(123)
     before = _snapshot(model)
     gradaudit.audit(model, inputs)
     after = _snapshot(model)
@@ -136,13 +141,9 @@ def test_audit_leaves_model_and_rng_untouched(name):
 def test_rng_stream_continues_as_if_no_audit(name):
     """The next random numbers after an audit are those we would have drawn without it."""
     model, inputs = MODELS[name]()
-    torch.manual_seed(7)
-    random.seed(7)
-    np.random.seed(7)
+    _seed_all(7)
     expected = (torch.rand(4).tolist(), random.random(), np.random.rand())
-    torch.manual_seed(7)
-    random.seed(7)
-    np.random.seed(7)
+    _seed_all(7)
     gradaudit.audit(model, inputs)
     assert (torch.rand(4).tolist(), random.random(), np.random.rand()) == expected
 

@@ -176,15 +176,21 @@ class HandTransformer(nn.Module):
         return self.final(x)
 
 
+def xavier_qkv(d):
+    """Three d x d linear projections (q, k, v) with Xavier-normal weights."""
+    q, k, v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+    for lin in (q, k, v):
+        nn.init.xavier_normal_(lin.weight)
+    return q, k, v
+
+
 class HandAttention(nn.Module):
     """softmax(q @ k^T [/ sqrt(d)]) @ v with Xavier-initialised projections."""
 
     def __init__(self, d=64, scale=False, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        for lin in (self.q, self.k, self.v):
-            nn.init.xavier_normal_(lin.weight)
+        self.q, self.k, self.v = xavier_qkv(d)
         self.scale = scale
         self.d = d
 
@@ -200,9 +206,7 @@ class SDPA(nn.Module):
     def __init__(self, d=64, scale=None, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        for lin in (self.q, self.k, self.v):
-            nn.init.xavier_normal_(lin.weight)
+        self.q, self.k, self.v = xavier_qkv(d)
         self.scale = scale
 
     def logits(self, x):
