@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from gradaudit.propagation.depth import DepthSummary
-
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
     from gradaudit.propagation.engine import Analysis
@@ -40,18 +38,9 @@ RELU_FAMILY = frozenset(
 NORMS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
 #: Ops whose weight is a matrix mapping fan_in inputs to each output unit.
 DENSE_OPS = frozenset({"linear", "conv"})
-RECURRENT_OPS = frozenset({"rnn", "lstm", "gru"})
 
 
 # ----------------------------------------------------------------------------- text
-def depth_rate_text(depth: DepthSummary) -> str:
-    lpd = depth.layers_per_decade
-    if lpd is None:
-        return "the trend across layers is flat"
-    word = "fall" if depth.decades_per_layer < 0 else "grow"
-    return f"at this rate gradients {word} 10x every {lpd:.1f} layers"
-
-
 def module_expr(qualname: str | None, root: str = "model") -> str:
     """Python expression reaching a submodule: ``layers.3.fc`` -> ``model.layers[3].fc``."""
     if not qualname:
@@ -122,12 +111,9 @@ def rows_equal(w) -> bool:
 
 
 def leaky_slope(node: Node | None) -> float:
-    fn = getattr(node, "fn", None)
-    for attr in ("negative_slope",):
-        v = getattr(fn, attr, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    return 0.01
+    """The negative slope of a leaky ReLU node's module (torch's default 0.01 when it has none)."""
+    v = getattr(getattr(node, "fn", None), "negative_slope", None)
+    return float(v) if isinstance(v, (int, float)) else 0.01
 
 
 def needed_gain(act: str | None, act_node: Node | None = None) -> tuple[float, str]:
@@ -145,10 +131,6 @@ def needed_gain(act: str | None, act_node: Node | None = None) -> tuple[float, s
     if act == "selu":
         return 1.0, "LeCun"
     return 1.0, "LeCun/Xavier"
-
-
-def act_name(act: str | None) -> str:
-    return {None: "no activation"}.get(act, act or "no activation")
 
 
 # ----------------------------------------------------------------------------- fix lines
