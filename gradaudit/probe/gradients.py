@@ -26,6 +26,8 @@ whose pre-activations have |x| >= 5 for more than 50% of the entries.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,8 +42,7 @@ SEED = 20130617
 #: Activations whose output is exactly 0 on a whole half-line: "dead" is measurable.
 ZERO_REGION = frozenset({"relu", "relu6", "threshold", "hardswish", "hardshrink", "softshrink"})
 #: Saturating activations checked for |pre-activation| >= 5.
-SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "logsigmoid", "silu", "swish"})
-SATURATING_STRICT = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "logsigmoid"})
+SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "logsigmoid"})
 
 #: Defaults of the thresholds read from ``Settings.extra``.
 DEFAULTS = {
@@ -135,19 +136,7 @@ class NonFinite:
     dtype: str | None = None
 
     def to_json(self) -> dict:
-        return {
-            "phase": self.phase,
-            "node": self.node,
-            "op": self.op,
-            "module": self.module,
-            "location": self.location,
-            "value": self.value,
-            "inputs": self.inputs,
-            "weights": self.weights,
-            "gradient_of": self.gradient_of,
-            "cause": self.cause,
-            "dtype": self.dtype,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -367,10 +356,8 @@ class Runner:
             self.layer_params[node_name] = list(mod.parameters()) if mod is not None else []
 
     def _ir_op(self, name: str) -> str | None:
-        try:
-            return self.ir[name].op
-        except KeyError:
-            return None
+        node = self._ir_node(name)
+        return node.op if node is not None else None
 
     def _ir_node(self, name: str):
         try:
@@ -415,12 +402,12 @@ class Runner:
             args_in.append(x)
         params = [p for p in self.all_params if p.requires_grad]
         env: dict[str, Any] = {}
-        pending: list[tuple[str, str, Any, int]] = []  # (kind, node, sum of squares, numel)
+        pending: list[tuple[str, Any, int]] = []  # (layer node, 2-norm of its output, numel)
         hooks: list = []
         grad_slots: dict[str, Any] = {}
         backward_order: list[tuple[str, bool, Any]] = []
         placeholder = iter(args_in)
-        ctx = torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else _Null()
+        ctx = torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         outputs = None
         grads: Any = []
         try:
@@ -450,7 +437,7 @@ class Runner:
                         if n.name in self.layers:
                             out = value[0] if isinstance(value, (tuple, list)) else value
                             if isinstance(out, torch.Tensor) and out.is_floating_point():
-                                pending.append(("act", n.name, _sumsq(out), out.numel()))
+                                pending.append((n.name, _sumsq(out), out.numel()))
                                 if out.requires_grad and not check_all:
                                     hooks.append(out.register_hook(_grab(grad_slots, n.name, zeros)))
                     env[n.name] = value
@@ -475,7 +462,7 @@ class Runner:
                 h.remove()
         present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
         sq_of = dict(zip((id(p) for p, _ in present), _sums_of_squares([g for _, g in present])))
-        for kind, name, norm, numel in pending:
+        for name, norm, numel in pending:
             rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
         for name, (norm, numel, zero) in grad_slots.items():
             rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
@@ -591,15 +578,12 @@ class Runner:
             d = t.detach()
             if d.numel() == 0:
                 continue
-            finite = bool(torch.isfinite(d).all())
+            fin = torch.isfinite(d)
             rec.out_dtype[n.name] = str(d.dtype).replace("torch.", "")
-            amax = (
-                float(d[torch.isfinite(d)].abs().max()) if d.numel() and bool(torch.isfinite(d).any()) else float("nan")
-            )
+            amax = float(d[fin].abs().max()) if bool(fin.any()) else float("nan")
             rec.absmax[n.name] = max(rec.absmax.get(n.name, 0.0), amax) if math.isfinite(amax) else amax
-            if not finite and rec.first_forward is None:
-                kw = {}
-                rec.first_forward = self._nonfinite("forward", n, args, kw, d)
+            if not bool(fin.all()) and rec.first_forward is None:
+                rec.first_forward = self._nonfinite("forward", n, args, {}, d)
                 break
 
     def _first_backward(self, order: list, env: dict, rec: DrawRecord) -> None:
@@ -636,7 +620,7 @@ class Runner:
         import torch
 
         op = self.acts[n.name]
-        if op not in SATURATING_STRICT or not args or not isinstance(args[0], torch.Tensor):
+        if op not in SATURATING or not args or not isinstance(args[0], torch.Tensor):
             return
         x = args[0].detach()
         if not x.is_floating_point() or x.numel() == 0:
@@ -678,14 +662,6 @@ class Runner:
 
 
 _STOP = object()
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sumsq(t):
@@ -908,9 +884,7 @@ def agreement(analysis, result: ProbeResult) -> list[dict]:
             "grad_log10_error": _log_err(m.grad_rms, s.grad_rms),
         }
         errs = [e for e in (row["act_log10_error"], row["grad_log10_error"]) if e is not None]
-        row["within_2x"] = bool(errs) and len(errs) == 2 and all(abs(e) <= math.log10(2) for e in errs)
-        if len(errs) < 2:
-            row["within_2x"] = None
+        row["within_2x"] = all(abs(e) <= math.log10(2) for e in errs) if len(errs) == 2 else None
         row["estimated"] = node.name in estimated or any(p.name in estimated for p in _ancestors(analysis, node, 3))
         row["input_batch_cosine"] = m.input_batch_cosine
         row["inherited"] = upstream_bad
