@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from gradaudit.errors import ConfigError
+from gradaudit.probe.inputs import first_line
 
 #: Steps tried in turn when the one-sided differences disagree (a kink within the step).
 STEPS = (1e-6, 1e-7, 1e-8)
@@ -528,8 +529,7 @@ def _unchecked(note: str) -> dict:
 def _first(exc: BaseException | None) -> str:
     if exc is None:
         return "no input was recorded (the module is not called by the model's forward)"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device: str = "cpu") -> list[dict]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradaudit.errors import CaptureError, ConfigError
+from gradaudit.probe.inputs import first_line
 
 #: Base seed of the draws: draw d seeds torch with SEED + d (dropout masks) and draws g
 #: from a generator seeded with SEED + d.
@@ -504,9 +505,7 @@ class Runner:
                 return _STOP  # non-finite values made a later op fail: report the first
             where = self._ir_node(n.name)
             loc = f" at {where.location}" if where is not None and where.location else ""
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            raise CaptureError(f"the probe's forward failed at node '{n.name}'{loc}: {first}") from exc
+            raise CaptureError(f"the probe's forward failed at node '{n.name}'{loc}: {first_line(exc)}") from exc
         if check_all:
             self._check_forward(n, args, value, rec, autocast_dtype)
         if units and n.name in self.acts:

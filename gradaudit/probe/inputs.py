@@ -33,7 +33,7 @@ def load_batch(path: str) -> tuple:
         try:
             named = load_file(path)
         except Exception as exc:
-            raise ConfigError(f"--inputs: cannot read {path}: {_first_line(exc)}") from exc
+            raise ConfigError(f"--inputs: cannot read {path}: {first_line(exc)}") from exc
         keys = list(named)
         if keys and all(k.isdigit() for k in keys):
             keys.sort(key=int)
@@ -42,7 +42,7 @@ def load_batch(path: str) -> tuple:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(
-            f"--inputs: cannot read {path} with torch.load(weights_only=True): {_first_line(exc)}"
+            f"--inputs: cannot read {path} with torch.load(weights_only=True): {first_line(exc)}"
         ) from exc
     return as_inputs(obj, path)
 
@@ -62,6 +62,7 @@ def as_inputs(obj: Any, what: str = "the batch") -> tuple:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -42,13 +42,13 @@ def autocast_dtype(dtype: str):
 
 
 def check_precision(reduced_run, reference, dtype: str, reduced, runner, settings) -> dict[str, Any]:
-    """Compare the reduced-precision draw with the float32 draw of the same seed."""
+    """Compare the reduced-precision draw with the float32 draw of the same seed
+    (``reduced``: the autocast torch dtype, :func:`autocast_dtype`)."""
     import torch
 
     from gradaudit.probe.gradients import threshold
 
-    tdtype = _torch_dtype(reduced) if isinstance(reduced, str) else reduced
-    info = torch.finfo(tdtype)
+    info = torch.finfo(reduced)
     smallest = info.tiny * info.eps  # smallest positive subnormal
     out: dict[str, Any] = {
         "dtype": dtype,
