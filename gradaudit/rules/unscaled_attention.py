@@ -117,9 +117,7 @@ class UnscaledAttention(Rule):
         mm, scaled = _find_qk(analysis, analysis.graph[src])
         if mm is None:
             return None
-        a, b = mm.inputs[0], mm.inputs[1] if len(mm.inputs) > 1 else mm.inputs[0]
-        if mm.op == "einsum":
-            a, b = [i for i in mm.inputs][:2] if len(mm.inputs) >= 2 else (a, b)
+        a, b = mm.inputs[0], mm.inputs[1]  # _find_qk returns a product of two computed tensors
         sa, sb = analysis.stat(a), analysis.stat(b)
         d = analysis.graph[a].shape[-1] if analysis.graph[a].shape else None
         qk = (
