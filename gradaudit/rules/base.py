@@ -123,9 +123,9 @@ class Rule:
     @classmethod
     def summary(cls) -> str:
         """First sentence of "What it does" — the one-line description."""
-        what = cls.doc_sections().get("What it does", cls.doc_sections()["summary"])
-        first = re.split(r"(?<=\.)\s", " ".join(what.split()), maxsplit=1)[0]
-        return first
+        sections = cls.doc_sections()
+        what = sections.get("What it does", sections["summary"])
+        return re.split(r"(?<=\.)\s", " ".join(what.split()), maxsplit=1)[0]
 
 
 REGISTRY: dict[str, type[Rule]] = {}
