@@ -111,9 +111,12 @@ def rows_equal(w) -> bool:
 
 
 def leaky_slope(node: Node | None) -> float:
-    """The negative slope of a leaky ReLU node's module (torch's default 0.01 when it has none)."""
+    """The negative slope of a leaky ReLU node: its module's, or the functional call's
+    ``negative_slope`` argument (torch's default 0.01 when neither says)."""
     v = getattr(getattr(node, "fn", None), "negative_slope", None)
-    return float(v) if isinstance(v, (int, float)) else 0.01
+    if v is None and node is not None and node.kind != "call_module":
+        v = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else None)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.01
 
 
 def needed_gain(act: str | None, act_node: Node | None = None) -> tuple[float, str]:

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 import torch.nn as nn
 from rulemodels import audit, he, measure_layers, mlp, normal, x_for
 
@@ -41,3 +42,25 @@ def test_numbers_match_closed_form_and_autograd():
     real_decades = max(math.log10(a1 / a0), math.log10(g0 / g1))
     assert abs(f.data["decades"] - real_decades) <= math.log10(2)
     assert f.fix == "nn.init.kaiming_normal_(model[0].weight, nonlinearity='relu')"
+
+
+def test_functional_leaky_relu_slope_sets_the_needed_gain():
+    """F.leaky_relu(x, 0.3) needs n Var[w] = 2 / (1 + 0.3^2) (He et al. 2015), not the default slope's."""
+    import torch.nn.functional as F
+
+    from gradaudit.frontends.fx import trace
+    from gradaudit.propagation.engine import propagate
+    from gradaudit.rules.helpers import leaky_slope, needed_gain
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(F.leaky_relu(self.a(x), 0.3))
+
+    an = propagate(trace(Net(), (torch.randn(4, 8),)))
+    act = next(n for n in an.graph if n.op == "leaky_relu")
+    assert leaky_slope(act) == 0.3
+    assert needed_gain("leaky_relu", act)[0] == pytest.approx(2 / 1.09)
