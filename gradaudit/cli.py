@@ -10,6 +10,8 @@ instant.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 import tempfile
@@ -195,23 +197,33 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
 
     human = _human_console(fmt, output, quiet)
     reports = []
-    failed = False
-    for spec, shapes, in_dtype, in_range in jobs:
-        if skip_missing and _no_torch(spec):
-            continue
-        try:
-            report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
-        except GradauditError as exc:
-            from gradaudit.loading import NoModelFound
+    from gradaudit.progress import progress
 
-            if skip_missing and isinstance(exc, NoModelFound):
-                continue
-            if debug:
-                raise
-            _error(str(exc) if str(exc).startswith(spec.split(":")[0]) else f"{spec}: {exc}")
-            failed = True
-            continue
-        reports.append(report)
+    errors: list[str] = []
+    with progress(len(jobs), "auditing") if len(jobs) > 1 else contextlib.nullcontext(None) as step:
+        for spec, shapes, in_dtype, in_range in jobs:
+            if step is not None:
+                step(0, spec)
+            report = None
+            if not (skip_missing and _no_torch(spec)):
+                try:
+                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
+                except GradauditError as exc:
+                    from gradaudit.loading import NoModelFound
+
+                    if debug:
+                        raise
+                    if not (skip_missing and isinstance(exc, NoModelFound)):
+                        errors.append(str(exc) if str(exc).startswith(spec.split(":")[0]) else f"{spec}: {exc}")
+            if report is not None:
+                reports.append(report)
+            if step is not None:
+                step()
+    # reports are printed once the progress bar (a live display on stderr) is gone
+    for message in errors:
+        _error(message)
+    failed = bool(errors)
+    for report in reports:
         if human is not None:
             from gradaudit.report.text import print_report
 

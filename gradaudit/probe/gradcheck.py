@@ -537,14 +537,16 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
     import torch
 
     from gradaudit.probe.gradients import _clean, _on_device, resolve_device
+    from gradaudit.progress import progress
     from gradaudit.state import preserved
 
     device = resolve_device(device)
     results: list[dict] = []
     with preserved(model):
         targets = find_targets(model, inputs, modules)
-        with _on_device(model, device):
+        with _on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
             for target in targets:
+                step(1, target.name)
                 if target.kind == "autograd.Function":
                     res = check_function(_moved(target, device))
                 elif not target.args and not target.kwargs:
@@ -552,6 +554,7 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
                 else:
                     res = check_module(_moved(target, device))
                 results.append(_clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
+            step(1, "whole model")
             moved = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
             res = check_directional(model, moved)
             results.append(_clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))

@@ -35,6 +35,7 @@ from typing import Any
 
 from gradaudit.errors import CaptureError, ConfigError
 from gradaudit.probe.inputs import first_line
+from gradaudit.progress import progress
 
 #: Base seed of the draws: draw d seeds torch with SEED + d (dropout masks) and draws g
 #: from a generator seeded with SEED + d.
@@ -773,22 +774,24 @@ def probe(
         first_draw: DrawRecord | None = None
         seconds = []
         finite = True
-        for d in range(draws):
-            kwargs = dict(seed=SEED + d, device=device, autocast_dtype=reduced, units=(d == 0), cosine=(d == 0))
-            try:
-                rec = runner.run(
-                    inputs, check_all=(d == 0 and reduced is not None), zeros=(d == 0 and reduced is not None), **kwargs
-                )
-            except CaptureError:
-                # the forward raised: when a non-finite value came first, that is the finding
-                rec = runner.run(inputs, check_all=True, zeros=reduced is not None, **kwargs)
-            seconds.append(rec.seconds)
-            if d == 0:
-                first_draw = rec
-                units = rec.units
-            finite = finite and rec.finite
-            grad_norms.append(rec.grad_norm)
-            _accumulate(result_layers, rec, runner, d == 0)
+        with progress(draws, "probe: forward/backward draws") as step:
+            for d in range(draws):
+                kwargs = dict(seed=SEED + d, device=device, autocast_dtype=reduced, units=(d == 0), cosine=(d == 0))
+                try:
+                    rec = runner.run(
+                        inputs, check_all=(d == 0 and reduced is not None), zeros=(d == 0 and reduced is not None), **kwargs
+                    )
+                except CaptureError:
+                    # the forward raised: when a non-finite value came first, that is the finding
+                    rec = runner.run(inputs, check_all=True, zeros=reduced is not None, **kwargs)
+                seconds.append(rec.seconds)
+                if d == 0:
+                    first_draw = rec
+                    units = rec.units
+                finite = finite and rec.finite
+                grad_norms.append(rec.grad_norm)
+                _accumulate(result_layers, rec, runner, d == 0)
+                step()
         nonfinite = None
         if first_draw is not None and (first_draw.first_forward or first_draw.first_backward):
             nonfinite = first_draw.first_forward or first_draw.first_backward
