@@ -67,7 +67,7 @@ class Ctx:
 
     def __init__(self, node: Node, engine) -> None:
         self.node = node
-        self._engine = engine
+        self.engine = engine
 
     # -- arguments ---------------------------------------------------------------
     def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
@@ -83,13 +83,13 @@ class Ctx:
         return getattr(self.node.fn, name, default)
 
     def stat(self, ref: Ref, leaf: int = 0) -> Stats:
-        s = self._engine.leaf_stats(ref.name, leaf)
+        s = self.engine.leaf_stats(ref.name, leaf)
         if s is None:
             raise Unhandled(f"input '{ref.name}' has no floating statistics")
         return s
 
     def meta(self, ref: Ref, leaf: int = 0) -> TensorMeta:
-        m = self._engine.graph[ref.name].outputs[leaf]
+        m = self.engine.graph[ref.name].outputs[leaf]
         if m is None:
             raise Unhandled(f"input '{ref.name}' has no tensor metadata")
         return m
@@ -99,7 +99,7 @@ class Ctx:
         if isinstance(ref, torch.Tensor):
             return ref
         if isinstance(ref, Ref):
-            node = self._engine.graph[ref.name]
+            node = self.engine.graph[ref.name]
             if node.op == "param":
                 return node.params.get("value")
         return None
@@ -212,13 +212,13 @@ def getitem(ctx: Ctx) -> Effect:
     src, index = ctx.node.args[0], ctx.node.args[1]
     if not isinstance(src, Ref):
         raise Unhandled("getitem of a non-node")
-    src_node = ctx._engine.graph[src.name]
+    src_node = ctx.engine.graph[src.name]
     if src_node.tuple_output and isinstance(index, int):
         sub = src_node.structure[index]
         leaves = list(_leaves(sub))
         out, gains = [], []
         for k, leaf in enumerate(leaves):
-            s = ctx._engine.leaf_stats(src.name, leaf)
+            s = ctx.engine.leaf_stats(src.name, leaf)
             out.append(None if s is None else _keep(s))
             gains.append((src.name, leaf, k, channels.Diag(1.0)))
         return Effect(out, gains)
@@ -683,7 +683,7 @@ def max_pool(ctx: Ctx) -> Effect:
     ref = ctx.first_ref()
     _, mean, var, axis = _pool_channels(ctx, ref)
     k = max(int(round(_window(ctx, ref))), 1)
-    exact = ctx._engine.fused_max_moments(ref.name, k)
+    exact = ctx.engine.fused_max_moments(ref.name, k)
     if exact is not None:
         out = Stats.per_channel(axis, *exact) if exact[0].dim() else _stats(float(exact[0]), float(exact[1]))
     else:
@@ -805,12 +805,9 @@ def add(ctx: Ctx) -> Effect:
     broadcast count). ``alpha`` scales b."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     alpha = float(ctx.node.kwargs.get("alpha", 1.0))
-    sign = -1.0 if ctx.node.op in ("sub", "rsub") else 1.0
-    c = sign * alpha
-    if ctx.node.op == "rsub":
+    c = -alpha if ctx.node.op in ("sub", "rsub") else alpha
+    if ctx.node.op == "rsub":  # rsub(x, y) = y - alpha * x
         a, b = b, a
-        c = -alpha
-        # rsub(x, y) = y - alpha * x: keep the formula below with a = y, b = x
     chan = _binary_channels(ctx, a, b)
     if chan is not None:
         axis, ((ma, qa, ka), (mb, qb, kb)) = chan
