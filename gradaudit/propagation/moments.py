@@ -27,17 +27,18 @@ N_NODES = 4000
 Z_MAX = 10.0
 
 
-@lru_cache(maxsize=1)
-def _standard_grid() -> tuple[torch.Tensor, torch.Tensor]:
-    h = 2 * Z_MAX / N_NODES
-    z = torch.arange(N_NODES, dtype=torch.float64) * h - Z_MAX + h / 2
+@lru_cache(maxsize=4)
+def _midpoint_grid(n: int, z_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """n midpoints z_k on [-z_max, z_max] (float64) and normalised N(0, 1) weights."""
+    h = 2 * z_max / n
+    z = torch.arange(n, dtype=torch.float64) * h - z_max + h / 2
     w = torch.exp(-0.5 * z * z)
     return z, w / w.sum()
 
 
 def gaussian_points(mean: float, var: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadrature nodes x_k (float64) and weights w_k for x ~ N(mean, var)."""
-    z, w = _standard_grid()
+    z, w = _midpoint_grid(N_NODES, Z_MAX)
     return mean + math.sqrt(max(var, 0.0)) * z, w
 
 
@@ -45,19 +46,11 @@ N_CHANNEL_NODES = 512
 Z_MAX_CHANNELS = 8.0
 
 
-@lru_cache(maxsize=1)
-def _channel_grid() -> tuple[torch.Tensor, torch.Tensor]:
-    h = 2 * Z_MAX_CHANNELS / N_CHANNEL_NODES
-    z = torch.arange(N_CHANNEL_NODES, dtype=torch.float64) * h - Z_MAX_CHANNELS + h / 2
-    w = torch.exp(-0.5 * z * z)
-    return z, w / w.sum()
-
-
 def channel_points(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes of shape (nodes, C) for C independent channels x_c ~ N(mean_c, var_c), and
     the weights (nodes,). A coarser grid than :func:`gaussian_points` (512 nodes on
     [-8, 8]) keeps wide layers cheap; the nodes are float32, the sums float64."""
-    z, w = _channel_grid()
+    z, w = _midpoint_grid(N_CHANNEL_NODES, Z_MAX_CHANNELS)
     z32 = z.float().unsqueeze(1)
     return mean.float().unsqueeze(0) + var.clamp_min(0.0).sqrt().float().unsqueeze(0) * z32, w
 
