@@ -201,6 +201,9 @@ class Engine:
                 members = self.groups.get(root)
                 if members and members[-1] == node.name:
                     members.pop()
+                if not members:
+                    self.groups.pop(root, None)
+                    self.single_d2.pop(root, None)
         effect = self._apply_handler(node)
         self.effects[node.name] = effect
         self.stats[node.name] = list(effect.out) + [None] * (len(node.outputs) - len(effect.out))
