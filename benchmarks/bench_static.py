@@ -106,7 +106,7 @@ def main() -> None:
         return "met" if ok else "NOT met"
 
     print(f"ResNet-18 example at {'x'.join(map(str, SHAPE))}, medians of {args.repeats} runs (torch.fx trace apart):")
-    print(f"  torch.fx trace + fake shapes              {trace_ms:8.1f} ms wall")
+    print(f"  torch.fx trace + shape rules              {trace_ms:8.1f} ms wall")
     print(f"  static pass (propagate + rules + report)  {pass_ms:8.1f} ms wall  {pass_cpu_ms:8.1f} ms cpu (all threads)"
           f"   target < {STATIC_TARGET_MS:.0f} ms: {verdict(pass_ms < STATIC_TARGET_MS)}")
     print(f"whole process, medians of {len(ours)} runs (wall clock; CPU time of the process beside it):")

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from gradaudit.errors import CaptureError
+from gradaudit.frontends import shapes
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -195,6 +196,8 @@ _ALIASES = {
     "unsafe_split": "split",
     "upsample": "interpolate",
     "view_as": "view",
+    "log_sigmoid": "logsigmoid",
+    "_threshold": "threshold",
 }
 
 
@@ -273,7 +276,7 @@ def _exception_location(exc: BaseException) -> Location | None:
 
 
 def _tensor_meta(val: Any) -> TensorMeta | None:
-    if isinstance(val, torch.Tensor):
+    if isinstance(val, (torch.Tensor, shapes.Shaped)):
         return TensorMeta(shape=tuple(int(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""))
     return None
 
@@ -307,7 +310,10 @@ def trace(model: nn.Module, example_inputs: tuple) -> Graph:
     finally:
         model.__class__ = original_class
     gm = fx.GraphModule(tracer.root, fx_graph)
-    _propagate_fake_shapes(gm, example_inputs)
+    try:  # shape rules for the common ops; fake tensors for everything else
+        shapes.infer(gm, example_inputs)
+    except shapes.NoRule:
+        _propagate_fake_shapes(gm, example_inputs)
     return _to_ir(gm, model)
 
 
