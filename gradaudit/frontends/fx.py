@@ -1,10 +1,12 @@
-"""torch.fx capture: symbolic trace + fake-tensor shapes -> :class:`gradaudit.ir.Graph`.
+"""torch.fx capture: symbolic trace + shapes -> :class:`gradaudit.ir.Graph`.
 
 Standard ``torch.nn`` layers stay leaf modules (one node per ``nn.Linear``, ``nn.LSTM``,
 ``nn.MultiheadAttention`` ...) while user modules and the ``nn.Transformer*`` containers
-are traced through, so every op the user wrote becomes a node. Shapes come from
-``FakeTensorProp`` with fake copies of the parameters: the model's real arithmetic never
-runs and its buffers (BatchNorm's ``num_batches_tracked``) are never touched.
+are traced through, so every op the user wrote becomes a node. Shapes come from the
+shape rules of :mod:`gradaudit.frontends.shapes` when every op has one, else from
+``FakeTensorProp`` with fake copies of the parameters: either way the model's real
+arithmetic never runs and its buffers (BatchNorm's ``num_batches_tracked``) are never
+touched.
 """
 
 from __future__ import annotations
