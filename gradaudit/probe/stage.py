@@ -40,10 +40,12 @@ class StageOptions:
 
 def parse_options(options: dict[str, Any]) -> StageOptions:
     """Validate ``audit(**options)``; thresholds of the probe rules may be passed too."""
+    out = StageOptions()
+    if all(key in OTHER_OPTIONS for key in options):
+        return out  # a static audit: the probe's modules need not load
     from gradaudit.probe.gradients import DEFAULTS
     from gradaudit.probe.precision import DTYPES
 
-    out = StageOptions()
     for key, value in options.items():
         if key in OTHER_OPTIONS:
             continue

@@ -148,13 +148,19 @@ def register(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
+_LOADED = False
+
+
 def all_rules() -> dict[str, type[Rule]]:
     """Import every rule module once and return the registry sorted by code."""
-    import gradaudit.rules as pkg
+    global _LOADED
+    if not _LOADED:
+        import gradaudit.rules as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name != "base" and not info.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+        _LOADED = True
     return dict(sorted(REGISTRY.items()))
 
 
