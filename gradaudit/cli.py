@@ -384,6 +384,12 @@ def _render(renderer, reports: list, fmt: str) -> str:
     return many(reports)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(text: str, output: str | None) -> None:
     """stdout, or ``output`` written atomically (temp file + rename; devices written directly)."""
     if text and not text.endswith("\n"):
@@ -403,6 +409,7 @@ def _write(text: str, output: str | None) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a report is not
         os.replace(tmp, output)
     except BaseException:
         if os.path.exists(tmp):

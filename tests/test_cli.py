@@ -326,3 +326,23 @@ def test_colour_only_on_a_terminal_without_no_color(no_color, coloured, monkeypa
     stream = _FakeTTY()
     make_console(stream).print("[bold red]GA101[/]")
     assert ("\x1b[" in "".join(stream.parts)) == coloured
+
+
+def test_output_file_gets_the_usual_permissions(tmp_path):
+    """-o writes through a private temp file; the report itself is readable like any file."""
+    import os
+    import stat
+
+    from click.testing import CliRunner
+
+    from gradaudit.cli import main
+
+    out = tmp_path / "audit.json"
+    mask = os.umask(0o022)
+    try:
+        example = os.path.join(ROOT, "examples", "relu_he_30.py")
+        result = CliRunner().invoke(main, ["check", example, "--format", "json", "-o", str(out), "-q"])
+    finally:
+        os.umask(mask)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
