@@ -27,7 +27,7 @@ from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, apply_gain
-from gradaudit.propagation.moments import channel_points, gaussian_points
+from gradaudit.propagation.moments import channel_points, gaussian_points, max_of_k_weights
 
 #: Activation ops (the rules treat these as a network's nonlinearity).
 ACTIVATIONS = frozenset(
@@ -282,18 +282,11 @@ class Engine:
         draws, k phi(z) Phi(z)^(k-1) (max pooling's arg-max)."""
         rs = self.leaf_stats(root)
         if rs.has_channels:
-            mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
-            x, w = channel_points(mean, var)
-            z = (x[:, 0] - mean[0]) / var[0].clamp_min(1e-300).sqrt() if var[0] > 0 else None
+            x, w = channel_points(*rs.channels(rs.axis, rs.ch_mean.numel()))
         else:
             x, w = gaussian_points(rs.mean, rs.var)
-            z = (x - rs.mean) / (rs.var**0.5) if rs.var > 0 else None
         if window > 1:
-            if z is None:
-                return x, w
-            cdf = 0.5 * (1 + torch.erf(z / 2**0.5))
-            w = w * window * cdf.pow(window - 1)
-            w = w / w.sum()
+            w = max_of_k_weights(window, rs.has_channels)
         return x, w
 
     def fused_max_moments(self, name: str, window: int):

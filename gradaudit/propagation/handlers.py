@@ -29,6 +29,7 @@ import torch
 
 from gradaudit.ir import Node, Ref, Stats, TensorMeta
 from gradaudit.propagation import channels
+from gradaudit.propagation.moments import gaussian_points, max_of_k_weights
 
 HANDLERS: dict[str, Callable[["Ctx"], "Effect"]] = {}
 
@@ -636,15 +637,11 @@ _SAMPLER_SEED = 20240521
 
 @lru_cache(maxsize=256)
 def _max_of_normals(k: int) -> tuple[float, float]:
-    """E[M] and E[M^2] for M the maximum of k iid N(0, 1), by quadrature on the density
-    k phi(z) Phi(z)^(k-1). For N(mu, s^2): E[max] = mu + s E[M], E[max^2] = mu^2 +
-    2 mu s E[M] + s^2 E[M^2]."""
-    z = torch.linspace(-12, 12, 8001, dtype=torch.float64)
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    dens = k * pdf * cdf.pow(k - 1)
-    dens = dens / dens.sum()
-    return float((dens * z).sum()), float((dens * z * z).sum())
+    """E[M] and E[M^2] for M the maximum of k iid N(0, 1) (density k phi(z) Phi(z)^(k-1)).
+    For N(mu, s^2): E[max] = mu + s E[M], E[max^2] = mu^2 + 2 mu s E[M] + s^2 E[M^2]."""
+    z, _ = gaussian_points(0.0, 1.0)
+    w = max_of_k_weights(k, channels=False)
+    return float((w * z).sum()), float((w * z * z).sum())
 
 
 def _window(ctx: Ctx, ref: Ref) -> float:

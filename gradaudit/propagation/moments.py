@@ -55,6 +55,16 @@ def channel_points(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor,
     return mean.float().unsqueeze(0) + var.clamp_min(0.0).sqrt().float().unsqueeze(0) * z32, w
 
 
+@lru_cache(maxsize=64)
+def max_of_k_weights(window: int, channels: bool) -> torch.Tensor:
+    """Weights, on the same nodes as :func:`gaussian_points` (or :func:`channel_points`
+    when ``channels``), for the largest of ``window`` independent draws: the density of
+    the maximum of k standard normals is k phi(z) Phi(z)^(k-1)."""
+    z, w = _midpoint_grid(N_CHANNEL_NODES, Z_MAX_CHANNELS) if channels else _midpoint_grid(N_NODES, Z_MAX)
+    wk = w * (0.5 * (1 + torch.erf(z / math.sqrt(2)))).pow(window - 1)
+    return wk / wk.sum()
+
+
 @dataclass(frozen=True)
 class Expectations:
     """E[phi], E[phi^2] and E[phi'^2] under the Gaussian the function was fed."""
