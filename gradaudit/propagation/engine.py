@@ -86,7 +86,6 @@ class Analysis:
     roots: dict[str, str]
     effects: dict[str, Effect]
     estimates: list[Estimate]
-    batch: int
     config: dict[str, Any] = field(default_factory=dict)
 
     def stat(self, name: str, leaf: int = 0) -> Stats | None:
@@ -159,15 +158,7 @@ class Engine:
             except Exception as exc:  # a bug in a handler: name the node
                 raise PropagationError(f"propagation failed at {node.describe()}: {exc}") from exc
         self._backward()
-        batch = self._batch()
-        return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates, batch)
-
-    def _batch(self) -> int:
-        for name in self.graph.input_names:
-            meta = self.graph[name].meta
-            if meta is not None and meta.shape:
-                return meta.shape[0]
-        return 1
+        return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates)
 
     def _forward(self, node: Node) -> None:
         if node.op == "input":
