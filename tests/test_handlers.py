@@ -264,6 +264,58 @@ def _conv_fn(fn, nd: int, w_shape, **kw) -> Case:
     return Case(build, EXACT, "convolution with exact border counts: exact in expectation")
 
 
+RECURRENT = "mean-field over time: gates independent of the state and of each other, per unit"
+
+
+class Seq(nn.Module):
+    """A recurrent module (or cell) fed by a front."""
+
+    def __init__(self, rnn: nn.Module, d_in: int) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.front = front(d_in, mean=0.2, std=1.0)
+        self.h_front = front(rnn.hidden_size, mean=0.1, std=0.5, seed=1)
+        self.c_front = front(rnn.hidden_size, mean=-0.1, std=0.7, seed=2)
+
+    def forward(self, x):
+        return self.rnn(self.front(x))
+
+
+class SeqH(Seq):
+    """... with an initial state h0 from its own front."""
+
+    def forward(self, x, h):
+        return self.rnn(self.front(x), self.h_front(h))
+
+
+class SeqHC(Seq):
+    """... with (h0, c0) from their own fronts."""
+
+    def forward(self, x, h, c):
+        return self.rnn(self.front(x), (self.h_front(h), self.c_front(c)))
+
+
+def _seq(kind, d_in: int = 48, hidden: int = 64, steps: int = 20, batch: int = 32, state: int = 0, cell: bool = False,
+         tol: float = APPROX, **kw) -> Case:
+    """``kind`` (an RNN/LSTM/GRU class or cell) at PyTorch's default init, on an i.i.d.
+    sequence; ``state`` initial-state inputs (h0, or h0 and c0) from their own fronts."""
+
+    def build():
+        torch.manual_seed(7)
+        rnn = kind(d_in, hidden, **kw)
+        layers = getattr(rnn, "num_layers", 1) * (2 if getattr(rnn, "bidirectional", False) else 1)
+        first = getattr(rnn, "batch_first", False)
+        if cell:
+            shape, sshape = (batch, d_in), (batch, hidden)
+        else:
+            shape = (batch, steps, d_in) if first else (steps, batch, d_in)
+            sshape = (layers, batch, hidden)
+        model = (Seq, SeqH, SeqHC)[state](rnn, d_in)
+        return model, (randn(*shape),) + tuple(randn(*sshape) for _ in range(state))
+
+    return Case(build, tol, RECURRENT, find=None)
+
+
 CASES: dict[str, list[Case]] = {
     # ---------------------------------------------------------------- layout
     "identity": [U(nn.Identity(), LIN(), 32, 64, why=LAYOUT)],
@@ -374,6 +426,25 @@ CASES: dict[str, list[Case]] = {
     "log_softmax": [U(lambda h: F.log_softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
     "scaled_dot_product_attention": [_sdpa(False), _sdpa(True)],
     "multihead_attention": [_mha()],
+    # ---------------------------------------------------------------- recurrent
+    "rnn": [
+        _seq(nn.RNN),
+        _seq(nn.RNN, nonlinearity="relu", num_layers=2, batch_first=True),
+        _seq(nn.RNN, bidirectional=True, state=1),
+    ],
+    "lstm": [
+        _seq(nn.LSTM),
+        _seq(nn.LSTM, num_layers=2, bidirectional=True, batch_first=True),
+        _seq(nn.LSTM, num_layers=2, state=2, dropout=0.2),
+    ],
+    "gru": [
+        _seq(nn.GRU),
+        _seq(nn.GRU, bidirectional=True, batch_first=True, state=1),
+        _seq(nn.GRU, num_layers=2),
+    ],
+    "rnn_cell": [_seq(nn.RNNCell, cell=True), _seq(nn.RNNCell, cell=True, state=1, nonlinearity="relu")],
+    "lstm_cell": [_seq(nn.LSTMCell, cell=True), _seq(nn.LSTMCell, cell=True, state=2)],
+    "gru_cell": [_seq(nn.GRUCell, cell=True), _seq(nn.GRUCell, cell=True, state=1)],
     # ---------------------------------------------------------------- fixed linear maps
     "interpolate": [
         U(lambda h: F.interpolate(h, scale_factor=2, mode="nearest"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP),

@@ -1125,3 +1125,7 @@ def linear_map(ctx: Ctx) -> Effect:
     m2 = x.var * fro_per_out + x.mean**2 * float(mean_row.pow(2).mean())
     gain = fro_per_out * lz[0].numel() / z[0].numel()
     return Effect([_stats(x.mean * float(mean_row.mean()), m2)], [(ref.name, 0, 0, gain)])
+
+
+# recurrent layers register their handlers in this table from their own module
+from gradaudit.propagation import recurrent  # noqa: E402,F401  (registers rnn, lstm, gru and their cells)
