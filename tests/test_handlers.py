@@ -179,6 +179,7 @@ SOFTMAX = "softmax moments are sampled once with a fixed seed (no closed form)"
 ATTN = "attention: sampled softmax moments, q/k/v treated as independent"
 INTERP = "Hutchinson estimate of ||L||_F^2 from 8 probes"
 NORM = "training-mode normalisation: exact up to O(1/n) in the group size"
+CONST = "every element is the fill value, no gradient to the input: exact"
 DROP = "inverted dropout: exact in expectation (masks resampled per draw)"
 
 
@@ -426,6 +427,13 @@ CASES: dict[str, list[Case]] = {
     "log_softmax": [U(lambda h: F.log_softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
     "scaled_dot_product_attention": [_sdpa(False), _sdpa(True)],
     "multihead_attention": [_mha()],
+    # ---------------------------------------------------------------- constant fills (beside the input itself)
+    "zeros_like": [U(lambda h: (h, torch.zeros_like(h)), LIN(), 32, 64, why=CONST)],
+    "ones_like": [U(lambda h: (h, torch.ones_like(h)), LIN(), 32, 64, why=CONST)],
+    "full_like": [U(lambda h: (h, torch.full_like(h, -0.5)), LIN(), 32, 64, why=CONST)],
+    "new_zeros": [U(lambda h: (h, h.new_zeros(32, 16)), LIN(), 32, 64, why=CONST)],
+    "new_ones": [U(lambda h: (h, h.new_ones(32, 16)), LIN(), 32, 64, why=CONST)],
+    "new_full": [U(lambda h: (h, h.new_full((32, 16), 2.5)), LIN(), 32, 64, why=CONST)],
     # ---------------------------------------------------------------- recurrent
     "rnn": [
         _seq(nn.RNN),

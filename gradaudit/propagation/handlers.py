@@ -1127,5 +1127,4 @@ def linear_map(ctx: Ctx) -> Effect:
     return Effect([_stats(x.mean * float(mean_row.mean()), m2)], [(ref.name, 0, 0, gain)])
 
 
-# recurrent layers register their handlers in this table from their own module
-from gradaudit.propagation import recurrent  # noqa: E402,F401  (registers rnn, lstm, gru and their cells)
+from gradaudit.propagation import constants, recurrent  # noqa: E402,F401  (they register in this table)

@@ -975,3 +975,71 @@ def recurrent_cell(ctx: Ctx) -> Effect:
         if c_ref is not None and (name, "c") in maps:
             gains.append((c_ref[0], c_ref[1], leaf, channels.Diag(maps[(name, "c")])))
     return Effect(outs, gains, {"step": s, "state_refs": (h_ref, c_ref)})
+
+
+# --------------------------------------------------------------------------- the analysis
+#: Ops a cell's state passes through unchanged between two calls of a loop.
+_PASS = frozenset({"getitem", "identity", "clone", "contiguous", "to", "view", "reshape", "dropout", "detach"})
+
+
+def _producer(analysis, ref: tuple[str, int] | None, op: str, module: str | None) -> str | None:
+    """The call of cell ``module`` whose output ``ref`` is (through getitem, copies and
+    dropout), or None."""
+    seen = 0
+    while ref is not None and seen < 16:
+        node = analysis.graph[ref[0]]
+        if node.op == op and node.module == module:
+            return node.name
+        if node.op not in _PASS or not node.inputs:
+            return None
+        ref = (node.inputs[0], 0)
+        seen += 1
+    return None
+
+
+def cell_chains(analysis) -> list[list[Node]]:
+    """Calls of the same cell where each call's state is the previous call's output: the
+    loops over time the capture unrolled, in order (two or more calls)."""
+    chains: dict[str, list[Node]] = {}
+    out: list[list[Node]] = []
+    for node in analysis.graph:
+        if node.op not in CELL_OPS or "step" not in analysis.effect_info(node.name):
+            continue
+        h_ref = analysis.effect_info(node.name)["state_refs"][0]
+        prev = _producer(analysis, h_ref, node.op, node.module)
+        chain = chains.get(prev) if prev is not None else None
+        if chain is None:
+            chain = [node]
+            out.append(chain)
+        else:
+            chain.append(node)
+        chains[node.name] = chain
+    return [c for c in out if len(c) > 1]
+
+
+def over_time(analysis) -> list[OverTime]:
+    """The over-time prediction of every recurrent module call and every unrolled loop of
+    cell calls (cached in ``analysis.config``)."""
+    cached = analysis.config.get("over_time")
+    if cached is not None:
+        return cached
+    out: list[OverTime] = []
+    for node in analysis.graph:
+        ot = analysis.effect_info(node.name).get("over_time")
+        if ot is not None:
+            out.append(ot)
+    for chain in cell_chains(analysis):
+        out.append(_chain_over_time(chain, analysis))
+    analysis.config["over_time"] = out
+    return out
+
+
+def _chain_over_time(chain: list[Node], analysis) -> OverTime:
+    """:func:`simulate` for an unrolled loop: one direction whose steps are the calls."""
+    last = chain[-1]
+    fam = family(last.fn)
+    w = layer_weights(last.fn, cell=True)
+    steps = [analysis.effect_info(n.name)["step"] for n in chain]
+    stack = Stack(fam, [[Direction(w, steps, State(steps[0].h_mean, steps[0].h_m2))]], len(steps), 0.0)
+    x_curve, h_curve = simulate(stack)
+    return _over_time(last, fam, len(steps), w, steps[-1], x_curve, h_curve, calls=[n.name for n in chain])
