@@ -161,6 +161,9 @@ class ProbeResult:
     agreement: list[dict] = field(default_factory=list)
     #: Per floating input: its measured RMS and the RMS the prediction assumed.
     inputs: list[dict] = field(default_factory=list)
+    #: The measured gradient-over-time curve of each recurrent module call or loop
+    #: (:mod:`gradaudit.probe.over_time`), by node.
+    over_time: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_grad_norm(self) -> float:
@@ -810,6 +813,9 @@ def probe(
             precision = check_precision(first_draw, reference, dtype, reduced, runner, settings)
             if nonfinite is not None and reference.first_forward is None and reference.first_backward is None:
                 nonfinite.cause = "overflow"
+        from gradaudit.probe import over_time
+
+        measured_over_time = over_time.measure(gm, analysis, inputs, draws=draws, device=device, seed=SEED)
         on = "CUDA" if device.startswith("cuda") else "CPU"
         notes.append(
             f"{draws} draw(s) on {on}, {'autocast ' + dtype if reduced is not None else 'float32'}; "
@@ -826,6 +832,7 @@ def probe(
         precision=precision,
         seconds_per_draw=sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
         notes=notes,
+        over_time=measured_over_time,
     )
     result.inputs = _input_rms(analysis, inputs)
     result.agreement = agreement(analysis, result)

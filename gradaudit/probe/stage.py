@@ -75,6 +75,8 @@ def attach(report, analysis, opts: AuditOptions) -> None:
             if row is not None:
                 layer.extra["act_log10_error"] = _num(row["act_log10_error"])
                 layer.extra["grad_log10_error"] = _num(row["grad_log10_error"])
+        for record in report.over_time:
+            record.measured = result.over_time.get(record.node)
         report.probe = result.to_json()
     if analysis.config.get("gradcheck") is not None:
         report.gradcheck = analysis.config["gradcheck"]

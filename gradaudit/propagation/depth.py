@@ -41,8 +41,11 @@ FLAT = 1e-3  # decades per layer below which the trend is reported as flat
 
 def shared_positions(node: Node) -> int:
     """How many positions per sample share each weight of ``node``: spatial positions of a
-    convolution's output, sequence positions of a linear layer applied to (B, T, d)."""
+    convolution's output, sequence positions of a linear layer applied to (B, T, d), the
+    time steps of a recurrent module (whichever axis ``batch_first`` puts them on)."""
     shape = node.shape
+    if node.op in ("rnn", "lstm", "gru") and shape:  # the time steps: (T, B, H), (B, T, H) or (T, H)
+        return max(shape[1] if len(shape) == 3 and getattr(node.fn, "batch_first", False) else shape[0], 1)
     if not shape or len(shape) < 3:
         return 1
     if node.op in ("conv", "conv_transpose"):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
-from gradaudit.propagation import montecarlo
+from gradaudit.propagation import montecarlo, recurrent
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, apply_gain
 from gradaudit.propagation.moments import channel_points, gaussian_points, max_of_k_weights
@@ -104,11 +104,15 @@ class Analysis:
         return [n for n in self.graph if n.kind == "call_module" and n.params]
 
     def weight_layers(self) -> list[Node]:
-        """The layers that count for depth: linear, conv, attention, recurrent, ..."""
+        """The layers that count for depth: linear, conv, attention, recurrent, ... (an
+        unrolled loop of cell calls counts once, as its last call: its other calls are
+        time steps, analysed over time)."""
+        steps = recurrent.time_steps(self)
         return [
             n
             for n in self.layers()
-            if n.op in WEIGHT_OPS or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values()))
+            if (n.op in WEIGHT_OPS or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values())))
+            and n.name not in steps
         ]
 
     def users(self, name: str) -> list[Node]:

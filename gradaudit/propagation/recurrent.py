@@ -427,6 +427,8 @@ def stationary_gain(w: Weights, s: Step, iters: int = 300) -> float:
 #: Probe vectors of the over-time backward pass (:func:`simulate`), its compute budget
 #: in multiply-adds, and the seed of its draws.
 PROBES = 32
+#: Probe vectors times hidden units wanted per step (narrow layers get more probes).
+SAMPLES = 8192
 BUDGET = 1.0e9
 SEED = 19941997
 
@@ -503,7 +505,8 @@ def simulate(stack: Stack, probes: int = PROBES, budget: float = BUDGET, seed: i
              ) -> tuple[list[float], list[float]]:
     """The predicted gradient-over-time curve of a module: a cotangent g ~ N(0, I) at the
     last step of the top layer's forward direction only, carried back through every
-    layer and direction by :func:`sample_back` on ``probes`` probe vectors (inter-layer
+    layer and direction by :func:`sample_back` on ``probes`` probe vectors (more for a
+    layer narrower than ``SAMPLES / probes`` units; fewer when the budget says so; inter-layer
     dropout as random inverted masks). Returns, for the last K steps in time order, the
     RMS of dL/dx_t over the bottom input's elements and of dL/dh_t of the top forward
     direction, each relative to the last step; K is T or less when the budget (``probes``
@@ -520,7 +523,9 @@ def simulate(stack: Stack, probes: int = PROBES, budget: float = BUDGET, seed: i
     """
     cost = sum(2 * d.weights.w_hh.shape[0] * (d.weights.hidden + d.weights.w_ih.shape[1])
                for dirs in stack.layers for d in dirs)
-    m = int(max(4, min(probes, budget // (16 * cost))))
+    hidden = min(d.weights.hidden for dirs in stack.layers for d in dirs)
+    wanted = max(probes, min(16 * probes, -(-SAMPLES // hidden)))  # narrow layers: more probes
+    m = int(max(4, min(wanted, budget // (16 * cost))))
     K = int(min(stack.T, max(16, budget // (m * cost))))
     gen = torch.Generator().manual_seed(seed)
     above: torch.Tensor | None = None
@@ -669,15 +674,19 @@ class OverTime:
     #: stationary state: rms singular value x gate factors (module docstring).
     mean_field_gain: float
     gates: dict[str, float]
-    #: Largest and RMS singular value of each recurrent weight (first layer, forward).
+    #: Largest singular value over the gate blocks of W_hh and their RMS singular value
+    #: (the top layer's forward direction).
     sigma_max: float
     sigma_rms: float
     nodes: list[str] = field(default_factory=list)  # the calls of a cell chain, in order
+    location: dict | None = None  # the user's source line of the call
+    module_type: str | None = None
     measured: Curve | None = None
 
     def to_json(self) -> dict:
         out = {
-            "node": self.node, "module": self.module, "op": self.op, "family": self.family, "steps": self.steps,
+            "node": self.node, "module": self.module, "module_type": self.module_type, "op": self.op,
+            "family": self.family, "steps": self.steps, "location": self.location,
             "mean_field_gain": _num(self.mean_field_gain), "sigma_max": _num(self.sigma_max),
             "sigma_rms": _num(self.sigma_rms), "gates": {k: _num(v) for k, v in self.gates.items()},
             "predicted": self.predicted.to_json(), "predicted_h": [_num(v) for v in self.predicted_h],
@@ -688,8 +697,19 @@ class OverTime:
         return out
 
 
-def _singular(w: Weights) -> tuple[float, float]:
-    return float(torch.linalg.matrix_norm(w.w_hh, ord=2)), math.sqrt(float(w.s_hh.sum()) / w.w_hh.shape[0])
+def block_sigmas(w_hh: torch.Tensor, fam: str) -> list[tuple[str, str, float]]:
+    """``(gate, nonlinearity, largest singular value)`` of each gate block of a stacked
+    recurrent weight (torch's row order)."""
+    gates = GATES[fam]
+    w = w_hh.detach().double()
+    return [(gate, act, float(torch.linalg.matrix_norm(block, ord=2)))
+            for block, (gate, act) in zip(w.chunk(len(gates), 0), gates)]
+
+
+def _singular(w: Weights, fam: str) -> tuple[float, float]:
+    """The largest singular value over the gate blocks of W_hh, and the RMS singular
+    value sqrt(||W_k||_F^2 / H) over them."""
+    return max(s for _, _, s in block_sigmas(w.w_hh, fam)), math.sqrt(float(w.s_hh.sum()) / w.w_hh.shape[0])
 
 
 # --------------------------------------------------------------------------- module handler
@@ -867,12 +887,13 @@ def over_time_of(stack: Stack, node: Node) -> OverTime:
 def _over_time(node: Node, fam: str, T: int, w: Weights, last: Step, x_curve: list[float], h_curve: list[float],
                calls: list[str] | None = None) -> OverTime:
     x_curve, h_curve = _trim(x_curve), _trim(h_curve)
-    sig_max, sig_rms = _singular(w)
+    sig_max, sig_rms = _singular(w, fam)
     return OverTime(
         node=node.name, module=node.module, op=node.op, family=fam, steps=T,
         predicted=describe(x_curve, tail_gain(x_curve)), predicted_h=h_curve,
         mean_field_gain=stationary_gain(w, last), gates=dict(last.gates), sigma_max=sig_max, sigma_rms=sig_rms,
-        nodes=list(calls or []),
+        nodes=list(calls or []), location=node.location.to_json() if node.location else None,
+        module_type=node.module_type,
     )
 
 
@@ -1015,6 +1036,16 @@ def cell_chains(analysis) -> list[list[Node]]:
             chain.append(node)
         chains[node.name] = chain
     return [c for c in out if len(c) > 1]
+
+
+def time_steps(analysis) -> frozenset[str]:
+    """The cell calls that are earlier time steps of an unrolled loop (all but the last
+    call of each chain): not layers of depth."""
+    cached = analysis.config.get("time_steps")
+    if cached is None:
+        cached = frozenset(n.name for chain in cell_chains(analysis) for n in chain[:-1])
+        analysis.config["time_steps"] = cached
+    return cached
 
 
 def over_time(analysis) -> list[OverTime]:

@@ -118,6 +118,10 @@ class AuditReport:
     #: How many weight layers a normalization follows (their scale is reset: a large
     #: gradient there corrects itself; see GA102).
     normalized_layers: int = 0
+    #: The gradient over time of every recurrent module call and unrolled loop
+    #: (:class:`gradaudit.propagation.recurrent.OverTime`: the predicted curve and, when
+    #: the probe ran, the measured one).
+    over_time: list[Any] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -210,6 +214,7 @@ class AuditReport:
             },
             "findings": [f.to_json() for f in self.findings],
             "layers": [layer.to_json() for layer in self.layers],
+            "over_time": [record.to_json() for record in self.over_time],
             "estimated_ops": self.estimated_ops,
             "probe": self.probe,
             "gradcheck": self.gradcheck,

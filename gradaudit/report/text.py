@@ -121,6 +121,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             soft_wrap=True,
         )
         console.print(table)
+    if report.over_time:
+        _print_over_time(report, console)
     estimated = [e for e in report.estimated_ops if e.get("ok")]
     failed = [e for e in report.estimated_ops if not e.get("ok")]
     if estimated:
@@ -138,6 +140,39 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     shapes = ", ".join(_describe_input(x) for x in report.inputs)
     console.print()
     console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
+
+
+def _print_over_time(report: AuditReport, console: Console) -> None:
+    """Per recurrent module or loop: the per-step gain and horizon, the gates, and the
+    predicted and measured curves at a few steps back."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gradaudit.report import over_time as words
+
+    console.print()
+    console.print(
+        "[bold]over time[/] (RMS of dL/dx_t for a loss on the last step only, relative to that step; "
+        "steps back = T - 1 - t)",
+        soft_wrap=True,
+    )
+    for record in report.over_time:
+        horizon = words.horizon_text(record.predicted, record.steps) + " predicted"
+        if record.measured is not None:
+            horizon += "; " + words.horizon_text(record.measured, record.steps) + " measured"
+        console.print(f"  {escape(words.title(record))}: {words.gain_text(record)}; {escape(horizon)}", soft_wrap=True)
+        console.print(f"    {escape(words.gates_text(record))}", soft_wrap=True)
+        n = max(len(record.predicted.values), len(record.measured.values) if record.measured else 0)
+        lags = words.lag_columns(n)
+        table = Table(show_edge=False, pad_edge=False, box=None, show_header=False, padding=(0, 1))
+        table.add_column(justify="left")
+        for _ in lags:
+            table.add_column(justify="right")
+        table.add_row("    steps back", *(str(k) for k in lags))
+        table.add_row("    predicted", *words.at_lags(record.predicted.values, lags))
+        if record.measured is not None:
+            table.add_row("    measured", *words.at_lags(record.measured.values, lags))
+        console.print(table)
 
 
 def render(report: AuditReport, **_: object) -> str:

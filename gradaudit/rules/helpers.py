@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from gradaudit.propagation import depth
 
@@ -710,14 +710,10 @@ def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
 
 
 # ----------------------------------------------------------------------------- recurrent
-#: Gate layout of the stacked recurrent weight (rows, in order) and each gate's
-#: nonlinearity, as torch.nn documents them.
-_GATES = {
-    "LSTM": (("input", "sigmoid"), ("forget", "sigmoid"), ("cell", "tanh"), ("output", "sigmoid")),
-    "GRU": (("reset", "sigmoid"), ("update", "sigmoid"), ("new", "tanh")),
-}
 #: gamma = max |phi'| (Pascanu et al. 2013): 1 for tanh and ReLU, 1/4 for the sigmoid.
 GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
+#: The family names of :mod:`gradaudit.propagation.recurrent` as the rules word them.
+_FAMILY_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 
 
 @dataclass
@@ -736,39 +732,76 @@ class RecurrentBlock:
 def recurrent_kind(node: Node) -> tuple[str, str] | None:
     """``(family, activation)`` of an RNN/LSTM/GRU module or cell: family is ``LSTM``,
     ``GRU`` or ``RNN`` (activation ``tanh`` or ``relu`` for the plain RNN)."""
-    import torch.nn as nn
+    from gradaudit.propagation.recurrent import family
 
-    fn = node.fn
-    if isinstance(fn, (nn.LSTM, nn.LSTMCell)):
-        return "LSTM", "tanh"
-    if isinstance(fn, (nn.GRU, nn.GRUCell)):
-        return "GRU", "tanh"
-    if isinstance(fn, nn.RNN):
-        return "RNN", "relu" if getattr(fn, "mode", "RNN_TANH") == "RNN_RELU" else "tanh"
-    if isinstance(fn, nn.RNNCell):
-        return "RNN", "relu" if getattr(fn, "nonlinearity", "tanh") == "relu" else "tanh"
-    return None
+    fam = family(node.fn)
+    if fam is None:
+        return None
+    return _FAMILY_NAMES[fam], "relu" if fam == "rnn_relu" else "tanh"
 
 
 def recurrent_blocks(node: Node) -> list[RecurrentBlock]:
     """Largest singular value of each gate block of every recurrent weight
     (``weight_hh``, ``weight_hh_l{k}``, ``weight_hh_l{k}_reverse``) of the module."""
-    import torch
+    from gradaudit.propagation.recurrent import block_sigmas, family
 
-    kind = recurrent_kind(node)
-    if kind is None:
+    fam = family(node.fn)
+    if fam is None:
         return []
-    family, act = kind
     out = []
     for pname, w in node.params.items():
-        if not pname.startswith("weight_hh") or w.dim() != 2:
-            continue
-        w = w.detach().double()
-        gates = _GATES.get(family, (("hidden", act),))
-        for block, (gate, gate_act) in zip(w.chunk(len(gates), 0), gates):
-            sigma = float(torch.linalg.matrix_norm(block, ord=2))
-            out.append(RecurrentBlock(pname, gate, gate_act, GAMMA[gate_act], sigma))
+        if pname.startswith("weight_hh") and w.dim() == 2:
+            for gate, act, sigma in block_sigmas(w, fam):
+                out.append(RecurrentBlock(pname, gate, act, GAMMA[act], sigma))
     return out
+
+
+@dataclass
+class TimeEvidence:
+    """The gradient over time of a recurrent module (or loop) as a rule judges it: the
+    measured curve when the probe ran, else the predicted one."""
+
+    record: Any  # gradaudit.propagation.recurrent.OverTime
+    curve: Any  # gradaudit.propagation.recurrent.Curve
+    source: str  # "predicted" | "measured"
+
+    @property
+    def steps(self) -> int:
+        return self.record.steps
+
+    @property
+    def within(self) -> bool:
+        """Whether the curve crosses 1e-3 (or 1e3) inside the sequence."""
+        return self.curve.horizon is not None and not self.curve.extrapolated
+
+    def sentence(self) -> str:
+        """``the predicted gradient of a loss on the last step falls below 1e-3 of its
+        value after 13.1 of the 80 steps (0.598x per step back)``."""
+        c = self.curve
+        rate = f"{c.gain:.3g}x per step back" if c.gain is not None else "no steady rate"
+        what = f"the {self.source} gradient of a loss on the last step"
+        if c.horizon is None:
+            return f"{what} stays within 1e-3 to 1e3 of its value over the {self.steps} steps ({rate})"
+        verb = "falls below 1e-3" if c.direction == "vanishing" else "rises above 1e3"
+        if c.extrapolated:
+            return f"{what} {verb} of its value after {c.horizon:.3g} steps at this rate, past the {self.steps} steps ({rate})"
+        return f"{what} {verb} of its value after {c.horizon:.3g} of the {self.steps} steps ({rate})"
+
+
+def recurrent_time(analysis: Analysis, node: Node) -> TimeEvidence | None:
+    """The over-time evidence of a recurrent module call, or of the unrolled loop a cell
+    call belongs to; None when there is no over-time prediction (an op the handlers do
+    not model)."""
+    from gradaudit.propagation.recurrent import over_time
+
+    for record in over_time(analysis):
+        if record.node == node.name or node.name in record.nodes:
+            probe = analysis.config.get("probe")
+            measured = getattr(probe, "over_time", {}).get(record.node) if probe is not None else None
+            if measured is not None:
+                return TimeEvidence(record, measured, "measured")
+            return TimeEvidence(record, record.predicted, "predicted")
+    return None
 
 
 def recurrent_weights(analysis: Analysis) -> Iterator[tuple[Node, list[RecurrentBlock], str]]:
