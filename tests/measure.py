@@ -143,3 +143,23 @@ def measure_moments(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1
                 acc[1] += 0.0 if g is None else float(g.detach().double().pow(2).mean())
                 acc[2] += float(td.mean())
     return {name: ((a / draws) ** 0.5, (g / draws) ** 0.5, m / draws) for name, (a, g, m) in sums.items()}
+
+
+def measure_over_time(run, make_input, *, time_axis: int = 0, draws: int = 4, seed: int = 0) -> list[float]:
+    """RMS of dL/dx_t over the batch and features, relative to the last step, for
+    L = <y_T, g> (g ~ N(0, 1)): ``run(x)`` returns y_T, the output at the last step
+    only; ``make_input(gen)`` draws a fresh input sequence x. Second moments are
+    averaged over ``draws`` draws of x and g, in float64 (a curve spans many decades)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    for _ in range(draws):
+        x = make_input(gen).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = run(x)
+            g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+            (gx,) = torch.autograd.grad(y, x, g)
+        sq = gx.double().pow(2).movedim(time_axis, 0)
+        sq = sq.reshape(sq.shape[0], -1).mean(dim=1)
+        total = sq if total is None else total + sq
+    rms = (total / draws).sqrt()
+    return [float(v / rms[-1]) for v in rms]

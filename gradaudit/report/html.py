@@ -51,7 +51,30 @@ def render(report: AuditReport, **opts: Any) -> str:
         suppressed=report.suppressed,
         counts=report.counts(),
         depth=report.depth,
+        over_time=_over_time(report),
     )
+
+
+def _over_time(report: AuditReport) -> list[dict]:
+    """Per recurrent record: title, words, the chart's geometry and the curves at a few
+    steps back (:mod:`gradaudit.report.over_time`, :mod:`gradaudit.report.time_chart`)."""
+    from gradaudit.report import over_time as words
+    from gradaudit.report.time_chart import time_chart
+
+    out = []
+    for record in report.over_time:
+        lags, predicted, measured = words.columns(record)
+        out.append({
+            "title": words.title(record),
+            "gain": words.gain_text(record),
+            "horizon": words.horizons_text(record),
+            "gates": words.gates_text(record, every=True),
+            "chart": time_chart(record),
+            "lags": lags,
+            "predicted": predicted,
+            "measured": measured,
+        })
+    return out
 
 
 def _markup(svg: str):

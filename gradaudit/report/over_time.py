@@ -21,6 +21,7 @@ GATE_LABELS = {
     "reset_mean": "reset gate mean",
     "new_tanh_prime_rms": "RMS tanh' of the candidate",
     "phi_prime_rms": "RMS phi' of the pre-activations",
+    "forget_rms": "RMS forget gate",
 }
 #: The statistics quoted in the one-line summary, per family.
 KEY_GATES = {"lstm": ("forget_mean",), "gru": ("update_mean",), "rnn_tanh": ("phi_prime_rms",),
@@ -43,6 +44,22 @@ def horizon_text(curve: Any, steps: int) -> str:
     verb = "falls below 1e-3" if curve.direction == "vanishing" else "rises above 1e3"
     past = f" (extrapolated past the {len(curve.values)} steps)" if curve.extrapolated else ""
     return f"{verb} after {fmt_num(curve.horizon)} steps back{past}"
+
+
+def horizons_text(record: Any) -> str:
+    """The predicted horizon, and the measured one when the probe ran."""
+    text = horizon_text(record.predicted, record.steps) + " predicted"
+    if record.measured is not None:
+        text += "; " + horizon_text(record.measured, record.steps) + " measured"
+    return text
+
+
+def columns(record: Any) -> tuple[list[int], list[str], list[str] | None]:
+    """Steps back to show, and the predicted and measured values there (formatted)."""
+    n = max(len(record.predicted.values), len(record.measured.values) if record.measured is not None else 0)
+    lags = lag_columns(n)
+    measured = at_lags(record.measured.values, lags) if record.measured is not None else None
+    return lags, at_lags(record.predicted.values, lags), measured
 
 
 def gates_text(record: Any, every: bool = False) -> str:

@@ -157,21 +157,18 @@ def _print_over_time(report: AuditReport, console: Console) -> None:
         soft_wrap=True,
     )
     for record in report.over_time:
-        horizon = words.horizon_text(record.predicted, record.steps) + " predicted"
-        if record.measured is not None:
-            horizon += "; " + words.horizon_text(record.measured, record.steps) + " measured"
-        console.print(f"  {escape(words.title(record))}: {words.gain_text(record)}; {escape(horizon)}", soft_wrap=True)
+        console.print(f"  {escape(words.title(record))}: {words.gain_text(record)}; {escape(words.horizons_text(record))}",
+                      soft_wrap=True)
         console.print(f"    {escape(words.gates_text(record))}", soft_wrap=True)
-        n = max(len(record.predicted.values), len(record.measured.values) if record.measured else 0)
-        lags = words.lag_columns(n)
+        lags, predicted, measured = words.columns(record)
         table = Table(show_edge=False, pad_edge=False, box=None, show_header=False, padding=(0, 1))
         table.add_column(justify="left")
         for _ in lags:
             table.add_column(justify="right")
         table.add_row("    steps back", *(str(k) for k in lags))
-        table.add_row("    predicted", *words.at_lags(record.predicted.values, lags))
-        if record.measured is not None:
-            table.add_row("    measured", *words.at_lags(record.measured.values, lags))
+        table.add_row("    predicted", *predicted)
+        if measured is not None:
+            table.add_row("    measured", *measured)
         console.print(table)
 
 

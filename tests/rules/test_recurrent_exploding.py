@@ -60,3 +60,53 @@ def test_singular_values_and_thresholds(build):
         assert threshold == (4.0 if index in sig else 1.0)
         assert sigma > threshold
         assert f"{sigma:.3g} > 1/gamma = {threshold:g}" in f.message
+
+
+# ----------------------------------------------------------------------------- over time
+def _orthogonal_rnn(radius, hidden=128):
+    torch.manual_seed(0)
+
+    def init(m):
+        nn.init.orthogonal_(m.weight_hh_l0)
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(radius)
+
+    return Recurrent(nn.RNN, init, hidden=hidden)
+
+
+def _measured_horizon(model, steps):
+    """The horizon of the real BPTT curve (a loss on the last step only)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from measure import measure_over_time
+
+    from gradaudit.propagation.recurrent import describe, tail_gain
+
+    curve = measure_over_time(lambda s: model.rnn(s)[0][-1], lambda g: torch.randn(steps, 64, 16, generator=g))
+    return describe(curve, tail_gain(curve))
+
+
+def test_error_when_the_gradient_grows_past_1e3_within_the_sequence():
+    """Orthogonal W_hh of radius 3 over 40 steps: tanh's saturation leaves ~1.36x per
+    step, past 1e3 within the sequence: an error, and real BPTT agrees."""
+    model = _orthogonal_rnn(3.0)
+    (f,) = audit(model, seq_input(steps=40), CODE)
+    assert f.severity == "error"
+    real = _measured_horizon(model, 40)
+    assert real.direction == "exploding" and not real.extrapolated
+    assert f.data["horizon"] == pytest.approx(real.horizon, rel=0.25)
+    assert "rises above 1e3 of its value after" in f.message and "of the 40 steps" in f.message
+
+
+def test_no_finding_when_the_gradient_fades_within_the_sequence():
+    """An LSTM at PyTorch's default init has a cell-gate block above 1/gamma = 1, but over
+    40 steps the gradient of the last step fades 1e3-fold (GA502's finding, not this
+    one's); real BPTT agrees that it fades within the sequence."""
+    model = Recurrent(nn.LSTM, hidden=128)
+    blocks = [float(torch.linalg.svdvals(b)[0]) for b in model.rnn.weight_hh_l0.detach().chunk(4, 0)]
+    assert blocks[2] > 1.0  # the cell gate (tanh): above Pascanu's threshold
+    assert audit(model, seq_input(steps=40), CODE) == []
+    real = _measured_horizon(model, 40)
+    assert real.direction == "vanishing" and not real.extrapolated

@@ -39,3 +39,40 @@ def test_real_bptt_gradient_shrinks_at_least_as_stated():
     jac_bound = per_step**20 * (32**0.5)  # ||J^T 1|| <= ||J|| ||1||
     assert 0 < float(g.norm()) <= jac_bound
     assert f"{per_step:.3g}x per step" in f.message
+
+
+# ----------------------------------------------------------------------------- over time
+from test_recurrent_exploding import _measured_horizon  # noqa: E402
+
+OVER_TIME = [
+    pytest.param(lambda: Recurrent(nn.RNN, hidden=128), ("rnn", "warning"), True, id="rnn-default-40-steps"),
+    pytest.param(lambda: Recurrent(nn.LSTM, hidden=128), ("rnn", "info"), True, id="lstm-default-40-steps"),
+    pytest.param(lambda: Recurrent(nn.GRU, hidden=128), ("rnn", "info"), True, id="gru-default-40-steps"),
+    pytest.param(lambda: Recurrent(nn.RNN, orthogonal_hh, hidden=128), None, False, id="rnn-orthogonal-40-steps"),
+]
+
+
+@pytest.mark.parametrize("build, expect, fades", OVER_TIME)
+def test_gradient_over_time_fades_within_the_sequence(build, expect, fades):
+    """Over 40 steps the gradient of a loss on the last step falls below 1e-3 within the
+    sequence at PyTorch's default init (RNN, LSTM, GRU), and not with orthogonal W_hh;
+    real BPTT agrees, and the quoted horizon is within 25% of the real one."""
+    model = build()
+    found = audit(model, seq_input(steps=40), CODE)
+    assert [(f.module, f.severity) for f in found] == ([expect] if expect else [])
+    real = _measured_horizon(model, 40)
+    assert (real.direction == "vanishing" and not real.extrapolated) == fades
+    if found:
+        assert found[0].data["horizon"] == pytest.approx(real.horizon, rel=0.25)
+
+
+def test_the_gate_bias_fix_lengthens_the_real_horizon():
+    """GA502's fix for an LSTM (forget-gate bias 1, Jozefowicz et al. 2015), applied as
+    written, lengthens the horizon of real BPTT by more than half."""
+    model = Recurrent(nn.LSTM, hidden=128)
+    (f,) = audit(model, seq_input(steps=40), CODE)
+    assert "forget-gate bias" in f.fix and "forget gate is 0.50 on average" in f.message
+    before = _measured_horizon(model, 40).horizon
+    exec(f.fix, {"nn": nn, "model": model})
+    after = _measured_horizon(model, 40).horizon
+    assert after > 1.5 * before, (before, after)
