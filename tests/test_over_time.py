@@ -85,7 +85,7 @@ def _compare(name: str, report, measured: list[float]) -> tuple:
     (record,) = report.over_time
     pred = record.predicted
     meas = describe(measured, tail_gain(measured))
-    lags = [0, 1, 2, 5, 10, 20, 40, len(measured) - 1]
+    lags = [k for k in (0, 1, 2, 5, 10, 20, 40) if k < len(measured) - 1] + [len(measured) - 1]
     rows = [f"{name}: {record.steps} steps",
             "  steps back " + " ".join(f"{k:>9d}" for k in lags),
             "  predicted  " + " ".join(f"{pred.values[-1 - k]:9.3g}" if k < len(pred.values) else "        -" for k in lags),
@@ -136,3 +136,128 @@ def test_lstm_language_model_default_init():
     _assert_agree(pred, meas, table)
     (record,) = report.over_time
     assert record.gates["forget_mean"] == pytest.approx(0.5, abs=0.02)
+
+
+# --------------------------------------------------------------------------- more layouts
+class Stacked(nn.Module):
+    """A 2-layer bidirectional LSTM, batch first: the cotangent at the last step of the
+    top layer's forward direction reaches the input through both directions of the
+    layer below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.rnn = nn.LSTM(32, 64, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class GRUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.rnn = nn.GRU(32, 128)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class CellLoop(nn.Module):
+    """A cell called in a Python loop over time, as tutorials write it; the capture
+    unrolls it into one call per step."""
+
+    def __init__(self, kind, steps: int = 40) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.cell = kind(32, 128)
+        self.lstm = kind is nn.LSTMCell
+        self.steps = steps
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], 128)
+        state = (h, x.new_zeros(x.shape[1], 128)) if self.lstm else h
+        for t in range(self.steps):
+            state = self.cell(x[t], state)
+        return state[0] if self.lstm else state
+
+
+def _last_forward(model):
+    if isinstance(model, Stacked):
+        return lambda s: model.rnn(s)[0][:, -1, :64]
+    if isinstance(model, CellLoop):
+        return model
+    return lambda s: model.rnn(s)[0][-1]
+
+
+LAYOUTS = [
+    pytest.param(Stacked, 1, id="lstm-2-layers-bidirectional-batch-first"),
+    pytest.param(GRUNet, 0, id="gru"),
+    pytest.param(lambda: CellLoop(nn.RNNCell), 0, id="rnn-cell-loop"),
+    pytest.param(lambda: CellLoop(nn.LSTMCell), 0, id="lstm-cell-loop"),
+    pytest.param(lambda: CellLoop(nn.GRUCell), 0, id="gru-cell-loop"),
+]
+
+
+@pytest.mark.parametrize("build, time_axis", LAYOUTS)
+def test_other_layouts_against_real_bptt(build, time_axis):
+    """Stacked and bidirectional modules, the GRU, and loops of cells (one curve per loop,
+    one input per call): same tolerances as the acceptance cases."""
+    model = build()
+    steps = 40
+    shape = (32, steps, 32) if time_axis == 1 else (steps, 32, 32)
+    report = gradaudit.audit(model, (torch.randn(*shape),))
+    big = (64,) + shape[1:] if time_axis == 1 else shape[:1] + (64,) + shape[2:]
+    measured = measure_over_time(_last_forward(model), lambda g: torch.randn(*big, generator=g), time_axis=time_axis)
+    pred, meas, table = _compare(type(model).__name__, report, measured)
+    _assert_agree(pred, meas, table)
+    if isinstance(model, CellLoop):
+        (record,) = report.over_time
+        assert len(record.nodes) == steps
+        assert sum(1 for layer in report.layers if layer.depth is not None) == 1  # a loop is one weight layer
+
+
+# --------------------------------------------------------------------------- probe and reports
+def test_probe_measures_the_curve_and_every_report_shows_both():
+    """With the probe, the report carries the measured curve beside the predicted one:
+    it agrees with an independent measurement (same quantity, other inputs), the JSON
+    report carries both curves, the text report prints both rows, the HTML report draws
+    both series."""
+    from gradaudit.report import html, text
+
+    model = LanguageModel()
+    ids = torch.randint(0, 1000, (60, 32))
+    report = gradaudit.audit(model, (ids,), probe=True, draws=2)
+    (record,) = report.over_time
+    assert record.measured is not None and len(record.measured.values) == 60
+    independent = describe(*(lambda c: (c, tail_gain(c)))(measure_over_time(
+        lambda s: model.lstm(s)[0][-1], lambda g: model.emb(torch.randint(0, 1000, (60, 64), generator=g)))))
+    assert record.measured.horizon == pytest.approx(independent.horizon, rel=0.15)
+    assert record.predicted.horizon == pytest.approx(record.measured.horizon, rel=HORIZON_TOL)
+
+    data = report.to_json()["over_time"][0]
+    assert data["module"] == "lstm" and data["steps"] == 60 and data["family"] == "lstm"
+    assert len(data["measured"]["values"]) == 60
+    assert data["predicted"]["values"][-1] == 1.0 and data["measured"]["values"][-1] == 1.0
+    assert data["predicted"]["horizon"] == pytest.approx(record.predicted.horizon, rel=1e-5)
+    assert data["measured"]["per_step_gain"] == pytest.approx(record.measured.gain, rel=1e-5)
+    assert math.isclose(data["gates"]["forget_mean"], record.gates["forget_mean"], rel_tol=1e-5)
+
+    out = text.render(report)
+    assert "over time" in out and "'lstm' (LSTM, 60 steps)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("predicted", "measured"))]
+    assert [r[0] for r in rows] == ["predicted", "measured"] and rows[0][1] == rows[1][1] == "1"
+
+    page = html.render(report)
+    assert '<section id="over-time">' in page
+    assert 'class="series predicted"' in page and 'class="series measured"' in page
+    assert page.count('class="horizon"') == 2  # both curves cross 1e-3 inside the sequence
+
+
+def test_static_report_without_recurrent_layers_has_no_over_time():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    report = gradaudit.audit(model, (torch.randn(4, 8),))
+    assert report.over_time == [] and report.to_json()["over_time"] == []
+    from gradaudit.report import html, text
+
+    assert "over time" not in text.render(report) and 'id="over-time"' not in html.render(report)

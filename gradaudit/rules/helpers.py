@@ -809,8 +809,11 @@ def recurrent_weights(analysis: Analysis) -> Iterator[tuple[Node, list[Recurrent
     (:func:`recurrent_layers`, :func:`recurrent_blocks`). The severity of a finding on
     it is ``warning`` for a plain RNN and ``info`` for an LSTM or GRU, whose cell state
     carries gradient past the recurrent matrix."""
+    cache = analysis.config.setdefault("recurrent_blocks", {})
     for node in recurrent_layers(analysis):
-        blocks = recurrent_blocks(node)
+        if node.name not in cache:
+            cache[node.name] = recurrent_blocks(node)
+        blocks = cache[node.name]
         if blocks:
             yield node, blocks, "warning" if recurrent_kind(node)[0] == "RNN" else "info"
 
