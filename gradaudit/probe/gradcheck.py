@@ -536,7 +536,8 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
     """Check every target; return one dict per target (see the module docstring)."""
     import torch
 
-    from gradaudit.probe.gradients import _clean, _on_device, resolve_device
+    from gradaudit.probe.device import on_device, resolve_device
+    from gradaudit.probe.result import clean
     from gradaudit.progress import progress
     from gradaudit.state import preserved
 
@@ -544,7 +545,7 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
     results: list[dict] = []
     with preserved(model):
         targets = find_targets(model, inputs, modules)
-        with _on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
+        with on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
             for target in targets:
                 step(1, target.name)
                 if target.kind == "autograd.Function":
@@ -553,11 +554,11 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
                     res = _unchecked(_first(None))
                 else:
                     res = check_module(_moved(target, device))
-                results.append(_clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
+                results.append(clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
             step(1, "whole model")
             moved = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
             res = check_directional(model, moved)
-            results.append(_clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))
+            results.append(clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))
     return results
 
 

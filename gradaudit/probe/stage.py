@@ -30,7 +30,8 @@ def gather(model, inputs: tuple, analysis, opts: AuditOptions, settings) -> None
     if not opts.measures:
         return
     from gradaudit.errors import ConfigError
-    from gradaudit.probe.gradients import probe, resolve_device
+    from gradaudit.probe.device import resolve_device
+    from gradaudit.probe.gradients import probe
 
     if opts.loss_fn is not None:
         raise ConfigError("loss_fn: a user-supplied loss is not supported by this version of gradaudit")
@@ -79,6 +80,6 @@ def attach(report, analysis, opts: AuditOptions) -> None:
 
 
 def _num(x):
-    from gradaudit.probe.gradients import _clean
+    from gradaudit.probe.result import clean
 
-    return _clean(x)
+    return clean(x)
