@@ -339,13 +339,14 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
     from gradaudit.loading import load_target
 
     loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    options, inputs, input_source = _file_loss(options, loaded)
     try:
         return run(
             loaded.model,
-            loaded.inputs,
+            inputs,
             options,
             target=spec,
-            input_source=loaded.input_source,
+            input_source=input_source,
             select=select,
             ignore=ignore,
             input_stats=loaded.input_stats or None,
@@ -355,6 +356,26 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
         if loaded.input_source.startswith("inferred"):
             raise CaptureError(f"{exc} (inputs were {loaded.input_source}; pass --input-shape)") from exc
         raise
+
+
+def _file_loss(options, loaded):
+    """``(options, inputs, input_source)`` for one target: with ``--probe``, the model
+    file's ``loss_fn(output, batch)`` and ``example_batch`` are the probe's real loss (an
+    ``--inputs`` file replaces ``example_batch``); inferred inputs give way to the batch's."""
+    import dataclasses
+
+    if not options.probe or (loaded.loss_fn is None and loaded.batch is None):
+        return options, loaded.inputs, loaded.input_source
+    path = loaded.target.split(".py:")[0] + ".py" if ".py:" in loaded.target else loaded.target
+    if loaded.loss_fn is None:
+        raise ConfigError(f"{path}: example_batch is the batch of loss_fn(output, batch); define loss_fn too")
+    if not callable(loaded.loss_fn):
+        raise ConfigError(f"{path}: loss_fn must be a function loss_fn(output, batch) (got {type(loaded.loss_fn).__name__})")
+    batch = None if options.inputs_path else loaded.batch
+    options = dataclasses.replace(options, loss_fn=loaded.loss_fn, batch=batch)
+    if batch is not None and loaded.input_source.startswith("inferred"):
+        return options, None, f"example_batch in {path}"
+    return options, loaded.inputs, loaded.input_source
 
 
 def _no_torch(spec: str) -> bool:

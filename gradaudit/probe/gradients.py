@@ -12,25 +12,29 @@ and measures at every layer of the report (calls of modules owning parameters)
     grad_rms = sqrt(E[(dL/dy)^2])     over the same elements,
 
 second moments averaged over draws, plus the RMS of the layer's weight gradient and
-||dL/dW|| / ||W||. Buffers, modes and RNG states are restored by
+||dL/dW|| / ||W||: the numbers the prediction is compared with. With the user's
+``loss_fn`` and batches (:mod:`~gradaudit.probe.loss`), one more draw per batch
+differentiates that loss instead, for the same per-layer figures and the global gradient
+norm in the user's units. Buffers, modes and RNG states are restored by
 :func:`gradaudit.state.preserved`.
 
 Where things are: the graph walk is :mod:`~gradaudit.probe.runner`, what one draw keeps
 :mod:`~gradaudit.probe.recording`, the result :mod:`~gradaudit.probe.result`, predicted
 vs measured :mod:`~gradaudit.probe.agreement`, dead and saturated units
 :mod:`~gradaudit.probe.units`, NaN/Inf localisation :mod:`~gradaudit.probe.nonfinite`,
-reduced precision :mod:`~gradaudit.probe.precision`, and the device
-:mod:`~gradaudit.probe.device`.
+reduced precision :mod:`~gradaudit.probe.precision`, the device
+:mod:`~gradaudit.probe.device`, the user's own loss :mod:`~gradaudit.probe.loss`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from gradaudit.errors import CaptureError, ConfigError
 from gradaudit.probe.agreement import agreement, input_rms
 from gradaudit.probe.device import on_device, resolve_device
+from gradaudit.probe.loss import LossMeasure, describe, scalar_loss, to_device
 from gradaudit.probe.recording import DrawRecord, sums_of_squares
 from gradaudit.probe.result import LayerMeasure, ProbeResult
 from gradaudit.probe.runner import Runner, graph_module
@@ -50,8 +54,12 @@ def probe(
     device: str = "cpu",
     dtype: str = "fp32",
     settings: Any = None,
+    loss_fn: Callable | None = None,
+    loss_batches: list[tuple[tuple, Any]] | None = None,
 ) -> ProbeResult:
-    """Measure ``analysis``'s layers on the real model; leave the model as found."""
+    """Measure ``analysis``'s layers on the real model; leave the model as found.
+
+    ``loss_batches``: ``(model inputs, batch)`` per draw with the user's ``loss_fn``."""
     from gradaudit.probe.precision import DTYPES, autocast_dtype, check_precision
     from gradaudit.state import preserved
 
@@ -110,6 +118,13 @@ def probe(
             precision = check_precision(first_draw, reference, dtype, reduced, runner, settings)
             if nonfinite is not None and reference.first_forward is None and reference.first_backward is None:
                 nonfinite.cause = "overflow"
+        measured_loss = None
+        if loss_fn is not None and loss_batches:
+            measured_loss = _loss_draws(runner, loss_fn, loss_batches, layer_nodes, device, reduced)
+            notes.append(
+                f"{measured_loss.name}(output, batch) on {len(loss_batches)} draw(s) "
+                f"({'one batch each' if measured_loss.several else 'one batch'}): gradient norms in your loss's units"
+            )
         on = "CUDA" if device.startswith("cuda") else "CPU"
         notes.append(
             f"{draws} draw(s) on {on}, {'autocast ' + dtype if reduced is not None else 'float32'}; "
@@ -126,10 +141,33 @@ def probe(
         precision=precision,
         seconds_per_draw=sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
         notes=notes,
+        loss=measured_loss,
     )
     result.inputs = input_rms(analysis, inputs)
     result.agreement = agreement(analysis, result)
     return result
+
+
+def _loss_draws(runner: Runner, loss_fn: Callable, pairs: list, layer_nodes, device: str, reduced) -> LossMeasure:
+    """One draw per ``(inputs, batch)`` differentiating ``loss_fn(output, batch)``."""
+    distinct = len({id(b) for _, b in pairs})
+    measure = LossMeasure(
+        describe(loss_fn), {n.name: LayerMeasure(n.name, n.module) for n in layer_nodes},
+        batches=distinct, several=distinct > 1,
+    )
+    with progress(len(pairs), "probe: draws with your loss") as step:
+        for d, (inputs, batch) in enumerate(pairs):
+            on_device_batch = to_device(batch, device)
+            rec = runner.run(
+                inputs, seed=SEED + d, device=device, autocast_dtype=reduced,
+                loss=lambda outputs: scalar_loss(loss_fn, outputs, on_device_batch),
+            )
+            measure.values.append(rec.loss if rec.loss is not None else float("nan"))
+            measure.grad_norms.append(rec.grad_norm)
+            measure.grad_absmax.append(rec.grad_absmax if rec.grad_absmax is not None else float("nan"))
+            _accumulate(measure.layers, rec, runner, d == 0)
+            step()
+    return measure
 
 
 def _accumulate(layers: dict[str, LayerMeasure], rec: DrawRecord, runner: Runner, first: bool) -> None:

@@ -34,6 +34,9 @@ class DrawRecord:
     out_dtype: dict[str, str] = field(default_factory=dict)
     finite: bool = True
     seconds: float = 0.0
+    #: With the user's loss: its value and the largest |entry| of any parameter gradient.
+    loss: float | None = None
+    grad_absmax: float | None = None
 
 
 def leaves(val: Any, out: list) -> None:
@@ -74,6 +77,14 @@ def sums_of_squares(tensors: list) -> list[float]:
     except (AttributeError, RuntimeError):
         norms = [sumsq(t) for t in tensors]
     return [v * v for v in torch.stack(list(norms)).double().tolist()]
+
+
+def absmax(tensors: list) -> float:
+    """The largest |entry| over all ``tensors`` (nan when one holds a nan; 0 for none)."""
+    import torch
+
+    peaks = [t.detach().abs().amax().float() for t in tensors if t.numel()]
+    return float(torch.stack(peaks).max()) if peaks else 0.0
 
 
 def batch_cosine(x) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.probe.loss import LossMeasure
     from gradaudit.probe.nonfinite import NonFinite
     from gradaudit.probe.units import UnitStats
 
@@ -52,7 +53,12 @@ class LayerMeasure:
 
 @dataclass
 class ProbeResult:
-    """Everything the probe measured; probe-stage rules read it."""
+    """Everything the probe measured; probe-stage rules read it.
+
+    ``layers``, ``grad_norms`` and ``agreement`` come from DESIGN.md's loss
+    L = sum <y, g>, g ~ N(0, 1), the loss the prediction is made for; ``loss`` holds the
+    measurements with the user's own loss, when one was given.
+    """
 
     draws: int
     device: str
@@ -67,6 +73,8 @@ class ProbeResult:
     agreement: list[dict] = field(default_factory=list)
     #: Per floating input: its measured RMS and the RMS the prediction assumed.
     inputs: list[dict] = field(default_factory=list)
+    #: The user's loss, measured (:class:`~gradaudit.probe.loss.LossMeasure`), or None.
+    loss: LossMeasure | None = None
 
     @property
     def total_grad_norm(self) -> float:
@@ -101,8 +109,14 @@ class ProbeResult:
                 "precision": self.precision,
                 "notes": self.notes,
                 "inputs": self.inputs,
+                "synthetic_loss": SYNTHETIC,
+                "loss": self.loss.to_json() if self.loss is not None else None,
             }
         )
+
+
+#: The loss of the prediction and of ``grad_norms`` / ``agreement``, as the report states it.
+SYNTHETIC = "L = sum over floating outputs y of <y, g>, g ~ N(0, 1)"
 
 
 def _fraction_within_2x(rows: list[dict], key: str) -> float | None:

@@ -17,7 +17,16 @@ from typing import Any
 from gradaudit.errors import CaptureError
 from gradaudit.probe.inputs import first_line
 from gradaudit.probe.nonfinite import check_forward, first_backward
-from gradaudit.probe.recording import DrawRecord, batch_cosine, grab, leaves, order, sums_of_squares, sumsq
+from gradaudit.probe.recording import (
+    DrawRecord,
+    absmax,
+    batch_cosine,
+    grab,
+    leaves,
+    order,
+    sums_of_squares,
+    sumsq,
+)
 from gradaudit.probe.units import count_dead, count_saturated
 
 _STOP = object()
@@ -95,9 +104,13 @@ class Runner:
         check_all: bool = False,
         zeros: bool = False,
         cosine: bool = False,
+        loss=None,
     ) -> DrawRecord:
         """One draw. ``check_all`` checks every node's output (forward) and gradient
-        (backward) for non-finite values and records abs-max and dtype per node."""
+        (backward) for non-finite values and records abs-max and dtype per node.
+
+        The draw differentiates ``loss(outputs)`` (a scalar tensor) when given, else
+        DESIGN.md's L = sum <y, g> with g ~ N(0, 1) drawn from a generator seeded ``seed``."""
         import torch
         import torch.fx as fx
 
@@ -169,12 +182,18 @@ class Runner:
                     return rec
                 outs: list = []
                 leaves(outputs, outs)
-                ys = [y for y in outs if y.requires_grad]
-                cots = [
-                    torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype) for y in ys
-                ]
-                if ys:
-                    grads = torch.autograd.grad(ys, params + input_leaves, cots, allow_unused=True)
+                if loss is not None:
+                    value = loss(outputs)
+                    rec.loss = float(value.detach())
+                    grads = torch.autograd.grad(value, params + input_leaves, allow_unused=True)
+                else:
+                    ys = [y for y in outs if y.requires_grad]
+                    cots = [
+                        torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype)
+                        for y in ys
+                    ]
+                    if ys:
+                        grads = torch.autograd.grad(ys, params + input_leaves, cots, allow_unused=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -188,6 +207,8 @@ class Runner:
                 rec.grad_zero[name] = int(zero)
         norm_sq = sum(sq_of.values())
         rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
+        if loss is not None:
+            rec.grad_absmax = absmax([g for _, g in present])
         pgrad = dict((id(p), g) for p, g in present) if zeros else {}
         for name, ps in self.layer_params.items():
             own = [id(p) for p in ps if id(p) in sq_of]

@@ -124,6 +124,9 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
         if measured:
             table.add_column("measured act", justify="right")
             table.add_column("measured grad", justify="right")
+        user_loss = any("loss_grad_rms" in layer.extra for layer in report.layers)
+        if user_loss:
+            table.add_column("loss grad", justify="right")
         for layer in report.layers:
             name = layer.module or layer.node
             row = [
@@ -136,10 +139,14 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             if measured:
                 m = layer.measured
                 row += [fmt(m.act_rms) if m else "-", fmt(m.grad_rms) if m else "-"]
+            if user_loss:
+                row.append(fmt(layer.extra.get("loss_grad_rms")))
             table.add_row(*row)
         console.print()
         console.print("[bold]per layer[/] (predicted RMS of the output and of dL/d(output); # = weight-layer depth)")
         console.print(table)
+        if measured:
+            console.print(escape(_losses_used(report)), soft_wrap=True)
     if report.estimated_ops:
         ops = sorted({str(e.get("op")) for e in report.estimated_ops})
         console.print()
@@ -150,6 +157,16 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     shapes = ", ".join(_describe_input(x) for x in report.inputs)
     console.print()
     console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
+
+
+def _losses_used(report: AuditReport) -> str:
+    """Which loss each column of the per-layer table used."""
+    probe = report.probe or {}
+    text = f"predicted and measured: {probe.get('synthetic_loss') or 'L = sum <y, g>, g ~ N(0, 1)'}"
+    loss = probe.get("loss")
+    if isinstance(loss, dict):
+        text += f"; loss grad: RMS of d {loss.get('name')}(output, batch)/d(output), your loss"
+    return text
 
 
 def render(report: AuditReport, **_: object) -> str:
