@@ -146,7 +146,7 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
         console.print("[bold]per layer[/] (predicted RMS of the output and of dL/d(output); # = weight-layer depth)")
         console.print(table)
         if measured:
-            console.print(escape(_losses_used(report)), soft_wrap=True)
+            console.print(escape(losses_used(report)), soft_wrap=True)
     if report.estimated_ops:
         ops = sorted({str(e.get("op")) for e in report.estimated_ops})
         console.print()
@@ -154,12 +154,12 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             f"* {len(report.estimated_ops)} op(s) without a handler were estimated by local Monte Carlo: "
             + escape(", ".join(ops))
         )
-    shapes = ", ".join(_describe_input(x) for x in report.inputs)
+    shapes = ", ".join(describe_input(x) for x in report.inputs)
     console.print()
     console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
 
 
-def _losses_used(report: AuditReport) -> str:
+def losses_used(report: AuditReport) -> str:
     """Which loss each column of the per-layer table used."""
     probe = report.probe or {}
     text = f"predicted and measured: {probe.get('synthetic_loss') or 'L = sum <y, g>, g ~ N(0, 1)'}"
@@ -186,7 +186,7 @@ def render_many(reports: list[AuditReport], **_: object) -> str:
     return buf.getvalue()
 
 
-def _describe_input(x: dict) -> str:
+def describe_input(x: dict) -> str:
     if "shape" in x:
         return "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
     return str(x.get("value", x))
