@@ -1,4 +1,4 @@
-"""The ``gradaudit`` command line: ``check``, ``rules``, ``explain``.
+"""The ``gradaudit`` command line: ``check``, ``compare``, ``rules``, ``explain``.
 
 Exit codes: 0 no finding at or above ``--fail-on`` (default ``error``); 1 findings;
 2 usage, configuration or load error; 3 internal error; 4 incomplete audit (the
@@ -439,6 +439,54 @@ def _write(text: str, output: str | None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@main.command("compare")
+@click.argument("base", metavar="BASE")
+@click.argument("new", metavar="NEW")
+@click.option("--format", "fmt", type=click.Choice(("text", "json", "markdown")), default="text", show_default=True,
+              help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the comparison to FILE instead of stdout.")
+@click.option("--fail-on", type=click.Choice(("error", "warning", "info")), default=None,
+              help="Exit 1 when NEW has a finding at or above this severity that BASE has not (default error).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file (default: [tool.gradaudit] of the nearest pyproject.toml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def compare_cmd(base, new, fmt, output, fail_on, config_path, debug):
+    """Compare two audits: BASE and NEW are JSON reports (--format json) or targets.
+
+    \b
+    Findings added and gone (matched by rule and module, not by line), the predicted
+    gradient per layer, the verdict. Exit status 1 when NEW is worse at --fail-on (a new
+    or more severe finding, or an audit that no longer covers every layer).
+
+    \b
+      gradaudit compare base.json new.json --format markdown
+      gradaudit compare examples/relu_xavier_30.py examples/relu_he_30.py
+    """
+    from gradaudit.compare import compare
+    from gradaudit.config import load_config
+    from gradaudit.report.comparison import render
+
+    config = load_config(config_path)
+    fail_on = fail_on or config.fail_on or "error"
+    result = compare(_compare_side(base, config), _compare_side(new, config), base, new)
+    _write(render(result, fmt), output)
+    return 1 if result.worse(fail_on) else 0
+
+
+def _compare_side(arg: str, config) -> dict:
+    """One side of ``compare``: a JSON report file, or a target audited statically."""
+    if arg.lower().endswith(".json"):
+        from gradaudit.compare import load_report
+
+        return load_report(arg)
+    from gradaudit.options import AuditOptions
+
+    _check_codes(config, (), ())
+    report = _audit_one(arg, None, None, None, config.select, config.ignore, _settings(config),
+                        AuditOptions(per_module_ignores=dict(config.per_module_ignores or {})))
+    return report.to_json()
 
 
 @main.command("rules")
