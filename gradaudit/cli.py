@@ -161,9 +161,12 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
 @click.option("--gradcheck-module", "gradcheck_modules", multiple=True, metavar="NAME",
               help="Module to gradcheck (repeatable).")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False),
+              help="Fail only on findings not recorded in this baseline file.")
+@click.option("--update-baseline", is_flag=True, help="Record today's findings in the --baseline file.")
 def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
           skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
-          gradcheck_modules):
+          gradcheck_modules, baseline_path, update_baseline):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
     \b
@@ -224,6 +227,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     # reports are printed once the progress bar (a live display on stderr) is gone
     for message in errors:
         _error(message)
+    if baseline_path or update_baseline:
+        _apply_baseline(reports, baseline_path, update_baseline, quiet or errors)
     failed = bool(errors)
     for report in reports:
         if human is not None:
@@ -376,6 +381,26 @@ def _file_loss(options, loaded):
     if batch is not None and loaded.input_source.startswith("inferred"):
         return options, None, f"example_batch in {path}"
     return options, loaded.inputs, loaded.input_source
+
+
+def _apply_baseline(reports, path, update, quiet) -> None:
+    """``--baseline`` / ``--update-baseline``: record the findings, then leave in each
+    report only those the baseline does not hold (the others become suppressed)."""
+    from gradaudit import baseline
+
+    if not path:
+        raise click.UsageError("--update-baseline needs --baseline FILE")
+    targets = baseline.update(path, reports) if update else baseline.load(path)
+    known = fixed = 0
+    for report in reports:
+        k, g = baseline.apply(report, targets, path)
+        known, fixed = known + k, fixed + g
+    if quiet:
+        return
+    if update:
+        click.echo(f"baseline: recorded {known} finding(s) of {len(reports)} target(s) in {path}", err=True)
+    elif fixed:
+        click.echo(f"baseline: {fixed} finding(s) recorded in {path} are gone (--update-baseline drops them)", err=True)
 
 
 def _no_torch(spec: str) -> bool:

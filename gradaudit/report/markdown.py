@@ -84,6 +84,8 @@ def _report(report: AuditReport, *, level: int) -> str:
     counts = report.counts()
     parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in ("error", "warning", "info") if counts[s]]
     lines += ["", ", ".join(parts) if parts else "no findings"]
+    if report.baselined:
+        lines[-1] += f" ({len(report.baselined)} known finding(s) held by the baseline are not listed)"
     if not report.complete and report.coverage is not None:
         lines += ["", f"> {text(report.coverage.sentence())}"]
     serious = [f for f in report.findings if f.severity != "info"]

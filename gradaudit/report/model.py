@@ -107,6 +107,9 @@ class AuditReport:
     suppressed: list[dict] = field(default_factory=list)
     #: :class:`~gradaudit.propagation.coverage.Coverage` of the prediction.
     coverage: Any = None
+    #: Findings a baseline already holds (:mod:`gradaudit.baseline`): not in ``findings``,
+    #: so they neither fail a gate nor show as new, but the verdict still counts them.
+    baselined: list[Finding] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -117,8 +120,9 @@ class AuditReport:
     def verdict(self) -> str:
         """The category of the worst error-level finding; else ``incomplete`` when the
         statistics do not cover the model; else the worst warning's category; else
-        ``healthy`` (info findings never change the verdict)."""
-        ranked = sorted((f for f in self.findings if f.severity != "info"),
+        ``healthy`` (info findings never change the verdict; findings held by a baseline
+        count: a known problem is still a problem)."""
+        ranked = sorted((f for f in self.findings + self.baselined if f.severity != "info"),
                         key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
         if ranked and ranked[0].severity == "error":
             return ranked[0].category
@@ -127,9 +131,9 @@ class AuditReport:
         return ranked[0].category if ranked else "healthy"
 
     def worst_severity(self) -> str | None:
-        if not self.findings:
+        if not self.findings and not self.baselined:
             return None
-        return min((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__)
+        return min((f.severity for f in self.findings + self.baselined), key=SEVERITY_ORDER.__getitem__)
 
     def ok(self, fail_on: str = "error") -> bool:
         """True when the audit is complete and no finding is at or above ``fail_on``."""

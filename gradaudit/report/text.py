@@ -60,7 +60,7 @@ def fmt(x: Any) -> str:
 def verdict_sentence(report: AuditReport) -> str:
     """The one sentence that matters, built from the depth summary or the worst finding."""
     d = report.depth
-    findings = [f for f in report.findings if f.severity != "info"]
+    findings = [f for f in report.findings + report.baselined if f.severity != "info"]
     if findings:
         from gradaudit.rules.base import SEVERITY_ORDER
 
@@ -99,6 +99,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     if report.findings:
         parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in SEVERITIES if counts[s]]
         console.print(f"{escape(report.target)}: " + ", ".join(parts))
+    if report.baselined:
+        console.print(f"[dim]{len(report.baselined)} known finding(s) held by the baseline are not listed[/]")
     for severity in SEVERITIES:
         group = [f for f in report.findings if f.severity == severity]
         if not group:
