@@ -1,0 +1,127 @@
+"""Lightning: audit the model on the first training batch, before any step.
+
+    from gradaudit.integrations.lightning import GradauditCallback
+
+    trainer = L.Trainer(callbacks=[GradauditCallback(loss_fn=lambda out, batch: F.cross_entropy(out, batch[1]))])
+
+At ``on_train_start`` the callback takes the first batch of the training dataloader (a
+fresh iterator, with the RNG states restored afterwards, so the run's own shuffling is
+unchanged), moves it to the device as Lightning does (``strategy.batch_to_device``, which
+runs the module's batch-transfer hooks) and audits the LightningModule on it: the static
+prediction, the probe and, with ``loss_fn(output, batch)``, the gradient norms of that
+loss. Without a dataloader to read it audits the first batch of ``on_train_batch_start``
+instead. The model's inputs are ``inputs_fn(batch)`` (default: ``x`` of ``(x, y)``, see
+:mod:`gradaudit.probe.loss`).
+
+It then logs, to every logger of the trainer, the per-layer predicted and measured
+figures (``gradaudit/predicted_grad_rms/<layer>``, ``gradaudit/measured_grad_rms/<layer>``,
+``gradaudit/loss_grad_rms/<layer>``, ...), the finding counts and ``gradaudit/ok``, and the
+verdict as the hyperparameter ``gradaudit/verdict``; writes ``gradaudit.html`` into the
+trainer's log directory; and, with a finding at or above ``stop_on`` (default ``error``;
+None never stops), prints the text report and sets ``trainer.should_stop``: a run
+audited at ``on_train_start`` stops before its first step. ``callback.report`` is the
+:class:`~gradaudit.report.model.AuditReport`.
+
+An audit that cannot run (a model torch.fx cannot trace) is a warning, never a stopped
+run. Lightning is imported with this module (``lightning``, else ``pytorch_lightning``);
+gradaudit itself does not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+try:
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+except ImportError:  # the standalone package
+    try:
+        from pytorch_lightning import Callback
+        from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+    except ImportError as exc:
+        raise ImportError("gradaudit.integrations.lightning needs Lightning: pip install lightning") from exc
+
+from gradaudit.errors import GradauditError
+from gradaudit.integrations import session
+
+
+class GradauditCallback(Callback):
+    """Audit on the first training batch, log the figures, write the HTML report, stop
+    on an error finding (see the module documentation)."""
+
+    def __init__(
+        self,
+        *,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+        inputs_fn: Callable[[Any], tuple] | None = None,
+        probe: bool = True,
+        draws: int = 2,
+        stop_on: str | None = "error",
+        html: bool = True,
+        **options: Any,
+    ) -> None:
+        from gradaudit.probe.loss import inputs_of
+        from gradaudit.report.model import check_fail_on
+
+        if stop_on is not None:
+            check_fail_on(stop_on)
+        self.loss_fn = loss_fn
+        self.inputs_fn = inputs_fn or inputs_of
+        self.probe = probe
+        self.draws = draws
+        self.stop_on = stop_on
+        self.html = html
+        self.options = options
+        self.report = None
+        self.html_path: str | None = None
+        self._done = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        batch = self._first_batch(trainer, pl_module)
+        if batch is not None:
+            self._audit(trainer, pl_module, batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._done:
+            self._audit(trainer, pl_module, batch)
+
+    # ---------------------------------------------------------------------------------
+    def _first_batch(self, trainer, pl_module) -> Any:
+        from gradaudit.state import preserved
+
+        loader = trainer.train_dataloader
+        if loader is None:
+            return None
+        try:
+            with preserved(pl_module):  # a shuffling sampler draws from the RNG: put it back
+                batch = next(iter(loader))
+        except (StopIteration, TypeError):
+            return None
+        return trainer.strategy.batch_to_device(batch)
+
+    def _audit(self, trainer, pl_module, batch) -> None:
+        self._done = True
+        try:
+            inputs = self.inputs_fn(batch)
+            self.report = session.audit_batch(
+                pl_module, inputs, batch, loss_fn=self.loss_fn, probe=self.probe, draws=self.draws,
+                device=session.device_of(pl_module), options=dict(self.options),
+            )
+        except GradauditError as exc:
+            rank_zero_warn(f"gradaudit could not audit the model: {exc}")
+            return
+        report = self.report
+        if trainer.is_global_zero:
+            figures = session.metrics(report)
+            for logger in trainer.loggers:
+                logger.log_metrics(figures, step=trainer.global_step)
+                logger.log_hyperparams({f"{session.PREFIX}/verdict": report.verdict})
+        folder = trainer.log_dir if self.html else None  # every rank: log_dir broadcasts
+        if trainer.is_global_zero:
+            self.html_path = session.write_html(report, folder)
+            rank_zero_info(session.summary(report, self.html_path))
+        if session.stops(report, self.stop_on):
+            from gradaudit.report.text import render
+
+            rank_zero_warn(f"gradaudit: stopping the run (findings at or above {self.stop_on!r})\n{render(report)}")
+            trainer.should_stop = True
