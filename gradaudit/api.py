@@ -19,8 +19,8 @@ from gradaudit import __version__
 from gradaudit.errors import CaptureError, ConfigError, GradauditError
 from gradaudit.ir import Graph
 from gradaudit.options import AuditOptions
-from gradaudit.propagation import coverage
-from gradaudit.propagation.depth import summarize
+from gradaudit.propagation import coverage, gates
+from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import SEVERITY_ORDER, Finding, all_rules, resolve_codes
@@ -166,6 +166,9 @@ def capture(model: nn.Module, inputs: tuple) -> Graph:
 
 
 def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -> Analysis:
+    """Propagation over ``graph``, plus the evidence about the prediction itself: its
+    coverage of the model and, when the model has zero-initialised gates, the same
+    propagation with them opened (:mod:`gradaudit.propagation.gates`)."""
     stats_by_name: dict[str, tuple[float, float]] = {}
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
@@ -175,6 +178,10 @@ def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -
             stats_by_name[graph.input_names[int(i)]] = (float(ms[0]), float(ms[1]))
     try:
         analysis = propagate(graph, stats_by_name)
+        analysis.gates = gates.find(analysis)
+        if analysis.gates:
+            analysis.opened = propagate(gates.opened_graph(graph, analysis.gates), stats_by_name)
+            analysis.opened.config["settings"] = settings
     except PropagationError as exc:
         raise CaptureError(str(exc)) from exc
     analysis.config["settings"] = settings
@@ -218,22 +225,25 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         s = analysis.stat(node.name)
         if s is None:
             continue
+        weight = node.name in depth_of
         layers.append(
             LayerRecord(
                 node=node.name,
                 module=node.module,
                 op=node.op,
                 module_type=node.module_type,
-                predicted=Moments(s.act_rms, s.grad_rms),
+                predicted=Moments(s.act_rms, s.grad_rms, layer_gradient(node, s.grad_rms) if weight else None),
                 depth=depth_of.get(node.name),
                 estimated=node.name in estimated,
                 location=node.location.to_json() if node.location else None,
             )
         )
-    weight_grads = [analysis.stat(n.name).grad_rms for n in weight_layers if analysis.stat(n.name) is not None]
-    all_grads = [layer.predicted.grad_rms for layer in layers]
-    depth = summarize(weight_grads, all_grads)
+    grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
+    from gradaudit.rules.helpers import gradient_profile
+
+    prof = gradient_profile(analysis)
     return AuditReport(
+        judged=None if prof is None else (prof.source, prof.summary),
         coverage=analysis.coverage,
         target=target,
         frontend=analysis.graph.frontend,
@@ -241,7 +251,7 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         inputs=[_describe_input(x) for x in inputs],
         findings=findings,
         layers=layers,
-        depth=depth,
+        depth=summarize(grads),
         estimated_ops=[e.to_json() for e in analysis.estimates],
         environment=environment(),
     )

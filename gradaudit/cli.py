@@ -247,9 +247,9 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     from gradaudit.report.model import INCOMPLETE_EXIT
 
     if exit_zero:  # findings are masked, an incomplete audit never is: it is no all-clear
-        return INCOMPLETE_EXIT if any(not r.complete for r in reports) else 0
+        return INCOMPLETE_EXIT if any(r.verdict == "incomplete" for r in reports) else 0
     codes = [r.exit_code(fail_on) for r in reports]
-    return 1 if 1 in codes else max(codes, default=0)
+    return max(codes, default=0)
 
 
 def _jobs(targets, config, input_shapes, input_dtype, input_range):

@@ -77,6 +77,15 @@ def _ancestors(analysis, node, depth: int):
 
 
 def _log_err(measured: float, predicted: float) -> float | None:
-    if not (math.isfinite(measured) and math.isfinite(predicted)) or measured <= 0 or predicted <= 0:
+    """log10(measured / predicted). A prediction that is not finite, or 0 where the
+    measurement is not (and the reverse), is the largest disagreement (+-inf), never a
+    value to skip; None only when the measurement itself is not finite (GA601's case)."""
+    if not math.isfinite(measured):
         return None
+    if not math.isfinite(predicted):
+        return math.inf
+    if measured == predicted == 0:
+        return 0.0
+    if measured <= 0 or predicted <= 0:
+        return math.inf if measured > predicted else -math.inf
     return math.log10(measured / predicted)

@@ -13,7 +13,8 @@ DEFAULTS = {
     "dead_units_min": 0.5,  # report a layer when >= this fraction of its units is dead
     "saturation_abs": 5.0,  # |pre-activation| counted as saturated
     "saturation_fraction": 0.5,  # report when > this fraction of entries is saturated
-    "disagree_factor": 10.0,  # predicted vs measured ratio reported as a disagreement
+    "disagree_factor": 2.0,  # predicted vs measured ratio reported as a disagreement
+    "dead_min_samples": 32,  # observations per unit below which dead units are not judged
     "underflow_fraction": 0.01,  # gradient entries lost to underflow worth reporting
 }
 

@@ -36,6 +36,8 @@ class UnitStats:
     fraction: float  # dead: fraction of units dead; saturated: fraction of entries
     units: int
     count: int
+    #: Observations behind each unit's figure (batch x positions); dead units only.
+    samples: int = 0
 
 
 def count_saturated(runner: Runner, n, args, rec: DrawRecord) -> None:
@@ -66,7 +68,8 @@ def count_dead(runner: Runner, n, value, rec: DrawRecord) -> None:
     zero = (y == 0).movedim(unit_dim, 0).reshape(y.shape[unit_dim], -1).float().mean(dim=1)
     dead = int((zero >= threshold(runner.settings, "dead_fraction")).sum())
     units = int(zero.numel())
-    rec.units.append(UnitStats(n.name, op, "dead", dead / max(units, 1), units, dead))
+    samples = y.numel() // max(units, 1)
+    rec.units.append(UnitStats(n.name, op, "dead", dead / max(units, 1), units, dead, samples))
 
 
 def _feeds_from_conv(runner: Runner, n) -> bool:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterable
 
-from gradaudit.report.common import fmt_num, rule_url, source_line, target_path
-from gradaudit.report.text import describe_input, losses_used, verdict_sentence
+from gradaudit.report.common import fmt_num, headline, rule_url, source_line, target_path
+from gradaudit.report.text import describe_input, losses_used
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.report.model import AuditReport
@@ -74,20 +74,16 @@ def render_many(reports: Iterable[AuditReport], **_: object) -> str:
 
 
 def _report(report: AuditReport, *, level: int) -> str:
-    head = "#" * level
-    verdict = report.verdict
-    icon = ":white_check_mark:" if verdict == "healthy" else _ICON.get(report.worst_severity() or "info", "")
-    if verdict == "incomplete":
-        icon = ":grey_question:"
-    lines = [f"{head} {icon} gradaudit: {text(verdict.upper())} {code_span(report.target)}", ""]
-    lines.append(f"**{text(verdict_sentence(report))}**")
+    head = headline(report)
+    icon = {"HEALTHY": ":white_check_mark:", "INCOMPLETE": ":grey_question:"}.get(
+        head.label, _ICON.get(head.severity or "error", ":x:"))
+    lines = [f"{'#' * level} {icon} gradaudit: {text(head.label)} {code_span(report.target)}", ""]
+    lines.append(f"**{text(head.sentence)}**")
     counts = report.counts()
     parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in ("error", "warning", "info") if counts[s]]
     lines += ["", ", ".join(parts) if parts else "no findings"]
     if report.baselined:
         lines[-1] += f" ({len(report.baselined)} known finding(s) held by the baseline are not listed)"
-    if not report.complete and report.coverage is not None:
-        lines += ["", f"> {text(report.coverage.sentence())}"]
     serious = [f for f in report.findings if f.severity != "info"]
     for f in serious:
         lines += ["", *_finding(f, report.target)]
