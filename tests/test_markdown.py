@@ -103,8 +103,8 @@ def test_structure_as_github_renders_it(deep_sigmoid):
     (heading,) = tree.headings
     assert "VANISHING" in heading and "examples/deep_sigmoid.py" in heading
     (table,) = tree.tables
-    assert table[0] == ["#", "module", "op", "act RMS", "grad RMS"]
-    assert all(len(row) == 5 for row in table)
+    assert table[0] == ["#", "module", "op", "act RMS", "grad RMS", "layer grad"]
+    assert all(len(row) == 6 for row in table)
     assert len(table) == 1 + 2 * markdown.EDGE_ROWS + 1  # header, both ends, the "more" row
     assert [row[0] for row in table[1:3]] == ["1", "2"] and table[-1][0] == "31"
     assert float(table[-1][4]) == pytest.approx(deep_sigmoid.layers[-1].predicted.grad_rms, rel=0.01)

@@ -120,14 +120,15 @@ def _layers(report: AuditReport) -> list[str]:
     rows = report.layers
     measured = any(layer.measured is not None for layer in rows)
     loss = any("loss_grad_rms" in layer.extra for layer in rows)
-    head = ["#", "module", "op", "act RMS", "grad RMS"]
+    head = ["#", "module", "op", "act RMS", "grad RMS", "layer grad"]
     if measured:
         head += ["measured act", "measured grad"]
     if loss:
         head += ["loss grad"]
     align = ["---:", "---", "---", *(["---:"] * (len(head) - 3))]
     out = [
-        "<details><summary>per layer: predicted RMS of the output and of dL/d(output)</summary>",
+        "<details><summary>per layer: predicted RMS of the output and of dL/d(output); layer grad = sqrt(P) x grad "
+        "RMS, P positions sharing each weight</summary>",
         "",
         "| " + " | ".join(head) + " |",
         "| " + " | ".join(align) + " |",
@@ -147,6 +148,7 @@ def _layers(report: AuditReport) -> list[str]:
             text(layer.op),
             fmt_num(layer.predicted.act_rms),
             fmt_num(layer.predicted.grad_rms),
+            fmt_num(layer.predicted.layer_grad) if layer.predicted.layer_grad is not None else "",
         ]
         if measured:
             m = layer.measured
