@@ -329,3 +329,16 @@ def test_cli_example_batch_without_loss_fn_is_a_clear_error(write, cli):
     path = write("half.py", LM_FILE.replace("def loss_fn(", "def _loss("))
     res = cli("check", path, "--probe")
     assert res.exit_code == 2 and "define loss_fn too" in res.stderr
+
+
+def test_readme_section_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Your own loss\n")
+    section = text[start: text.index("\n## ", start + 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md[Your own loss block {i}]", "exec"), {"__name__": "readme"})
