@@ -27,7 +27,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Iterable
 
-from gradaudit.compare import match
+from gradaudit.compare import match, read_json
 from gradaudit.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,13 +52,7 @@ def target_key(target: str, baseline_path: str) -> str:
 
 def load(path: str) -> dict[str, list[dict]]:
     """Target key -> recorded findings; :class:`ConfigError` for a missing or bad file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--baseline {path}: no such file (write it with --update-baseline)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--baseline {path}: not a gradaudit baseline: {exc}") from exc
+    data = read_json(path, "a gradaudit baseline", "no such baseline file (write it with --update-baseline)")
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"--baseline {path}: not a gradaudit baseline (format_version {FORMAT_VERSION})")
     targets = data.get("targets")

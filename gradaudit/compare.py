@@ -52,15 +52,20 @@ def match(base: list[dict], new: list[dict]) -> tuple[list[tuple[dict, dict]], l
     return kept, added, pending
 
 
-def load_report(path: str) -> dict:
-    """A ``--format json`` report file (one target); :class:`ConfigError` otherwise."""
+def read_json(path: str, what: str, missing: str = "no such file") -> Any:
+    """The JSON document in ``path``; :class:`ConfigError` naming ``what`` it should be."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such file")
+        raise ConfigError(f"{path}: {missing}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a gradaudit JSON report: {exc}") from exc
+        raise ConfigError(f"{path}: not {what}: {exc}") from exc
+
+
+def load_report(path: str) -> dict:
+    """A ``--format json`` report file (one target); :class:`ConfigError` otherwise."""
+    data = read_json(path, "a gradaudit JSON report")
     if isinstance(data, dict) and isinstance(data.get("reports"), list):
         if len(data["reports"]) != 1:
             raise ConfigError(f"{path}: holds {len(data['reports'])} reports; compare takes one per side")

@@ -6,7 +6,6 @@ pre-commit hook honours it."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +111,7 @@ def test_fixed_findings_are_pointed_out(project, cli):
 
 @pytest.mark.parametrize(
     "content,message",
-    [(None, "no such file"), ("{", "not a gradaudit baseline"), ('{"format_version": 1, "targets": []}', "must map"),
+    [(None, "no such baseline file"), ("{", "not a gradaudit baseline"), ('{"format_version": 1, "targets": []}', "must map"),
      ('{"format_version": 2}', "format_version 1")],
 )
 def test_bad_baseline_is_one_line_exit_2(tmp_path, cli, content, message):
@@ -145,19 +144,10 @@ repos:
 def test_pre_commit_hook_with_a_baseline(tmp_path):
     import os
 
-    from test_precommit import _env, _run
+    from test_precommit import _run, make_repo
 
-    if shutil.which("git") is None:
-        pytest.fail("git is not installed", pytrace=False)
-    (tmp_path / "home").mkdir()
-    work = tmp_path / "repo"
-    work.mkdir()
-    env = _env(tmp_path)
+    work, env = make_repo(tmp_path, HOOK)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
-                 ["git", "config", "user.name", "t"], ["git", "config", "commit.gpgsign", "false"]):
-        assert _run(args, work, env).returncode == 0
-    (work / ".pre-commit-config.yaml").write_text(HOOK)
     (work / "net.py").write_text(SIGMOID)
     made = subprocess.run([sys.executable, "-m", "gradaudit", "check", "net.py", "--baseline",
                            "gradaudit-baseline.json", "--update-baseline", "-q"], cwd=work, env=env,

@@ -29,7 +29,7 @@ gradaudit itself does not depend on it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 try:
     from lightning.pytorch import Callback
@@ -43,37 +43,16 @@ except ImportError:  # the standalone package
 
 from gradaudit.errors import GradauditError
 from gradaudit.integrations import session
+from gradaudit.probe.loss import inputs_of
 
 
-class GradauditCallback(Callback):
+class GradauditCallback(session.FirstBatchAudit, Callback):
     """Audit on the first training batch, log the figures, write the HTML report, stop
-    on an error finding (see the module documentation)."""
+    on an error finding (see the module documentation; the options are
+    :class:`~gradaudit.integrations.session.FirstBatchAudit`'s)."""
 
-    def __init__(
-        self,
-        *,
-        loss_fn: Callable[[Any, Any], Any] | None = None,
-        inputs_fn: Callable[[Any], tuple] | None = None,
-        probe: bool = True,
-        draws: int = 2,
-        stop_on: str | None = "error",
-        html: bool = True,
-        **options: Any,
-    ) -> None:
-        from gradaudit.probe.loss import inputs_of
-        from gradaudit.report.model import check_fail_on
-
-        if stop_on is not None:
-            check_fail_on(stop_on)
-        self.loss_fn = loss_fn
-        self.inputs_fn = inputs_fn or inputs_of
-        self.probe = probe
-        self.draws = draws
-        self.stop_on = stop_on
-        self.html = html
-        self.options = options
-        self.report = None
-        self.html_path: str | None = None
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._done = False
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -102,11 +81,7 @@ class GradauditCallback(Callback):
     def _audit(self, trainer, pl_module, batch) -> None:
         self._done = True
         try:
-            inputs = self.inputs_fn(batch)
-            self.report = session.audit_batch(
-                pl_module, inputs, batch, loss_fn=self.loss_fn, probe=self.probe, draws=self.draws,
-                device=session.device_of(pl_module), options=dict(self.options),
-            )
+            self.audit(pl_module, (self.inputs_fn or inputs_of)(batch), batch)
         except GradauditError as exc:
             rank_zero_warn(f"gradaudit could not audit the model: {exc}")
             return

@@ -17,14 +17,48 @@ from gradaudit.report.model import check_fail_on
 PREFIX = "gradaudit"
 
 
-def audit_batch(model, inputs: tuple, batch: Any, *, loss_fn: Callable | None, probe: bool, draws: int, device: str,
-                options: dict) -> Any:
-    """The audit of ``model`` on one batch (the probe differentiates ``loss_fn`` when given)."""
-    import gradaudit
+class FirstBatchAudit:
+    """The options and the audit both callbacks share (mixed into each framework's
+    callback class): ``loss_fn(output, batch)`` for the probe (None: the synthetic loss
+    only, with ``probe``), ``inputs_fn(batch)`` for the model's inputs, ``draws``,
+    ``stop_on`` (a severity, or None never to stop), ``html``, and ``options`` passed to
+    :func:`gradaudit.audit` (``select``, ``ignore``, ``settings``, ...)."""
 
-    if loss_fn is not None:
-        return gradaudit.audit(model, inputs, loss_fn=loss_fn, batch=batch, draws=draws, device=device, **options)
-    return gradaudit.audit(model, inputs, probe=probe, draws=draws, device=device, **options)
+    def __init__(
+        self,
+        *,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+        inputs_fn: Callable[[Any], tuple] | None = None,
+        probe: bool = True,
+        draws: int = 2,
+        stop_on: str | None = "error",
+        html: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if stop_on is not None:
+            check_fail_on(stop_on)
+        self.loss_fn = loss_fn
+        self.inputs_fn = inputs_fn
+        self.probe = probe
+        self.draws = draws
+        self.stop_on = stop_on
+        self.html = html
+        self.options = options
+        #: The :class:`~gradaudit.report.model.AuditReport`, once the audit ran.
+        self.report = None
+        self.html_path: str | None = None
+
+    def audit(self, model, inputs: tuple, batch: Any):
+        """Audit ``model`` on one batch; the report is kept in ``self.report``."""
+        import gradaudit
+
+        common = dict(draws=self.draws, device=device_of(model), **self.options)
+        if self.loss_fn is not None:
+            self.report = gradaudit.audit(model, inputs, loss_fn=self.loss_fn, batch=batch, **common)
+        else:
+            self.report = gradaudit.audit(model, inputs, probe=self.probe, **common)
+        return self.report
 
 
 def device_of(model) -> str:

@@ -73,34 +73,14 @@ def forward_inputs(model, batch: Any) -> tuple:
     return tuple(batch[p.name] if p.name in batch else p.default for p in params[: last + 1])
 
 
-class GradauditTrainerCallback(TrainerCallback):
+class GradauditTrainerCallback(session.FirstBatchAudit, TrainerCallback):
     """Audit on the first training batch, record the figures, write the HTML report,
-    stop on an error finding (see the module documentation)."""
+    stop on an error finding (see the module documentation; the options are
+    :class:`~gradaudit.integrations.session.FirstBatchAudit`'s, with the model's own loss
+    as the default ``loss_fn``)."""
 
-    def __init__(
-        self,
-        *,
-        loss_fn: Callable[[Any, Any], Any] | None = model_loss,
-        inputs_fn: Callable[[Any], tuple] | None = None,
-        probe: bool = True,
-        draws: int = 2,
-        stop_on: str | None = "error",
-        html: bool = True,
-        **options: Any,
-    ) -> None:
-        from gradaudit.report.model import check_fail_on
-
-        if stop_on is not None:
-            check_fail_on(stop_on)
-        self.loss_fn = loss_fn
-        self.inputs_fn = inputs_fn
-        self.probe = probe
-        self.draws = draws
-        self.stop_on = stop_on
-        self.html = html
-        self.options = options
-        self.report = None
-        self.html_path: str | None = None
+    def __init__(self, *, loss_fn: Callable[[Any, Any], Any] | None = model_loss, **kwargs: Any) -> None:
+        super().__init__(loss_fn=loss_fn, **kwargs)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         from gradaudit.state import preserved
@@ -114,10 +94,7 @@ class GradauditTrainerCallback(TrainerCallback):
             return control
         try:
             inputs = self.inputs_fn(batch) if self.inputs_fn is not None else forward_inputs(model, batch)
-            self.report = session.audit_batch(
-                model, inputs, batch, loss_fn=self.loss_fn, probe=self.probe, draws=self.draws,
-                device=session.device_of(model), options=dict(self.options),
-            )
+            self.audit(model, inputs, batch)
         except GradauditError as exc:
             log.warning("gradaudit could not audit the model: %s", exc)
             return control
