@@ -155,7 +155,8 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--probe", is_flag=True, help="Also run a short real forward/backward and show measured statistics.")
 @click.option("--draws", type=click.IntRange(min=1), default=None, help="Probe draws of the inputs [default: 2].")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
-              help="Probe on this batch (.pt read with weights_only=True, or .safetensors).")
+              help="Probe on this batch (.pt read with weights_only=True, or .safetensors); "
+                   "{'inputs': x, 'target': y} feeds the model file's loss_fn.")
 @click.option("--dtype", type=click.Choice(("fp32", "bf16", "fp16")), default=None, help="Probe dtype.")
 @click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default=None, help="Probe device.")
 @click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
