@@ -57,6 +57,8 @@ def describe(loss_fn: Callable) -> str:
     name = getattr(loss_fn, "__qualname__", None) or getattr(loss_fn, "__name__", None)
     if name is None:
         return f"{type(loss_fn).__name__}()"
+    if "<locals>" in name:  # a function defined inside another: its own name reads best
+        name = name.rsplit(".", 1)[-1]
     return "loss_fn" if name.endswith("<lambda>") else name
 
 
