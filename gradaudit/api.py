@@ -142,7 +142,8 @@ def run(
         static_seconds = time.perf_counter() - started
         stage.gather(model, inputs, analysis, opts, settings, loss_batches)
         findings = run_rules(analysis, codes)
-        from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
+        from gradaudit.suppress import UNUSED_CODE
+        from gradaudit.suppress import apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
             findings, graph, model, opts.per_module_ignores or None, target=target,

@@ -13,11 +13,9 @@ instant.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 import tempfile
-from typing import Any
 
 import click
 
@@ -319,7 +317,6 @@ def _settings(config):
     from dataclasses import fields
 
     from gradaudit.api import Settings
-
     from gradaudit.config import known_thresholds
 
     names = {f.name for f in fields(Settings)} - {"extra"}

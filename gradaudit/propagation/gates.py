@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradaudit.ir import Graph, Node
+    from gradaudit.ir import Graph
     from gradaudit.propagation.engine import Analysis
 
 #: An elementwise scale whose largest |value| is at most this is a closed gate (layer

@@ -12,7 +12,6 @@ were estimated; per-layer table; environment.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from gradaudit.report.common import fmt_num, headline, rule_url, source_line

@@ -130,12 +130,19 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
         console.print(table)
         if measured:
             console.print(escape(losses_used(report)), soft_wrap=True)
-    if report.estimated_ops:
-        ops = sorted({str(e.get("op")) for e in report.estimated_ops})
+    estimated = [e for e in report.estimated_ops if e.get("ok")]
+    failed = [e for e in report.estimated_ops if not e.get("ok")]
+    if estimated:
+        ops = sorted({str(e.get("op")) for e in estimated})
         console.print()
         console.print(
-            f"* {len(report.estimated_ops)} op(s) without a handler were estimated by local Monte Carlo: "
-            + escape(", ".join(ops))
+            f"* {len(estimated)} op(s) without a handler were estimated by local Monte Carlo: " + escape(", ".join(ops))
+        )
+    if failed:
+        console.print()
+        console.print(
+            f"{len(failed)} op(s) could be neither modelled nor sampled (no statistics past them): "
+            + escape(", ".join(f"{e.get('node')} [{e.get('op')}]" for e in failed))
         )
     shapes = ", ".join(describe_input(x) for x in report.inputs)
     console.print()

@@ -34,9 +34,14 @@ def check(rule, analysis, direction: int) -> Iterator:
     if c.cross is not None:
         node = layers[c.cross]
         at = grads[c.cross] / grads[-1]
+        past = f"layer {c.cross + 1} of {len(layers)} ('{where(node)}') gets {_ratio(at)} {rel} the last layer's"
+        if direction * decades < 0:  # a layer in the middle crosses; end to end it went the other way
+            head = f"{prof.source} {GRADIENT_NAME} at {past}, past the {c.limit:.0e} limit"
+            tail = f"end to end it changes {_decades(decades)} over {len(layers)} layers"
+        else:
+            tail = f"{past}, past the {c.limit:.0e} limit"
         yield rule.finding(
-            f"{head}; layer {c.cross + 1} of {len(layers)} ('{where(node)}') already gets {_ratio(at)} {rel} the "
-            f"last layer's, past the {c.limit:.0e} limit; {prof.rate_text} [{GRADIENT_TERM}]",
+            f"{head}; {tail}; {prof.rate_text} [{GRADIENT_TERM}]",
             node=node,
             fix=c.fix,
             layer_index=c.cross + 1,

@@ -8,7 +8,15 @@ from typing import Iterator
 from gradaudit.propagation.coverage import finite_stats
 from gradaudit.propagation.depth import layer_gradient
 from gradaudit.rules.helpers import (
-    GRADIENT_NAME, RELU_FAMILY, fmt, init_fix, layer_inits, log10_ratio, longest_chain, times, where,
+    GRADIENT_NAME,
+    RELU_FAMILY,
+    fmt,
+    init_fix,
+    layer_inits,
+    log10_ratio,
+    longest_chain,
+    times,
+    where,
 )
 
 

@@ -226,7 +226,7 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     if sat and len(sat) >= len(layers) // 2:
         return sat[0], swap_activation_fix(analysis, sat[0])
     inits = layer_inits(analysis)
-    grads = [analysis.stat(n.name).grad_rms for n in layers]
+    grads = [layer_grad(analysis, n) for n in layers]
     worst, score = None, -1.0
     for i in range(len(layers) - 1):
         a, b = grads[i], grads[i + 1]
@@ -527,6 +527,12 @@ def gradient_profile(analysis: Analysis, *, measured: bool = True) -> GradientPr
     return _checked(GradientProfile(layers, grads, source))
 
 
+def layer_grad(analysis: Analysis, node: Node) -> float:
+    """The predicted layer gradient G of ``node`` (the one quantity every message about a
+    layer's gradient quotes; see :mod:`gradaudit.propagation.depth`)."""
+    return depth.layer_gradient(node, analysis.stat(node.name).grad_rms)
+
+
 def _checked(prof: GradientProfile) -> GradientProfile | None:
     last = prof.grads[-1]
     return prof if last > 0 and math.isfinite(last) else None
@@ -604,10 +610,16 @@ class ActivationProfile:
 
 
 def activation_profile(analysis: Analysis) -> ActivationProfile | None:
+    """Predicted activation RMS at each weight layer; with closed gates, as opened (a zero
+    head's output is 0 by design, not a collapse)."""
     layers = _finite_layers(analysis)
     if layers is None or len(layers) < 2:
         return None
-    return ActivationProfile(layers, [analysis.stat(n.name).act_rms for n in layers])
+    basis = analysis.opened if analysis.gates and analysis.opened is not None else analysis
+    stats = [basis.stat(n.name) for n in layers]
+    if any(s is None for s in stats):
+        return None
+    return ActivationProfile(layers, [s.act_rms for s in stats])
 
 
 def activation_crossing(analysis: Analysis, direction: int) -> tuple[ActivationProfile, int, str | None] | None:

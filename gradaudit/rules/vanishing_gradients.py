@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from gradaudit.rules.base import Finding, Rule, register
 from gradaudit.rules import _gradient_trend
+from gradaudit.rules.base import Finding, Rule, register
 
 
 @register
