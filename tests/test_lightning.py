@@ -16,7 +16,7 @@ L = pytest.importorskip("lightning.pytorch", reason="the lightning package is no
 
 from gradaudit.integrations.lightning import GradauditCallback  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 class Classifier(L.LightningModule):

@@ -20,7 +20,7 @@ import gradaudit  # noqa: E402
 from gradaudit.errors import ConfigError  # noqa: E402
 from gradaudit.integrations.transformers import GradauditTrainerCallback, forward_inputs  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 class TinyConfig(transformers.PretrainedConfig):
