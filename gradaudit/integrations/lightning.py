@@ -42,14 +42,14 @@ except ImportError:  # the standalone package
         raise ImportError("gradaudit.integrations.lightning needs Lightning: pip install lightning") from exc
 
 from gradaudit.errors import GradauditError
-from gradaudit.integrations import session
+from gradaudit.integrations import first_batch
 from gradaudit.probe.loss import inputs_of
 
 
-class GradauditCallback(session.FirstBatchAudit, Callback):
+class GradauditCallback(first_batch.FirstBatchAudit, Callback):
     """Audit on the first training batch, log the figures, write the HTML report, stop
     on an error finding (see the module documentation; the options are
-    :class:`~gradaudit.integrations.session.FirstBatchAudit`'s)."""
+    :class:`~gradaudit.integrations.first_batch.FirstBatchAudit`'s)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -87,15 +87,15 @@ class GradauditCallback(session.FirstBatchAudit, Callback):
             return
         report = self.report
         if trainer.is_global_zero:
-            figures = session.metrics(report)
+            figures = first_batch.metrics(report)
             for logger in trainer.loggers:
                 logger.log_metrics(figures, step=trainer.global_step)
-                logger.log_hyperparams({f"{session.PREFIX}/verdict": report.verdict})
+                logger.log_hyperparams({f"{first_batch.PREFIX}/verdict": report.verdict})
         folder = trainer.log_dir if self.html else None  # every rank: log_dir broadcasts
         if trainer.is_global_zero:
-            self.html_path = session.write_html(report, folder)
-            rank_zero_info(session.summary(report, self.html_path))
-        if session.stops(report, self.stop_on):
+            self.html_path = first_batch.write_html(report, folder)
+            rank_zero_info(first_batch.summary(report, self.html_path))
+        if first_batch.stops(report, self.stop_on):
             from gradaudit.report.text import render
 
             rank_zero_warn(f"gradaudit: stopping the run (findings at or above {self.stop_on!r})\n{render(report)}")

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("gradaudit.integrations.transformers needs transformers: pip install transformers") from exc
 
 from gradaudit.errors import ConfigError, GradauditError
-from gradaudit.integrations import session
+from gradaudit.integrations import first_batch
 
 log = logging.getLogger("gradaudit")
 
@@ -73,10 +73,10 @@ def forward_inputs(model, batch: Any) -> tuple:
     return tuple(batch[p.name] if p.name in batch else p.default for p in params[: last + 1])
 
 
-class GradauditTrainerCallback(session.FirstBatchAudit, TrainerCallback):
+class GradauditTrainerCallback(first_batch.FirstBatchAudit, TrainerCallback):
     """Audit on the first training batch, record the figures, write the HTML report,
     stop on an error finding (see the module documentation; the options are
-    :class:`~gradaudit.integrations.session.FirstBatchAudit`'s, with the model's own loss
+    :class:`~gradaudit.integrations.first_batch.FirstBatchAudit`'s, with the model's own loss
     as the default ``loss_fn``)."""
 
     def __init__(self, *, loss_fn: Callable[[Any, Any], Any] | None = model_loss, **kwargs: Any) -> None:
@@ -100,11 +100,11 @@ class GradauditTrainerCallback(session.FirstBatchAudit, TrainerCallback):
             return control
         report = self.report
         if state.is_world_process_zero:
-            state.log_history.append({**session.metrics(report), f"{session.PREFIX}/verdict": report.verdict,
+            state.log_history.append({**first_batch.metrics(report), f"{first_batch.PREFIX}/verdict": report.verdict,
                                       "step": state.global_step})
             if self.html:
-                self.html_path = session.write_html(report, getattr(args, "logging_dir", None) or args.output_dir)
-            (log.info if report.ok() else log.warning)(session.summary(report, self.html_path))
-        if session.stops(report, self.stop_on):
+                self.html_path = first_batch.write_html(report, getattr(args, "logging_dir", None) or args.output_dir)
+            (log.info if report.ok() else log.warning)(first_batch.summary(report, self.html_path))
+        if first_batch.stops(report, self.stop_on):
             report.raise_for_findings(self.stop_on)
         return control
