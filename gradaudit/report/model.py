@@ -115,6 +115,9 @@ class AuditReport:
     #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
     #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
     judged: tuple[str, DepthSummary] | None = None
+    #: How many weight layers a normalization follows (their scale is reset: a large
+    #: gradient there corrects itself; see GA102).
+    normalized_layers: int = 0
     #: Findings a baseline already holds (:mod:`gradaudit.baseline`): not in ``findings``,
     #: so they neither fail a gate nor show as new, but the verdict still counts them.
     baselined: list[Finding] = field(default_factory=list)
