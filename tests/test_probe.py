@@ -13,6 +13,8 @@ from gradaudit.errors import ConfigError
 from gradaudit.probe.gradients import SEED
 from probe_models import hook_measure, load_example, small_models
 
+pytestmark = pytest.mark.oldest
+
 EXAMPLES = {
     "relu_he_30": None,
     "relu_xavier_30": None,

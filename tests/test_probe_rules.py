@@ -10,6 +10,8 @@ import torch.nn as nn
 import gradaudit
 from gradaudit.rules.base import all_rules
 
+pytestmark = pytest.mark.oldest
+
 STAGED = {code: cls for code, cls in all_rules().items() if cls.stage in ("probe", "gradcheck")}
 
 
