@@ -11,9 +11,10 @@ named ``0``, ``1``, ... when all keys are integers.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
-from gradaudit.errors import ConfigError
+from gradaudit.errors import ConfigError, require
 
 
 def load_batch(path: str) -> tuple:
@@ -24,12 +25,7 @@ def load_batch(path: str) -> tuple:
         raise ConfigError(f"--inputs: no such file: {path}")
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ConfigError(
-                "--inputs: reading .safetensors needs the 'safetensors' package (pip install 'gradaudit[probe]')"
-            ) from exc
+        load_file = require("safetensors.torch", "probe", "--inputs: reading .safetensors").load_file
         try:
             named = load_file(path)
         except Exception as exc:
@@ -41,10 +37,22 @@ def load_batch(path: str) -> tuple:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(
-            f"--inputs: cannot read {path} with torch.load(weights_only=True): {first_line(exc)}"
-        ) from exc
+        raise ConfigError(f"--inputs: {_unreadable(path, exc)}") from exc
     return as_inputs(obj, path)
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one sentence of ours
+    (torch's own message is several paragraphs about how to unpickle it anyway)."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path} holds pickled Python objects{what}, which gradaudit never unpickles; save the batch "
+                f"as plain tensors (torch.save((x,), 'batch.pt')) or as .safetensors")
+    return f"{path} is not a tensor file written by torch.save ({type(exc).__name__}: {first_line(exc)})"
 
 
 def as_inputs(obj: Any, what: str = "the batch") -> tuple:
