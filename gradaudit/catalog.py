@@ -275,6 +275,14 @@ def shown_agree(a: str, b: str, rel: float = REL) -> bool:
     return abs(x - y) <= slack * (1 + 1e-9)
 
 
+def shows(token: str, value: float, rel: float = REL) -> bool:
+    """Whether a number shown as ``token`` can be ``value`` rounded as shown, up to ``rel``."""
+    x = float(token)
+    if not (math.isfinite(x) and math.isfinite(value)):
+        return x == value or (x != x and value != value)
+    return abs(x - value) <= (shown_unit(token) / 2 + rel * max(abs(x), abs(value))) * (1 + 1e-9)
+
+
 def difference(got: str, want: str, rel: float = REL) -> str | None:
     """``None`` when two texts are the same words around the same numbers, each pair of
     numbers agreeing as shown (:func:`shown_agree`); else where they first differ."""
