@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from gradaudit.report.common import fmt_num
+
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.report.model import AuditReport
 
@@ -186,6 +188,4 @@ def _decade(k: int) -> str:
 
 
 def _shown(v: float) -> str:
-    from gradaudit.report.common import fmt_num
-
     return fmt_num(v) if v == v else "n/a"
