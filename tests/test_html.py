@@ -56,7 +56,7 @@ def _esc(text: str) -> str:
 def _report(layers, findings=(), **kw) -> AuditReport:
     grads = [l.predicted.grad_rms for l in layers if l.depth]
     return AuditReport(target="net.py", frontend="fx", input_source="given", inputs=[], findings=list(findings),
-                       layers=layers, depth=summarize(grads, grads), **kw)
+                       layers=layers, depth=summarize(grads), **kw)
 
 
 def _layer(i, act, grad, depth=True, measured=None):
@@ -123,8 +123,9 @@ def test_source_line_of_the_finding(deep_sigmoid):
 def test_verdict_and_sentence_first(deep_sigmoid):
     report, page = deep_sigmoid
     verdict = page[page.index('id="verdict"'):page.index('id="findings"')]
-    assert report.verdict == "vanishing" and ">vanishing</span>" in verdict
-    assert "GA101 vanishing-gradients" in verdict
+    assert report.verdict == "vanishing" and ">VANISHING</span>" in verdict
+    (ga101,) = [f for f in report.findings if f.rule == "GA101"]
+    assert ga101.message.split("; ")[0] in verdict
 
 
 def test_environment_rows(deep_sigmoid):
@@ -150,6 +151,15 @@ def test_series_bands_are_1e3_around_the_last_weight_layer():
     assert data["vanishing_below"] == pytest.approx(4e-3) and data["exploding_above"] == pytest.approx(4e3)
     assert data["x"] == [1, 2, 3]  # weight layers only, as the text counts them
     assert data["grad"] == [1e-5, 1e-2, 4.0] and data["act"] == [1.0, 2.0, 3.0]
+
+
+def test_series_plots_the_layer_gradient_of_the_headline():
+    """Where a layer's weight is shared by P positions, the chart shows sqrt(P) x grad RMS,
+    the quantity of the headline and GA101, not the per-element RMS."""
+    conv = LayerRecord(node="c", module="conv", op="conv", module_type=None, depth=1,
+                       predicted=Moments(1.0, 0.01, 0.32), measured=Moments(1.0, 0.02, 0.64))
+    data = series(_report([conv, _layer(1, 1.0, 1.0)]))
+    assert data["grad"] == [0.32, 1.0] and data["grad_measured"][0] == 0.64
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
@@ -186,8 +196,8 @@ def test_measured_series_drawn_only_when_probed():
     plain = _svg(html_report.render(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, 1.0)])))
     probed = _svg(html_report.render(_report([_layer(0, 1.0, 0.1, measured=Moments(1.1, 0.2)),
                                               _layer(1, 1.0, 1.0)])))
-    assert "gradient RMS (measured)" not in plain
-    assert "gradient RMS (measured)" in probed and "activation RMS (measured)" in probed
+    assert "layer gradient (measured)" not in plain
+    assert "layer gradient (measured)" in probed and "activation RMS (measured)" in probed
     assert probed.count('<path d="M') == plain.count('<path d="M') + 2 + 2  # one mark per measured value
 
 
@@ -274,9 +284,15 @@ def test_suppressed_findings_listed():
 
 
 def test_healthy_headline():
+    from gradaudit.report.common import headline
+
     layers = [_layer(0, 1.0, 0.5), _layer(1, 1.0, 1.0)]
     rep = _report(layers)
-    assert html_report.headline(rep).startswith("No gradient problem predicted: across 2 weight layers")
+    head = headline(rep)
+    assert head.label == "HEALTHY" and head.severity is None
+    assert head.sentence.startswith("the predicted weight-gradient scale stays within 0.3 decades across 2 weight layers")
+    page = html_report.render(rep)
+    assert ">HEALTHY</span>" in page and head.sentence in page
 
 
 def test_cli_writes_the_same_page(deep_sigmoid, tmp_path):

@@ -5,10 +5,12 @@ ticks, the points of each line, the bands); ``templates/depth_chart.svg.j2`` wri
 SVG elements. The chart is a log-scale line chart over the *weight layers* (x = the
 weight-layer depth, 1 = nearest the input), the same layers the text report counts:
 
-- gradient RMS and activation RMS as predicted (lines with dots) and, when the probe ran,
-  as measured (crosses and plus signs);
-- the vanishing band (gradient <= 1e-3 of the last weight layer's) and the exploding band
-  (>= 1e3 of it), shaded.
+- the layer gradient G_l = sqrt(P) x RMS(dL/dy) (:func:`gradaudit.propagation.depth.layer_gradient`,
+  the quantity of the headline, GA101/GA102 and the depth summary) and the activation RMS,
+  as predicted (lines with dots) and, when the probe ran, as measured (crosses and plus
+  signs);
+- the vanishing band (layer gradient <= 1e-3 of the last weight layer's) and the
+  exploding band (>= 1e3 of it), shaded.
 
 The SVG is made to live inside a page that opens offline: text stays text in generic
 font families, no ids, no links, colours of text and grid are the page's CSS variables
@@ -49,10 +51,10 @@ _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u207
 
 def series(report: AuditReport) -> dict | None:
     """What the depth chart plots, per weight layer in execution order (x = its
-    weight-layer depth): the predicted and measured gradient and activation RMS (NaN
+    weight-layer depth): the predicted and measured layer gradient and activation RMS (NaN
     where missing, not positive or not finite: a log axis cannot show them), and the band
     limits ``reference * 1e-3`` / ``reference * 1e3`` where ``reference`` is the predicted
-    gradient RMS of the last weight layer that has one. ``None`` without weight layers."""
+    layer gradient of the last weight layer that has one. ``None`` without weight layers."""
     layers = [layer for layer in report.layers if layer.predicted is not None and layer.depth is not None]
     if not layers:
         return None
@@ -60,7 +62,7 @@ def series(report: AuditReport) -> dict | None:
     def pos(vals):
         return [float(v) if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else float("nan") for v in vals]
 
-    grad = pos([layer.predicted.grad_rms for layer in layers])
+    grad = pos([_layer_grad(layer.predicted) for layer in layers])
     measured = [layer.measured for layer in layers]
     ref = next((g for g in reversed(grad) if g == g), None)
     return {
@@ -68,13 +70,19 @@ def series(report: AuditReport) -> dict | None:
         "modules": [layer.module or layer.node for layer in layers],
         "grad": grad,
         "act": pos([layer.predicted.act_rms for layer in layers]),
-        "grad_measured": pos([m.grad_rms if m else float("nan") for m in measured]),
+        "grad_measured": pos([_layer_grad(m) if m else float("nan") for m in measured]),
         "act_measured": pos([m.act_rms if m else float("nan") for m in measured]),
         "measured": any(m is not None for m in measured),
         "reference": ref,
         "vanishing_below": None if ref is None else ref * 10**-BAND_DECADES,
         "exploding_above": None if ref is None else ref * 10**BAND_DECADES,
     }
+
+
+def _layer_grad(m) -> float:
+    """The layer gradient of a weight layer's moments (the per-element RMS where a report
+    built without it carries none)."""
+    return m.layer_grad if getattr(m, "layer_grad", None) is not None else m.grad_rms
 
 
 def depth_chart(report: AuditReport) -> dict | None:
@@ -112,14 +120,14 @@ def depth_chart(report: AuditReport) -> dict | None:
 
     def tips(i: int) -> str:
         parts = [f"weight layer {data['x'][i]} ({data['modules'][i]})"]
-        for key, what in (("grad", "gradient RMS"), ("act", "activation RMS")):
+        for key, what in (("grad", "layer gradient"), ("act", "activation RMS")):
             parts.append(f"{what} {_shown(data[key][i])}")
             if data["measured"]:
                 parts.append(f"measured {_shown(data[key + '_measured'][i])}")
         return ", ".join(parts)
 
     lines = [
-        {"key": "grad", "label": "gradient RMS (predicted)", "colour": GRAD, "dash": False},
+        {"key": "grad", "label": "layer gradient (predicted)", "colour": GRAD, "dash": False},
         {"key": "act", "label": "activation RMS (predicted)", "colour": ACT, "dash": True},
     ]
     for line in lines:
@@ -127,7 +135,7 @@ def depth_chart(report: AuditReport) -> dict | None:
     marks = []
     if data["measured"]:
         marks = [
-            {"key": "grad_measured", "label": "gradient RMS (measured)", "colour": GRAD, "shape": "cross"},
+            {"key": "grad_measured", "label": "layer gradient (measured)", "colour": GRAD, "shape": "cross"},
             {"key": "act_measured", "label": "activation RMS (measured)", "colour": ACT, "shape": "plus"},
         ]
         for mark in marks:
@@ -151,7 +159,7 @@ def depth_chart(report: AuditReport) -> dict | None:
         "width": WIDTH,
         "height": round(height, 1),
         "left": LEFT, "right": RIGHT, "top": TOP, "bottom": BOTTOM,
-        "title": "Gradient and activation RMS per weight layer",
+        "title": "Layer gradient and activation RMS per weight layer",
         "x_label": "weight layer, in execution order (input \u2192 output)",
         "y_label": "RMS",
         "y_ticks": [{"y": y(k), "label": _decade(k)} for k in _decades(lo, hi)],
