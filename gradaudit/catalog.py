@@ -8,8 +8,8 @@ Both are generated, never edited by hand:
 
 ``rules/`` holds one Markdown page per registered rule, written from the rule's
 docstring (the same text ``gradaudit explain`` prints and SARIF carries), plus an index
-``rules/README.md``. ``reports/`` holds the HTML and SARIF reports of every model in
-``examples/`` plus an index. Tests regenerate both and compare them with the committed
+``rules/README.md``. ``reports/`` holds the HTML, SARIF and JSON reports of every model
+in ``examples/`` plus an index. Tests regenerate both and compare them with the committed
 files, after :func:`scrub` removes what legitimately changes between machines (versions,
 times, absolute paths), with numbers compared as numbers, never as rounded strings
 (:func:`difference`, :func:`data_difference`): a stale catalog or gallery fails the suite,
