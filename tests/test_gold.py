@@ -174,3 +174,13 @@ def test_scrub_removes_what_varies(report, monkeypatch):
         assert str(ROOT) not in text
         assert torch.__version__.split("+")[0] not in text
     assert "<th>time taken</th><td><TIME>" in page
+
+
+def test_json_numbers_keep_six_significant_digits():
+    """The data comparison's tolerance (1e-3) needs the data to carry far finer numbers:
+    a fixed 4 decimals would leave -0.0049404 as -0.0049, 8e-3 from its neighbour's -0.0050."""
+    from gradaudit.propagation.depth import DepthSummary
+
+    out = DepthSummary(3, 0.72108512, -0.0049404912, -0.71031437, None, 607.2235).to_json()
+    assert out["decades_per_layer"] == -0.00494049 and out["spread_decades"] == 0.721085
+    assert out["layers_per_decade"] == pytest.approx(1 / 0.0049404912, rel=5e-6) and out["vanish_depth"] is None
