@@ -245,7 +245,8 @@ def test_probe_measures_the_curve_and_every_report_shows_both():
 
     out = text.render(report)
     assert "over time" in out and "'lstm' (LSTM, 60 steps)" in out
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("predicted", "measured"))]
+    section = out[out.index("over time ("):]
+    rows = [line.split() for line in section.splitlines() if line.strip().startswith(("predicted", "measured"))]
     assert [r[0] for r in rows] == ["predicted", "measured"] and rows[0][1] == rows[1][1] == "1"
 
     page = html.render(report)

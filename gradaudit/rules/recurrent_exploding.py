@@ -25,11 +25,11 @@ class RecurrentExploding(Rule):
     1/4 for the sigmoid gates (thresholds 1 and 4). It also reads the gradient over time
     of a loss on the last step (predicted, or measured with ``--probe``): how many steps
     back it takes to grow 1e3-fold. It reports a module when the gradient grows over
-    time, or when a block exceeds 1/gamma and the gradient does not demonstrably fade
-    (a gradient that fades within the sequence is GA502's, whatever the bound). Severity is warning for a plain RNN and info for
-    LSTM/GRU, whose gates multiply the recurrent path by factors below 1 and whose cell
-    state adds a path the bound does not cover; error when the gradient grows past 1e3
-    within the sequence itself.
+    time, or when a block exceeds 1/gamma and the gradient does not demonstrably fade (a
+    gradient that fades within the sequence is GA502's, whatever the bound). Severity is
+    warning for a plain RNN and info for LSTM/GRU, whose gates multiply the recurrent
+    path by factors below 1 and whose cell state adds a path the bound does not cover;
+    error when the gradient grows past 1e3 within the sequence itself.
 
     ## Why is this bad?
     Backpropagation through time multiplies the gradient by W_hh^T diag(phi'(h_t)) once

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from rulemodels import Cell, Recurrent, audit, seq_input
 from test_recurrent_exploding import normal_hh, orthogonal_hh
+from shown import shows
 
 CODE = "GA502"
 
@@ -38,11 +39,13 @@ def test_real_bptt_gradient_shrinks_at_least_as_stated():
     (g,) = torch.autograd.grad(out[-1].sum(), h0)
     jac_bound = per_step**20 * (32**0.5)  # ||J^T 1|| <= ||J|| ||1||
     assert 0 < float(g.norm()) <= jac_bound
-    assert f"{per_step:.3g}x per step" in f.message
+    assert shows(f.message, "{}x per step", per_step)
 
 
 # ----------------------------------------------------------------------------- over time
 from test_recurrent_exploding import _measured_horizon  # noqa: E402
+
+import gradaudit  # noqa: E402
 
 OVER_TIME = [
     pytest.param(lambda: Recurrent(nn.RNN, hidden=128), ("rnn", "warning"), True, id="rnn-default-40-steps"),
@@ -70,8 +73,11 @@ def test_the_gate_bias_fix_lengthens_the_real_horizon():
     """GA502's fix for an LSTM (forget-gate bias 1, Jozefowicz et al. 2015), applied as
     written, lengthens the horizon of real BPTT by more than half."""
     model = Recurrent(nn.LSTM, hidden=128)
-    (f,) = audit(model, seq_input(steps=40), CODE)
-    assert "forget-gate bias" in f.fix and "forget gate is 0.50 on average" in f.message
+    report = gradaudit.audit(model, seq_input(steps=40), select=[CODE])
+    (f,) = report.findings
+    forget = report.over_time[0].gates["forget_mean"]
+    assert "forget-gate bias" in f.fix and shows(f.message, "the forget gate is {} on average", forget)
+    assert forget == pytest.approx(0.5, abs=0.02)
     before = _measured_horizon(model, 40).horizon
     exec(f.fix, {"nn": nn, "model": model})
     after = _measured_horizon(model, 40).horizon
