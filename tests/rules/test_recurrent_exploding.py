@@ -6,6 +6,8 @@ import torch.nn as nn
 from rulemodels import Cell, Recurrent, audit, seq_input
 from shown import shows
 
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.oldest]
+
 CODE = "GA501"
 
 

@@ -7,6 +7,8 @@ from rulemodels import Cell, Recurrent, audit, seq_input
 from test_recurrent_exploding import normal_hh, orthogonal_hh
 from shown import shows
 
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.oldest]
+
 CODE = "GA502"
 
 CASES = [
