@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from gradaudit import __version__
-from gradaudit.errors import CaptureError, ConfigError, GradauditError
+from gradaudit.errors import CaptureError, ConfigError, GradauditError, ModelCallError
 from gradaudit.ir import Graph
 from gradaudit.propagation.depth import summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
@@ -72,13 +72,19 @@ def audit(
 
         example_inputs, inferred = infer_inputs(model)
         input_source = input_source or inferred
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (
-        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
-    )
+    from gradaudit.frontends.signature import ExampleCall
+
+    inputs = ExampleCall.of(example_inputs)
     input_source = input_source or "given"
     codes = _selected_codes(select, ignore)
     with preserved(model):
-        graph = capture(model, inputs)
+        try:
+            graph = capture(model, inputs)
+        except CaptureError as exc:
+            if not stage_options.probe or isinstance(exc, ModelCallError):
+                raise
+            return stage.probe_only(model, inputs, exc, codes, stage_options, settings,
+                                    target=target or type(model).__name__, input_source=input_source)
         analysis = analyse(graph, inputs, input_stats, settings)
         findings = run_rules(analysis, codes)
         static_seconds = time.perf_counter() - started
@@ -99,21 +105,29 @@ def audit(
     return report
 
 
-def capture(model: nn.Module, inputs: tuple) -> Graph:
-    """Model -> IR with the best frontend that works (torch.fx today)."""
-    from gradaudit.frontends import fx
+def capture(model: nn.Module, inputs: Any) -> Graph:
+    """Model -> IR with the cheapest frontend that works: torch.fx, else torch.export,
+    else the hook capture (:mod:`gradaudit.frontends.chain`); the graph's notes say why
+    the cheaper ones failed. ``inputs``: a tensor, a tuple, a dict of keyword inputs or
+    an :class:`~gradaudit.frontends.signature.ExampleCall`."""
+    from gradaudit.frontends.chain import capture as chain
 
-    return fx.trace(model, inputs)
+    return chain(model, inputs)
 
 
-def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -> Analysis:
+def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:
+    """Propagate; ``input_stats`` gives (mean, std) per input, keyed by position or by
+    keyword name (every tensor of a nested input gets them)."""
     stats_by_name: dict[str, tuple[float, float]] = {}
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
+        args = graph.input_args or [str(i) for i in range(len(graph.input_names))]
         for i, ms in items:
-            if not 0 <= int(i) < len(graph.input_names):
-                raise ConfigError(f"input_stats names input {i}, but the model takes {len(graph.input_names)}")
-            stats_by_name[graph.input_names[int(i)]] = (float(ms[0]), float(ms[1]))
+            names = [n for n, a in zip(graph.input_names, args) if a == str(i)]
+            if not names:
+                raise ConfigError(f"input_stats names input {i!r}, but the model's inputs are {', '.join(dict.fromkeys(args))}")
+            for name in names:
+                stats_by_name[name] = (float(ms[0]), float(ms[1]))
     try:
         analysis = propagate(graph, stats_by_name)
     except PropagationError as exc:
@@ -141,7 +155,7 @@ def run_rules(analysis: Analysis, codes: set[str], stage: str = "static") -> lis
     return findings
 
 
-def build_report(analysis: Analysis, findings: list[Finding], *, target: str, input_source: str, inputs: tuple) -> AuditReport:
+def build_report(analysis: Analysis, findings: list[Finding], *, target: str, input_source: str, inputs: Any) -> AuditReport:
     weight_layers = analysis.weight_layers()
     depth_of = {n.name: i + 1 for i, n in enumerate(weight_layers)}
     estimated = {e.node for e in analysis.estimates}
@@ -169,19 +183,20 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         target=target,
         frontend=analysis.graph.frontend,
         input_source=input_source,
-        inputs=[_describe_input(x) for x in inputs],
+        inputs=_describe_inputs(inputs),
         findings=findings,
         layers=layers,
         depth=depth,
         estimated_ops=[e.to_json() for e in analysis.estimates],
         environment=environment(),
+        capture_notes=list(analysis.graph.notes),
     )
 
 
-def _describe_input(x: Any) -> dict:
-    if isinstance(x, torch.Tensor):
-        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
-    return {"value": repr(x)[:80]}
+def _describe_inputs(inputs: Any) -> list[dict]:
+    from gradaudit.frontends.signature import ExampleCall
+
+    return ExampleCall.of(inputs).describe()
 
 
 def environment() -> dict[str, Any]:

@@ -21,5 +21,10 @@ class CaptureError(GradauditError):
     """The model could not be captured into the IR (untraceable code, bad input shape)."""
 
 
+class ModelCallError(CaptureError):
+    """The example call does not suit the model whichever capture runs: the inputs do not
+    fit ``forward``'s signature, or the model returns no floating tensor."""
+
+
 class ConfigError(GradauditError):
     """A configuration value or a command-line option is invalid."""

@@ -156,6 +156,14 @@ class Graph:
     frontend: str
     input_names: list[str] = field(default_factory=list)
     output_refs: list[str] = field(default_factory=list)
+    #: For each input node, the example call's argument it comes from: ``"0"``, ``"1"``
+    #: for positional ones, the keyword's name for keyword ones.
+    input_args: list[str] = field(default_factory=list)
+    #: One line per thing the capture wants the reader to know: why a cheaper capture
+    #: failed, outputs left out of L.
+    notes: list[str] = field(default_factory=list)
+    #: The frontend's own program (the fx GraphModule), for stages that replay it.
+    program: Any = None
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}

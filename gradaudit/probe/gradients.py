@@ -385,6 +385,8 @@ class Runner:
         import torch
         import torch.fx as fx
 
+        from gradaudit.frontends.signature import map_tensors
+
         rec = DrawRecord()
         started = time.perf_counter()
         # the CPU generator directly: torch.manual_seed also seeds every lazily
@@ -394,14 +396,15 @@ class Runner:
             torch.cuda.manual_seed_all(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
         leaves = []
-        args_in = []
-        for x in inputs:
-            if isinstance(x, torch.Tensor):
-                x = x.detach().to(device)
-                if x.is_floating_point():
-                    x = x.clone().requires_grad_(True)
-                    leaves.append(x)
-            args_in.append(x)
+
+        def prepare(x):
+            x = x.detach().to(device)
+            if x.is_floating_point():
+                x = x.clone().requires_grad_(True)
+                leaves.append(x)
+            return x
+
+        args_in = [map_tensors(x, prepare) for x in inputs]
         params = [p for p in self.all_params if p.requires_grad]
         env: dict[str, Any] = {}
         pending: list[tuple[str, Any, int]] = []  # (layer node, 2-norm of its output, numel)
@@ -760,14 +763,26 @@ def probe(
     graph = analysis.graph
     layer_nodes = analysis.layers()
     layers = {n.name: n.module for n in layer_nodes}
+    from gradaudit.frontends.signature import ExampleCall
     from gradaudit.propagation.engine import ACTIVATIONS
 
+    call = ExampleCall.of(inputs)
     acts = {n.name: n.op for n in graph if n.op in ACTIVATIONS}
     result_layers = {n.name: LayerMeasure(n.name, n.module) for n in layer_nodes}
     with preserved(model), _on_device(model, device):
         model.train()  # as training runs: batch statistics in BatchNorm, dropout active
-        gm = graph_module(model)
-        runner = Runner(model, gm, graph, layers, acts, settings)
+        if graph.frontend == "fx":  # replay the traced graph node by node
+            import torch.fx as fx
+
+            gm = graph.program if isinstance(graph.program, fx.GraphModule) else graph_module(model)
+            runner = Runner(model, gm, graph, layers, acts, settings)
+            inputs = placeholder_values(model, call)
+        else:  # the model's own forward, observed at its layers
+            from gradaudit.probe.modules import ModuleRunner
+
+            acts = {n.name: n.op for n in graph if n.op in ACTIVATIONS and n.kind == "call_module"}
+            runner = ModuleRunner(model, graph, layers, acts, settings)
+            inputs = call
         notes: list[str] = []
         grad_norms: list[float] = []
         units: list[UnitStats] = []
@@ -823,23 +838,37 @@ def probe(
         seconds_per_draw=sorted(seconds)[len(seconds) // 2] if seconds else 0.0,
         notes=notes,
     )
-    result.inputs = _input_rms(analysis, inputs)
+    result.inputs = _input_rms(analysis, call)
     result.agreement = agreement(analysis, result)
     return result
 
 
-def _input_rms(analysis, inputs: tuple) -> list[dict]:
+def placeholder_values(model, call) -> list:
+    """The values of the fx graph's placeholders: the call's tensor arguments, bound to
+    ``forward``'s parameters, in signature order (constants are baked into the graph)."""
+    from gradaudit.frontends.signature import BindError, bind
+
+    try:
+        return [b.value for b in bind(model, call) if b.is_input]
+    except BindError as exc:
+        raise CaptureError(str(exc)) from exc
+
+
+def _input_rms(analysis, call) -> list[dict]:
     """Measured RMS of each floating input beside the RMS the prediction assumed."""
     import torch
 
     out = []
-    names = analysis.graph.input_names
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or i >= len(names):
+    graph = analysis.graph
+    given = dict(call.named())
+    for i, name in enumerate(graph.input_names):
+        key = graph.input_args[i] if i < len(graph.input_args) else str(i)
+        x = given.get(key)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             continue
-        s = analysis.stat(names[i])
+        s = analysis.stat(name)
         measured = float(x.detach().double().pow(2).mean().sqrt()) if x.numel() else float("nan")
-        out.append({"input": names[i], "measured_rms": measured, "predicted_rms": s.act_rms if s else None})
+        out.append({"input": name, "measured_rms": measured, "predicted_rms": s.act_rms if s else None})
     return out
 
 
