@@ -241,27 +241,23 @@ def test_skip_missing_skips_files_without_models(cli, write, tmp_path):
 
 def test_probe_options_are_passed_through(cli, monkeypatch, write, tmp_path):
     import gradaudit.api
+    from gradaudit.options import AuditOptions
 
-    seen = {}
-    real = gradaudit.api.audit
+    seen = []
+    real = gradaudit.api.run
 
-    def spy(model, inputs, **kwargs):
-        seen.update(kwargs)
-        keep = {k: v for k, v in kwargs.items() if k in ("target", "input_source", "select", "ignore", "input_stats",
-                                                         "settings")}
-        return real(model, inputs, **keep)
+    def spy(model, inputs, opts, **kwargs):
+        seen.append(opts)
+        return real(model, inputs, AuditOptions(), **kwargs)
 
-    monkeypatch.setattr(gradaudit.api, "audit", spy)
+    monkeypatch.setattr(gradaudit.api, "run", spy)
     write("net.py", MLP)
     cli("check", "net.py", "--probe", "--draws", "3", "--inputs", "batch.pt", "--dtype", "bf16", "--device", "cpu",
         "--gradcheck", "--gradcheck-module", "a", "--gradcheck-module", "b", cwd=tmp_path)
-    assert {k: seen[k] for k in ("probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules")} == {
-        "probe": True, "draws": 3, "inputs_path": "batch.pt", "dtype": "bf16", "device": "cpu", "gradcheck": True,
-        "gradcheck_modules": ["a", "b"],
-    }
-    seen.clear()
+    assert seen[-1] == AuditOptions(probe=True, draws=3, inputs_path="batch.pt", dtype="bf16", device="cpu",
+                                    gradcheck=True, gradcheck_modules=("a", "b"))
     cli("check", "net.py", cwd=tmp_path)
-    assert not {"probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules"} & set(seen)
+    assert seen[-1] == AuditOptions()
 
 
 @pytest.mark.parametrize("code", sorted(all_rules()))

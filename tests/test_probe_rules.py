@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import gradaudit
+import gradaudit.api
 from gradaudit.rules.base import all_rules
 
 STAGED = {code: cls for code, cls in all_rules().items() if cls.stage in ("probe", "gradcheck")}
@@ -133,7 +134,8 @@ def test_rule_is_silent_without_its_stage(code):
 def test_dead_threshold_is_configurable():
     torch.manual_seed(0)
     model = _dead()
-    report = gradaudit.audit(model, (torch.randn(16, 8),), probe=True, dead_units_min=1.01)
+    settings = gradaudit.api.Settings(extra={"dead_units_min": 1.01})
+    report = gradaudit.audit(model, (torch.randn(16, 8),), probe=True, settings=settings)
     assert not [f for f in report.findings if f.rule == "GA602"]
 
 

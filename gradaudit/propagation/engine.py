@@ -87,6 +87,8 @@ class Analysis:
     effects: dict[str, Effect]
     estimates: list[Estimate]
     config: dict[str, Any] = field(default_factory=dict)
+    #: :class:`~gradaudit.propagation.coverage.Coverage`, set by the audit after the walk.
+    coverage: Any = None
 
     def stat(self, name: str, leaf: int = 0) -> Stats | None:
         s = self.stats.get(name)
