@@ -352,7 +352,7 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
             settings=settings,
         )
     except CaptureError as exc:
-        if loaded.input_source.startswith("inferred"):
+        if loaded.input_source.startswith("inferred") and getattr(exc, "inputs_suspect", False):
             raise CaptureError(f"{exc} (inputs were {loaded.input_source}; pass --input-shape)") from exc
         raise
 

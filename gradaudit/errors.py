@@ -18,7 +18,12 @@ class LoadError(GradauditError):
 
 
 class CaptureError(GradauditError):
-    """The model could not be captured into the IR (untraceable code, bad input shape)."""
+    """The model could not be captured into the IR (untraceable code, bad input shape).
+
+    ``inputs_suspect`` is true when the example inputs are the likely cause (they do not
+    fit a layer, or the forward raised on them), so that a hint about inputs fits."""
+
+    inputs_suspect = False
 
 
 class ModelCallError(CaptureError):

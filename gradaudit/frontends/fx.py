@@ -339,7 +339,9 @@ def _bind(model: nn.Module, call: ExampleCall) -> list[Bound]:
     try:
         bound = bind(model, call)
     except BindError as exc:
-        raise ModelCallError(str(exc)) from exc
+        err = ModelCallError(str(exc))
+        err.inputs_suspect = True
+        raise err from exc
     for b in bound:
         if b.is_input and b.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise CaptureError(f"torch.fx cannot trace tensors passed through *args or **kwargs ({b.name!r})")
@@ -413,9 +415,9 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
             at_node = f" in node '{bad.name}'"
             if bad.op == "call_module":
                 at_node += f" ({type(gm.get_submodule(str(bad.target))).__name__} '{bad.target}')"
-        raise CaptureError(
-            f"the example inputs do not fit the model{at_node}{where}: {first_line(exc)}", location=loc
-        ) from exc
+        err = CaptureError(f"the example inputs do not fit the model{at_node}{where}: {first_line(exc)}", location=loc)
+        err.inputs_suspect = True
+        raise err from exc
     finally:
         fake_log.setLevel(level)
 
