@@ -120,8 +120,13 @@ def quiet():
             lg.setLevel(level)
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Graph:
-    """Export ``model`` on the example call and build the IR; raise :class:`CaptureError`."""
+def capture(model: nn.Module, example_inputs: Any, *, core_aten: bool = False) -> Graph:
+    """Export ``model`` on the example call and build the IR; raise :class:`CaptureError`.
+
+    ``core_aten`` lowers the program to the Core ATen operator set first
+    (``run_decompositions()``: ``addmm``, ``convolution``,
+    ``_native_batch_norm_legit_functional``, ``native_layer_norm``...), the spelling
+    other exporters and older torch versions produce; the IR is the same."""
     call = ExampleCall.of(example_inputs)
     flat = _Flat(model)
     leaves = leaf_modules(model)
@@ -129,6 +134,8 @@ def capture(model: nn.Module, example_inputs: Any) -> Graph:
     try:
         with training_mode(model), quiet():
             ep = torch.export.export(flat, call.args, call.kwargs, strict=False, preserve_module_call_signature=keep)
+            if core_aten:
+                ep = ep.run_decompositions()
     except Exception as exc:  # export raises many types for code it cannot capture
         loc = exception_location(exc)
         where = f" at {loc}" if loc else ""
@@ -304,8 +311,10 @@ class _Builder:
             if not group:  # nn.Identity: nothing to fold
                 continue
             inner = group - set(outs)
-            if any(u.name not in group for g in inner for u in self.fx_nodes[g].users):
+            escaping = {u.name for g in inner for u in self.fx_nodes[g].users if u.name not in group}
+            if any(self.fx_nodes[u].users for u in escaping):
                 continue  # an inner value escapes the call: keep the ops as they are
+            group |= escaping  # unused by-products (max pooling's indices) go with the call
             values = [Ref(i) if i else (a.value if isinstance(a, ConstantArgument) else None) for i, a in zip(ins, sig.inputs)]
             call_args, call_kwargs = pytree.tree_unflatten(values, sig.in_spec)
             structure = pytree.tree_unflatten(list(range(len(outs))), sig.out_spec)
