@@ -150,7 +150,7 @@ def run(
         from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
-            findings, graph, model, opts.per_module_ignores or None, target=target,
+            findings, analysis.graph, model, opts.per_module_ignores or None, target=target,
             report_unused=UNUSED_CODE in codes,
         )
         findings = sorted(findings + unused, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
