@@ -32,6 +32,7 @@ cache) are left out of L with a note.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import operator
 import re
@@ -106,13 +107,14 @@ def training_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def quiet():
-    """torch.export's warnings and logs say in many lines what our one error line says."""
+    """torch.export's warnings, logs and prints (it prints the partial graph of a failed
+    export to stderr) say in many lines what our one error line says."""
     loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch._export", "torch.export", "torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

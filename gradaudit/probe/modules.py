@@ -130,16 +130,19 @@ class ModuleRunner:
             torch.cuda.manual_seed_all(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
         leaves: list = []
+        params = [p for p in self.all_params if p.requires_grad]
 
         def prepare(t):
+            # inputs need no gradient when parameters carry one: layer outputs require
+            # grad through the parameters (and models that set requires_grad on their
+            # input, as Wav2Vec2's feature encoder does, need an input that is a leaf)
             t = t.detach().to(device)
-            if t.is_floating_point():
+            if t.is_floating_point() and not params:
                 t = t.clone().requires_grad_(True)
                 leaves.append(t)
             return t
 
         live = call.map(prepare)
-        params = [p for p in self.all_params if p.requires_grad]
         counts: dict[str, int] = {}
         pending: list[tuple[str, Any, int]] = []
         grad_slots: dict[str, Any] = {}
