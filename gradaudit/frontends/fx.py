@@ -215,6 +215,10 @@ _TRACE_CODE = fx.Tracer.trace.__code__
 
 
 class _Tracer(fx.Tracer):
+    #: Buffers read in a forward (a causal mask ``self.bias[:, :, :T, :T]``) are graph
+    #: values, so slicing them by a traced size works.
+    proxy_buffer_attributes = True
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """Record the user's line for each node from the live Python stack (fx's own
         ``record_stack_traces`` formats whole tracebacks and imports torch._inductor)."""
