@@ -29,6 +29,7 @@ test: test-deps
 bench: install
 	$(PYTHON) benchmarks/bench_static.py
 	$(PYTHON) benchmarks/bench_probe.py
+	$(PYTHON) benchmarks/bench_export.py
 
 # The generated catalog (rules/, from the rule docstrings) and gallery (reports/, the
 # HTML and SARIF reports of every example); tests fail when the committed ones are stale.
