@@ -531,8 +531,6 @@ def _first(exc: BaseException | None) -> str:
 
 def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device: str = "cpu") -> list[dict]:
     """Check every target; return one dict per target (see the module docstring)."""
-    import torch
-
     from gradaudit.probe.gradients import _clean, _on_device, resolve_device
     from gradaudit.progress import progress
     from gradaudit.state import preserved
