@@ -44,10 +44,10 @@ import torch.nn as nn
 
 from gradaudit.errors import CaptureError
 from gradaudit.frontends import aten
-from gradaudit.frontends.fx import _Tracer, _module_op, _tensor_meta, exception_location, user_location
+from gradaudit.frontends.fx import _Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, user_location
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
 from gradaudit.frontends.signature import ExampleCall, has_tensor
-from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, map_refs
+from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs, map_refs, renumber, structure_leaves
 from gradaudit.probe.inputs import first_line
 
 #: Ops that must not be evaluated ahead of time: their value is not a function of their
@@ -381,8 +381,8 @@ class _Builder:
                         kind="call_function",
                         fn=operator.getitem,
                         args=(Ref(src), prefix[-1]),
-                        outputs=[metas[i] for i in _leaf_list(sub)],
-                        structure=_renumber(sub),
+                        outputs=[metas[i] for i in structure_leaves(sub)],
+                        structure=renumber(sub),
                         module=q or None,
                         module_type=type(mod).__name__,
                         location=node.location,
@@ -412,7 +412,7 @@ class _Builder:
         if op == "scaled_dot_product_attention":
             kwargs = self._plain_mask(kwargs)
         metas: list = []
-        structure = _flatten_meta(n.meta.get("val"), metas)
+        structure = flatten_meta(n.meta.get("val"), metas)
         module, module_type = self.module_of(n)
         name = self.rename.get(n.name, n.name)
         self.add(
@@ -517,7 +517,7 @@ class _Builder:
                 continue
             if n.op == "output":
                 refs = torch.fx.node.map_aggregate(n.args[0], self.ref)
-                outputs = [r.name for r in _iter_refs(refs)]
+                outputs = [r.name for r in iter_refs(refs)]
                 continue
             if n.name in plans:
                 self._emit_call(plans[n.name])
@@ -536,7 +536,7 @@ class _Builder:
 
     def _op_as_is(self, n: torch.fx.Node) -> None:
         metas: list = []
-        structure = _flatten_meta(n.meta.get("val"), metas)
+        structure = flatten_meta(n.meta.get("val"), metas)
         module, module_type = self.module_of(n)
         self.add(
             Node(
@@ -575,27 +575,6 @@ def _arg_name(path: tuple, positional: list[str]) -> tuple[str, str]:
     return key, re.sub(r"\W", "_", name)
 
 
-def _flatten_meta(val: Any, leaves: list) -> Any:
-    if isinstance(val, (tuple, list)):
-        return tuple(_flatten_meta(v, leaves) for v in val)
-    leaves.append(_tensor_meta(val))
-    return len(leaves) - 1
-
-
-def _iter_refs(obj: Any):
-    if isinstance(obj, Ref):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _iter_refs(v)
-
-
-def _leaf_list(structure: Any) -> list[int]:
-    if isinstance(structure, int):
-        return [structure]
-    return [i for s in structure for i in _leaf_list(s)]
-
-
 def _path_to(structure: Any, leaf: int, prefix: tuple = ()) -> tuple:
     if isinstance(structure, int):
         return prefix if structure == leaf else None
@@ -610,18 +589,6 @@ def _sub(structure: Any, path: tuple) -> Any:
     for i in path:
         structure = structure[i]
     return structure
-
-
-def _renumber(structure: Any) -> Any:
-    """Leaf indices of a sub-structure, counted from 0."""
-    counter = iter(range(1 << 30))
-
-    def walk(s):
-        if isinstance(s, int):
-            return next(counter)
-        return tuple(walk(x) for x in s)
-
-    return walk(structure)
 
 
 __all__ = ["capture", "leaf_modules", "stack_location", "training_mode"]

@@ -474,7 +474,7 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
         args = fx.node.map_aggregate(n.args, to_ref)
         kwargs = fx.node.map_aggregate(n.kwargs, to_ref)
         metas: list[TensorMeta | None] = []
-        structure = _flatten(n.meta.get("val"), metas)
+        structure = flatten_meta(n.meta.get("val"), metas)
         node = Node(
             name=n.name,
             op="call",
@@ -529,10 +529,11 @@ def _holds_tensor(val: Any) -> bool:
     return False
 
 
-def _flatten(val: Any, leaves: list) -> Any:
-    """Flatten a nested tuple of tensors into ``leaves``; return its index structure."""
+def flatten_meta(val: Any, leaves: list) -> Any:
+    """Flatten a nested tuple of tensors into ``leaves`` (their :class:`TensorMeta`);
+    return its index structure."""
     if isinstance(val, (tuple, list)):
-        return tuple(_flatten(v, leaves) for v in val)
+        return tuple(flatten_meta(v, leaves) for v in val)
     leaves.append(_tensor_meta(val))
     return len(leaves) - 1
 

@@ -36,10 +36,11 @@ from torch.overrides import TorchFunctionMode
 from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import aten
 from gradaudit.frontends.export import leaf_modules, training_mode
-from gradaudit.frontends.fx import _is_internal, _module_op, _tensor_meta, display_path, exception_location, normalise_name
+from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
+                                    flatten_meta, normalise_name)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
 from gradaudit.frontends.signature import BindError, ExampleCall, bind, map_tensors
-from gradaudit.ir import Graph, Location, Node, Ref, iter_refs
+from gradaudit.ir import Graph, Location, Node, Ref, iter_refs, renumber, structure_leaves
 from gradaudit.probe.inputs import first_line
 from gradaudit.state import preserved
 
@@ -181,7 +182,7 @@ class _Builder:
             sub = sub[i]
         nm = self.fresh(f"{name}_{'_'.join(map(str, path))}")
         item = Node(name=nm, op="getitem", kind="call_function", fn=operator.getitem, args=(Ref(src), path[-1]),
-                    outputs=[node.outputs[i] for i in _leaves(sub)], structure=_renumber(sub), module=node.module,
+                    outputs=[node.outputs[i] for i in structure_leaves(sub)], structure=renumber(sub), module=node.module,
                     module_type=node.module_type, location=node.location)
         self.nodes.append(item)
         self.by_name[nm] = item
@@ -229,7 +230,7 @@ class _Builder:
         if op == "scaled_dot_product_attention":
             k = self._plain_mask(a, k)
         metas: list = []
-        structure = _flatten(out, metas)
+        structure = flatten_meta(out, metas)
         module, module_type = self.module()
         self.add(Node(name=self.fresh(op), op=op, kind="call_function", fn=fn, args=a, kwargs=k, outputs=metas,
                       structure=structure, location=self.location(), module=module, module_type=module_type),
@@ -283,7 +284,7 @@ class _Builder:
     def _call(self, entry: dict, out: Any, opaque: bool) -> None:
         mod, q = entry["module"], entry["name"]
         metas: list = []
-        structure = _flatten(out, metas)
+        structure = flatten_meta(out, metas)
         count = self.calls.get(q, 0)
         self.calls[q] = count + 1
         base = (q or type(mod).__name__.lower()) + (f"_{count}" if count else "")
@@ -370,28 +371,6 @@ def _tensors(out: Any) -> list:
     found: list = []
     map_tensors(out, found.append)
     return found
-
-
-def _flatten(val: Any, leaves: list) -> Any:
-    if isinstance(val, (tuple, list)):
-        return tuple(_flatten(v, leaves) for v in val)
-    leaves.append(_tensor_meta(val))
-    return len(leaves) - 1
-
-
-def _leaves(structure: Any) -> list[int]:
-    if isinstance(structure, int):
-        return [structure]
-    return [i for s in structure for i in _leaves(s)]
-
-
-def _renumber(structure: Any) -> Any:
-    counter = iter(range(1 << 30))
-
-    def walk(s):
-        return next(counter) if isinstance(s, int) else tuple(walk(x) for x in s)
-
-    return walk(structure)
 
 
 __all__ = ["capture"]

@@ -120,8 +120,8 @@ class ModuleRunner:
         import torch
 
         from gradaudit.frontends.outputs import flatten_outputs
-        from gradaudit.probe.gradients import (DrawRecord, NonFinite, _grab, _kind, _order, _sumsq, _sums_of_squares,
-                                               _batch_cosine, tensor_summary)
+        from gradaudit.probe.gradients import (DrawRecord, NonFinite, _batch_cosine, _grab, _kind, _order, _sumsq,
+                                               finish_draw, reduce_draw, tensor_summary)
 
         rec = DrawRecord()
         started = time.perf_counter()
@@ -218,34 +218,13 @@ class ModuleRunner:
         finally:
             for h in handles + hooks:
                 h.remove()
-        present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
-        sq_of = dict(zip((id(p) for p, _ in present), _sums_of_squares([g for _, g in present])))
-        for name, norm, numel in pending:
-            rec.act_sq[name] = rec.act_sq.get(name, 0.0) + float(norm) ** 2 / max(numel, 1)
-        for name, (norm, numel, zero) in grad_slots.items():
-            rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
-            if zero is not None:
-                rec.grad_zero[name] = int(zero)
-        norm_sq = sum(sq_of.values())
-        rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
-        pgrad = {id(p): g for p, g in present} if zeros else {}
-        for name, ps in self.layer_params.items():
-            own = [id(p) for p in ps if id(p) in sq_of]
-            if own:
-                rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
-                if zeros:
-                    rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
+        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros)
         if check_all and rec.first_forward is None:
             first = next((name for name, finite, _ in backward_order if not finite), None)
             if first is not None:
                 g = next(g for name, finite, g in backward_order if name == first and not finite)
                 rec.first_backward = self._nonfinite("backward", first, (), g, NonFinite, tensor_summary, _kind, gradient_of=first)
-        values = list(rec.act_sq.values()) + list(rec.grad_sq.values()) + [rec.grad_norm]
-        rec.finite = all(math.isfinite(v) for v in values) and all(bool(torch.isfinite(y).all()) for y in outs)
-        if rec.first_forward is not None or rec.first_backward is not None:
-            rec.finite = False
-        rec.seconds = time.perf_counter() - started
-        return rec
+        return finish_draw(rec, outs, started)
 
     def _nonfinite(self, phase, name, args, t, NonFinite, tensor_summary, _kind, gradient_of=None):
         node = self._ir_node(name)
