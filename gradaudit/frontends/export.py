@@ -411,6 +411,9 @@ class _Builder:
         args = self._resolve(args, n)
         if op == "scaled_dot_product_attention":
             kwargs = self._plain_mask(kwargs)
+        if op == "cat" and args and isinstance(args[0], (list, tuple)):  # an empty cache adds nothing
+            pieces = [t for t in args[0] if not (isinstance(v := self._value_of(t), torch.Tensor) and v.numel() == 0)]
+            args = (pieces, *args[1:]) if pieces else args
         metas: list = []
         structure = flatten_meta(n.meta.get("val"), metas)
         module, module_type = self.module_of(n)
@@ -457,15 +460,21 @@ class _Builder:
 
     def _constant(self, base: str, value: torch.Tensor) -> Ref:
         name = self.fresh(base)
-        self.values[name] = value
-        self.add(Node(name=name, op="param", kind="get_attr", params={"value": value}, outputs=[_tensor_meta(value)]))
+        self._constant_node(name, value)
         return Ref(name)
+
+    def _constant_node(self, name: str, value: torch.Tensor, location: Location | None = None) -> None:
+        """A value known ahead of time: a ``param`` node holding it."""
+        self.values[name] = value
+        self.add(Node(name=name, op="param", kind="get_attr", params={"value": value}, outputs=[_tensor_meta(value)],
+                      location=location))
 
     def _fold(self, n: torch.fx.Node, packet: str) -> bool:
         """Evaluate ``n`` now when it depends on no input: a constant of the graph."""
         target = n.target
         schema = getattr(target, "_schema", None)
-        if packet in _NO_FOLD or (schema is not None and schema.is_mutable):
+        mutable = schema is not None and schema.is_mutable
+        if packet in _NO_FOLD:
             return False
         if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
             return False
@@ -474,7 +483,9 @@ class _Builder:
 
         def value(a: Any) -> Any:
             if isinstance(a, torch.fx.Node):
-                return self.values[a.name] if a.name in self.values else self.constants[a.name]
+                v = self.values[a.name] if a.name in self.values else self.constants[a.name]
+                # an in-place op (detach_) runs on a copy: parameters and buffers stay as they are
+                return v.clone() if mutable and isinstance(v, torch.Tensor) else v
             return a
 
         try:
@@ -483,10 +494,7 @@ class _Builder:
         except Exception:  # cannot run on the real values: propagate it instead
             return False
         if isinstance(result, torch.Tensor):
-            self.values[n.name] = result
-            self.add(
-                Node(name=n.name, op="param", kind="get_attr", params={"value": result}, outputs=[_tensor_meta(result)], location=stack_location(n.meta.get("stack_trace")))
-            )
+            self._constant_node(n.name, result, stack_location(n.meta.get("stack_trace")))
         elif has_tensor(result):
             self.values[n.name] = result  # a tuple of constants: its items fold through getitem
         else:
@@ -518,6 +526,15 @@ class _Builder:
             if n.op == "output":
                 refs = torch.fx.node.map_aggregate(n.args[0], self.ref)
                 outputs = [r.name for r in iter_refs(refs)]
+                continue
+            if n.op == "get_attr":  # a tensor the model made during export (torch.tensor(...))
+                value = self.ep.graph_module
+                for part in str(n.target).split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    self._constant_node(n.name, value)
+                else:
+                    self.constants[n.name] = value
                 continue
             if n.name in plans:
                 self._emit_call(plans[n.name])
