@@ -291,8 +291,15 @@ def _tensor_meta(val: Any) -> TensorMeta | None:
 
 
 def _method_caller(name: str):
+    """``x.name(...)`` as a function of ``x``. An in-place method (``bernoulli_``,
+    ``add_``) is called out of place: the IR's values are never overwritten, and ops
+    estimated on sampled inputs must not write into them."""
+    method = name
+    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        method = name[:-1]
+
     def call(self, *args, **kwargs):
-        return getattr(self, name)(*args, **kwargs)
+        return getattr(self, method)(*args, **kwargs)
 
     call.__name__ = name
     return call
