@@ -63,8 +63,10 @@ def audit(
 ) -> AuditReport:
     """Audit ``model`` for vanishing and exploding gradients at initialisation.
 
-    ``example_inputs``: a tensor or a tuple of tensors (only shapes and dtypes are used by
-    the static pass); inferred from the first layer when omitted.
+    ``example_inputs``: a tensor, a tuple (positional inputs, nested tuples allowed), a dict
+    of keyword inputs, or an :class:`~gradaudit.frontends.signature.ExampleCall`; numbers,
+    bools, ``None`` and strings among them are constants of the graph. Inferred when
+    omitted (from the first layer, a Hugging Face config or a timm ``pretrained_cfg``).
 
     Measured stages (off by default):
     ``probe`` runs a short real forward/backward (``draws`` draws of a random cotangent)
@@ -143,7 +145,7 @@ def run(
             if not opts.probe or isinstance(exc, ModelCallError):
                 raise
             # no capture worked: the probe still measures, at the model's layers
-            analysis, codes = unpredicted(model, inputs, exc, codes), {c for c in codes if all_rules()[c].stage != "static"}
+            analysis, codes = unpredicted(model, inputs, exc), {c for c in codes if all_rules()[c].stage != "static"}
         static_seconds = time.perf_counter() - started
         stage.gather(model, inputs, analysis, opts, settings)
         findings = run_rules(analysis, codes)
@@ -163,7 +165,7 @@ def run(
     return report
 
 
-def unpredicted(model: nn.Module, inputs: Any, error: CaptureError, codes: set[str]) -> Analysis:
+def unpredicted(model: nn.Module, inputs: Any, error: CaptureError) -> Analysis:
     """The evidence of an audit whose static capture failed: the model's layers as found
     by one forward pass (:func:`gradaudit.probe.modules.module_graph`), no predictions,
     and a coverage gap that says why."""
