@@ -19,8 +19,8 @@ from gradaudit import __version__
 from gradaudit.errors import CaptureError, ConfigError, GradauditError, ModelCallError
 from gradaudit.ir import Graph
 from gradaudit.options import AuditOptions
-from gradaudit.propagation import coverage
-from gradaudit.propagation.depth import summarize
+from gradaudit.propagation import coverage, gates
+from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import SEVERITY_ORDER, Finding, all_rules, resolve_codes
@@ -149,7 +149,8 @@ def run(
         static_seconds = time.perf_counter() - started
         stage.gather(model, inputs, analysis, opts, settings)
         findings = run_rules(analysis, codes)
-        from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
+        from gradaudit.suppress import UNUSED_CODE
+        from gradaudit.suppress import apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
             findings, analysis.graph, model, opts.per_module_ignores or None, target=target,
@@ -193,8 +194,11 @@ def capture(model: nn.Module, inputs: Any) -> Graph:
 
 
 def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:
-    """Propagate; ``input_stats`` gives (mean, std) per input, keyed by position or by
-    keyword name (every tensor of a nested input gets them)."""
+    """Propagation over ``graph``, plus the evidence about the prediction itself: its
+    coverage of the model and, when the model has zero-initialised gates, the same
+    propagation with them opened (:mod:`gradaudit.propagation.gates`). ``input_stats``
+    gives (mean, std) per input, keyed by position or by keyword name (every tensor of a
+    nested input gets them)."""
     stats_by_name: dict[str, tuple[float, float]] = {}
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
@@ -207,6 +211,10 @@ def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> 
                 stats_by_name[name] = (float(ms[0]), float(ms[1]))
     try:
         analysis = propagate(graph, stats_by_name)
+        analysis.gates = gates.find(analysis)
+        if analysis.gates:
+            analysis.opened = propagate(gates.opened_graph(graph, analysis.gates), stats_by_name)
+            analysis.opened.config["settings"] = settings
     except PropagationError as exc:
         raise CaptureError(str(exc)) from exc
     analysis.config["settings"] = settings
@@ -251,22 +259,26 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         s = analysis.stat(node.name)
         if s is None and not unpredicted:
             continue
+        weight = node.name in depth_of
         layers.append(
             LayerRecord(
                 node=node.name,
                 module=node.module,
                 op=node.op,
                 module_type=node.module_type,
-                predicted=Moments(s.act_rms, s.grad_rms) if s is not None else Moments(float("nan"), float("nan")),
+                predicted=(Moments(s.act_rms, s.grad_rms, layer_gradient(node, s.grad_rms) if weight else None)
+                           if s is not None else Moments(float("nan"), float("nan"))),
                 depth=depth_of.get(node.name),
                 estimated=node.name in estimated,
                 location=node.location.to_json() if node.location else None,
             )
         )
-    weight_grads = [analysis.stat(n.name).grad_rms for n in weight_layers if analysis.stat(n.name) is not None]
-    all_grads = [layer.predicted.grad_rms for layer in layers]
-    depth = summarize(weight_grads, all_grads)
+    grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
+    from gradaudit.rules.helpers import gradient_profile
+
+    prof = gradient_profile(analysis)
     return AuditReport(
+        judged=None if prof is None else (prof.source, prof.summary),
         coverage=analysis.coverage,
         target=target,
         frontend=analysis.graph.frontend,
@@ -274,7 +286,7 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         inputs=_describe_inputs(inputs),
         findings=findings,
         layers=layers,
-        depth=depth,
+        depth=summarize(grads),
         estimated_ops=[e.to_json() for e in analysis.estimates],
         environment=environment(),
         capture_notes=list(analysis.graph.notes),

@@ -13,11 +13,9 @@ instant.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 import tempfile
-from typing import Any
 
 import click
 
@@ -246,9 +244,9 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     from gradaudit.report.model import INCOMPLETE_EXIT
 
     if exit_zero:  # findings are masked, an incomplete audit never is: it is no all-clear
-        return INCOMPLETE_EXIT if any(not r.complete for r in reports) else 0
+        return INCOMPLETE_EXIT if any(r.verdict == "incomplete" for r in reports) else 0
     codes = [r.exit_code(fail_on) for r in reports]
-    return 1 if 1 in codes else max(codes, default=0)
+    return max(codes, default=0)
 
 
 def _jobs(targets, config, input_shapes, input_dtype, input_range):
@@ -317,7 +315,6 @@ def _settings(config):
     from dataclasses import fields
 
     from gradaudit.api import Settings
-
     from gradaudit.config import known_thresholds
 
     names = {f.name for f in fields(Settings)} - {"extra"}

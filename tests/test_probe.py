@@ -129,7 +129,8 @@ def test_report_json_carries_measured_block():
     assert data["probe"]["draws"] == 2 and data["probe"]["device"] == "cpu"
     assert data["environment"]["device"] == "cpu" and data["environment"]["dtype"] == "float32"
     for layer in data["layers"]:
-        assert set(layer["measured"]) == {"act_rms", "grad_rms"}
+        weight = layer["depth"] is not None
+        assert set(layer["measured"]) == ({"act_rms", "grad_rms", "layer_grad"} if weight else {"act_rms", "grad_rms"})
         assert "grad_log10_error" in layer and "measured_weight_grad_rms" in layer
 
 

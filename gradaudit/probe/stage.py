@@ -50,6 +50,7 @@ def gather(model, inputs: tuple, analysis, opts: AuditOptions, settings) -> None
 
 def attach(report, analysis, opts: AuditOptions) -> None:
     """Write measured numbers, the probe block and gradcheck results into ``report``."""
+    from gradaudit.propagation.depth import layer_gradient
     from gradaudit.report.model import Moments
 
     if not opts.measures:
@@ -66,7 +67,8 @@ def attach(report, analysis, opts: AuditOptions) -> None:
             m = result.layers.get(layer.node)
             if m is None or not m.draws:
                 continue
-            layer.measured = Moments(m.act_rms, m.grad_rms)
+            node = analysis.graph[layer.node]
+            layer.measured = Moments(m.act_rms, m.grad_rms, layer_gradient(node, m.grad_rms) if layer.depth else None)
             layer.extra["measured_weight_grad_rms"] = _num(m.weight_grad_rms)
             layer.extra["measured_grad_weight_ratio"] = _num(m.grad_weight_ratio)
             row = rows.get(layer.node)

@@ -113,8 +113,17 @@ def parameter_layers(analysis: Analysis) -> list[Node]:
     return sorted(out.values(), key=lambda n: order[n.name])
 
 
-def _label(node: Node) -> str:
-    return node.module or node.name
+def _label(node: Node, graph=None) -> str:
+    """The qualified name a person knows the layer by: its module, or for a functional op
+    reading a parameter, that parameter's qualified name."""
+    if node.module:
+        return node.module
+    if graph is not None:
+        for src in node.inputs:
+            p = graph[src]
+            if p.op == "param" and p.module:
+                return p.module
+    return node.name
 
 
 def _layer_stats(analysis: Analysis, node: Node) -> list:
@@ -173,18 +182,19 @@ def check(analysis: Analysis, *, model_has_parameters: bool = True) -> Coverage:
         if gap is None:
             gap = by_cause[cause.name] = Gap(reason, cause.name, cause.op, cause.module, cause.location)
             gaps.append(gap)
-        gap.layers.append(_label(layer))
+        gap.layers.append(_label(layer, analysis.graph))
 
     gaps += _nonfinite_gaps(analysis, layers)
 
-    outputs = [s for name in analysis.graph.output_refs for s in analysis.stats.get(name, []) if s is not None]
-    if not outputs:
+    graph = analysis.graph
+    floating = [m for name in graph.output_refs for m in graph[name].outputs if m is not None and m.is_float]
+    if not floating:
         gaps.append(Gap("the model's output holds no floating tensor: no loss can reach a parameter"))
     elif covered == len(layers) and all(s.g2 == 0 for layer in layers for s in _layer_stats(analysis, layer)):
         gaps.append(
             Gap("the predicted gradient is exactly 0 on every parameterized layer: the loss reaches no parameter "
                 "(is the output detached, or computed without the parameters?)",
-                layers=[_label(n) for n in layers])
+                layers=[_label(n, analysis.graph) for n in layers])
         )
     return Coverage(len(layers), covered, gaps)
 
@@ -194,7 +204,7 @@ def _nonfinite_gaps(analysis: Analysis, layers: list[Node]) -> list[Gap]:
     gradient prediction (execution order), with the layers they poison."""
     gaps: list[Gap] = []
     bad_layers = [
-        _label(n) for n in layers
+        _label(n, analysis.graph) for n in layers
         if (st := _layer_stats(analysis, n)) and not all(finite_stats(s) for s in st)
     ]
     first_fwd = next(

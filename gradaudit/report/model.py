@@ -43,13 +43,18 @@ def check_fail_on(fail_on: str) -> int:
 
 @dataclass
 class Moments:
-    """RMS of a layer's output and of dL/d(output)."""
+    """RMS of a layer's output and of dL/d(output); for weight layers also the layer
+    gradient, sqrt(P) x grad_rms (:func:`gradaudit.propagation.depth.layer_gradient`)."""
 
     act_rms: float
     grad_rms: float
+    layer_grad: float | None = None
 
     def to_json(self) -> dict:
-        return {"act_rms": _num(self.act_rms), "grad_rms": _num(self.grad_rms)}
+        out = {"act_rms": _num(self.act_rms), "grad_rms": _num(self.grad_rms)}
+        if self.layer_grad is not None:
+            out["layer_grad"] = _num(self.layer_grad)
+        return out
 
 
 @dataclass
@@ -109,6 +114,9 @@ class AuditReport:
     capture_notes: list[str] = field(default_factory=list)
     #: :class:`~gradaudit.propagation.coverage.Coverage` of the prediction.
     coverage: Any = None
+    #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
+    #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
+    judged: tuple[str, DepthSummary] | None = None
 
     @property
     def complete(self) -> bool:
@@ -117,15 +125,23 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        """The category of the worst error-level finding; else ``incomplete`` when the
-        statistics do not cover the model; else the worst warning's category; else
-        ``healthy`` (info findings never change the verdict)."""
+        """``healthy``, ``incomplete`` or the category of the worst finding.
+
+        When the statistics do not cover the model the verdict is ``incomplete``: the
+        predicted findings rest on partial (or non-finite) numbers. Only an error-level
+        finding of a *measured* stage (the probe, the gradcheck) outranks it. Otherwise
+        the worst finding's category, ``healthy`` without any (info findings never
+        change the verdict).
+        """
         ranked = sorted((f for f in self.findings if f.severity != "info"),
                         key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
-        if ranked and ranked[0].severity == "error":
-            return ranked[0].category
         if not self.complete:
-            return INCOMPLETE
+            from gradaudit.rules.base import all_rules
+
+            rules = all_rules()
+            measured = [f for f in ranked if f.severity == "error" and f.rule in rules
+                        and rules[f.rule].stage in ("probe", "gradcheck")]
+            return measured[0].category if measured else INCOMPLETE
         return ranked[0].category if ranked else "healthy"
 
     def worst_severity(self) -> str | None:
@@ -139,12 +155,12 @@ class AuditReport:
         return self.complete and not any(SEVERITY_ORDER[f.severity] <= limit for f in self.findings)
 
     def exit_code(self, fail_on: str = "error") -> int:
-        """The command line's exit status: 1 when a finding is at or above ``fail_on``,
-        else 4 when the audit is incomplete, else 0."""
+        """The command line's exit status: 4 when the verdict is ``incomplete``, else 1
+        when a finding is at or above ``fail_on``, else 0."""
         limit = check_fail_on(fail_on)
-        if any(SEVERITY_ORDER[f.severity] <= limit for f in self.findings):
-            return 1
-        return 0 if self.complete else INCOMPLETE_EXIT
+        if self.verdict == INCOMPLETE:
+            return INCOMPLETE_EXIT
+        return 1 if any(SEVERITY_ORDER[f.severity] <= limit for f in self.findings) else 0
 
     def raise_for_findings(self, fail_on: str = "error") -> "AuditReport":
         """Raise :class:`FindingsError` unless :meth:`ok`; return ``self`` otherwise."""
@@ -190,6 +206,7 @@ class AuditReport:
                 "coverage": self.coverage.to_json() if self.coverage is not None else None,
                 "gradient_spread_decades": _num(self.depth.spread_decades),
                 "depth": self.depth.to_json(),
+                "judged": None if self.judged is None else {"source": self.judged[0], **self.judged[1].to_json()},
             },
             "findings": [f.to_json() for f in self.findings],
             "layers": [layer.to_json() for layer in self.layers],
