@@ -411,3 +411,23 @@ def test_export_keeps_names_and_lines_of_standard_layers():
     assert lstm.location is not None and lstm.location.path.endswith("test_capture.py")
     proj_calls = [n for n in graph if n.module == "proj" and n.kind == "call_module"]
     assert [n.name for n in proj_calls] == ["proj", "proj_1"]
+
+
+@pytest.mark.parametrize("inferred", [True, False])
+def test_input_hint_only_where_inputs_are_the_cause(inferred, write, cli):
+    """Inferred inputs that the forward rejects get the --input-shape hint; a forward that
+    fails on inputs the user gave gets no such hint."""
+    given = "" if inferred else "example_inputs = (torch.randn(2, 4),)\n"
+    write(
+        "net.py",
+        "import torch\nimport torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.view(3, -1))\n" + given,
+    )
+    result = cli("check", "net.py", cwd=write("x", "").parent)
+    assert result.exit_code == 2
+    assert ("pass --input-shape" in result.output) is inferred, result.output
