@@ -44,7 +44,8 @@ import torch.nn as nn
 
 from gradaudit.errors import CaptureError
 from gradaudit.frontends import aten
-from gradaudit.frontends.fx import _Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, user_location
+from gradaudit.frontends.fx import (_Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, module_params,
+                                    user_location)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
 from gradaudit.frontends.signature import ExampleCall, has_tensor
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs, map_refs, renumber, structure_leaves
@@ -349,7 +350,7 @@ class _Builder:
             module=q or None,
             module_type=type(mod).__name__,
             fn=mod,
-            params=dict(mod.named_parameters()),
+            params=module_params(mod),
             outputs=metas,
             structure=plan["structure"],
             location=stack_location(first.meta.get("stack_trace")),

@@ -510,7 +510,7 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
             node.module = str(n.target)
             node.module_type = type(mod).__name__
             node.fn = mod
-            node.params = dict(mod.named_parameters())
+            node.params = module_params(mod)
             node.op = _module_op(mod)
         elif n.op == "call_function":
             node.fn = n.target
@@ -543,6 +543,20 @@ def flatten_meta(val: Any, leaves: list) -> Any:
         return tuple(flatten_meta(v, leaves) for v in val)
     leaves.append(_tensor_meta(val))
     return len(leaves) - 1
+
+
+def module_params(mod: nn.Module) -> dict[str, Any]:
+    """The parameters a layer's handler reads, by name. A parametrized layer
+    (``weight_norm``, ``spectral_norm`` through ``torch.nn.utils.parametrize``) stores
+    ``parametrizations.weight.original0`` ...; its ``weight`` is computed from them, and
+    that computed value is what the layer multiplies by."""
+    params: dict[str, Any] = dict(mod.named_parameters())
+    parametrized = getattr(mod, "parametrizations", None)
+    if parametrized is not None:
+        with torch.no_grad():
+            for name in parametrized.keys():
+                params[name] = getattr(mod, name).detach()
+    return params
 
 
 def _module_op(mod: nn.Module) -> str:

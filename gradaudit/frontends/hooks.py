@@ -37,7 +37,7 @@ from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import aten
 from gradaudit.frontends.export import leaf_modules, training_mode
 from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
-                                    flatten_meta, normalise_name)
+                                    flatten_meta, module_params, normalise_name)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
 from gradaudit.frontends.signature import BindError, ExampleCall, bind, map_tensors
 from gradaudit.ir import Graph, Location, Node, Ref, iter_refs, renumber, structure_leaves
@@ -290,7 +290,7 @@ class _Builder:
         base = (q or type(mod).__name__.lower()) + (f"_{count}" if count else "")
         node = Node(name=self.fresh(base), op="module" if opaque else _module_op(mod), kind="call_module", fn=mod,
                     args=entry["args"], kwargs=entry["kwargs"], module=q or None, module_type=type(mod).__name__,
-                    params=dict(mod.named_parameters()), outputs=metas, structure=structure,
+                    params=module_params(mod), outputs=metas, structure=structure,
                     location=entry["location"])
         self.add(node, out, variable=True)
 

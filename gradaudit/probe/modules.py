@@ -41,7 +41,7 @@ def module_graph(model, call):
     import torch
 
     from gradaudit.frontends.export import training_mode
-    from gradaudit.frontends.fx import _module_op, _tensor_meta
+    from gradaudit.frontends.fx import _module_op, _tensor_meta, module_params
     from gradaudit.frontends.outputs import flatten_outputs
     from gradaudit.ir import Graph, Node
     from gradaudit.state import preserved
@@ -58,7 +58,7 @@ def module_graph(model, call):
         base = (q or type(mod).__name__.lower()).replace(".", "_")
         nodes.append(
             Node(name=base if not k else f"{base}_{k}", op=_module_op(mod), kind="call_module", fn=mod, module=q or None,
-                 module_type=type(mod).__name__, params=dict(mod.named_parameters()),
+                 module_type=type(mod).__name__, params=module_params(mod),
                  outputs=[_tensor_meta(t) for t in tensors] or [None], structure=0 if len(tensors) <= 1 else tuple(range(len(tensors))))
         )
 
