@@ -443,6 +443,14 @@ def _no_hook_prop_class():
         def call_module(self, target, args, kwargs):
             return self.fetch_attr(target).forward(*args, **kwargs)
 
+        def run_node(self, n):
+            """Keep non-tensor results too (``weight.device``, ``x.shape[2] // 2``):
+            they become constants of the graph."""
+            result = super().run_node(n)
+            if "val" not in n.meta and not _holds_tensor(result):
+                n.meta["val"] = result
+            return result
+
     return NoHookFakeProp
 
 
