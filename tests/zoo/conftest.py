@@ -7,8 +7,11 @@ import os
 
 import pytest
 
-#: Address space a zoo test may add to what the process already maps.
+#: Address space a zoo test may add to what the process already maps, and the most the
+#: process may map while it runs (what a 2-core CI machine with ~16 GB can give).
 BUDGET_BYTES = 8 << 30
+CEILING_BYTES = 12 << 30
+MINIMUM_BYTES = 2 << 30
 
 
 def _mapped_bytes() -> int | None:
@@ -31,7 +34,7 @@ def memory_budget():
     if mapped is None:
         yield
         return
-    limit = mapped + BUDGET_BYTES
+    limit = max(mapped + MINIMUM_BYTES, min(mapped + BUDGET_BYTES, CEILING_BYTES))
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
