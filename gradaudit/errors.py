@@ -28,7 +28,7 @@ class CaptureError(GradauditError):
 
 class ModelCallError(CaptureError):
     """The example call does not suit the model whichever capture runs: the inputs do not
-    fit ``forward``'s signature, or the model returns no floating tensor."""
+    fit ``forward``'s signature."""
 
 
 class ConfigError(GradauditError):

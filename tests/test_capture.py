@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -224,9 +225,16 @@ class ReturnsIds(TwoLayer):
 
 
 @pytest.mark.parametrize("cls", [ReturnsNone, ReturnsIds])
-def test_no_floating_output_is_an_error_naming_forward(cls):
-    with pytest.raises(ModelCallError, match=rf"{cls.__name__}\.forward \(.*test_capture\.py:\d+\) returns"):
-        gradaudit.audit(cls(), (X,))
+def test_no_floating_output_is_incomplete_and_names_forward(cls):
+    report = gradaudit.audit(cls(), (X,))
+    assert report.verdict == "incomplete" and report.frontend == "fx"
+    note = next(n for n in report.capture_notes if "returns" in n)
+    assert re.search(rf"{cls.__name__}\.forward \(.*test_capture\.py:\d+\) returns", note), note
+
+
+def test_inputs_that_do_not_fit_forward_end_the_chain():
+    with pytest.raises(ModelCallError, match="do not fit FloatDefault.forward: too many positional arguments"):
+        chain.capture(FloatDefault(), (X, 1.0, 2.0))
 
 
 # ----------------------------------------------------------------------------- the chain

@@ -10,8 +10,8 @@ says in its notes, one line each, why they failed (with the user's line):
 3. :mod:`~gradaudit.frontends.hooks` - one real forward pass, recorded; resolves any
    branch for the example call.
 
-A :class:`~gradaudit.errors.ModelCallError` (inputs that do not fit ``forward``, no
-floating output) ends the chain at once: no other capture could do better.
+A :class:`~gradaudit.errors.ModelCallError` (inputs that do not fit ``forward``'s
+signature) ends the chain at once: no other capture could do better.
 """
 
 from __future__ import annotations

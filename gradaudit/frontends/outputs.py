@@ -4,7 +4,8 @@ L = sum over every floating output y of <y, g> (DESIGN.md): outputs may nest in 
 lists, dicts and ``ModelOutput`` objects, and every floating tensor among them counts.
 Integer and bool outputs (token ids, an ``argmax``) carry no gradient and are left out
 with a note; a forward that returns no floating tensor at all (``None``, only ids)
-leaves nothing to differentiate, which is an error, never a healthy report.
+leaves nothing to differentiate: the note names ``forward``, and the audit is
+incomplete, never healthy.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import inspect
 import os
 from typing import Any
 
-from gradaudit.errors import ModelCallError
 from gradaudit.ir import Graph, Location
 
 
 def check_outputs(graph: Graph, model: Any) -> None:
-    """Add a note per non-floating output; raise :class:`CaptureError` when no output
-    is a floating tensor."""
+    """Add a note per non-floating output, and one naming ``forward`` when no output is
+    a floating tensor (the audit's coverage then says the loss reaches no parameter:
+    an incomplete verdict, never a healthy one)."""
     floating = 0
     for name in graph.output_refs:
         node = graph[name]
@@ -34,10 +35,9 @@ def check_outputs(graph: Graph, model: Any) -> None:
         loc = forward_location(model)
         where = f" ({loc})" if loc else ""
         returned = "None" if not graph.output_refs else "no floating tensor"
-        raise ModelCallError(
+        graph.notes.append(
             f"{type(model).__name__}.forward{where} returns {returned}: gradients need at least one floating "
-            "tensor output",
-            location=loc,
+            "tensor output"
         )
 
 
