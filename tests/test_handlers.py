@@ -39,6 +39,7 @@ from measure import measure_moments  # noqa: E402
 
 from gradaudit.frontends.export import capture as capture_export  # noqa: E402
 from gradaudit.frontends.fx import trace  # noqa: E402
+from gradaudit.frontends.patterns import fuse_drop_path, fuse_masked_attention  # noqa: E402
 from gradaudit.propagation.engine import propagate  # noqa: E402
 from gradaudit.propagation.handlers import HANDLERS  # noqa: E402
 
@@ -373,7 +374,7 @@ CASES: dict[str, list[Case]] = {
     "dropout3d": [U(lambda h: F.dropout3d(h, 0.3), C3(32), 16, 32, 2, 2, 2, why=DROP, draws=16, aten="feature_dropout")],
     "feature_dropout": [U(lambda h: torch.feature_dropout(h, 0.3, True), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
     "stochastic_depth": [U(lambda h: stochastic_depth(h, 0.3, "row", True), C2(32), 64, 32, 4, 4, why=DROP, draws=16)],
-    "drop_path": [U(lambda h: drop_path(h, 0.3, True), LIN(), 64, 64, why=DROP, draws=16)],
+    "drop_path": [U(lambda h: drop_path(h, 0.3, True), LIN(), 64, 64, why=DROP, draws=16, aten="stochastic_depth")],
     # ---------------------------------------------------------------- pooling
     "max_pool": [
         U(nn.MaxPool2d(2), C2(), 8, 8, 16, 16, why=MAXPOOL),
@@ -451,7 +452,7 @@ def check_case(op: str, case: Case, frontend: str = "fx") -> list[str]:
     measured_as = _under_test(fx_graph, find)[0].name
     graph = fx_graph
     if frontend != "fx":
-        graph = capture_export(model, inputs, core_aten=frontend == "core-aten")
+        graph = fuse_drop_path(fuse_masked_attention(capture_export(model, inputs, core_aten=frontend == "core-aten")))
         if case.aten is None:  # export records no op: nothing reaches the handler
             assert not _under_test(graph, find), f"export now records '{find}': give the case its ATen op"
             return []

@@ -51,9 +51,10 @@ from gradaudit.frontends.signature import ExampleCall, has_tensor
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs, map_refs, renumber, structure_leaves
 from gradaudit.probe.inputs import first_line
 
-#: Ops that must not be evaluated ahead of time: their value is not a function of their
-#: inputs (uninitialised memory, random draws are caught by the op's tags).
-_NO_FOLD = frozenset({"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"})
+#: Ops whose value is uninitialised memory: only their shape and dtype mean anything
+#: (the code fills them next, as DropPath's ``x.new_empty(shape).bernoulli_(keep)``), so
+#: they become constant zeros of that shape.
+UNINITIALISED = frozenset({"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"})
 _PREFIX = "model"
 
 
@@ -475,8 +476,10 @@ class _Builder:
         target = n.target
         schema = getattr(target, "_schema", None)
         mutable = schema is not None and schema.is_mutable
-        if packet in _NO_FOLD:
-            return False
+        if packet in UNINITIALISED and isinstance(n.meta.get("val"), torch.Tensor):
+            val = n.meta["val"]
+            self._constant_node(n.name, torch.zeros(val.shape, dtype=val.dtype), stack_location(n.meta.get("stack_trace")))
+            return True
         if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
             return False
         if any(a.name not in self.values and a.name not in self.constants for a in n.all_input_nodes):

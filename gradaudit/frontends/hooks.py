@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import aten
-from gradaudit.frontends.export import leaf_modules, training_mode
+from gradaudit.frontends.export import UNINITIALISED, leaf_modules, training_mode
 from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
                                     flatten_meta, module_params, normalise_name)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
@@ -219,6 +219,10 @@ class _Builder:
         if not _tensors(out):
             return
         a, k = self.refs(tuple(args)), self.refs(dict(kwargs))
+        if op in UNINITIALISED and isinstance(out, torch.Tensor):  # only its shape means anything
+            self.add(Node(name=self.fresh(op), op="param", kind="get_attr", params={"value": torch.zeros_like(out)},
+                          outputs=[_tensor_meta(out)], location=self.location()), out, variable=False)
+            return
         if not self.depends((a, k)):  # depends on no floating input: a constant of the graph
             if isinstance(out, torch.Tensor):
                 self.add(Node(name=self.fresh(op), op="param", kind="get_attr", params={"value": out.detach().clone()},

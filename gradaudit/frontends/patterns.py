@@ -167,4 +167,73 @@ def _unmask(graph: Graph, node: Node, memo: dict):
     return None, None
 
 
-__all__ = ["fuse_masked_attention", "constant"]
+def _drop_rows(x: torch.Tensor, p: float, mode: str = "row", training: bool = True) -> torch.Tensor:
+    """Stochastic depth as torchvision and timm compute it: ``x * mask / (1 - p)`` with one
+    Bernoulli(1 - p) draw per sample (``row``) or per batch."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    shape = [x.shape[0]] + [1] * (x.dim() - 1) if mode == "row" else [1] * x.dim()
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+def fuse_drop_path(graph: Graph) -> Graph:
+    """``x * (bernoulli(empty(shape), keep) / keep)`` -> one ``stochastic_depth`` node.
+
+    torch.export and the hook capture see DropPath / stochastic depth as the ops it is
+    made of; a local Monte Carlo estimate of the random mask draws a handful of values
+    (one per sample) and reads the branch as mostly kept or mostly dropped. Spelled as
+    the op it is, its handler gives the exact moments of inverted dropout.
+    """
+    replace: dict[str, Node] = {}
+    drop: set[str] = set()
+    memo: dict = {}
+    for node in graph:
+        if node.name in drop:
+            continue
+        outer = None  # x * mask / keep: the division comes last
+        if node.op == "div" and len(node.args) == 2 and isinstance(node.args[0], Ref) and isinstance(node.args[1], (int, float)):
+            outer, node = node, graph[node.args[0].name]
+        if node.op != "mul" or len(node.args) != 2 or not all(isinstance(a, Ref) for a in node.args):
+            continue
+        for x, m in (node.args, node.args[::-1]):
+            found = _drop_mask(graph, graph[m.name], memo, float(outer.args[1]) if outer is not None else None)
+            if found is None or graph[x.name].shape != node.shape:
+                continue
+            keep, chain, row = found
+            if outer is not None:
+                chain, node = [node.name, *chain], outer
+            if not all(_only_user(graph, a, b) for a, b in zip(chain, [node.name] + chain)):
+                continue
+            replace[node.name] = Node(
+                name=node.name, op="stochastic_depth", kind="call_function", fn=_drop_rows,
+                args=(x, 1.0 - keep, "row" if row else "batch", True), outputs=node.outputs, structure=node.structure,
+                module=node.module, module_type=node.module_type, location=node.location,
+            )
+            drop |= set(chain)
+            break
+    if not replace:
+        return graph
+    nodes = [replace.get(n.name, n) for n in graph if n.name not in drop]
+    return Graph(nodes=nodes, frontend=graph.frontend, input_names=graph.input_names, output_refs=graph.output_refs,
+                 input_args=graph.input_args, notes=graph.notes, program=graph.program)
+
+
+def _drop_mask(graph: Graph, node: Node, memo: dict, scale: float | None = None):
+    """(keep, [mask nodes], per-sample) of ``bernoulli(c, keep) / keep`` with ``c`` a
+    constant (``scale``: the division already found after the product), or None."""
+    chain: list[str] = []
+    if scale is None and node.op == "div" and len(node.args) == 2 and isinstance(node.args[0], Ref) and isinstance(node.args[1], (int, float)):
+        scale, chain = float(node.args[1]), [node.name]
+        node = graph[node.args[0].name]
+    if node.op != "bernoulli" or not node.args or constant(graph, node.args[0], memo) is None:
+        return None
+    keep = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    if not isinstance(keep, (int, float)) or scale is None or not math.isclose(float(keep), scale, rel_tol=1e-6):
+        return None
+    shape = node.shape or ()
+    row = len(shape) >= 1 and all(d == 1 for d in shape[1:])
+    return float(keep), chain + [node.name], row
+
+
+__all__ = ["fuse_masked_attention", "fuse_drop_path", "constant"]
