@@ -71,7 +71,11 @@ def audit(
     Measured stages (off by default):
     ``probe`` runs a short real forward/backward (``draws`` draws of a random cotangent)
     and puts measured statistics beside the predicted ones; ``loss_fn(output, batch)`` with
-    a real ``batch`` makes it differentiate your loss instead (and turns it on);
+    real batches makes it also differentiate your loss, for gradient norms and GA606's
+    clipping threshold in your loss's units (and turns it on). ``batch`` is one batch (the
+    model runs on ``example_inputs`` when given, else on ``x`` of a batch ``(x, y)``), a
+    callable called once per draw for a fresh batch, or an iterable of batches such as a
+    ``DataLoader`` (one per draw; the model runs on each batch's ``x``);
     ``gradcheck`` numerically checks custom backward code (``gradcheck_modules`` names the
     modules to check and turns it on); ``dtype`` (``fp32``, ``bf16``, ``fp16``: autocast)
     and ``device`` (``cpu``, ``cuda``, ``auto``) are the probe's; ``inputs_path`` is a batch
@@ -124,19 +128,18 @@ def run(
     started = time.perf_counter()
     from gradaudit.probe import stage
 
-    example_inputs, batch_source = stage.load_inputs(opts, example_inputs)
-    input_source = batch_source or input_source
-    if example_inputs is None:
-        from gradaudit.loading import infer_inputs
-
-        example_inputs, inferred = infer_inputs(model)
-        input_source = input_source or inferred
-    from gradaudit.frontends.signature import ExampleCall
-
-    inputs = ExampleCall.of(example_inputs)
-    input_source = input_source or "given"
     codes = _selected_codes(select, ignore)
-    with preserved(model):
+    with preserved(model):  # batches may draw from the RNGs: the audit leaves them as found
+        example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
+        if example_inputs is None:
+            from gradaudit.loading import infer_inputs
+
+            example_inputs, inferred = infer_inputs(model)
+            input_source = input_source or inferred
+        from gradaudit.frontends.signature import ExampleCall
+
+        inputs = ExampleCall.of(example_inputs)
+        input_source = input_source or "given"
         try:
             graph = capture(model, inputs)
             analysis = analyse(graph, inputs, input_stats, settings)
@@ -147,7 +150,7 @@ def run(
             # no capture worked: the probe still measures, at the model's layers
             analysis, codes = unpredicted(model, inputs, exc), {c for c in codes if all_rules()[c].stage != "static"}
         static_seconds = time.perf_counter() - started
-        stage.gather(model, inputs, analysis, opts, settings)
+        stage.gather(model, inputs, analysis, opts, settings, loss_batches)
         findings = run_rules(analysis, codes)
         from gradaudit.suppress import UNUSED_CODE
         from gradaudit.suppress import apply as apply_suppressions
@@ -274,11 +277,12 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
             )
         )
     grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
-    from gradaudit.rules.helpers import gradient_profile
+    from gradaudit.rules.helpers import followed_by_norm, gradient_profile
 
     prof = gradient_profile(analysis)
     return AuditReport(
         judged=None if prof is None else (prof.source, prof.summary),
+        normalized_layers=sum(1 for n in weight_layers if followed_by_norm(analysis, n)),
         coverage=analysis.coverage,
         target=target,
         frontend=analysis.graph.frontend,

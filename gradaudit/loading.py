@@ -15,7 +15,9 @@ Which object is the model:
 Which example inputs, first match wins: ``--input-shape`` (``input_shapes``), an
 ``example_inputs`` attribute or callable in the same file, the factory's tuple, else
 :func:`infer_inputs` from the first layer that consumes the input. ``Loaded.input_source``
-says which one was used.
+says which one was used. A ``loss_fn(output, batch)`` and an ``example_batch`` (a batch,
+or a callable returning a fresh one) in the file are the probe's real loss
+(:mod:`gradaudit.probe.loss`).
 
 Every problem is a :class:`~gradaudit.errors.LoadError` with a one-line message that
 names the user's file and line where one is known.
@@ -63,6 +65,9 @@ class Loaded:
     target: str
     #: (mean, std) per input position or keyword, from ``--input-range`` on floating inputs.
     input_stats: dict[Any, tuple[float, float]] = field(default_factory=dict)
+    #: ``loss_fn`` and ``example_batch`` of the file (the probe's real loss), if defined.
+    loss_fn: Any = None
+    batch: Any = None
 
 
 def load_target(
@@ -101,7 +106,8 @@ def load_target(
         source = f"factory {factory}()"
     if inputs is None:
         inputs, source = infer_inputs(model)
-    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats)
+    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats,
+                  loss_fn=namespace.get("loss_fn"), batch=namespace.get("example_batch"))
 
 
 # -- importing the user's code --------------------------------------------------------------

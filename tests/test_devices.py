@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import gradaudit
 from gradaudit.errors import ConfigError
-from gradaudit.probe.gradients import resolve_device
+from gradaudit.probe.device import resolve_device
 from gradaudit.state import fingerprint, rng_fingerprint
 from probe_models import hook_measure
 

@@ -531,7 +531,8 @@ def _first(exc: BaseException | None) -> str:
 
 def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device: str = "cpu") -> list[dict]:
     """Check every target; return one dict per target (see the module docstring)."""
-    from gradaudit.probe.gradients import _clean, _on_device, resolve_device
+    from gradaudit.probe.device import on_device, resolve_device
+    from gradaudit.probe.result import clean
     from gradaudit.progress import progress
     from gradaudit.state import preserved
 
@@ -539,7 +540,7 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
     results: list[dict] = []
     with preserved(model):
         targets = find_targets(model, inputs, modules)
-        with _on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
+        with on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
             for target in targets:
                 step(1, target.name)
                 if target.kind == "autograd.Function":
@@ -548,12 +549,12 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
                     res = _unchecked(_first(None))
                 else:
                     res = check_module(_moved(target, device))
-                results.append(_clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
+                results.append(clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
             step(1, "whole model")
             from gradaudit.frontends.signature import ExampleCall
 
             res = check_directional(model, ExampleCall.of(inputs).map(lambda t: t.to(device)))
-            results.append(_clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))
+            results.append(clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))
     return results
 
 

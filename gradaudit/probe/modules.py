@@ -116,12 +116,18 @@ class ModuleRunner:
             return None
 
     def run(self, call, *, seed: int, device: str, autocast_dtype=None, units: bool = False, check_all: bool = False,
-            zeros: bool = False, cosine: bool = False):
+            zeros: bool = False, cosine: bool = False, loss=None):
+        """One draw; differentiates ``loss(outputs)`` when given, else L = sum <y, g>."""
         import torch
 
         from gradaudit.frontends.outputs import flatten_outputs
-        from gradaudit.probe.gradients import (DrawRecord, NonFinite, _batch_cosine, _grab, _kind, _order, _sumsq,
-                                               finish_draw, reduce_draw, tensor_summary)
+        from gradaudit.probe.nonfinite import NonFinite, _kind, tensor_summary
+        from gradaudit.probe.recording import DrawRecord
+        from gradaudit.probe.recording import batch_cosine as _batch_cosine
+        from gradaudit.probe.recording import grab as _grab
+        from gradaudit.probe.recording import order as _order
+        from gradaudit.probe.recording import sumsq as _sumsq
+        from gradaudit.probe.runner import finish_draw, reduce_draw
 
         rec = DrawRecord()
         started = time.perf_counter()
@@ -211,14 +217,20 @@ class ModuleRunner:
                     raise CaptureError(f"the probe's forward failed: {first_line(exc)}") from exc
                 tensors, _ = flatten_outputs(outputs)
                 outs = [y for y in tensors if y.is_floating_point()]
-                ys = [y for y in outs if y.requires_grad]
-                cots = [torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype) for y in ys]
-                if ys:
-                    grads = torch.autograd.grad(ys, params + leaves, cots, allow_unused=True)
+                if loss is not None:
+                    value = loss(outputs)
+                    rec.loss = float(value.detach())
+                    grads = torch.autograd.grad(value, params + leaves, allow_unused=True)
+                else:
+                    ys = [y for y in outs if y.requires_grad]
+                    cots = [torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype)
+                            for y in ys]
+                    if ys:
+                        grads = torch.autograd.grad(ys, params + leaves, cots, allow_unused=True)
         finally:
             for h in handles + hooks:
                 h.remove()
-        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros)
+        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros, loss is not None)
         if check_all and rec.first_forward is None:
             first = next((name for name, finite, _ in backward_order if not finite), None)
             if first is not None:
@@ -241,7 +253,8 @@ class ModuleRunner:
         )
 
     def _saturation(self, name: str, x, rec) -> None:
-        from gradaudit.probe.gradients import SATURATING, UnitStats, threshold
+        from gradaudit.probe.thresholds import threshold
+        from gradaudit.probe.units import SATURATING, UnitStats
 
         op = self.acts[name]
         x = x.detach()
@@ -251,7 +264,8 @@ class ModuleRunner:
         rec.units.append(UnitStats(name, op, "saturated", count / x.numel(), x.numel(), count))
 
     def _dead(self, name: str, y, rec) -> None:
-        from gradaudit.probe.gradients import ZERO_REGION, UnitStats, threshold
+        from gradaudit.probe.thresholds import threshold
+        from gradaudit.probe.units import ZERO_REGION, UnitStats
 
         op = self.acts[name]
         y = y.detach()

@@ -148,9 +148,21 @@ def _probe(d: dict) -> list[tuple[str, str]]:
     """Rows of the probe summary: what ran, how well prediction and measurement agree,
     where values stopped being finite. Per-layer numbers are in the layers table."""
     rows: list[tuple[str, str]] = []
-    shown = {"agreement", "units", "agreement_summary", "notes", "inputs", "nonfinite", "grad_norms", "precision"}
+    shown = {"agreement", "units", "agreement_summary", "notes", "inputs", "nonfinite", "grad_norms", "precision",
+             "loss", "synthetic_loss"}
     names = {"draws": "draws", "device": "device", "dtype": "dtype", "total_grad_norm": "total gradient norm",
              "seconds_per_draw": "seconds per draw"}
+    if d.get("synthetic_loss"):
+        rows.append(("loss of the prediction and of the measured columns", str(d["synthetic_loss"])))
+    loss = d.get("loss")
+    if isinstance(loss, dict):
+        clip = loss.get("clip") or {}
+        rows.append(("your loss", f"{loss.get('name')}(output, batch) on {loss.get('batches')} batch(es): "
+                                  f"loss {_value(loss.get('values'))}"))
+        rows.append(("global gradient norm of your loss", _value(loss.get("grad_norms"))))
+        if clip:
+            rows.append(("clipping", f"clip_grad_norm_ max_norm {fmt_num(clip.get('max_norm'))}, "
+                                     f"clipvalue {fmt_num(clip.get('clip_value'))}"))
     for key, label in names.items():
         if d.get(key) is not None:
             rows.append((label, _value(d[key])))
