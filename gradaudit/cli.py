@@ -200,6 +200,7 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     if skip_missing and targets and config.targets:
         jobs = _configured_only(jobs, config, input_shapes, input_dtype, input_range)
     renderer = None if fmt == "text" else _renderer(fmt)
+    _check_output(output)
     _check_codes(config, select, ignore)
     settings = _settings(config)
 
@@ -441,6 +442,17 @@ def _umask() -> int:
     return mask
 
 
+def _check_output(output: str | None) -> None:
+    """Refuse an ``-o`` destination that cannot be written before the audit runs."""
+    if output is None or output == "-" or (os.path.exists(output) and not os.path.isfile(output)):
+        return  # stdout; /dev/null, a pipe: written directly
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"-o {output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"-o {output}: the folder {folder} is not writable")
+
+
 def _write(text: str, output: str | None) -> None:
     """stdout, or ``output`` written atomically (temp file + rename; devices written directly)."""
     if text and not text.endswith("\n"):
@@ -453,10 +465,8 @@ def _write(text: str, output: str | None) -> None:
         with open(output, "w", encoding="utf-8") as fh:  # /dev/null, a pipe: no rename
             fh.write(text)
         return
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"-o {output}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".gradaudit-", suffix=".tmp", dir=folder)
+    _check_output(output)  # again: the folder may have gone while the audit ran
+    fd, tmp = tempfile.mkstemp(prefix=".gradaudit-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(output)))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -146,9 +146,12 @@ def _exec_file(path: str) -> dict:
     try:
         with open(apath, "rb") as fh:
             source = fh.read()
+        if b"\0" in source:
+            raise LoadError(f"{path}: not a Python source file (it holds null bytes, as binary files do)")
         code = compile(source, apath, "exec")
     except SyntaxError as exc:
-        raise LoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise LoadError(f"{where}: syntax error: {exc.msg}") from exc
     except (OSError, ValueError) as exc:
         raise LoadError(f"{path}: cannot read: {exc}") from exc
     spec = importlib.util.spec_from_file_location(name, apath)
@@ -386,6 +389,8 @@ def make_inputs(
     import torch
 
     dtypes = parse_dtypes(dtype)
+    widest = max((parse_dtype(d) for d in dtypes.values()), key=lambda t: t.itemsize, default=torch.float32)
+    check_input_size(shapes, widest if widest.itemsize >= 4 else torch.float32)
     gen = torch.Generator().manual_seed(0)
     stats: dict[Any, tuple[float, float]] = {}
     args: list = []
@@ -432,6 +437,27 @@ def make_inputs(
 
         return ExampleCall(tuple(args), kwargs), stats
     return tuple(args), stats
+
+
+#: Largest example input, all inputs together: the audit needs a small batch, and the
+#: inputs are allocated (the probe runs them; the static pass traces with them).
+MAX_INPUT_BYTES = 2**30
+
+
+def check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
+    """:class:`ConfigError` naming the size and the limit when the inputs of ``shapes``
+    would take more than :data:`MAX_INPUT_BYTES`: checked before anything is allocated."""
+    import math
+
+    itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+    total = sum(math.prod(shape) for shape in shapes) * itemsize
+    if total > MAX_INPUT_BYTES:
+        given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
+        raise ConfigError(
+            f"{given}: the inputs would take {total / 2**30:.3g} GiB ({str(dtype).replace('torch.', '')}), over the "
+            f"{MAX_INPUT_BYTES / 2**30:g} GiB limit for example inputs; a batch of 2 at the real feature sizes "
+            "is enough for the audit"
+        )
 
 
 def _embedding_size(model: Any) -> int | None:

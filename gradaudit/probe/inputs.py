@@ -20,10 +20,11 @@ named tensors; they are taken in the file's key order, or in the order of keys n
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from gradaudit.errors import ConfigError
+from gradaudit.errors import ConfigError, require
 
 #: Keys of a batch dict that hold the target.
 TARGET_KEYS = ("target", "targets")
@@ -46,12 +47,7 @@ def load_batch(path: str) -> BatchFile:
         raise ConfigError(f"--inputs: no such file: {path}")
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ConfigError(
-                "--inputs: reading .safetensors needs the 'safetensors' package (pip install 'gradaudit[probe]')"
-            ) from exc
+        load_file = require("safetensors.torch", "probe", "--inputs: reading .safetensors").load_file
         try:
             named = load_file(path)
         except Exception as exc:
@@ -67,9 +63,7 @@ def load_batch(path: str) -> BatchFile:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(
-            f"--inputs: cannot read {path} with torch.load(weights_only=True): {first_line(exc)}"
-        ) from exc
+        raise ConfigError(f"--inputs: {_unreadable(path, exc)}") from exc
     return read_batches(obj, path)
 
 
@@ -99,6 +93,20 @@ def _one_batch(obj: dict, what: str) -> BatchFile:
     if target_key is None:
         return BatchFile(inputs)
     return BatchFile(inputs, [(*inputs, obj[target_key])])
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one sentence of ours
+    (torch's own message is several paragraphs about how to unpickle it anyway)."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path} holds pickled Python objects{what}, which gradaudit never unpickles; save the batch "
+                f"as plain tensors (torch.save((x,), 'batch.pt')) or as .safetensors")
+    return f"{path} is not a tensor file written by torch.save ({type(exc).__name__}: {first_line(exc)})"
 
 
 def as_inputs(obj: Any, what: str = "the batch") -> tuple:
