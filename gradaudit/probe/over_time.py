@@ -2,21 +2,24 @@
 
 For every recurrent module call and every unrolled loop of cell calls that the analysis
 predicted a gradient-over-time curve for (:func:`gradaudit.propagation.recurrent.over_time`),
-the real model runs forward on the probe's inputs and the gradient is taken of
+the model's own forward runs on the probe's inputs and the gradient is taken of
 
     L = <y_T, g>,   g ~ N(0, 1),
 
 the output of the last step only (the top layer's forward direction of a bidirectional
 module: the first half of its features), with respect to the input x_t of every step:
-the module's input sequence, or the input of each call of a loop. Each x_t is cut from
-what came before it (a detached copy that requires grad), so what is measured is the
-recurrence alone, as predicted. The curve is RMS(dL/dx_t) over the batch and features,
-second moments averaged over the draws, relative to the last step; its per-step gain
-and horizon are read as the prediction's (:func:`gradaudit.propagation.recurrent.describe`).
+the module's input sequence, or the input of each call of a loop. A forward pre-hook
+hands each of those calls a detached copy of its input that requires grad, so what is
+measured is the recurrence alone, as predicted; graph nodes are matched to module calls
+by call order, which works whichever frontend captured the graph. The curve is
+RMS(dL/dx_t) over the batch and features, second moments averaged over the draws,
+relative to the last step; its per-step gain and horizon are read as the prediction's
+(:func:`gradaudit.propagation.recurrent.describe`).
 
 Gradients come from ``torch.autograd.grad`` with respect to those copies only: no
-parameter's ``.grad`` is written. The run is in the model's own dtype, without autocast:
-the curve is a property of the recurrence, not of a reduced precision.
+parameter's ``.grad`` is written, and the hooks are removed afterwards. The run is in
+the model's own dtype, without autocast: the curve is a property of the recurrence, not
+of a reduced precision.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def measure(gm, analysis, inputs: tuple, *, draws: int, device: str, seed: int) -> dict[str, Any]:
+def measure(model, analysis, call, *, draws: int, device: str, seed: int) -> dict[str, Any]:
     """``{node: Curve}`` for every over-time prediction of ``analysis`` (empty when there
-    is none), running ``gm``, the probe's GraphModule of the model (train mode, on
-    ``device``)."""
+    is none); ``call`` is the probe's :class:`~gradaudit.frontends.signature.ExampleCall`.
+    The model is in training mode and on ``device``."""
     import torch
 
     from gradaudit.propagation.recurrent import describe, over_time, tail_gain
@@ -35,11 +38,13 @@ def measure(gm, analysis, inputs: tuple, *, draws: int, device: str, seed: int) 
     predictions = over_time(analysis)
     if not predictions:
         return {}
-    sums: dict[str, torch.Tensor] = {}
+    calls = _call_index(analysis)
+    wanted = {calls[name]: record for record in predictions for name in (record.nodes or [record.node])}
+    sums: dict[str, Any] = {}
     for d in range(draws):
         torch.default_generator.manual_seed(seed + d)
         gen = torch.Generator(device=device).manual_seed(seed + d)
-        for key, sq in _one_draw(gm, analysis, predictions, inputs, device, gen).items():
+        for key, sq in _one_draw(model, wanted, call, device, gen).items():
             sums[key] = sq if key not in sums else sums[key] + sq
     out = {}
     for key, sq in sums.items():
@@ -50,53 +55,74 @@ def measure(gm, analysis, inputs: tuple, *, draws: int, device: str, seed: int) 
     return out
 
 
-def _one_draw(gm, analysis, predictions, inputs: tuple, device: str, gen) -> dict[str, Any]:
+def _call_index(analysis) -> dict[str, tuple[str, int]]:
+    """``{node: (module, k)}``: the k-th call of that module, in the graph's order."""
+    counts: dict[str, int] = {}
+    out = {}
+    for n in analysis.graph:
+        if n.kind == "call_module" and n.module is not None:
+            k = counts.get(n.module, 0)
+            counts[n.module] = k + 1
+            out[n.name] = (n.module, k)
+    return out
+
+
+def _one_draw(model, wanted: dict, call, device: str, gen) -> dict[str, Any]:
     """Second moment of dL/dx_t per step (float64, time order) for every prediction."""
     import torch
-    import torch.fx as fx
 
-    modules = {p.node: p for p in predictions if not p.nodes}
-    chains = {n: p for p in predictions if p.nodes for n in p.nodes}
+    last_call: dict[str, tuple[str, int]] = {}  # the call whose output is y_T
+    for key, record in wanted.items():
+        last_call[record.node] = max(key, last_call.get(record.node, key))
+    modules = {model.get_submodule(q): q for q, _ in wanted}
+    counts: dict[str, int] = {}
     leaves: dict[str, list] = {}
     outputs: dict[str, Any] = {}
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            if n.name not in modules and n.name not in chains:
-                return super().run_node(n)
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[0].detach().requires_grad_(True)
-            result = self.call_module(n.target, (x, *args[1:]), kwargs)
-            owner = modules.get(n.name) or chains[n.name]
-            leaves.setdefault(owner.node, []).append(x)
-            if n.name == owner.node:
-                outputs[owner.node] = result[0] if isinstance(result, (tuple, list)) else result
-            return result
+    def pre(mod, args):
+        q = modules[mod]
+        record = wanted.get((q, counts.get(q, 0)))
+        if record is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0].detach().requires_grad_(True)
+        leaves.setdefault(record.node, []).append(x)
+        return (x, *args[1:])
 
-    args = [x.detach().to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
+    def post(mod, _args, out):
+        q = modules[mod]
+        k = counts.get(q, 0)
+        counts[q] = k + 1
+        record = wanted.get((q, k))
+        if record is not None and last_call.get(record.node) == (q, k):
+            outputs[record.node] = out[0] if isinstance(out, (tuple, list)) else out
+
+    hooks = [m.register_forward_pre_hook(pre) for m in modules] + [m.register_forward_hook(post) for m in modules]
+    try:
+        with torch.enable_grad():
+            call.map(lambda t: t.detach().to(device))(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, Any] = {}
+    records = {r.node: r for r in wanted.values()}
     with torch.enable_grad():
-        Recorder(gm).run(*args)
-        out: dict[str, Any] = {}
-        for key, pred in {**modules, **{p.node: p for p in chains.values()}}.items():
-            y = outputs.get(key)
+        for key, y in outputs.items():
             xs = leaves.get(key)
-            if y is None or not xs or not y.requires_grad:
+            record = records[key]
+            if not xs or not isinstance(y, torch.Tensor) or not y.requires_grad:
                 continue
-            node = analysis.graph[key]
-            if pred.nodes:  # a loop: one input per call, the last call's state
-                y_last = y
-                grads = torch.autograd.grad(y_last, xs, _cot(y_last, gen), allow_unused=True)
-                sq = [0.0 if g is None else float(g.double().pow(2).mean()) for g in grads]
-                out[key] = torch.tensor(sq, dtype=torch.float64)
+            if record.nodes:  # a loop: one input per call, the last call's state
+                grads = torch.autograd.grad(y, xs, _cot(y, gen), allow_unused=True)
+                out[key] = torch.tensor([0.0 if g is None else float(g.double().pow(2).mean()) for g in grads],
+                                        dtype=torch.float64)
                 continue
-            module = node.fn
+            module = model.get_submodule(record.module)
             t_axis = 0 if xs[0].dim() == 2 or not getattr(module, "batch_first", False) else 1
             y_last = y.select(t_axis, y.shape[t_axis] - 1)[..., : module.hidden_size]
             (g,) = torch.autograd.grad(y_last, xs[0], _cot(y_last, gen), allow_unused=True)
-            if g is None:
-                continue
-            g = g.double().pow(2).movedim(t_axis, 0)
-            out[key] = g.reshape(g.shape[0], -1).mean(dim=1)
+            if g is not None:
+                g = g.double().pow(2).movedim(t_axis, 0)
+                out[key] = g.reshape(g.shape[0], -1).mean(dim=1)
     return out
 
 

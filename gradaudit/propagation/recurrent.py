@@ -50,7 +50,11 @@ These recursions give the op's forward statistics and its backward gains (a grad
 every step of the output, and at h_n / c_n). Limit: a stacked layer's input (the layer
 below's output) is correlated over time and with the layer's own state, which the
 recursion treats as independent; measured on a 2-layer GRU at PyTorch's default init,
-the top layer's output RMS is 14% and the input gradient 18% below real autograd.
+the top layer's output RMS is 14% and the input gradient 18% below real autograd. In an
+unrolled loop of cell calls, the gradient the engine gives each call (the per-layer
+table) comes from this recursion too, so calls far from the last are predicted too small
+by the factor the over-time curve corrects (a 40-call LSTMCell loop at PyTorch's
+default init: about 300x at the first call); the probe's GA607 names them.
 
 **Over time.** With a gradient only at the last step (L = <h_T, g>, the top layer's
 forward direction), the RMS of dL/dx_t at every step t is the gradient-over-time curve.
