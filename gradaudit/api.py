@@ -19,7 +19,7 @@ from gradaudit import __version__
 from gradaudit.errors import CaptureError, ConfigError, GradauditError, ModelCallError
 from gradaudit.ir import Graph
 from gradaudit.options import AuditOptions
-from gradaudit.propagation import coverage, gates, recurrent
+from gradaudit.propagation import coverage, gates, over_time
 from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
@@ -281,7 +281,7 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
 
     prof = gradient_profile(analysis)
     return AuditReport(
-        over_time=recurrent.over_time(analysis),
+        over_time=over_time.over_time(analysis),
         judged=None if prof is None else (prof.source, prof.summary),
         normalized_layers=sum(1 for n in weight_layers if followed_by_norm(analysis, n)),
         coverage=analysis.coverage,

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import measure_over_time  # noqa: E402
 
 import gradaudit  # noqa: E402
-from gradaudit.propagation.recurrent import describe, tail_gain  # noqa: E402
+from gradaudit.propagation.over_time import describe, tail_gain  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.oldest]
 
@@ -262,3 +262,50 @@ def test_static_report_without_recurrent_layers_has_no_over_time():
     from gradaudit.report import html, text
 
     assert "over time" not in text.render(report) and 'id="over-time"' not in html.render(report)
+
+
+class ShapeLoop(nn.Module):
+    """An LSTM cell over ``range(x.shape[0])`` with ``torch.zeros`` states: torch.fx cannot
+    trace it (a proxy in ``range``), torch.export unrolls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.cell = nn.LSTMCell(32, 128)
+        self.head = nn.Linear(128, 5)
+
+    def forward(self, x):
+        h, c = torch.zeros(x.shape[1], 128), torch.zeros(x.shape[1], 128)
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+        return self.head(h)
+
+
+class Branching(nn.Module):
+    """An LSTM behind data-dependent control flow: only the hook capture takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lstm = nn.LSTM(32, 128)
+        self.head = nn.Linear(128, 5)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.head(self.lstm(x)[0])
+
+
+@pytest.mark.parametrize("build", [ShapeLoop, Branching])
+def test_other_captures_predict_and_measure_over_time(build):
+    """Whichever capture takes the model, the recurrent layer (or loop) gets its predicted
+    curve and, with the probe, its measured one (module calls matched by call order)."""
+    report = gradaudit.audit(build(), (torch.randn(40, 32, 32),), probe=True, draws=2)
+    assert report.frontend != "fx"
+    (record,) = report.over_time
+    assert record.measured is not None and len(record.measured.values) == 40
+    assert (len(record.nodes) == 40) == (build is ShapeLoop)
+    pred, meas = record.predicted, record.measured
+    assert pred.direction == meas.direction == "vanishing"
+    assert abs(pred.horizon / meas.horizon - 1) <= HORIZON_TOL, (pred, meas)
+    assert 1 / GAIN_FACTOR <= pred.gain / meas.gain <= GAIN_FACTOR

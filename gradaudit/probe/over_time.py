@@ -1,7 +1,7 @@
 """The gradient over time, measured beside its prediction.
 
 For every recurrent module call and every unrolled loop of cell calls that the analysis
-predicted a gradient-over-time curve for (:func:`gradaudit.propagation.recurrent.over_time`),
+predicted a gradient-over-time curve for (:func:`gradaudit.propagation.over_time.over_time`),
 the model's own forward runs on the probe's inputs and the gradient is taken of
 
     L = <y_T, g>,   g ~ N(0, 1),
@@ -14,7 +14,7 @@ measured is the recurrence alone, as predicted; graph nodes are matched to modul
 by call order, which works whichever frontend captured the graph. The curve is
 RMS(dL/dx_t) over the batch and features, second moments averaged over the draws,
 relative to the last step; its per-step gain and horizon are read as the prediction's
-(:func:`gradaudit.propagation.recurrent.describe`).
+(:func:`gradaudit.propagation.over_time.describe`).
 
 Gradients come from ``torch.autograd.grad`` with respect to those copies only: no
 parameter's ``.grad`` is written, and the hooks are removed afterwards. The run is in
@@ -33,7 +33,7 @@ def measure(model, analysis, call, *, draws: int, device: str, seed: int) -> dic
     The model is in training mode and on ``device``."""
     import torch
 
-    from gradaudit.propagation.recurrent import describe, over_time, tail_gain
+    from gradaudit.propagation.over_time import describe, over_time, tail_gain
 
     predictions = over_time(analysis)
     if not predictions:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
-from gradaudit.propagation import montecarlo, recurrent
+from gradaudit.propagation import montecarlo, over_time
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, apply_gain
 from gradaudit.propagation.moments import channel_points, gaussian_points, max_of_k_weights
@@ -107,7 +107,7 @@ class Analysis:
         """The layers that count for depth: linear, conv, attention, recurrent, ... (an
         unrolled loop of cell calls counts once, as its last call: its other calls are
         time steps, analysed over time)."""
-        steps = recurrent.time_steps(self)
+        steps = over_time.time_steps(self)
         return [
             n
             for n in self.layers()

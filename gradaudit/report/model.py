@@ -121,7 +121,7 @@ class AuditReport:
     #: gradient there corrects itself; see GA102).
     normalized_layers: int = 0
     #: The gradient over time of every recurrent module call and unrolled loop
-    #: (:class:`gradaudit.propagation.recurrent.OverTime`: the predicted curve and, when
+    #: (:class:`gradaudit.propagation.over_time.OverTime`: the predicted curve and, when
     #: the probe ran, the measured one).
     over_time: list[Any] = field(default_factory=list)
     #: Findings a baseline already holds (:mod:`gradaudit.baseline`): not in ``findings``,

@@ -1,5 +1,5 @@
 """Words and table columns for the gradient over time, shared by the text and HTML
-reports (they only format :class:`gradaudit.propagation.recurrent.OverTime` records).
+reports (they only format :class:`gradaudit.propagation.over_time.OverTime` records).
 
 A record's curves are the RMS of dL/dx_t for a loss on the last step only, relative to
 that step; "steps back" k is T - 1 - t.

@@ -1,7 +1,7 @@
 """The gradient-over-time chart of the HTML report, as plain SVG geometry.
 
 One chart per recurrent module call or unrolled loop
-(:class:`gradaudit.propagation.recurrent.OverTime`): the RMS of dL/dx_t for a loss on
+(:class:`gradaudit.propagation.over_time.OverTime`): the RMS of dL/dx_t for a loss on
 the last step only, relative to that step, against the number of steps back (0 = the
 last step) on a log scale; the prediction as a line, the measurement (with ``--probe``)
 as crosses; the vanishing band (<= 1e-3) and the exploding band (>= 1e3) shaded, and

@@ -761,8 +761,8 @@ class TimeEvidence:
     """The gradient over time of a recurrent module (or loop) as a rule judges it: the
     measured curve when the probe ran, else the predicted one."""
 
-    record: Any  # gradaudit.propagation.recurrent.OverTime
-    curve: Any  # gradaudit.propagation.recurrent.Curve
+    record: Any  # gradaudit.propagation.over_time.OverTime
+    curve: Any  # gradaudit.propagation.over_time.Curve
     source: str  # "predicted" | "measured"
 
     @property
@@ -792,7 +792,7 @@ def recurrent_time(analysis: Analysis, node: Node) -> TimeEvidence | None:
     """The over-time evidence of a recurrent module call, or of the unrolled loop a cell
     call belongs to; None when there is no over-time prediction (an op the handlers do
     not model)."""
-    from gradaudit.propagation.recurrent import over_time
+    from gradaudit.propagation.over_time import over_time
 
     for record in over_time(analysis):
         if record.node == node.name or node.name in record.nodes:

@@ -85,7 +85,7 @@ def _measured_horizon(model, steps):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from measure import measure_over_time
 
-    from gradaudit.propagation.recurrent import describe, tail_gain
+    from gradaudit.propagation.over_time import describe, tail_gain
 
     curve = measure_over_time(lambda s: model.rnn(s)[0][-1], lambda g: torch.randn(steps, 64, 16, generator=g))
     return describe(curve, tail_gain(curve))
