@@ -165,6 +165,32 @@ def measure_over_time(run, make_input, *, time_axis: int = 0, draws: int = 4, se
     return [float(v / rms[-1]) for v in rms]
 
 
+def measure_hidden_over_time(module: nn.Module, make_input, *, draws: int = 4, seed: int = 0) -> list[float]:
+    """RMS of dL/dh_t over the batch and units, relative to the last step, for
+    L = <h_T, g> (g ~ N(0, 1)) and a unidirectional ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``
+    of the top layer's hidden state: the module is called one step at a time on its own
+    returned state, so every h_t is a tensor of the autograd graph and its gradient
+    (``torch.autograd.grad``: no ``.grad`` is written) is the total one, through the
+    recurrence (for an LSTM, at h_t only, the cell state being a separate tensor).
+    ``make_input(gen)`` draws a fresh (T, B, n_in) sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    for _ in range(draws):
+        x = make_input(gen).detach()
+        hidden: list[torch.Tensor] = []
+        state = None
+        with torch.enable_grad():
+            for t in range(x.shape[0]):
+                _, state = module(x[t : t + 1], state)
+                hidden.append(state[0] if isinstance(state, tuple) else state)
+            g = torch.randn(hidden[-1][-1].shape, generator=gen, dtype=hidden[-1].dtype)
+            grads = torch.autograd.grad(hidden[-1][-1], hidden, g)
+        sq = torch.stack([gh[-1].double().pow(2).mean() for gh in grads])
+        total = sq if total is None else total + sq
+    rms = (total / draws).sqrt()
+    return [float(v / rms[-1]) for v in rms]
+
+
 def measure_modules(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1) -> dict[tuple[str, int], tuple[float, float]]:
     """``{(module name, call index): (act_rms, grad_rms)}`` of every call of every module
     that owns parameters, measured with forward hooks and real autograd.

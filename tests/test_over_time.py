@@ -1,11 +1,13 @@
 """Recurrent layers over time: the predicted gradient-over-time curve against real BPTT.
 
 For L = <y_T, g> (the output of the last step only), the curve is RMS(dL/dx_t) over the
-batch and features, relative to the last step. Its per-step gain (geometric mean of the
-ratio between successive steps, back to the horizon) and its horizon (steps back until
-it falls below 1e-3, or rises above 1e3, of the last step's value) are read the same way
-from the prediction and from a measurement with real autograd on fresh random inputs
-(:func:`measure.measure_over_time`, which shares nothing with gradaudit).
+batch and features, relative to the last step; the hidden-state curve is RMS(dL/dh_t),
+the total gradient at h_t through the recurrence. A curve's per-step gain (geometric
+mean of the ratio between successive steps, back to the horizon) and its horizon (steps
+back until it falls below 1e-3, or rises above 1e3, of the last step's value) are read
+the same way from the prediction and from a measurement with real autograd on fresh
+random inputs (:func:`measure.measure_over_time`, :func:`measure.measure_hidden_over_time`,
+which share nothing with gradaudit).
 
 Tolerances: the per-step gain within 2x, the horizon within 25%.
 """
@@ -22,7 +24,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure import measure_over_time  # noqa: E402
+from measure import measure_hidden_over_time, measure_over_time  # noqa: E402
+from shown import shows  # noqa: E402
 
 import gradaudit  # noqa: E402
 from gradaudit.propagation.over_time import describe, tail_gain  # noqa: E402
@@ -63,30 +66,38 @@ class LanguageModel(nn.Module):
         return self.head(self.lstm(self.emb(ids))[0])
 
 
-def _rnn_case(radius: float, steps: int):
+def _rnn_case(radius: float, steps: int, hidden: bool = False):
     model = TanhRNN(radius)
     x = torch.randn(steps, 32, 32)
-    measured = measure_over_time(lambda s: model.rnn(s)[0][-1], lambda g: torch.randn(steps, 64, 32, generator=g))
-    return model, (x,), measured
+
+    def make(g):
+        return torch.randn(steps, 64, 32, generator=g)
+
+    if hidden:
+        return model, (x,), measure_hidden_over_time(model.rnn, make)
+    return model, (x,), measure_over_time(lambda s: model.rnn(s)[0][-1], make)
 
 
-def _lm_case(steps: int):
+def _lm_case(steps: int, hidden: bool = False):
     model = LanguageModel()
     ids = torch.randint(0, 1000, (steps, 32))
 
     def make(g):
         return model.emb(torch.randint(0, 1000, (steps, 64), generator=g))
 
-    measured = measure_over_time(lambda s: model.lstm(s)[0][-1], make)
-    return model, (ids,), measured
+    if hidden:
+        return model, (ids,), measure_hidden_over_time(model.lstm, make)
+    return model, (ids,), measure_over_time(lambda s: model.lstm(s)[0][-1], make)
 
 
-def _compare(name: str, report, measured: list[float]) -> tuple:
+def _compare(name: str, report, measured: list[float], hidden: bool = False) -> tuple:
+    """The prediction and the measurement described alike, and a table of both curves
+    (``hidden``: the dL/dh_t curves)."""
     (record,) = report.over_time
-    pred = record.predicted
+    pred = record.predicted_h if hidden else record.predicted
     meas = describe(measured, tail_gain(measured))
     lags = [k for k in (0, 1, 2, 5, 10, 20, 40) if k < len(measured) - 1] + [len(measured) - 1]
-    rows = [f"{name}: {record.steps} steps",
+    rows = [f"{name}: {record.steps} steps, RMS of {'dL/dh_t' if hidden else 'dL/dx_t'}",
             "  steps back " + " ".join(f"{k:>9d}" for k in lags),
             "  predicted  " + " ".join(f"{pred.values[-1 - k]:9.3g}" if k < len(pred.values) else "        -" for k in lags),
             "  measured   " + " ".join(f"{measured[-1 - k]:9.3g}" for k in lags),
@@ -104,34 +115,42 @@ def _assert_agree(pred, meas, table: str) -> None:
     assert abs(pred.horizon / meas.horizon - 1) <= HORIZON_TOL, table
 
 
+CURVES = [pytest.param(False, id="dx"), pytest.param(True, id="dh")]
+
+
+@pytest.mark.parametrize("hidden", CURVES)
 @pytest.mark.parametrize("radius, direction", [(0.5, "vanishing"), (1.6, "exploding")])
-def test_tanh_rnn_orthogonal_80_steps(radius, direction):
+def test_tanh_rnn_orthogonal_80_steps(radius, direction, hidden):
     """Radius 0.5: the gradient falls about 0.46x per step (0.5 x the RMS of tanh'), below
     1e-3 after about 9 steps. Radius 1.6: tanh's saturation leaves about 1.07x per step,
     so it grows past 1e3 only after about 100 steps: beyond the 80-step sequence, so both
-    horizons are extrapolated from their curves' own trend."""
-    model, inputs, measured = _rnn_case(radius, 80)
+    horizons are extrapolated from their curves' own trend. Both at x_t and at h_t."""
+    model, inputs, measured = _rnn_case(radius, 80, hidden)
     report = gradaudit.audit(model, inputs)
-    pred, meas, table = _compare(f"tanh RNN, orthogonal radius {radius}", report, measured)
+    pred, meas, table = _compare(f"tanh RNN, orthogonal radius {radius}", report, measured, hidden)
     assert pred.direction == direction, table
     _assert_agree(pred, meas, table)
 
 
-def test_tanh_rnn_radius_1_6_crosses_within_160_steps():
+@pytest.mark.parametrize("hidden", CURVES)
+def test_tanh_rnn_radius_1_6_crosses_within_160_steps(hidden):
     """The radius-1.6 horizon seen, not extrapolated: over 160 steps both curves rise past
     1e3 inside the sequence."""
-    model, inputs, measured = _rnn_case(1.6, 160)
-    pred, meas, table = _compare("tanh RNN, orthogonal radius 1.6", gradaudit.audit(model, inputs), measured)
+    model, inputs, measured = _rnn_case(1.6, 160, hidden)
+    pred, meas, table = _compare("tanh RNN, orthogonal radius 1.6", gradaudit.audit(model, inputs), measured, hidden)
     assert not pred.extrapolated and not meas.extrapolated, table
     _assert_agree(pred, meas, table)
 
 
-def test_lstm_language_model_default_init():
+@pytest.mark.parametrize("hidden", CURVES)
+def test_lstm_language_model_default_init(hidden):
     """Embedding -> LSTM -> head at PyTorch's default init: the forget gate is 0.5 on
-    average and the gradient of the last step fades 1e3-fold about 13 steps back."""
-    model, inputs, measured = _lm_case(80)
+    average and the gradient of the last step fades 1e3-fold about 13 steps back at x_t,
+    about 10 at h_t (which drops about 7x at the first step back: the gradient injected
+    at h_T reaches h_{T-1} only through the gates)."""
+    model, inputs, measured = _lm_case(80, hidden)
     report = gradaudit.audit(model, inputs)
-    pred, meas, table = _compare("LSTM language model, default init", report, measured)
+    pred, meas, table = _compare("LSTM language model, default init", report, measured, hidden)
     assert pred.direction == "vanishing", table
     _assert_agree(pred, meas, table)
     (record,) = report.over_time
@@ -241,6 +260,8 @@ def test_probe_measures_the_curve_and_every_report_shows_both():
     assert data["predicted"]["values"][-1] == 1.0 and data["measured"]["values"][-1] == 1.0
     assert data["predicted"]["horizon"] == pytest.approx(record.predicted.horizon, rel=1e-5)
     assert data["measured"]["per_step_gain"] == pytest.approx(record.measured.gain, rel=1e-5)
+    assert data["predicted_h"]["horizon"] == pytest.approx(record.predicted_h.horizon, rel=1e-5)
+    assert len(data["predicted_h"]["values"]) == len(record.predicted_h.values)
     assert math.isclose(data["gates"]["forget_mean"], record.gates["forget_mean"], rel_tol=1e-5)
 
     out = text.render(report)
@@ -248,11 +269,15 @@ def test_probe_measures_the_curve_and_every_report_shows_both():
     section = out[out.index("over time ("):]
     rows = [line.split() for line in section.splitlines() if line.strip().startswith(("predicted", "measured"))]
     assert [r[0] for r in rows] == ["predicted", "measured"] and rows[0][1] == rows[1][1] == "1"
+    assert shows(section, "dL/dh_t: per-step gain {}, falls below 1e-3 after {} steps back predicted",
+                 record.predicted_h.gain, record.predicted_h.horizon)
 
     page = html.render(report)
     assert '<section id="over-time">' in page
     assert 'class="series predicted"' in page and 'class="series measured"' in page
     assert page.count('class="horizon"') == 2  # both curves cross 1e-3 inside the sequence
+    assert shows(page, "dL/dh_t: per-step gain {}, falls below 1e-3 after {} steps back predicted",
+                 record.predicted_h.gain, record.predicted_h.horizon)
 
 
 def test_static_report_without_recurrent_layers_has_no_over_time():

@@ -8,7 +8,9 @@ geometric mean of the ratio between successive steps back to the horizon, and it
 or rises above 1e3 (exploding) of its value at the last step, extrapolated at the
 curve's own late rate when the sequence is shorter (Bengio, Simard & Frasconi 1994: the
 gradient of a long-range dependency decays exponentially; Pascanu, Mikolov & Bengio
-2013 bound the rate by the recurrent weights' largest singular value).
+2013 bound the rate by the recurrent weights' largest singular value). The same is read
+from the RMS of dL/dh_t, the total gradient at the hidden state of that direction
+(``OverTime.predicted_h``).
 
 The curve is computed by :func:`simulate`: backpropagation through time on probe
 vectors, with the real recurrent matrices and gate values drawn from the forward
@@ -281,8 +283,11 @@ class OverTime:
     #: Over the last steps of the sequence (all of them unless the budget of
     #: :func:`simulate` cut the window), in time order.
     predicted: Curve
-    #: E[(dL/dh_t)^2]^(1/2) of the top layer's forward direction, relative to the last step.
-    predicted_h: list[float]
+    #: E[(dL/dh_t)^2]^(1/2) of the top layer's forward direction, relative to the last
+    #: step (the total gradient at the hidden state h_t, through the recurrence): its
+    #: horizon is the number of steps back after which dL/dh_t falls below 1e-3 (or
+    #: rises above 1e3) of its last-step value.
+    predicted_h: Curve
     #: The per-step RMS gain of the second-moment (mean-field) recursion at the
     #: stationary state: rms singular value x gate factors (module docstring).
     mean_field_gain: float
@@ -302,7 +307,7 @@ class OverTime:
             "family": self.family, "steps": self.steps, "location": self.location,
             "mean_field_gain": _num(self.mean_field_gain), "sigma_max": _num(self.sigma_max),
             "sigma_rms": _num(self.sigma_rms), "gates": {k: _num(v) for k, v in self.gates.items()},
-            "predicted": self.predicted.to_json(), "predicted_h": [_num(v) for v in self.predicted_h],
+            "predicted": self.predicted.to_json(), "predicted_h": self.predicted_h.to_json(),
             "measured": self.measured.to_json() if self.measured is not None else None,
         }
         if self.nodes:
@@ -332,7 +337,7 @@ def _over_time(node: Node, fam: str, T: int, w: Weights, last: Step, x_curve: li
     sig_max, sig_rms = _singular(w, fam)
     return OverTime(
         node=node.name, module=node.module, op=node.op, family=fam, steps=T,
-        predicted=describe(x_curve, tail_gain(x_curve)), predicted_h=h_curve,
+        predicted=describe(x_curve, tail_gain(x_curve)), predicted_h=describe(h_curve, tail_gain(h_curve)),
         mean_field_gain=stationary_gain(w, last), gates=dict(last.gates), sigma_max=sig_max, sigma_rms=sig_rms,
         nodes=list(calls or []), location=node.location.to_json() if node.location else None,
         module_type=node.module_type,

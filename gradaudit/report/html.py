@@ -81,6 +81,7 @@ def _over_time(report: AuditReport) -> list[dict]:
             "title": words.title(record),
             "gain": words.gain_text(record),
             "horizon": words.horizons_text(record),
+            "hidden": words.hidden_text(record),
             "gates": words.gates_text(record, every=True),
             "chart": time_chart(record),
             "lags": lags,

@@ -54,6 +54,15 @@ def horizons_text(record: Any) -> str:
     return text
 
 
+def hidden_text(record: Any) -> str:
+    """``dL/dh_t: per-step gain 0.583, falls below 1e-3 after 10 steps back predicted``:
+    the total gradient at the hidden state, whose horizon is the memory the layer can
+    learn at this initialisation (predicted only: the probe measures dL/dx_t)."""
+    curve = record.predicted_h
+    gain = f"per-step gain {fmt_num(curve.gain)}, " if curve.gain is not None else ""
+    return f"dL/dh_t: {gain}{horizon_text(curve, record.steps)} predicted"
+
+
 def columns(record: Any) -> tuple[list[int], list[str], list[str] | None]:
     """Steps back to show, and the predicted and measured values there (formatted)."""
     n = max(len(record.predicted.values), len(record.measured.values) if record.measured is not None else 0)

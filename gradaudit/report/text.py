@@ -180,6 +180,7 @@ def _print_over_time(report: AuditReport, console: Console) -> None:
     for record in report.over_time:
         console.print(f"  {escape(words.title(record))}: {words.gain_text(record)}; {escape(words.horizons_text(record))}",
                       soft_wrap=True)
+        console.print(f"    {escape(words.hidden_text(record))}", soft_wrap=True)
         console.print(f"    {escape(words.gates_text(record))}", soft_wrap=True)
         lags, predicted, measured = words.columns(record)
         table = Table(show_edge=False, pad_edge=False, box=None, show_header=False, padding=(0, 1))
