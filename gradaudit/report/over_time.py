@@ -2,7 +2,7 @@
 reports (they only format :class:`gradaudit.propagation.over_time.OverTime` records).
 
 A record's curves are the RMS of dL/dx_t for a loss on the last step only, relative to
-that step; "steps back" k is T - 1 - t.
+that step (``predicted_h``: of dL/dh_t); "steps back" k is T - 1 - t.
 """
 
 from __future__ import annotations
