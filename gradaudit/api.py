@@ -129,19 +129,26 @@ def run(
     from gradaudit.probe import stage
 
     codes = _selected_codes(select, ignore)
+    from gradaudit.frontends import meta
+
+    if opts.measures:
+        meta.refuse_measurement(model)
     with preserved(model):  # batches may draw from the RNGs: the audit leaves them as found
         example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
+        # a model on the meta device is read through a CPU stand-in holding one draw per
+        # distinct layer (the model itself stays on meta)
+        subject = meta.stand_in(model) if meta.is_meta(model) else model
         if example_inputs is None:
             from gradaudit.loading import infer_inputs
 
-            example_inputs, inferred = infer_inputs(model)
+            example_inputs, inferred = infer_inputs(subject)
             input_source = input_source or inferred
         from gradaudit.frontends.signature import ExampleCall
 
-        inputs = ExampleCall.of(example_inputs)
+        inputs = ExampleCall.of(meta.real_inputs(example_inputs) if subject is not model else example_inputs)
         input_source = input_source or "given"
         try:
-            graph = capture(model, inputs)
+            graph = capture(subject, inputs)
             analysis = analyse(graph, inputs, input_stats, settings)
             analysis.coverage = coverage.check(analysis, model_has_parameters=any(True for _ in model.parameters()))
         except CaptureError as exc:
