@@ -12,20 +12,26 @@ the statistics of the weights the model *would* start training with, so
    ``_init_weights(module)``, else the module's ``reset_parameters()``
    (``_reset_parameters()`` for ``nn.MultiheadAttention``);
 3. a block is keyed by its signature (class, ``extra_repr()``, own tensors' names,
-   shapes and dtypes, initialiser, children's signatures): a block whose signature
-   repeats (the 80 decoder layers of a 70B model) is materialised once and the others
-   share its storage, with their own ``nn.Parameter`` objects; a block that occurs once
-   is materialised child by child. Memory grows with the number of *distinct* blocks,
-   not with depth. Tied weights stay tied.
+   shapes and dtypes, initialiser, children's signatures): a large block whose
+   signature repeats (the 80 decoder layers of a 70B model, 3.2 GB each) is materialised
+   once and the others share its storage, with their own ``nn.Parameter`` objects; a
+   block that occurs once is materialised child by child. Memory grows with the number
+   of *distinct* large blocks, not with depth. Blocks under :data:`SHARE_ABOVE` bytes
+   get a draw of their own each, as in the model built for real. Tied weights stay tied.
 
 The draws come from a forked torch RNG seeded with 0: the same model gives the same
 audit, and the caller's RNG state is untouched. The user's model is never modified:
 it stays on meta.
 
-Sharing one draw between identical blocks changes nothing the prediction reads: each
-block's weights are a draw from the same distribution either way, and the propagation
-treats every layer's weights on their own. (An initialisation that depends on a
-block's position rather than its structure, such as a depth-scaled std computed from a
+Sharing one draw between identical blocks keeps each layer's statistics (every block's
+weights are a draw from the same distribution either way) but not the independence
+between blocks: what a shared weight adds to a residual stream's per-channel mean adds
+coherently over the blocks. Biases and norm gains, the main source of such means, are
+therefore given a random order per copy (:func:`_share`); a weight matrix times a
+non-zero-mean input (ReLU features before a biased projection) still adds coherently,
+which the small blocks, drawn independently, never meet, and bias-free pre-norm blocks
+(Llama, Mistral: zero-mean branch outputs) do not produce. (An initialisation that
+depends on a block's position rather than its structure, such as a std computed from a
 layer index, would be shared wrongly; the library inits scale by the config's depth.)
 
 A tensor on meta that no initialiser of the model fills (a custom parameter created in
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any, Callable
 
 import torch
@@ -64,21 +71,27 @@ def refuse_measurement(model: nn.Module) -> None:
         raise ConfigError(PROBE_REFUSAL)
 
 
-def stand_in(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A CPU copy of meta ``model`` whose identical blocks share one initialised draw
-    (see the module docstring). Tensors already off meta are shared with the model, not
-    copied (nothing in an audit writes to them)."""
+#: Blocks whose tensors take fewer bytes than this get a draw of their own per copy (as
+#: the model built for real has); larger ones share one draw.
+SHARE_ABOVE = 1 << 26
+
+
+def stand_in(model: nn.Module, seed: int = 0, share_above: int = SHARE_ABOVE) -> nn.Module:
+    """A CPU copy of meta ``model`` whose identical blocks of ``share_above`` bytes or
+    more share one initialised draw (see the module docstring). Tensors already off meta
+    are shared with the model, not copied (nothing in an audit writes to them)."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
     shadow = copy.deepcopy(model, memo)
     owners = _init_owners(shadow)
     sigs: dict[int, Any] = {}
     counts: dict[Any, int] = {}
     _signature(shadow, "", owners, sigs, counts)
+    counts = {sig: n for sig, n in counts.items() if _nbytes(sig) >= share_above}
     cache: dict[Any, dict[str, tuple[str, torch.Tensor]]] = {}
     done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its CPU replacement (ties)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        _place(shadow, "", owners, sigs, counts, cache, done)
+        _place(shadow, "", owners, sigs, counts, cache, done, share_above)
     return shadow
 
 
@@ -159,10 +172,20 @@ def _signature(module: nn.Module, name: str, owners: dict, sigs: dict, counts: d
     return sig
 
 
-def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict, cache: dict, done: dict) -> None:
+def _nbytes(sig: Any) -> int:
+    """The bytes of the meta tensors of the block with signature ``sig``."""
+    _, _, own, _, children = sig
+    size = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype, meta, _ in own if meta)
+    return size + sum(_nbytes(child) for _, child in children)
+
+
+def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict, cache: dict, done: dict,
+           share_above: int) -> None:
     """Give ``module``'s subtree CPU tensors: shared with an identical block already
-    materialised; else materialised here as one block (when it repeats, or has no
-    children); else child by child, then its own tensors."""
+    materialised; else materialised here as one block (when it repeats, is small or has
+    no children); else child by child, then its own initialiser over the whole block
+    (large blocks that occur once, such as the model itself, hardly ever rewrite their
+    children)."""
     if not any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         return
     sig = sigs[id(module)]
@@ -170,11 +193,14 @@ def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict,
         _share(module, cache[sig], done)
         return
     children = [(n, c) for n, c in module._modules.items() if c is not None]
-    if counts[sig] > 1 or not children:
-        cache[sig] = _materialise(module, name, owners, done)
+    shared = counts.get(sig, 1) > 1
+    if shared or not children or _nbytes(sig) < share_above:
+        tensors = _materialise(module, name, owners, done)
+        if shared:
+            cache[sig] = tensors
         return
     for n, c in children:
-        _place(c, _join(name, n), owners, sigs, counts, cache, done)
+        _place(c, _join(name, n), owners, sigs, counts, cache, done, share_above)
     _materialise(module, name, owners, done, recurse=False)
 
 
@@ -183,11 +209,14 @@ def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse
     the CPU, filled with NaN, then run each module's initialiser, children first (a
     block may rescale its children, as GPT-2's does its residual projections). Returns
     the tensors by name relative to ``module``, for :func:`_share`."""
-    mods = list(module.named_modules()) if recurse else [("", module)]
+    mods = _post_order(module) if recurse else [("", module)]
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
     for rel, m in mods:
         for n, t, kind in _own(m):
-            if not t.is_meta:
+            if not t.is_meta:  # the user's own tensor: the initialisers below write a copy
+                if id(t) not in done:
+                    done[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad) if kind == "param" else t.clone()
+                _set(m, n, kind, done[id(t)])
                 continue
             new = done.get(id(t))
             if new is None:
@@ -199,37 +228,51 @@ def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse
                 done[id(t)] = new
             _set(m, n, kind, new)
             tensors[_join(rel, n)] = (kind, new)
-    for rel, m in reversed(mods):  # children before parents
+    for rel, m in mods:
         init = _initialiser(m, owners.get(_join(name, rel)))
         if init is None:
             continue
-        if recurse:
-            init(m)
-        else:  # the children are done: keep them out of reach
-            children, m._modules = m._modules, {}
-            try:
-                init(m)
-            finally:
-                m._modules = children
+        init(m)
     for key, (kind, t) in tensors.items():
         if t.is_floating_point() and bool(torch.isnan(t).any()):
+            owner = module.get_submodule(key.rpartition(".")[0])
             raise ConfigError(
-                f"'{_join(name, key)}' ({type(module).__name__}) is on the meta device and no initialiser "
+                f"'{_join(name, key)}' ({type(owner).__name__}) is on the meta device and no initialiser "
                 "of the model sets it (no reset_parameters() or library init): its values cannot be known; "
                 "build the model on the CPU"
             )
     return tensors
 
 
+def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(relative name, module)`` for the subtree, each child before its parent and
+    siblings in construction order (the order ``initialize_weights`` runs in)."""
+    out: list[tuple[str, nn.Module]] = []
+    for n, c in module._modules.items():
+        if c is not None:
+            out.extend(_post_order(c, _join(prefix, n)))
+    out.append((prefix, module))
+    return out
+
+
 def _share(module: nn.Module, tensors: dict, done: dict) -> None:
     """Point ``module``'s subtree at an identical block's tensors: new ``Parameter``
-    objects over the same storage (ties inside the subtree kept)."""
+    objects over the same storage (ties inside the subtree kept).
+
+    Vector parameters (biases, norm gains) are the exception: each copy gets the block's
+    values in a random order of its own. Shared biases would add coherently along a
+    residual stream (n blocks give n^2 times the squared mean of independent draws),
+    which no model built for real does; a permutation of an i.i.d. draw is a draw from
+    the same distribution, and a constant vector (norm gains at 1) is unchanged. Vectors
+    cost little memory; the weight matrices, which do, stay shared."""
     for key, (kind, value) in tensors.items():
         *path, n = key.split(".")
         m = module.get_submodule(".".join(path)) if path else module
         old = (m._parameters if kind == "param" else m._buffers)[n]
         new = done.get(id(old))
         if new is None:
+            if kind == "param" and value.dim() == 1 and value.numel() > 1:
+                value = value.data[torch.randperm(value.numel())]  # a bias of its own (see above)
             new = nn.Parameter(value.data, requires_grad=old.requires_grad) if kind == "param" else value
             done[id(old)] = new
         _set(m, n, kind, new)
