@@ -80,7 +80,8 @@ SHARE_ABOVE = 1 << 26
 def stand_in(model: nn.Module, seed: int = 0, share_above: int = SHARE_ABOVE) -> nn.Module:
     """A CPU copy of meta ``model`` whose identical blocks of ``share_above`` bytes or
     more share one initialised draw (see the module docstring). Tensors already off meta
-    are shared with the model, not copied (nothing in an audit writes to them)."""
+    stay the model's own, except in blocks an initialiser runs on: those are copied
+    first (``BatchNorm.reset_parameters`` resets the running statistics)."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
     shadow = copy.deepcopy(model, memo)
     owners = _init_owners(shadow)
