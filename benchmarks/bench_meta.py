@@ -9,11 +9,12 @@ process's peak resident set after each:
    block, shared by the repeated decoder layers);
 3. capture (the frontend chain) on one sequence of ``--seq`` token ids;
 4. propagation + rules + report, only when the propagation's own memory fits
-   ``--budget-gb``: it holds, for every dense layer, float64 (C_out x C_in) matrices
+   ``--budget-gb`` and the memory available: it holds, for every dense layer, float64 (C_out x C_in) matrices
    of squared weights (8 bytes per weight, per layer, shared draws or not), so that
    estimate is printed instead when it does not.
 
-A reduced-depth run of a configuration is the full audit at a depth that fits.
+A reduced-depth run of a configuration is the full audit at a depth that fits. A stage
+whose memory the machine does not have available now is reported and not run.
 
     python benchmarks/bench_meta.py [--seq 128] [--budget-gb 8] [--only 7b,70b,moe]
 """
@@ -60,6 +61,13 @@ _CHILD = textwrap.dedent("""
     params = sum(p.numel() for p in model.parameters())
     dense = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     report("build on meta", t0, params=params)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    layers = len(model.model.layers)
+    standin = (params - (layers - 1) * layer) * 4 if layers > 1 else params * 4
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    if standin + 2**30 > available:
+        print(json.dumps({"stage": "stand-in", "no_room": standin / 2**30, "available": available / 2**30}))
+        sys.exit(0)
     from gradaudit.api import Settings, analyse, build_report, capture, run_rules
     from gradaudit.frontends import meta
     from gradaudit.frontends.signature import ExampleCall
@@ -74,7 +82,8 @@ _CHILD = textwrap.dedent("""
     graph = capture(shadow, inputs)
     report("capture", t0, frontend=graph.frontend, nodes=len(graph.nodes))
     need = dense * 8
-    if need > budget:
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    if need > min(budget, available - 2**30):
         print(json.dumps({"stage": "propagation", "skipped": need / 2**30}), flush=True)
     else:
         t0 = time.perf_counter()
@@ -113,6 +122,9 @@ def main() -> None:
         for r in rows:
             if r["stage"] == "failed":
                 print(f"    failed: {r['error']}")
+            elif "no_room" in r:
+                print(f"    stand-in not built: it needs {r['no_room']:.1f} GB and {r['available']:.1f} GB are "
+                      "available on this shared machine now")
             elif "skipped" in r:
                 print(f"    propagation not run: its float64 weight matrices would hold {r['skipped']:.0f} GB "
                       f"(budget {args.budget_gb:.0f} GB)")
