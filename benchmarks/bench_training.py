@@ -8,8 +8,8 @@ in one process on one thread (imports done, medians over repeats, interleaved):
   to random targets for the one-output sigmoid net), logging every weight layer's
   gradient norm at every step (``p.grad.norm().item()``, the usual per-layer logging);
   the verdict is read off the log: the median over the logged steps of the first
-  layer's norm over the last layer's, below 1e-3: vanishing (the last step alone can
-  mislead: once the head has fitted the mean its own gradient collapses too);
+  layer's norm over the largest layer norm of that step, below 1e-3: vanishing (the
+  head alone is no reference: once it has fitted the mean its own gradient collapses);
 * gradaudit: ``gradaudit.audit(model, x)`` (capture + propagation + rules + report).
 
 It prints both times, their ratio, and both verdicts. The model file's weights are
@@ -32,7 +32,8 @@ EXAMPLES = ("deep_sigmoid", "relu_xavier_30")
 
 
 def train(model, x, steps: int) -> tuple[float, float]:
-    """(seconds, median over the steps of the first/last weight layer gradient-norm ratio)."""
+    """(seconds, median over the steps of the first weight layer's gradient norm over the
+    largest one)."""
     import torch
     import torch.nn as nn
 
@@ -54,7 +55,7 @@ def train(model, x, steps: int) -> tuple[float, float]:
         log.append([w.grad.norm().item() for w in weights])
         opt.step()
     seconds = time.perf_counter() - start
-    ratios = [row[0] / row[-1] if row[-1] > 0 else float("inf") for row in log]
+    ratios = [row[0] / max(row) if max(row) > 0 else float("nan") for row in log]
     return seconds, statistics.median(ratios)
 
 
