@@ -148,7 +148,8 @@ def run(
         inputs = ExampleCall.of(meta.real_inputs(example_inputs) if subject is not model else example_inputs)
         input_source = input_source or "given"
         try:
-            graph = capture(subject, inputs)
+            # the hook capture runs a real forward pass: not on a model too big to allocate
+            graph = capture(subject, inputs, frontends=None if subject is model else ("fx", "export"))
             analysis = analyse(graph, inputs, input_stats, settings)
             analysis.coverage = coverage.check(analysis, model_has_parameters=any(True for _ in model.parameters()))
         except CaptureError as exc:
@@ -193,14 +194,15 @@ def unpredicted(model: nn.Module, inputs: Any, error: CaptureError) -> Analysis:
     return analysis
 
 
-def capture(model: nn.Module, inputs: Any) -> Graph:
+def capture(model: nn.Module, inputs: Any, frontends: tuple[str, ...] | None = None) -> Graph:
     """Model -> IR with the cheapest frontend that works: torch.fx, else torch.export,
     else the hook capture (:mod:`gradaudit.frontends.chain`); the graph's notes say why
     the cheaper ones failed. ``inputs``: a tensor, a tuple, a dict of keyword inputs or
-    an :class:`~gradaudit.frontends.signature.ExampleCall`."""
+    an :class:`~gradaudit.frontends.signature.ExampleCall`; ``frontends`` restricts the
+    chain to the ones named."""
     from gradaudit.frontends.chain import capture as chain
 
-    return chain(model, inputs)
+    return chain(model, inputs, frontends)
 
 
 def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:

@@ -205,6 +205,29 @@ def test_cli_refuses_to_probe_a_meta_model_in_one_line(write, run):
 
 
 @pytest.mark.oldest
+def test_a_meta_model_is_never_run_for_real(monkeypatch):
+    """The hook capture runs a real forward pass; a meta model never takes that path:
+    when fx and export fail, the audit says so."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if float(x.sum()) > 0:  # data-dependent: fx and export cannot take it
+                return self.fc(x)
+            return -self.fc(x)
+
+    from gradaudit.errors import CaptureError
+    from gradaudit.frontends import hooks
+
+    monkeypatch.setattr(hooks, "capture", lambda *a, **k: pytest.fail("the hook capture ran"))
+    with pytest.raises(CaptureError, match="no capture of the model worked"):
+        gradaudit.audit(on_meta(Branchy), torch.ones(2, 8))
+
+
+@pytest.mark.oldest
 def test_a_meta_parameter_without_an_initialiser_is_an_error_naming_it():
     class Scale(nn.Module):
         def __init__(self):
