@@ -37,7 +37,7 @@ class Settings:
 
 
 def audit(
-    model: nn.Module,
+    model: Any,
     example_inputs: Any = None,
     *,
     target: str | None = None,
@@ -50,6 +50,8 @@ def audit(
 ) -> AuditReport:
     """Audit ``model`` for vanishing and exploding gradients at initialisation.
 
+    ``model`` is an ``nn.Module`` or an ONNX model (a ``.onnx`` path, an
+    ``onnx.ModelProto`` or :func:`gradaudit.frontends.onnx_load.load`'s result).
     ``example_inputs`` is a tensor or a tuple of tensors (only shapes and dtypes are
     used by the static pass); when omitted they are inferred from the first layer.
     ``select`` / ``ignore`` take rule codes or prefixes (``GA1``). ``input_stats``
@@ -58,8 +60,8 @@ def audit(
     The model is left exactly as found: parameters, buffers, modes, ``requires_grad``,
     ``.grad``, hooks and the global RNG states.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"audit() needs an nn.Module, got {type(model).__name__}")
+    model = _onnx_model(model)
+    onnx = not isinstance(model, nn.Module)
     settings = settings or Settings()
     started = time.perf_counter()
     from gradaudit.probe import stage
@@ -67,7 +69,12 @@ def audit(
     stage_options = stage.parse_options(options)
     example_inputs, batch_source = stage.load_inputs(stage_options, example_inputs)
     input_source = batch_source or input_source
-    if example_inputs is None:
+    if example_inputs is None and onnx:
+        from gradaudit.frontends.onnx_load import example_inputs as declared_inputs
+
+        example_inputs, inferred, declared_stats = declared_inputs(model)
+        input_source, input_stats = input_source or inferred, input_stats or declared_stats
+    elif example_inputs is None:
         from gradaudit.loading import infer_inputs
 
         example_inputs, inferred = infer_inputs(model)
@@ -77,7 +84,7 @@ def audit(
     )
     input_source = input_source or "given"
     codes = _selected_codes(select, ignore)
-    with preserved(model):
+    with preserved(None if onnx else model):
         graph = capture(model, inputs)
         analysis = analyse(graph, inputs, input_stats, settings)
         findings = run_rules(analysis, codes)
@@ -86,24 +93,51 @@ def audit(
         from gradaudit.suppress import UNUSED_CODE, apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
-            findings, graph, model, options.get("per_module_ignores"), target=target,
-            report_unused=UNUSED_CODE in codes,
+            findings, graph, None if onnx else model, options.get("per_module_ignores"),
+            target=None if onnx else target, report_unused=UNUSED_CODE in codes,
         )
         findings = sorted(findings + unused, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
         report = build_report(
-            analysis, findings, target=target or type(model).__name__, input_source=input_source, inputs=inputs
+            analysis, findings, target=target or getattr(model, "label", type(model).__name__),
+            input_source=input_source, inputs=inputs,
         )
         report.suppressed = suppressed
+        if onnx:
+            from gradaudit.frontends.onnx_load import versions
+
+            report.environment.update(versions())
         stage.attach(report, analysis, stage_options)
         report.environment["static_seconds"] = round(static_seconds, 4)
     return report
 
 
-def capture(model: nn.Module, inputs: tuple) -> Graph:
-    """Model -> IR with the best frontend that works (torch.fx today)."""
+def capture(model: Any, inputs: tuple) -> Graph:
+    """Model -> IR with the best frontend that works (torch.fx for a module, the ONNX
+    frontend for a loaded ONNX model)."""
+    if not isinstance(model, nn.Module):
+        from gradaudit.frontends import onnx
+
+        return onnx.capture(model, inputs)
     from gradaudit.frontends import fx
 
     return fx.trace(model, inputs)
+
+
+def _onnx_model(model: Any) -> Any:
+    """``model`` itself for an ``nn.Module``; an ONNX model (loaded by
+    :func:`gradaudit.frontends.onnx_load.load`, an ``onnx.ModelProto`` or a path to a
+    ``.onnx`` file) as an :class:`~gradaudit.frontends.onnx_load.OnnxModel`."""
+    if isinstance(model, nn.Module):
+        return model
+    from gradaudit.frontends import onnx_load
+
+    if isinstance(model, onnx_load.OnnxModel):
+        return model
+    if isinstance(model, str) and model.lower().endswith(".onnx"):
+        return onnx_load.load(model)
+    if type(model).__name__ == "ModelProto":
+        return onnx_load.from_proto(model)
+    raise ConfigError(f"audit() needs an nn.Module or an ONNX model, got {type(model).__name__}")
 
 
 def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -> Analysis:
