@@ -108,6 +108,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def session_options():
+    """onnxruntime options: torch's intra-op thread count (one knob for both), worker
+    threads that sleep instead of spinning between ops (many short runs on shared cores)."""
+    import torch
+
+    ort = require_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = max(torch.get_num_threads(), 1)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 @dataclass
 class OnnxModel:
     """A checked ONNX model: external data read, nothing executed.

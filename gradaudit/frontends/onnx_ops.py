@@ -382,7 +382,7 @@ class OrtNode:
         import onnx
         from onnx import helper
 
-        from gradaudit.frontends.onnx_load import require_onnxruntime
+        from gradaudit.frontends.onnx_load import require_onnxruntime, session_options
 
         ort = require_onnxruntime()
         ins = []
@@ -396,9 +396,7 @@ class OrtNode:
         graph = helper.make_graph([self.node], "node", ins, outs)
         model = helper.make_model(graph, opset_imports=self.opsets)
         model.ir_version = min(model.ir_version, onnx.IR_VERSION)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         return self.session
 
     def __call__(self, *args):

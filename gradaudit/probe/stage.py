@@ -111,14 +111,19 @@ def run(model, inputs: tuple, analysis, codes: set[str], opts: StageOptions, set
     if not opts.active:
         return findings
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    onnx = type(model).__name__ == "OnnxModel"
+    device = "cpu" if onnx and opts.device == "auto" else resolve_device(opts.device)
     settings = with_thresholds(settings, opts)
     analysis.config["settings"] = settings
+    if onnx:
+        from gradaudit.probe.onnx import probe
     if opts.probe:
         analysis.config["probe"] = probe(
             model, inputs, analysis, draws=opts.draws, device=device, dtype=opts.dtype, settings=settings
         )
         findings += run_rules(analysis, codes, stage="probe")
+    if opts.gradcheck and onnx:
+        raise ConfigError("--gradcheck checks custom autograd code of a PyTorch model; an ONNX graph has none")
     if opts.gradcheck:
         from gradaudit.probe.gradcheck import gradcheck
 
@@ -150,6 +155,8 @@ def attach(report, analysis, opts: StageOptions) -> None:
             layer.measured = Moments(m.act_rms, m.grad_rms)
             layer.extra["measured_weight_grad_rms"] = _num(m.weight_grad_rms)
             layer.extra["measured_grad_weight_ratio"] = _num(m.grad_weight_ratio)
+            if hasattr(result, "layer_extra"):  # the ONNX probe's finite-difference uncertainties
+                layer.extra.update(_num(result.layer_extra(layer.node)))
             row = rows.get(layer.node)
             if row is not None:
                 layer.extra["act_log10_error"] = _num(row["act_log10_error"])
