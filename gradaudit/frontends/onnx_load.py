@@ -115,7 +115,7 @@ def session_options():
 
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures reach the caller as exceptions; no log lines
     opts.intra_op_num_threads = max(torch.get_num_threads(), 1)
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -151,6 +151,8 @@ class Builder:
             v = helper.get_attribute_value(a)
             if isinstance(v, bytes):
                 v = v.decode("utf-8", "replace")
+            elif isinstance(v, list) and v and isinstance(v[0], bytes):
+                v = [x.decode("utf-8", "replace") for x in v]
             elif isinstance(v, self.onnx.TensorProto):
                 v = numpy_helper.to_array(v)
             out[a.name] = v
@@ -704,7 +706,23 @@ def conv(b: Builder, node) -> None:
                       padding=padding, dilation=tuple(dil), groups=groups, bias=bias_name is not None)
     bias = b.tensor(bias_name) if bias_name else None
     params = b.attach(module, weight=(w, b.tensor(w)), bias=(bias_name, bias))
-    b.emit("conv", module, (x,), module=module, params=params)
+    name = b.emit("conv", module, (x,), module=module, params=params)
+    evidence = _folded_norm(b, node, w)
+    if evidence:
+        b.facts["bn_folded"].append((name, evidence))
+
+
+def _folded_norm(b: Builder, node, weight: str) -> str | None:
+    """Why this convolution looks like it absorbed a BatchNorm (an inference export)."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if "FuseBatchNorm" in meta.get("pkg.onnxscript.rewriter.rule_name", ""):
+        return "the exporter's optimizer fused a BatchNorm into it (FuseBatchNormIntoConv)"
+    if "BatchNorm" in meta.get("pkg.torch.onnx.class_hierarchy", ""):
+        return "the exporter records it as a BatchNorm module's op"
+    source = b.origin.get(weight, weight)
+    if source.startswith("onnx::") and any(_qualname_like(t) and t.endswith(".weight") for t in b.consts):
+        return f"its weight '{source}' was computed at export (constant folding) while other weights keep their names"
+    return None
 
 
 @maps("ConvTranspose")
@@ -1184,3 +1202,87 @@ def einsum(b: Builder, node) -> None:
 
     eq = b.attrs(node)["equation"]
     b.emit("einsum", torch.einsum, (eq, *[b.ref(t) for t in node.input]))
+
+
+# --------------------------------------------------------------------------- recurrent
+#: torch's gate order as indices into ONNX's: LSTM iofc -> ifgo, GRU zrh -> rzn.
+_GATES = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}
+
+
+@maps("RNN", "LSTM", "GRU")
+def recurrent(b: Builder, node) -> None:
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (one layer, forward or bidirectional) with
+    the ONNX weights regrouped into torch's gate order, so the recurrent rules read
+    ``weight_hh_l0`` as for a torch model. The node returns torch's ``(output, h_n)`` /
+    ``(output, (h_n, c_n))``; ONNX's Y, Y_h, Y_c are its leaves."""
+    import torch
+    import torch.nn as nn
+
+    a = b.attrs(node)
+    t = node.op_type
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    x_name, w, r, bias, seq_lens, h0 = ins[:6]
+    c0 = ins[6] if t == "LSTM" else ""
+    direction = a.get("direction", "forward")
+    acts = [s.lower() for s in a.get("activations", [])]
+    unsupported = (
+        direction == "reverse" or a.get("clip") is not None or a.get("input_forget", 0)
+        or (t == "LSTM" and ins[7]) or (t == "GRU" and not a.get("linear_before_reset", 0))
+        or (t == "RNN" and acts and acts[0] not in ("tanh", "relu"))
+        or (t != "RNN" and acts and acts[:3] not in (["sigmoid", "tanh", "tanh"], ["sigmoid", "tanh"]))
+    )
+    if unsupported or b.const(w) is None or b.const(r) is None or (bias and b.const(bias) is None):
+        raise Fallback("recurrent variant")
+    meta = b.meta(x_name)
+    layout = int(a.get("layout", 0))
+    if seq_lens and (b.const(seq_lens) is None or meta is None
+                     or set(b.ints(seq_lens)) != {meta.shape[1 if layout else 0]}):
+        raise Fallback("variable sequence lengths")
+    W, R = b.tensor(w), b.tensor(r)
+    dirs, hidden = W.shape[0], int(a.get("hidden_size", R.shape[-1]))
+    gates = _GATES[t]
+    B = b.tensor(bias) if bias else torch.zeros(dirs, 2 * len(gates) * hidden, dtype=W.dtype)
+
+    def order(m):  # (gates * H, ...) in ONNX order -> torch order
+        return torch.cat([m[g * hidden:(g + 1) * hidden] for g in gates])
+
+    kwargs = {"bidirectional": dirs == 2, "batch_first": layout == 1}
+    if t == "RNN":
+        kwargs["nonlinearity"] = acts[0] if acts else "tanh"
+    cls = {"RNN": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}[t]
+    module = b.module(cls, W.shape[-1], hidden, **kwargs)
+    tensors, params = {}, {}
+    n = len(gates) * hidden
+    for d in range(dirs):
+        sfx = "_l0" + ("_reverse" if d else "")
+        tensors[f"weight_ih{sfx}"] = (w, order(W[d]))
+        tensors[f"weight_hh{sfx}"] = (r, order(R[d]))
+        tensors[f"bias_ih{sfx}"] = (bias or None, order(B[d, :n]))
+        tensors[f"bias_hh{sfx}"] = (bias or None, order(B[d, n:]))
+    params = b.attach(module, **tensors)
+    module.flatten_parameters = lambda: None  # the parameters are views of the file's weights
+    args: tuple = (b.ref(x_name),)
+    states = [s for s in (h0, c0) if s and not (b.const(s) is not None and not b.const(s).any())]
+    if states:
+        if t == "LSTM" and not (h0 and c0 and len(states) == 2):
+            raise Fallback("one initial LSTM state")
+        hx = (b.ref(h0), b.ref(c0)) if t == "LSTM" else b.ref(h0)
+        args = (b.ref(x_name), hx)
+    outs = [o if o else "" for o in (list(node.output) + ["", "", ""])[: 3 if t == "LSTM" else 2]]
+    metas = [b.meta(o) if o else None for o in outs]
+    name = b.emit(t.lower(), module, args, tensors=[], metas=metas, module=module, params=params)
+    ir = b.nodes[-1]
+    if outs[0]:
+        b.tensor_of[name] = outs[0]
+    ir.structure = (0, (1, 2)) if t == "LSTM" else (0, 1)
+    if outs[0] and b.used(outs[0]):
+        b.getitem(name, 0, outs[0])
+    if t == "LSTM" and any(o and b.used(o) for o in outs[1:]):
+        pair = b._unique(f"{name}/states")
+        b.nodes.append(Node(name=pair, op="getitem", kind="call_function", args=(Ref(name), 1),
+                            fn=operator.getitem, outputs=metas[1:], structure=(0, 1)))
+        for k, o in enumerate(outs[1:]):
+            if o and b.used(o):
+                b.getitem(pair, k, o)
+    elif t != "LSTM" and outs[1] and b.used(outs[1]):
+        b.getitem(name, 1, outs[1])

@@ -453,13 +453,15 @@ class ProbeGraph:
         _to_double(double, self.onnx)
         trial = self.onnx.ModelProto()
         trial.CopyFrom(double)
-        try:
-            self._create(trial, self.outputs)
-            self.proto, self.precision = double, "float64"
-            for k, v in self.feeds.items():
-                if v.dtype == np.float32:
-                    self.feeds[k] = v.astype(np.float64)
-        except Exception:  # an op without float64 kernels (Conv, ...): float32
+        feeds = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in self.feeds.items()}
+        feeds.update({name: np.ones(shape) for name, _, shape in self.dropouts})
+        try:  # some kernels exist only for float32, which session creation or the first run says
+            session, inputs, _ = self._create(trial, self.outputs)
+            session.run(None, {k: feeds[k] for k in inputs})
+            self.proto, self.precision, self.feeds = double, "float64", feeds
+            for name, _, _ in self.dropouts:
+                self.feeds.pop(name)
+        except Exception:  # an op without float64 kernels (Conv, LSTM...): float32
             self.precision = "float32"
         inferred = self.onnx.shape_inference.infer_shapes(self.proto)
         g = inferred.graph
