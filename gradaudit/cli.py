@@ -126,6 +126,20 @@ class _Range(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from gradaudit.frontends.onnx_load import parse_size
+
+        try:
+            return parse_size(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _codes(values: tuple[str, ...]) -> list[str] | None:
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
     return out or None
@@ -159,9 +173,11 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
 @click.option("--gradcheck-module", "gradcheck_modules", multiple=True, metavar="NAME",
               help="Module to gradcheck (repeatable).")
+@click.option("--max-model-size", type=_Size(), default=None,
+              help="Largest ONNX model to load: file, external data and folded constants [default: 4GiB].")
 def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
           skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
-          gradcheck_modules):
+          gradcheck_modules, max_model_size):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
     \b
@@ -207,7 +223,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
             report = None
             if not (skip_missing and _no_torch(spec)):
                 try:
-                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
+                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options,
+                                        max_model_size)
                 except GradauditError as exc:
                     from gradaudit.loading import NoModelFound
 
@@ -330,12 +347,13 @@ def _settings(config):
     return Settings(**values, extra=extra)
 
 
-def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, max_model_size=None):
     from gradaudit.api import audit
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
 
-    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range,
+                         max_model_size=max_model_size)
     try:
         return audit(
             loaded.model,

@@ -235,6 +235,8 @@ def _shape_value(node, shape: tuple[int, ...], np) -> dict[str, Any]:
 def _output_bytes(node, shapes: dict, consts: dict, np) -> int | None:
     """Bytes the node's outputs will take: from inferred shapes, else (for the ops that
     expand) from their constant inputs; None when small enough not to matter."""
+    from onnx import helper
+
     total = 0
     for name in node.output:
         shape, elem = shapes.get(name, (None, 0))
@@ -244,7 +246,11 @@ def _output_bytes(node, shapes: dict, consts: dict, np) -> int | None:
             shape = _expanded_shape(node, consts, np)
             if shape is None:
                 return None
-        total += math.prod(shape) * 8
+        try:
+            size = helper.tensor_dtype_to_np_dtype(elem).itemsize if elem else 8
+        except (KeyError, ValueError, TypeError):
+            size = 8
+        total += math.prod(shape) * size
     return total
 
 
