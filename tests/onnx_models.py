@@ -40,6 +40,7 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir_vers
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     if ir_version is not None:
         model.ir_version = ir_version
+    model = onnx.shape_inference.infer_shapes(model)  # types for outputs given without one
     onnx.checker.check_model(model)
     return model
 

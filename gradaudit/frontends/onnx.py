@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradaudit.errors import CaptureError, LoadError
-from gradaudit.frontends.onnx_load import OnnxModel, human_bytes, require_onnx, torch_dtype_name
+from gradaudit.frontends.onnx_load import OnnxModel, human_bytes, require_onnx, torch_dtype_name, type_name
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
 
 #: Ops never folded: their value must stay a run-time value.
@@ -382,7 +382,7 @@ def location_of(node) -> Location | None:
 
 
 def dtype_name(onnx, elem: int) -> str:
-    return torch_dtype_name(onnx, elem) or onnx.TensorProto.DataType.Name(elem).lower()
+    return torch_dtype_name(onnx, elem) or type_name(onnx, elem).lower() or f"type{elem}"
 
 
 def tensor_meta(onnx, shapes: dict, name: str) -> TensorMeta | None:

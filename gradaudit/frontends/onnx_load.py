@@ -319,9 +319,14 @@ def _validate_external_data(path: str, model: Any, budget: int, onnx) -> int:
     return total
 
 
+def type_name(onnx, data_type: int) -> str:
+    """``FLOAT``, ``INT64``...; empty for a number no ONNX type has."""
+    return onnx.TensorProto.DataType.Name(data_type) if data_type in onnx.TensorProto.DataType.values() else ""
+
+
 def _itemsize(onnx, data_type: int) -> float:
     """Bytes per element of an ONNX tensor type (4-bit and 2-bit types as fractions)."""
-    name = onnx.TensorProto.DataType.Name(data_type) if data_type in onnx.TensorProto.DataType.values() else ""
+    name = type_name(onnx, data_type)
     if name in ("STRING", "UNDEFINED", ""):
         return 0.0
     if name.startswith(("INT4", "UINT4", "FLOAT4")):
@@ -383,8 +388,7 @@ _DTYPES = {
 
 def torch_dtype_name(onnx, elem_type: int) -> str | None:
     """The torch dtype name of an ONNX element type (None when torch has none)."""
-    name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else ""
-    return _DTYPES.get(name)
+    return _DTYPES.get(type_name(onnx, elem_type))
 
 
 def declared_shape(info) -> list[int | str | None]:
@@ -436,7 +440,7 @@ def example_inputs(
         dtype = input_dtype or torch_dtype_name(onnx, elem)
         if dtype is None:
             raise LoadError(f"{model.label}: input '{info.name}' is not a tensor of a supported type "
-                            f"({onnx.TensorProto.DataType.Name(elem) if elem else 'no tensor type'})")
+                            f"({type_name(onnx, elem) or f'type number {elem}'})")
         dims = declared_shape(info)
         if input_shapes:
             shape = tuple(input_shapes[k])

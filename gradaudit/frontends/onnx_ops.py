@@ -103,6 +103,9 @@ class Builder:
                     raise CaptureError(f"{self.model.label}: node '{node.name or node.op_type}' reads '{t}', "
                                        "which no node, input or initializer defines")
             mapper = MAPPERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if node.op_type in _SAME_SHAPE and node.output and self.shape(node.output[0]) is None:
+                # shape inference may stop at ops it lacks a function for (GroupNormalization-21)
+                self.shapes[node.output[0]] = self.shapes.get(node.input[0], (None, 0))
             start = len(self.nodes)
             saved = (dict(self.produced), dict(self.tensor_of), dict(self.params_of), set(self.skip))
             try:
@@ -313,8 +316,17 @@ class Builder:
         return "pkg.torch.onnx.name_scopes" not in meta and self.scope_counts.get(qual) == 1
 
     def module(self, cls, *args, **kwargs):
-        """``cls(*args, **kwargs)`` built on the meta device (no init, no memory)."""
-        return cls(*args, device="meta", **kwargs)
+        """``cls(*args, **kwargs)`` built on the meta device (no init, no memory); its
+        buffers (BatchNorm's running statistics) become real zeros (variances: ones)."""
+        import torch
+
+        module = cls(*args, device="meta", **kwargs)
+        for owner in module.modules():
+            for name, buf in list(owner._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    fill = torch.ones if name.endswith("var") else torch.zeros
+                    owner._buffers[name] = fill(buf.shape, dtype=buf.dtype)
+        return module
 
     def attach(self, module, **tensors) -> dict[str, str]:
         """Give ``module`` the constants as parameters; return {param: ONNX tensor}."""
@@ -361,6 +373,11 @@ _TORCH_LEAVES = frozenset({
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
     "Flatten", "Unflatten", "Identity", "Upsample", "PixelShuffle", "PixelUnshuffle",
 })
+
+
+#: Ops whose output has their first input's shape and type.
+_SAME_SHAPE = frozenset({"GroupNormalization", "LayerNormalization", "RMSNormalization", "InstanceNormalization",
+                         "BatchNormalization", "LRN", "Dropout", "Identity"})
 
 
 # --------------------------------------------------------------------------- onnxruntime nodes
@@ -780,6 +797,9 @@ def batch_norm(b: Builder, node) -> None:
     c = meta.shape[1]
     cls = nn.BatchNorm1d if len(meta.shape) <= 3 else (nn.BatchNorm2d if len(meta.shape) == 4 else nn.BatchNorm3d)
     module = b.module(cls, c, eps=float(a.get("epsilon", 1e-5)), momentum=1.0 - float(a.get("momentum", 0.9)))
+    for buffer, k in (("running_mean", 3), ("running_var", 4)):
+        if len(node.input) > k and b.const(node.input[k]) is not None:
+            setattr(module, buffer, b.tensor(node.input[k]).reshape(-1).clone())
     params = b.attach(module, weight=(node.input[1], scale.reshape(-1)), bias=(node.input[2], bias.reshape(-1)))
     b.emit("batch_norm", module, (b.ref(node.input[0]),), tensors=[node.output[0]], metas=[b.meta(node.output[0])],
            module=module, params=params)
@@ -1045,13 +1065,27 @@ def cast(b: Builder, node) -> None:
 
 @maps("DepthToSpace", "SpaceToDepth")
 def depth_space(b: Builder, node) -> None:
+    """Pixel (un)shuffles. ``DepthToSpace`` in CRD mode is ``F.pixel_shuffle``; DCR mode
+    and ``SpaceToDepth`` order the block before the channels."""
     import torch.nn.functional as F
 
-    block = int(b.attrs(node)["blocksize"])
-    if node.op_type == "DepthToSpace":
-        b.emit("pixel_shuffle", F.pixel_shuffle, (b.ref(node.input[0]), block))
+    a = b.attrs(node)
+    k = int(a["blocksize"])
+    x = b.ref(node.input[0])
+    if node.op_type == "DepthToSpace" and a.get("mode", "DCR") == "CRD":
+        b.emit("pixel_shuffle", F.pixel_shuffle, (x, k))
+    elif node.op_type == "DepthToSpace":
+        def dcr(v):
+            n, c, h, w = v.shape
+            return v.reshape(n, k, k, c // (k * k), h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // (k * k), h * k, w * k)
+
+        b.emit("pixel_shuffle", dcr, (x,))
     else:
-        b.emit("pixel_unshuffle", F.pixel_unshuffle, (b.ref(node.input[0]), block))
+        def space_to_depth(v):
+            n, c, h, w = v.shape
+            return v.reshape(n, c, h // k, k, w // k, k).permute(0, 3, 5, 1, 2, 4).reshape(n, c * k * k, h // k, w // k)
+
+        b.emit("pixel_unshuffle", space_to_depth, (x,))
 
 
 # --------------------------------------------------------------------------- pooling, softmax, reductions
@@ -1270,19 +1304,65 @@ def recurrent(b: Builder, node) -> None:
         args = (b.ref(x_name), hx)
     outs = [o if o else "" for o in (list(node.output) + ["", "", ""])[: 3 if t == "LSTM" else 2]]
     metas = [b.meta(o) if o else None for o in outs]
-    name = b.emit(t.lower(), module, args, tensors=[], metas=metas, module=module, params=params)
-    ir = b.nodes[-1]
+    torch_metas = _torch_rnn_metas(metas, dirs, hidden, layout)
+    name = b.emit(t.lower(), module, args, tensors=[], metas=torch_metas, module=module, params=params)
+    b.nodes[-1].structure = (0, (1, 2)) if t == "LSTM" else (0, 1)
     if outs[0]:
         b.tensor_of[name] = outs[0]
-    ir.structure = (0, (1, 2)) if t == "LSTM" else (0, 1)
-    if outs[0] and b.used(outs[0]):
-        b.getitem(name, 0, outs[0])
+    states = name
     if t == "LSTM" and any(o and b.used(o) for o in outs[1:]):
-        pair = b._unique(f"{name}/states")
-        b.nodes.append(Node(name=pair, op="getitem", kind="call_function", args=(Ref(name), 1),
-                            fn=operator.getitem, outputs=metas[1:], structure=(0, 1)))
-        for k, o in enumerate(outs[1:]):
-            if o and b.used(o):
-                b.getitem(pair, k, o)
-    elif t != "LSTM" and outs[1] and b.used(outs[1]):
-        b.getitem(name, 1, outs[1])
+        states = b._unique(f"{name}/states")
+        b.nodes.append(Node(name=states, op="getitem", kind="call_function", args=(Ref(name), 1),
+                            fn=operator.getitem, outputs=torch_metas[1:], structure=(0, 1)))
+    picks = [(name, 0)] + ([(states, 0), (states, 1)] if t == "LSTM" else [(name, 1)])
+    for k, (src, index) in enumerate(picks):
+        if outs[k] and b.used(outs[k]):
+            _onnx_layout(b, src, index, outs[k], torch_metas[k], metas[k], k == 0, layout)
+
+
+def _torch_rnn_metas(metas, dirs: int, hidden: int, layout: int) -> list:
+    """torch's output shapes -- output (seq, batch, dirs * H) (batch first with layout 1),
+    states (dirs, batch, H) -- from ONNX's Y (seq, dirs, batch, H) / (batch, seq, dirs,
+    H) and Y_h, Y_c (dirs, batch, H) / (batch, dirs, H)."""
+    out = []
+    for k, m in enumerate(metas):
+        if m is None:
+            out.append(None)
+        elif k == 0:
+            seq, batch = (m.shape[0], m.shape[2]) if not layout else (m.shape[1], m.shape[0])
+            shape = (batch, seq, dirs * hidden) if layout else (seq, batch, dirs * hidden)
+            out.append(TensorMeta(shape, m.dtype))
+        else:
+            out.append(TensorMeta((dirs, m.shape[0], hidden) if layout else m.shape, m.dtype))
+    return out
+
+
+def _onnx_layout(b: Builder, src: str, index: int, tensor: str, torch_meta, onnx_meta, sequence: bool,
+                 layout: int) -> None:
+    """A recurrent output in ONNX's layout: the torch leaf, regrouped (layout ops, which
+    keep the statistics)."""
+    import torch
+
+    picked = b._unique(f"{src}[{index}]")
+    b.nodes.append(Node(name=picked, op="getitem", kind="call_function", args=(Ref(src), index),
+                        fn=operator.getitem, outputs=[torch_meta]))
+    ref = Ref(picked)
+    if sequence:
+        s = onnx_meta.shape
+        split = (s[0], s[2], s[1], s[3]) if not layout else s
+        grouped = b._unique(f"{picked}/heads")
+        b.nodes.append(Node(name=grouped, op="reshape", kind="call_function", args=(ref, split), fn=torch.reshape,
+                            outputs=[TensorMeta(split, onnx_meta.dtype)]))
+        ref = Ref(grouped)
+        if not layout:
+            last = b._unique(f"{picked}/onnx")
+            b.nodes.append(Node(name=last, op="permute", kind="call_function", args=(ref, (0, 2, 1, 3)),
+                                fn=torch.permute, outputs=[onnx_meta]))
+            ref = Ref(last)
+    elif layout:
+        last = b._unique(f"{picked}/onnx")
+        b.nodes.append(Node(name=last, op="permute", kind="call_function", args=(ref, (1, 0, 2)),
+                            fn=torch.permute, outputs=[onnx_meta]))
+        ref = Ref(last)
+    b.produced[tensor] = ref.name
+    b.tensor_of.setdefault(ref.name, tensor)
