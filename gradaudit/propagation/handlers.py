@@ -615,9 +615,32 @@ def dropout(ctx: Ctx) -> Effect:
     E[y] = E[x], E[y^2] = E[x^2] / (1 - p); the gradient is masked and scaled the same
     way, gain 1 / (1 - p). Channels keep their own statistics.
     """
-    ref = ctx.first_ref()
     p = ctx.attr("p") if ctx.node.kind == "call_module" else ctx.arg(1, "p", 0.5)
     training = ctx.arg(2, "training", True) if ctx.node.kind != "call_module" else True
+    return _inverted_mask(ctx, p, training)
+
+
+@handles("stochastic_depth", "drop_path")
+def stochastic_depth(ctx: Ctx) -> Effect:
+    """Stochastic depth / DropPath (Huang et al., ECCV 2016): in training mode a whole
+    residual branch is dropped per sample (``mode="row"``) or per batch with probability
+    p, the kept ones scaled by 1 / (1 - p). Per element that is inverted dropout's mask:
+    E[y^2] = E[x^2] / (1 - p), gain 1 / (1 - p) (torchvision's
+    ``stochastic_depth(input, p, mode, training)``; timm's ``drop_path(x, drop_prob,
+    training, scale_by_keep)``). A sampled estimate would instead drop or keep the whole
+    batch at once and read as 0 or 1.
+    """
+    if ctx.node.kind == "call_module":
+        p, training = ctx.attr("p", ctx.attr("drop_prob", 0.0)), ctx.attr("training", True)
+    elif ctx.node.op == "stochastic_depth":
+        p, training = ctx.arg(1, "p", 0.0), ctx.arg(3, "training", True)
+    else:
+        p, training = ctx.arg(1, "drop_prob", 0.0), ctx.arg(2, "training", False)
+    return _inverted_mask(ctx, float(p), bool(training))
+
+
+def _inverted_mask(ctx: Ctx, p: float, training: bool) -> Effect:
+    ref = ctx.first_ref()
     x = ctx.stat(ref)
     if not training or p == 0:
         return Effect([_keep(x)], [(ref.name, 0, 0, channels.Diag(1.0))])
