@@ -1,6 +1,13 @@
 """The nine networks of onnx's light model zoo (shipped in the onnx wheel, old opsets,
 weights computed by ``ConstantOfShape``, BatchNorm in inference mode where the network
-has it) audit end to end: a report, never a load or internal error."""
+has it) audit end to end: a report, never a load or internal error.
+
+Every weight of these files is the constant 0.02 (GA204 symmetric-init). Without
+normalization the activations then grow by fan-in x 0.02 per layer, and every class
+logit is the same number: four of the plain networks end in an ``incomplete`` verdict
+(GA001) -- their predicted statistics overflow, or the softmax, treating its logits as
+independent, predicts a zero gradient -- exactly as for the same networks built in torch
+and audited through torch.fx."""
 
 from __future__ import annotations
 
@@ -30,7 +37,11 @@ def test_audits_end_to_end(path):
     weight_layers = [layer for layer in report.layers if layer.depth is not None]
     assert weight_layers and all(layer.predicted is not None for layer in weight_layers)
     assert all(e["ok"] for e in report.estimated_ops)
-    assert report.verdict != "incomplete"
+    assert any(f.rule == "GA204" for f in report.findings)
+    if report.verdict == "incomplete":
+        assert path.stem not in WITH_BATCH_NORM
+        assert all("not finite" in g.reason or "exactly 0 on every parameterized layer" in g.reason
+                   for g in report.coverage.gaps)
     inference = [f for f in report.findings if f.rule == "GA304"]
     assert bool(inference) == (path.stem in WITH_BATCH_NORM)
     if inference:
@@ -40,5 +51,5 @@ def test_audits_end_to_end(path):
 def test_exit_status_from_the_command_line(run):
     squeezenet = next(p for p in ZOO if p.stem == "light_squeezenet")
     result = run("check", str(squeezenet), "--format", "json")
-    assert result.returncode in (0, 1), result.stderr
+    assert result.returncode not in (2, 3), result.stderr  # 4: incomplete (see the module docstring)
     assert '"frontend": "onnx"' in result.stdout

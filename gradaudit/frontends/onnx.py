@@ -49,15 +49,17 @@ class OnnxGraph(Graph):
 
     ``tensor_of`` maps an IR node to the ONNX tensor holding its output; ``params_of``
     maps a layer node to ``{param name: ONNX tensor name}`` (``{"weight": "fc.weight"}``);
-    ``folded`` is the model after constant folding (constants as initializers) and
-    ``consts`` the folded values by tensor name; ``notes`` what the capture decided.
+    ``folded`` is the model after constant folding (constants as initializers),
+    ``consts`` the folded values and ``shapes`` the inferred shapes by tensor name;
+    ``facts`` what the capture noticed (for the inference-export rule).
     """
 
     tensor_of: dict[str, str] = field(default_factory=dict)
     params_of: dict[str, dict[str, str]] = field(default_factory=dict)
     folded: Any = None
     consts: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    #: ONNX tensor -> (static shape or None, ONNX element type), from shape inference.
+    shapes: dict[str, tuple] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
 
 

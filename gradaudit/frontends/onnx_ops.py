@@ -69,7 +69,6 @@ class Builder:
         self.names: set[str] = set()
         self.skip: set[int] = set()
         self.facts: dict[str, Any] = {"bn_inference": [], "dropout_inference": [], "bn_folded": []}
-        self.notes: list[str] = []
         self.consumers: dict[str, list[int]] = {}
         graph = proto.graph
         for i, n in enumerate(graph.node):
@@ -132,7 +131,7 @@ class Builder:
             tensor_of=self.tensor_of,
             params_of=self.params_of,
             consts=self.consts,
-            notes=self.notes,
+            shapes=self.shapes,
             facts=self.facts,
         )
 

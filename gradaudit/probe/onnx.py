@@ -280,6 +280,7 @@ class ProbeGraph:
         self.graph = graph
         self.analysis = analysis
         self.onnx = onnx
+        self.by_tensor = {t: n for n, t in graph.tensor_of.items()}
         self.runs = 0
         proto = onnx.ModelProto()
         proto.CopyFrom(graph.folded)
@@ -336,7 +337,7 @@ class ProbeGraph:
             elif node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
                 mask = f"{_PREFIX}mask_{k}"
                 p = _dropout_ratio(node, self.graph.consts, self.opset)
-                shape = _shape_of(self.analysis, self.graph, node.input[0])
+                shape = _shape_of(self.graph, node.input[0])
                 if shape is None:
                     raise CaptureError(f"the ONNX probe needs the shape of '{node.input[0]}'")
                 self.dropouts.append((mask, p, shape))
@@ -352,7 +353,7 @@ class ProbeGraph:
         variance over every axis but the channels', as training computes it."""
         from onnx import helper, numpy_helper
 
-        shape = _shape_of(self.analysis, self.graph, node.input[0])
+        shape = _shape_of(self.graph, node.input[0])
         if shape is None:
             raise CaptureError(f"the ONNX probe needs the shape of '{node.input[0]}'")
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
@@ -394,7 +395,7 @@ class ProbeGraph:
         extra = []
         for layer in self.layers:
             node = producers.get(layer.tensor)
-            shape = _shape_of(self.analysis, self.graph, layer.tensor)
+            shape = _shape_of(self.graph, layer.tensor)
             if node is None or shape is None:
                 raise CaptureError(f"the ONNX probe cannot find the output '{layer.tensor}' of layer '{layer.node}'")
             outs = list(node.output)
@@ -412,25 +413,19 @@ class ProbeGraph:
         g.node.extend(ordered)
 
     def _elem(self, tensor: str) -> int:
+        """The ONNX element type of ``tensor`` (float when nothing says otherwise)."""
         import numpy as np
         from onnx import helper
 
-        meta = self._meta(tensor)
-        if meta is not None:
-            return _ONNX_TYPES.get(meta.dtype, 1)
+        elem = self.graph.shapes.get(tensor, (None, 0))[1]
+        if elem:
+            return elem
         v = self.graph.consts.get(tensor)
         return helper.np_dtype_to_tensor_dtype(v.dtype) if isinstance(v, np.ndarray) else 1
 
-    def _meta(self, tensor: str):
-        name = self._ir_name(tensor)
-        return self.graph[name].meta if name is not None else None
-
     def _ir_name(self, tensor: str) -> str | None:
-        if not hasattr(self, "_by_tensor"):
-            self._by_tensor = {t: n for n, t in self.graph.tensor_of.items()}
-            for name in self.graph.input_names:
-                self._by_tensor.setdefault(name, name)
-        return self._by_tensor.get(tensor)
+        """The IR node whose output is ONNX tensor ``tensor``."""
+        return self.by_tensor.get(tensor)
 
     def _unit_tensors(self) -> list[str]:
         """Activation outputs (dead units) and saturating activations' inputs."""
@@ -650,9 +645,11 @@ class ProbeGraph:
                 if y.ndim < 2:
                     continue
                 axis = 1 if y.ndim >= 3 else y.ndim - 1
-                zero = np.moveaxis(y == 0, axis, 0).reshape(y.shape[axis], -1).mean(axis=1)
+                per_unit = np.moveaxis(y == 0, axis, 0).reshape(y.shape[axis], -1)
+                zero = per_unit.mean(axis=1)
                 dead = int((zero >= dead_at).sum())
-                out.append(UnitStats(n.name, n.op, "dead", dead / max(zero.size, 1), int(zero.size), dead))
+                out.append(UnitStats(n.name, n.op, "dead", dead / max(zero.size, 1), int(zero.size), dead,
+                                     int(per_unit.shape[1])))
             elif n.op in SATURATING and n.args and hasattr(n.args[0], "name"):
                 x = observed.get(self.graph.tensor_of.get(n.args[0].name, ""))
                 if x is None or x.size == 0:
@@ -687,25 +684,15 @@ class ProbeGraph:
         return None
 
 
-_ONNX_TYPES = {"float32": 1, "float64": 11, "float16": 10, "bfloat16": 16, "int64": 7, "int32": 6, "int8": 3,
-               "uint8": 2, "bool": 9, "int16": 5}
-
-
 def _is_float(info) -> bool:
     return info.type.tensor_type.elem_type in (1, 10, 11, 16)
 
 
-def _shape_of(analysis, graph, tensor: str) -> tuple | None:
-    for name, t in graph.tensor_of.items():
-        if t == tensor:
-            return graph[name].shape
-    v = graph.consts.get(tensor)
-    if v is not None:
-        return tuple(v.shape)
-    for name in graph.input_names:
-        if name == tensor:
-            return graph[name].shape
-    return None
+def _shape_of(graph, tensor: str) -> tuple | None:
+    shape = graph.shapes.get(tensor, (None, 0))[0]
+    if shape is None and tensor in graph.consts:
+        shape = tuple(graph.consts[tensor].shape)
+    return shape
 
 
 def _dropout_ratio(node, consts: dict, opset: int) -> float:
