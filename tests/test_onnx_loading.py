@@ -226,11 +226,13 @@ def test_external_data_location_refused(cli, external, location, match):
     check_fails(cli, external(location), match=match)
 
 
-def test_external_data_symlink_refused(cli, external):
+@pytest.mark.parametrize("link, match", [(os.symlink, "goes through a symlink"), (os.link, "has 2 hard links")])
+def test_external_data_links_refused(cli, external, link, match):
+    """A link to a file outside the folder, symbolic or hard."""
     outside = external.folder.parent / "secret.bin"
     outside.write_bytes(external.weight.tobytes())
-    os.symlink(outside, external.folder / "link.bin")
-    check_fails(cli, external("link.bin"), match="goes through a symlink")
+    link(outside, external.folder / "link.bin")
+    check_fails(cli, external("link.bin"), match=match)
 
 
 def test_external_data_symlinked_folder_refused(cli, external):
@@ -240,13 +242,6 @@ def test_external_data_symlinked_folder_refused(cli, external):
     (elsewhere / "w.bin").write_bytes(external.weight.tobytes())
     os.symlink(elsewhere, external.folder / "sub")
     check_fails(cli, external("sub/w.bin"), match="goes through a symlink (sub)")
-
-
-def test_external_data_hardlink_refused(cli, external):
-    outside = external.folder.parent / "secret.bin"
-    outside.write_bytes(external.weight.tobytes())
-    os.link(outside, external.folder / "hard.bin")
-    check_fails(cli, external("hard.bin"), match="has 2 hard links")
 
 
 def test_external_data_range_beyond_the_file(cli, external):

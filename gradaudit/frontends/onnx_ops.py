@@ -185,6 +185,13 @@ class Builder:
             return TensorMeta(shape=tuple(v.shape), dtype=str(v.dtype).replace("bool_", "bool"))
         return meta
 
+    def known(self, name: str) -> TensorMeta:
+        """The meta of tensor ``name``; :class:`Fallback` when its shape is not static."""
+        meta = self.meta(name)
+        if meta is None:
+            raise Fallback(f"no static shape for {name}")
+        return meta
+
     def is_float(self, name: str) -> bool:
         m = self.meta(name)
         return m is not None and m.is_float
@@ -698,31 +705,42 @@ def _padded_input(b: Builder, node, pads: list[int], nd: int, value: float = 0.0
     return Ref(name), (0,) * nd
 
 
+def _kernel(b: Builder, node):
+    """A ``Conv``/``ConvTranspose``'s constant kernel and bias, and its attributes:
+    (weight name, bias name or None, attributes, spatial dims, kernel, strides,
+    dilations, groups); :class:`Fallback` for a computed kernel or bias."""
+    w = node.input[1]
+    wv = b.const(w)
+    if wv is None or node.input[0] in b.consts or not 3 <= wv.ndim <= 5:
+        raise Fallback("computed kernel")
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias and b.const(bias) is None:
+        raise Fallback("computed bias")
+    a = b.attrs(node)
+    nd = wv.ndim - 2
+    kernel = list(a.get("kernel_shape", wv.shape[2:]))
+    strides, dil = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    return w, bias, a, nd, kernel, strides, dil, int(a.get("group", 1))
+
+
+def _emit_kernel(b: Builder, op: str, module, x, weight: str, bias: str | None) -> str:
+    params = b.attach(module, weight=(weight, b.tensor(weight)), bias=(bias, b.tensor(bias) if bias else None))
+    return b.emit(op, module, (x,), module=module, params=params)
+
+
 @maps("Conv")
 def conv(b: Builder, node) -> None:
     """``Conv`` with a constant kernel: ``nn.Conv1d/2d/3d`` (asymmetric padding as an
     explicit zero pad before it)."""
     import torch.nn as nn
 
-    w = node.input[1]
-    wv = b.const(w)
-    if wv is None or node.input[0] in b.consts or not 3 <= wv.ndim <= 5:
-        raise Fallback("computed kernel")
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias_name and b.const(bias_name) is None:
-        raise Fallback("computed bias")
-    a = b.attrs(node)
-    nd = wv.ndim - 2
-    kernel = list(a.get("kernel_shape", wv.shape[2:]))
-    strides, dil = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    groups = int(a.get("group", 1))
+    w, bias, a, nd, kernel, strides, dil, groups = _kernel(b, node)
     x, padding = _padded_input(b, node, _pads(b, node, a, nd, kernel, strides, dil), nd)
-    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
-    module = b.module(cls, wv.shape[1] * groups, wv.shape[0], tuple(kernel), stride=tuple(strides),
-                      padding=padding, dilation=tuple(dil), groups=groups, bias=bias_name is not None)
-    bias = b.tensor(bias_name) if bias_name else None
-    params = b.attach(module, weight=(w, b.tensor(w)), bias=(bias_name, bias))
-    name = b.emit("conv", module, (x,), module=module, params=params)
+    shape = b.const(w).shape
+    module = b.module((nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1], shape[1] * groups, shape[0], tuple(kernel),
+                      stride=tuple(strides), padding=padding, dilation=tuple(dil), groups=groups,
+                      bias=bias is not None)
+    name = _emit_kernel(b, "conv", module, x, w, bias)
     evidence = _folded_norm(b, node, w)
     if evidence:
         b.facts["bn_folded"].append((name, evidence))
@@ -743,29 +761,17 @@ def _folded_norm(b: Builder, node, weight: str) -> str | None:
 
 @maps("ConvTranspose")
 def conv_transpose(b: Builder, node) -> None:
+    """``nn.ConvTranspose1d/2d/3d`` (the begin pads; the inferred shapes carry the rest)."""
     import torch.nn as nn
 
-    w = node.input[1]
-    wv = b.const(w)
-    if wv is None or node.input[0] in b.consts or not 3 <= wv.ndim <= 5:
-        raise Fallback("computed kernel")
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias_name and b.const(bias_name) is None:
-        raise Fallback("computed bias")
-    a = b.attrs(node)
-    nd = wv.ndim - 2
-    kernel = list(a.get("kernel_shape", wv.shape[2:]))
-    strides, dil = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    groups = int(a.get("group", 1))
+    w, bias, a, nd, kernel, strides, dil, groups = _kernel(b, node)
     pads = list(a.get("pads", [0] * (2 * nd)))
-    out_pad = list(a.get("output_padding", [0] * nd))
+    shape = b.const(w).shape
     cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
-    module = b.module(cls, wv.shape[0], wv.shape[1] * groups, tuple(kernel), stride=tuple(strides),
-                      padding=tuple(pads[:nd]), output_padding=tuple(out_pad), groups=groups,
-                      dilation=tuple(dil), bias=bias_name is not None)
-    bias = b.tensor(bias_name) if bias_name else None
-    params = b.attach(module, weight=(w, b.tensor(w)), bias=(bias_name, bias))
-    b.emit("conv_transpose", module, (b.ref(node.input[0]),), module=module, params=params)
+    module = b.module(cls, shape[0], shape[1] * groups, tuple(kernel), stride=tuple(strides),
+                      padding=tuple(pads[:nd]), output_padding=tuple(a.get("output_padding", [0] * nd)),
+                      groups=groups, dilation=tuple(dil), bias=bias is not None)
+    _emit_kernel(b, "conv_transpose", module, b.ref(node.input[0]), w, bias)
 
 
 # --------------------------------------------------------------------------- normalization
@@ -823,9 +829,7 @@ def layer_norm(b: Builder, node) -> None:
     import torch.nn as nn
 
     a = b.attrs(node)
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no input shape")
+    meta = b.known(node.input[0])
     axis = int(a.get("axis", -1)) % len(meta.shape)
     shape = tuple(meta.shape[axis:])
     scale, bias = _affine_consts(b, node)
@@ -976,9 +980,7 @@ def split(b: Builder, node) -> None:
     import torch
 
     a = b.attrs(node)
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no shape")
+    meta = b.known(node.input[0])
     axis = int(a.get("axis", 0)) % len(meta.shape)
     sizes = []
     for t in node.output:
@@ -992,9 +994,7 @@ def split(b: Builder, node) -> None:
 @maps("Slice")
 def slice_(b: Builder, node) -> None:
     """Constant slicing, as ``x[a:b:c, ...]`` (``getitem``)."""
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no shape")
+    meta = b.known(node.input[0])
     if b.opset < 10:
         a = b.attrs(node)
         starts, ends, axes, steps = a.get("starts"), a.get("ends"), a.get("axes"), None
@@ -1022,9 +1022,7 @@ def pad(b: Builder, node) -> None:
     import torch.nn.functional as F
 
     a = b.attrs(node)
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no shape")
+    meta = b.known(node.input[0])
     nd = len(meta.shape)
     if b.opset < 11:
         pads, value = list(a.get("pads", a.get("paddings", []))), float(a.get("value", 0.0))
@@ -1149,9 +1147,7 @@ def softmax(b: Builder, node) -> None:
     softmax over one dimension only when the later ones are 1."""
     import torch.nn.functional as F
 
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no shape")
+    meta = b.known(node.input[0])
     nd = len(meta.shape)
     axis = int(b.attrs(node).get("axis", -1 if b.opset >= 13 else 1)) % nd
     if b.opset < 13 and math.prod(meta.shape[axis + 1:]) != 1:
@@ -1165,9 +1161,7 @@ def reduce(b: Builder, node) -> None:
     import torch
 
     a = b.attrs(node)
-    meta = b.meta(node.input[0])
-    if meta is None:
-        raise Fallback("no shape")
+    meta = b.known(node.input[0])
     nd = len(meta.shape)
     axes_from_input = (node.op_type == "ReduceSum" and b.opset >= 13) or b.opset >= 18
     if axes_from_input:
