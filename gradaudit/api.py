@@ -274,11 +274,12 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
             )
         )
     grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
-    from gradaudit.rules.helpers import gradient_profile
+    from gradaudit.rules.helpers import followed_by_norm, gradient_profile
 
     prof = gradient_profile(analysis)
     return AuditReport(
         judged=None if prof is None else (prof.source, prof.summary),
+        normalized_layers=sum(1 for n in weight_layers if followed_by_norm(analysis, n)),
         coverage=analysis.coverage,
         target=target,
         frontend=analysis.graph.frontend,

@@ -124,10 +124,13 @@ def headline(report: Any) -> Headline:
         return Headline("WARNING", f"{worst.category} risk: {first_clause(worst.message)}", worst.severity)
     source, d = report.judged if report.judged is not None else ("predicted", report.depth)
     if d.n_layers >= 2 and math.isfinite(d.spread_decades):
+        normed = report.normalized_layers
+        note = (f"; {normed} of them are followed by a normalization, which absorbs a large gradient"
+                if normed else "")
         return Headline(
             "HEALTHY",
             f"the {source} weight-gradient scale stays within {d.spread_decades:.2g} decades across {d.n_layers} "
-            f"weight layers (first / last layer: {fmt_num(d.end_to_end_ratio)})",
+            f"weight layers (first / last layer: {fmt_num(d.end_to_end_ratio)}{note})",
             None,
         )
     return Headline("HEALTHY", "no problem predicted", None)

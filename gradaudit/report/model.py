@@ -115,6 +115,9 @@ class AuditReport:
     #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
     #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
     judged: tuple[str, DepthSummary] | None = None
+    #: How many weight layers a normalization follows (their scale is reset: a large
+    #: gradient there corrects itself; see GA102).
+    normalized_layers: int = 0
 
     @property
     def complete(self) -> bool:
