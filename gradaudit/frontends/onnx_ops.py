@@ -68,7 +68,7 @@ class Builder:
         self.params_of: dict[str, dict[str, str]] = {}
         self.names: set[str] = set()
         self.skip: set[int] = set()
-        self.facts: dict[str, Any] = {"bn_inference": [], "dropout_inference": [], "bn_folded": []}
+        self.facts: dict[str, Any] = {"bn_inference": [], "bn_folded": []}
         self.consumers: dict[str, list[int]] = {}
         graph = proto.graph
         for i, n in enumerate(graph.node):
@@ -105,8 +105,7 @@ class Builder:
             if node.op_type in _SAME_SHAPE and node.output and self.shape(node.output[0]) is None:
                 # shape inference may stop at ops it lacks a function for (GroupNormalization-21)
                 self.shapes[node.output[0]] = self.shapes.get(node.input[0], (None, 0))
-            start = len(self.nodes)
-            saved = (dict(self.produced), dict(self.tensor_of), dict(self.params_of), set(self.skip))
+            mark = self._mark()
             try:
                 if mapper is None:
                     raise Fallback("no mapping")
@@ -115,10 +114,7 @@ class Builder:
                 if missing:
                     raise Fallback(f"output {missing[0]} not mapped")
             except Fallback:
-                for n in self.nodes[start:]:
-                    self.names.discard(n.name)
-                del self.nodes[start:]
-                self.produced, self.tensor_of, self.params_of, self.skip = saved
+                self._rollback(mark)
                 self.unmapped(node)
         outs = [self.value(o.name) for o in graph.output]
         refs = [o for o in outs if isinstance(o, Ref)]
@@ -134,6 +130,23 @@ class Builder:
             shapes=self.shapes,
             facts=self.facts,
         )
+
+    def _mark(self) -> tuple:
+        """Where the building stands: what :meth:`_rollback` returns to. Mappers only add
+        entries (ONNX tensors are assigned once), so sizes say it all."""
+        return (len(self.nodes), len(self.produced), len(self.tensor_of), len(self.params_of),
+                len(self.param_nodes), set(self.skip))
+
+    def _rollback(self, mark: tuple) -> None:
+        """Undo what a mapper that gave up (:class:`Fallback`) had emitted."""
+        n_nodes, *sizes, skip = mark
+        for n in self.nodes[n_nodes:]:
+            self.names.discard(n.name)
+        del self.nodes[n_nodes:]
+        for table, size in zip((self.produced, self.tensor_of, self.params_of, self.param_nodes), sizes):
+            for key in list(table)[size:]:
+                del table[key]
+        self.skip = skip
 
     def _unique(self, name: str) -> str:
         base = name or "node"
@@ -1192,9 +1205,6 @@ def dropout(b: Builder, node) -> None:
         p = b.scalar(node.input[1]) if len(node.input) > 1 and node.input[1] else 0.5
         if p is None:
             raise Fallback("computed ratio")
-        training = b.scalar(node.input[2]) if len(node.input) > 2 and node.input[2] else False
-        if not training:
-            b.facts["dropout_inference"].append(node.name or node.output[0])
     b.emit("dropout", F.dropout, (b.ref(node.input[0]), float(p), True), tensors=[node.output[0]],
            metas=[b.meta(node.output[0])])
 

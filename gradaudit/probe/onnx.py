@@ -336,7 +336,7 @@ class ProbeGraph:
                 nodes.extend(self._batch_norm(node, k, np))
             elif node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
                 mask = f"{_PREFIX}mask_{k}"
-                p = _dropout_ratio(node, self.graph.consts, self.opset)
+                p = self._dropout_ratio(node)
                 shape = _shape_of(self.graph, node.input[0])
                 if shape is None:
                     raise CaptureError(f"the ONNX probe needs the shape of '{node.input[0]}'")
@@ -347,6 +347,13 @@ class ProbeGraph:
                 nodes.append(node)
         g.ClearField("node")
         g.node.extend(nodes)
+
+    def _dropout_ratio(self, node) -> float:
+        """The drop probability the frontend read for this Dropout node."""
+        ir = self.by_tensor.get(node.output[0])
+        if ir is None or self.graph[ir].op != "dropout":
+            raise CaptureError(f"the ONNX probe cannot fix the mask of dropout node '{node.name}' (computed ratio)")
+        return float(self.graph[ir].args[1])
 
     def _batch_norm(self, node, k: int, np) -> list:
         """y = (x - mean) / sqrt(var + eps) * scale + bias with batch mean and (biased)
@@ -693,14 +700,6 @@ def _shape_of(graph, tensor: str) -> tuple | None:
     if shape is None and tensor in graph.consts:
         shape = tuple(graph.consts[tensor].shape)
     return shape
-
-
-def _dropout_ratio(node, consts: dict, opset: int) -> float:
-    if opset < 12:
-        return next((a.f for a in node.attribute if a.name == "ratio"), 0.5)
-    if len(node.input) > 1 and node.input[1] and node.input[1] in consts:
-        return float(consts[node.input[1]])
-    return 0.5
 
 
 def _to_double(model, onnx) -> None:
