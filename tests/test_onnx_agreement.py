@@ -31,7 +31,8 @@ import rulemodels as rm  # noqa: E402
 from onnx_models import autograd_norms, dynamo_available, export, layer_params, within  # noqa: E402
 from probe_models import load_example, small_models  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# they pass on the oldest supported torch too (no torchvision needed)
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 def _example(name: str, shape=None):

@@ -24,7 +24,8 @@ from gradaudit.frontends.onnx_ops import MAPPERS, OrtNode  # noqa: E402
 from gradaudit.ir import callable_of, map_refs  # noqa: E402
 from onnx_models import make_model, save, tensor  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# they pass on the oldest supported torch too (no torchvision needed)
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 RNG = np.random.default_rng(0)
 
 
@@ -73,6 +74,7 @@ CASES = {
     "Selu": unary("Selu"), "ThresholdedRelu": unary("ThresholdedRelu", ir_op="threshold", alpha=0.4),
     "HardSigmoid": unary("HardSigmoid", alpha=0.3, beta=0.4), "Shrink": unary("Shrink", ir_op="softshrink", bias=0.5, lambd=0.5),
     "Gelu": lambda: case("Gelu", {"x": normal(3, 4)}, {"approximate": "tanh"}, opset=20),
+    "Swish": lambda: case("Swish", {"x": normal(3, 4)}, {"alpha": 1.5}, opset=24),
     "Clip": lambda: case("Clip", {"x": normal(3, 4) * 8}, consts={"lo": np.array(0.0, np.float32),
                                                                "hi": np.array(6.0, np.float32)}, ir_op="relu6"),
     "Add": binary("Add", "add"), "Sub": binary("Sub", "sub"), "Mul": binary("Mul", "mul"), "Div": binary("Div", "div"),
@@ -308,3 +310,27 @@ def test_audit_accepts_paths_protos_and_loaded_models(tmp_path):
 
     with pytest.raises(ConfigError, match="nn.Module or an ONNX model"):
         gradaudit.audit(object())
+
+
+def test_erf_gelu_pattern_fuses_into_one_activation(tmp_path):
+    """x * 0.5 * (1 + erf(x / sqrt 2)) as exporters write GELU: scalar constants become
+    Python numbers, the chain fuses onto x and is integrated exactly: E[gelu(z)^2] =
+    0.42522 and E[gelu'(z)^2] = 0.45585 for z ~ N(0, 1) (ORACLES.md)."""
+    c = {"sqrt2": np.array(math.sqrt(2), np.float32), "one": np.array(1.0, np.float32),
+         "half": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["g"]),
+             helper.make_node("MatMul", ["g", "w"], ["y"])]
+    model = make_model(nodes, [("x", T.FLOAT, [64, 8])], [("y", T.FLOAT, [64, 8])],
+                       [tensor(k, v) for k, v in c.items()] + [tensor("w", np.eye(8, dtype=np.float32))])
+    report = gradaudit.audit(str(save(model, tmp_path / "gelu.onnx")))
+    (layer,) = report.layers
+    assert math.isclose(layer.predicted.act_rms ** 2, 0.42522, rel_tol=2e-3)
+    assert report.estimated_ops == []
+    graph = frontend.capture(onnx_load.load(str(tmp_path / "gelu.onnx")), (torch.randn(64, 8),))
+    from gradaudit.propagation.engine import propagate
+
+    analysis = propagate(graph)
+    x_name = graph.input_names[0]
+    assert math.isclose(analysis.stat(x_name).grad_rms ** 2, 0.45585, rel_tol=2e-3)

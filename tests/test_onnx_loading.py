@@ -21,7 +21,8 @@ from gradaudit.errors import ConfigError, GradauditError, LoadError  # noqa: E40
 from gradaudit.frontends import onnx_load  # noqa: E402
 from onnx_models import light_zoo, make_model, save, tensor  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# they pass on the oldest supported torch too (no torchvision needed)
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 def linear_model(weight=None) -> "onnx.ModelProto":

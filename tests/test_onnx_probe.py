@@ -20,7 +20,8 @@ from gradaudit.probe import onnx as onnx_probe  # noqa: E402
 from onnx_models import export, make_model, save, tensor  # noqa: E402
 from probe_models import small_models  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# they pass on the oldest supported torch too (no torchvision needed)
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 def dense(tmp_path, n_in=16, n_out=40, batch=8, bias=0.0, act=None):

@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime")
 import gradaudit  # noqa: E402
 from onnx_models import light_zoo  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# they pass on the oldest supported torch too (no torchvision needed)
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 ZOO = light_zoo()
 #: The networks of the zoo that normalise with BatchNorm (stored in inference mode).

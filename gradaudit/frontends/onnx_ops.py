@@ -496,7 +496,7 @@ def unary(b: Builder, node) -> None:
     b.emit(op, fn, (b.ref(node.input[0]),))
 
 
-@maps("LeakyRelu", "Elu", "Celu", "Selu", "ThresholdedRelu", "HardSigmoid", "Shrink", "Gelu")
+@maps("LeakyRelu", "Elu", "Celu", "Selu", "ThresholdedRelu", "HardSigmoid", "Shrink", "Gelu", "Swish")
 def parametric(b: Builder, node) -> None:
     """Activations with attributes, as their torch functional (or the ONNX formula)."""
     import torch
@@ -530,6 +530,12 @@ def parametric(b: Builder, node) -> None:
             b.emit("hardshrink", F.hardshrink, (x, lambd))
         else:
             b.emit("shrink", lambda v: torch.where(v < -lambd, v + bias, torch.where(v > lambd, v - bias, 0 * v)), (x,))
+    elif t == "Swish":  # opset 24: x sigmoid(alpha x)
+        alpha = float(a.get("alpha", 1.0))
+        if alpha == 1.0:
+            b.emit("silu", F.silu, (x,))
+        else:
+            b.emit("swish", lambda v: v * torch.sigmoid(alpha * v), (x,))
     else:  # Gelu (opset 20)
         b.emit("gelu", F.gelu, (x,), {"approximate": a.get("approximate", "none")})
 

@@ -16,6 +16,7 @@ import gradaudit  # noqa: E402
 from onnx_models import dynamo_available, export, make_model, save, tensor  # noqa: E402
 from probe_models import small_models  # noqa: E402
 
+pytestmark = pytest.mark.oldest
 CODE = "GA304"
 
 
