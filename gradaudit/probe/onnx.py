@@ -68,6 +68,7 @@ from gradaudit.probe.gradients import (
     tensor_summary,
     threshold,
 )
+from gradaudit.probe.inputs import first_line
 from gradaudit.progress import progress
 
 #: Relative step h / ||tensor|| per precision.
@@ -289,7 +290,9 @@ class ProbeGraph:
         g = proto.graph
         self.feeds: dict[str, Any] = {}
         for info, x in zip(g.input, inputs):
-            self.feeds[info.name] = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            value = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            declared = info.type.tensor_type.elem_type
+            self.feeds[info.name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(declared)) if declared else value
         self.outputs = [o.name for o in g.output if _is_float(o)]
         self.layers = [
             Layer(n.name, n.module, graph.tensor_of[n.name], sorted(set(graph.params_of.get(n.name, {}).values())))
@@ -507,7 +510,11 @@ class ProbeGraph:
         g.ClearField("output")
         for name in outputs:
             g.output.append(self.onnx.helper.make_value_info(name, self.onnx.TypeProto()))
-        session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
+            raise CaptureError(f"onnxruntime cannot run the model for the probe: {first_line(exc)}") from exc
         return session, [i.name for i in session.get_inputs()], outputs
 
     def _session(self, kind: str):
@@ -560,7 +567,11 @@ class ProbeGraph:
             else:
                 feeds[name] = self.feeds[name]
         self.runs += 1
-        return dict(zip(outputs, session.run(None, feeds)))
+        try:
+            values = session.run(None, feeds)
+        except Exception as exc:
+            raise CaptureError(f"onnxruntime failed running the model for the probe: {first_line(exc)}") from exc
+        return dict(zip(outputs, values))
 
     def masks(self, rng) -> dict[str, Any]:
         import numpy as np
