@@ -96,7 +96,8 @@ def autograd_norms(model: nn.Module, inputs: tuple, draws: int = 256, seed: int 
     (a deep copy: the model under test is untouched), dropout redrawn each draw, the
     inputs leaves that require grad. Returns ``{"grad": {(module, call): E[(dL/dy)^2]},
     "param": {name: E||dL/dp||^2}}`` -- layer outputs by forward hooks on every module
-    that owns parameters, per call; frozen parameters are left out."""
+    that owns parameters, per call (the rest of the model reads a copy, so in-place ops
+    downstream leave the captured output alone); frozen parameters are left out."""
     m = copy.deepcopy(model).train()
     named = {n: mod for n, mod in m.named_modules() if any(True for _ in mod.parameters(recurse=False))}
     params = dict(m.named_parameters())
@@ -112,6 +113,11 @@ def autograd_norms(model: nn.Module, inputs: tuple, draws: int = 256, seed: int 
             calls[name] = k + 1
             y = out[0] if isinstance(out, tuple) else out
             captured.append(((name, k), y))
+            if isinstance(out, torch.Tensor):
+                # the model reads a copy: an in-place op after the layer (ReLU(inplace=True))
+                # must not turn the captured tensor into its own output
+                return out.clone()
+            return None
 
         handles = [mod.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name)) for n, mod in named.items()]
         xs = tuple(x.detach().clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs)

@@ -29,7 +29,8 @@ relative spread of ||J v||^2 is about sqrt(2 / r), r the effective rank of J^T J
 the number of output elements), so a model with many outputs needs few directions and one
 with few outputs many. Every estimate gets :data:`K_MIN`; further directions go to the
 estimate whose standard error, as a fraction of the RMS (se / (2 mean)), is largest,
-until all are within :data:`TARGET` with at least 3 directions, or :data:`K_MAX`, or
+until all are within :data:`TARGET` with at least :data:`K_TRUST` directions (a spread
+measured on fewer is itself too uncertain to stop on), or :data:`K_MAX`, or
 the extra runs would pass :data:`BUDGET` floating-point operations (counted, not timed:
 the result does not depend on the machine). The reached uncertainty is reported per
 layer. Each direction runs only the sub-graph below the layer, from a base run's values.
@@ -74,9 +75,9 @@ from gradaudit.progress import progress
 #: Relative step h / ||tensor|| per precision.
 STEP = {"float64": 1e-6, "float32": 1e-3}
 #: Directions per estimate: every estimate gets K_MIN; more go, most uncertain first, to
-#: estimates above TARGET relative standard error of the RMS (or with fewer than 3), up to
+#: estimates above TARGET relative standard error of the RMS (or with fewer than K_TRUST), up to
 #: K_MAX each, while the extra directions fit in BUDGET floating-point operations.
-K_MIN, K_MAX, TARGET = 2, 256, 0.05
+K_MIN, K_TRUST, K_MAX, TARGET = 2, 4, 256, 0.05
 #: About 170 forward passes of ResNet-18 on a 2x3x224x224 batch (3.6e9 each); each run
 #: also counts RUN_COST for the fixed cost of a call (about half a millisecond).
 BUDGET, RUN_COST = 6e11, 2.5e7
@@ -110,7 +111,7 @@ class Estimate:
     def wants_more(self) -> bool:
         if len(self.samples) >= K_MAX:
             return False
-        return len(self.samples) < 3 or not self.rel_err <= TARGET
+        return len(self.samples) < K_TRUST or not self.rel_err <= TARGET
 
 
 @dataclass
@@ -263,7 +264,7 @@ def _estimate(layer: Layer, quantity: str) -> Estimate:
 
 def _priority(est: Estimate) -> float:
     e = est.rel_err
-    return math.inf if not math.isfinite(e) else e + (1.0 if len(est.samples) < 3 else 0.0)
+    return math.inf if not math.isfinite(e) else e + (1.0 if len(est.samples) < K_TRUST else 0.0)
 
 
 class ProbeGraph:
