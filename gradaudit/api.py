@@ -71,7 +71,11 @@ def audit(
     Measured stages (off by default):
     ``probe`` runs a short real forward/backward (``draws`` draws of a random cotangent)
     and puts measured statistics beside the predicted ones; ``loss_fn(output, batch)`` with
-    a real ``batch`` makes it differentiate your loss instead (and turns it on);
+    real batches makes it also differentiate your loss, for gradient norms and GA606's
+    clipping threshold in your loss's units (and turns it on). ``batch`` is one batch (the
+    model runs on ``example_inputs`` when given, else on ``x`` of a batch ``(x, y)``), a
+    callable called once per draw for a fresh batch, or an iterable of batches such as a
+    ``DataLoader`` (one per draw; the model runs on each batch's ``x``);
     ``gradcheck`` numerically checks custom backward code (``gradcheck_modules`` names the
     modules to check and turns it on); ``dtype`` (``fp32``, ``bf16``, ``fp16``: autocast)
     and ``device`` (``cpu``, ``cuda``, ``auto``) are the probe's; ``inputs_path`` is a batch
@@ -123,31 +127,29 @@ def run(
     started = time.perf_counter()
     from gradaudit.probe import stage
 
-    example_inputs, batch_source = stage.load_inputs(opts, example_inputs)
-    input_source = batch_source or input_source
-    onnx = not isinstance(model, nn.Module)
-    if example_inputs is None and onnx:
-        from gradaudit.frontends.onnx_load import example_inputs as declared_inputs
-
-        example_inputs, inferred, declared_stats = declared_inputs(model)
-        input_source, input_stats = input_source or inferred, input_stats or declared_stats
-    elif example_inputs is None:
-        from gradaudit.loading import infer_inputs
-
-        example_inputs, inferred = infer_inputs(model)
-        input_source = input_source or inferred
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (
-        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
-    )
-    input_source = input_source or "given"
     codes = _selected_codes(select, ignore)
+    onnx = not isinstance(model, nn.Module)
+    # batches may draw from the RNGs: the audit leaves them as found
     with preserved(None if onnx else model):
+        example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
+        if example_inputs is None and onnx:
+            from gradaudit.frontends.onnx_load import example_inputs as declared_inputs
+
+            example_inputs, inferred, declared_stats = declared_inputs(model)
+            input_source, input_stats = input_source or inferred, input_stats or declared_stats
+        elif example_inputs is None:
+            from gradaudit.loading import infer_inputs
+
+            example_inputs, inferred = infer_inputs(model)
+            input_source = input_source or inferred
+        inputs = stage.as_tuple(example_inputs)
+        input_source = input_source or "given"
         graph = capture(model, inputs)
         analysis = analyse(graph, inputs, input_stats, settings)
         has_parameters = any(n.params for n in graph) if onnx else any(True for _ in model.parameters())
         analysis.coverage = coverage.check(analysis, model_has_parameters=has_parameters)
         static_seconds = time.perf_counter() - started
-        stage.gather(model, inputs, analysis, opts, settings)
+        stage.gather(model, inputs, analysis, opts, settings, loss_batches)
         findings = run_rules(analysis, codes)
         from gradaudit.suppress import UNUSED_CODE
         from gradaudit.suppress import apply as apply_suppressions

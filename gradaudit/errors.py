@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class GradauditError(Exception):
     """Base class: bad input, not a bug. ``location`` is the user's line, when known."""
@@ -23,3 +26,18 @@ class CaptureError(GradauditError):
 
 class ConfigError(GradauditError):
     """A configuration value or a command-line option is invalid."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module``, an optional dependency installed by the ``extra`` of gradaudit;
+    when it is missing, a :class:`ConfigError` (one line, exit 2) saying what needs it and
+    the command that installs it."""
+    top = module.partition(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):  # missing inside it: a broken install
+            raise ConfigError(f"{purpose} needs '{top}', which fails to import: {exc}") from exc
+        raise ConfigError(
+            f"{purpose} needs the '{top}' package, which is not installed: pip install 'gradaudit[{extra}]'"
+        ) from exc

@@ -16,7 +16,9 @@ Which object is the model:
 Which example inputs, first match wins: ``--input-shape`` (``input_shapes``), an
 ``example_inputs`` attribute or callable in the same file, the factory's tuple, else
 :func:`infer_inputs` from the first layer that consumes the input. ``Loaded.input_source``
-says which one was used.
+says which one was used. A ``loss_fn(output, batch)`` and an ``example_batch`` (a batch,
+or a callable returning a fresh one) in the file are the probe's real loss
+(:mod:`gradaudit.probe.loss`).
 
 Every problem is a :class:`~gradaudit.errors.LoadError` with a one-line message that
 names the user's file and line where one is known.
@@ -63,6 +65,9 @@ class Loaded:
     target: str
     #: (mean, std) per input index, from ``--input-range`` on floating inputs.
     input_stats: dict[int, tuple[float, float]] = field(default_factory=dict)
+    #: ``loss_fn`` and ``example_batch`` of the file (the probe's real loss), if defined.
+    loss_fn: Any = None
+    batch: Any = None
 
 
 def load_target(
@@ -106,7 +111,8 @@ def load_target(
         source = f"factory {factory}()"
     if inputs is None:
         inputs, source = infer_inputs(model)
-    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats)
+    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats,
+                  loss_fn=namespace.get("loss_fn"), batch=namespace.get("example_batch"))
 
 
 # -- importing the user's code --------------------------------------------------------------
@@ -145,9 +151,12 @@ def _exec_file(path: str) -> dict:
     try:
         with open(apath, "rb") as fh:
             source = fh.read()
+        if b"\0" in source:
+            raise LoadError(f"{path}: not a Python source file (it holds null bytes, as binary files do)")
         code = compile(source, apath, "exec")
     except SyntaxError as exc:
-        raise LoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise LoadError(f"{where}: syntax error: {exc.msg}") from exc
     except (OSError, ValueError) as exc:
         raise LoadError(f"{path}: cannot read: {exc}") from exc
     spec = importlib.util.spec_from_file_location(name, apath)
@@ -365,6 +374,7 @@ def make_inputs(
     import torch
 
     torch_dtype = parse_dtype(dtype) if dtype else torch.float32
+    check_input_size(shapes, torch_dtype)
     gen = torch.Generator().manual_seed(0)
     stats: dict[int, tuple[float, float]] = {}
     out = []
@@ -391,6 +401,27 @@ def make_inputs(
             x = torch.randint(lo, hi, shape, generator=gen, dtype=torch_dtype)
         out.append(x)
     return tuple(out), stats
+
+
+#: Largest example input, all inputs together: the audit needs a small batch, and the
+#: inputs are allocated (the probe runs them; the static pass traces with them).
+MAX_INPUT_BYTES = 2**30
+
+
+def check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
+    """:class:`ConfigError` naming the size and the limit when the inputs of ``shapes``
+    would take more than :data:`MAX_INPUT_BYTES`: checked before anything is allocated."""
+    import math
+
+    itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+    total = sum(math.prod(shape) for shape in shapes) * itemsize
+    if total > MAX_INPUT_BYTES:
+        given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
+        raise ConfigError(
+            f"{given}: the inputs would take {total / 2**30:.3g} GiB ({str(dtype).replace('torch.', '')}), over the "
+            f"{MAX_INPUT_BYTES / 2**30:g} GiB limit for example inputs; a batch of 2 at the real feature sizes "
+            "is enough for the audit"
+        )
 
 
 def _embedding_size(model: Any) -> int | None:

@@ -45,7 +45,7 @@ EXACT = 0.10
 APPROX = 0.25
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 # --------------------------------------------------------------------------- building blocks

@@ -11,6 +11,8 @@ import torch.nn as nn
 from gradaudit.errors import ConfigError, LoadError
 from gradaudit.loading import infer_inputs, load_target, make_inputs, parse_range, parse_shape
 
+pytestmark = pytest.mark.oldest
+
 HEADER = "import torch\nimport torch.nn as nn\n"
 
 # (file body, target suffix, expected in_features of the loaded Linear, expected input_source)

@@ -56,19 +56,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradaudit.errors import CaptureError, ConfigError
-from gradaudit.probe.gradients import (
-    SEED,
-    SATURATING,
-    ZERO_REGION,
-    LayerMeasure,
-    NonFinite,
-    ProbeResult,
-    UnitStats,
-    _input_rms,
-    agreement,
-    tensor_summary,
-    threshold,
-)
+from gradaudit.probe.agreement import agreement, input_rms
+from gradaudit.probe.gradients import SEED
+from gradaudit.probe.nonfinite import NonFinite, tensor_summary
+from gradaudit.probe.result import LayerMeasure, ProbeResult, clean
+from gradaudit.probe.thresholds import threshold
+from gradaudit.probe.units import SATURATING, ZERO_REGION, UnitStats
 from gradaudit.probe.inputs import first_line
 from gradaudit.progress import progress
 
@@ -142,16 +135,17 @@ class OnnxProbeResult(ProbeResult):
         return self.estimator.get("layers", {}).get(node, {})
 
     def to_json(self) -> dict:
-        from gradaudit.probe.gradients import _clean
-
         out = super().to_json()
-        out["estimator"] = _clean(self.estimator)
+        out["estimator"] = clean(self.estimator)
         return out
 
 
 def probe(model, inputs: tuple, analysis, *, draws: int = 2, device: str = "cpu", dtype: str = "fp32",
-          settings: Any = None) -> OnnxProbeResult:
+          settings: Any = None, loss_fn=None, loss_batches=None) -> OnnxProbeResult:
     """Measure ``analysis``'s layers on the ONNX model (see the module docstring)."""
+    if loss_fn is not None:
+        raise ConfigError("loss_fn differentiates a loss of the PyTorch model's outputs; the ONNX probe measures "
+                          "the synthetic loss only")
     if dtype != "fp32":
         raise ConfigError("--dtype fp16/bf16 runs the torch probe under autocast; the ONNX probe runs the graph as "
                           "stored (use --dtype fp32)")
@@ -227,7 +221,7 @@ def probe(model, inputs: tuple, analysis, *, draws: int = 2, device: str = "cpu"
             "layers": detail,
         },
     )
-    result.inputs = _input_rms(analysis, inputs)
+    result.inputs = input_rms(analysis, inputs)
     result.agreement = agreement(analysis, result)
     return result
 

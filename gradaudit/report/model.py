@@ -118,6 +118,9 @@ class AuditReport:
     #: How many weight layers a normalization follows (their scale is reset: a large
     #: gradient there corrects itself; see GA102).
     normalized_layers: int = 0
+    #: Findings a baseline already holds (:mod:`gradaudit.baseline`): not in ``findings``,
+    #: so they neither fail a gate nor show as new, but the verdict still counts them.
+    baselined: list[Finding] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -132,9 +135,10 @@ class AuditReport:
         predicted findings rest on partial (or non-finite) numbers. Only an error-level
         finding of a *measured* stage (the probe, the gradcheck) outranks it. Otherwise
         the worst finding's category, ``healthy`` without any (info findings never
-        change the verdict).
+        change the verdict; findings held by a baseline count: a known problem is still
+        a problem).
         """
-        ranked = sorted((f for f in self.findings if f.severity != "info"),
+        ranked = sorted((f for f in self.findings + self.baselined if f.severity != "info"),
                         key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
         if not self.complete:
             from gradaudit.rules.base import all_rules
@@ -146,9 +150,9 @@ class AuditReport:
         return ranked[0].category if ranked else "healthy"
 
     def worst_severity(self) -> str | None:
-        if not self.findings:
+        if not self.findings and not self.baselined:
             return None
-        return min((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__)
+        return min((f.severity for f in self.findings + self.baselined), key=SEVERITY_ORDER.__getitem__)
 
     def ok(self, fail_on: str = "error") -> bool:
         """True when the audit is complete and no finding is at or above ``fail_on``."""

@@ -3,6 +3,7 @@
 import pytest
 import torch.nn as nn
 from rulemodels import audit, check_gradient_crossing, he, measure_layers, mlp, normal, scaled, x_for
+from shown import shows
 
 CODE = "GA102"
 
@@ -28,5 +29,5 @@ def test_message_carries_ratio_and_rate():
     (f,) = audit(model, x_for(model), CODE)
     real = [g for _, g in measure_layers(model, x_for(model)).values()]
     assert f.data["ratio"] == pytest.approx(real[0] / real[-1], rel=0.5)
-    assert f"grows {f.data['ratio']:.3g}x" in f.message and "10x every" in f.message
+    assert shows(f.message, "grows {}x", f.data["ratio"]) and "10x every" in f.message
     assert f.fix == "nn.init.kaiming_normal_(model[0].weight, nonlinearity='relu')"

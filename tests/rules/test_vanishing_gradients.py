@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from rulemodels import audit, check_gradient_crossing, he, lecun, measure_layers, mlp, scaled, x_for
+from shown import shows
 
 CODE = "GA101"
 
@@ -37,7 +38,7 @@ def test_rate_in_message_matches_autograd_slope():
     mx, my = (n - 1) / 2, sum(logs) / n
     slope = sum((i - mx) * (v - my) for i, v in enumerate(logs)) / sum((i - mx) ** 2 for i in range(n))
     assert -f.data["decades_per_layer"] == pytest.approx(slope, rel=0.25)
-    assert f"10x every {1 / -f.data['decades_per_layer']:.1f} layers" in f.message
+    assert shows(f.message, "10x every {} layers", 1 / -f.data["decades_per_layer"])
 
 
 def test_fix_is_code_naming_the_module():
