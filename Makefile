@@ -72,6 +72,7 @@ $(VENV_OLDEST)/.test-deps: pyproject.toml Makefile | $(VENV_OLDEST)/bin/python
 bench: $(PY_DEPS)
 	$(PY) benchmarks/bench_static.py
 	$(PY) benchmarks/bench_probe.py
+	$(PY) benchmarks/bench_export.py
 
 # The generated catalog (rules/, from the rule docstrings) and gallery (reports/, the
 # HTML, SARIF and JSON reports of every example); tests fail when the committed ones are stale.

@@ -148,8 +148,11 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @main.command()
 @click.argument("targets", nargs=-1, metavar="[TARGET]...")
 @click.option("--input-shape", "input_shapes", multiple=True, type=_Shape(),
-              help="Shape of one model input, e.g. 2,3,224,224 (repeat for several inputs).")
-@click.option("--input-dtype", help="dtype of the inputs, e.g. int64 for token ids (default float32).")
+              help="Shape of one model input, e.g. 2,3,224,224, or of a keyword input, e.g. input_ids=2,16 "
+                   "(repeat for several inputs).")
+@click.option("--input-dtype", "input_dtype", multiple=True,
+              help="dtype of the inputs, e.g. int64 for token ids (default float32), or of one keyword input, "
+                   "e.g. attention_mask=int64 (repeatable).")
 @click.option("--input-range", type=_Range(), help="Value range LO,HI of the inputs, e.g. 0,30522 for token ids.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Output format.")
@@ -208,6 +211,7 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
         gradcheck=gradcheck, gradcheck_modules=tuple(gradcheck_modules),
         per_module_ignores=dict(config.per_module_ignores or {}),
     )
+    input_dtype = ",".join(input_dtype) or None
     jobs = _jobs(targets, config, input_shapes, input_dtype, input_range)
     if skip_missing and targets and config.targets:
         jobs = _configured_only(jobs, config, input_shapes, input_dtype, input_range)
@@ -375,7 +379,7 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
             settings=settings,
         )
     except CaptureError as exc:
-        if loaded.input_source.startswith("inferred"):
+        if loaded.input_source.startswith("inferred") and getattr(exc, "inputs_suspect", False):
             raise CaptureError(f"{exc} (inputs were {loaded.input_source}; pass --input-shape)") from exc
         raise
 

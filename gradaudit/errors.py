@@ -21,7 +21,17 @@ class LoadError(GradauditError):
 
 
 class CaptureError(GradauditError):
-    """The model could not be captured into the IR (untraceable code, bad input shape)."""
+    """The model could not be captured into the IR (untraceable code, bad input shape).
+
+    ``inputs_suspect`` is true when the example inputs are the likely cause (they do not
+    fit a layer, or the forward raised on them), so that a hint about inputs fits."""
+
+    inputs_suspect = False
+
+
+class ModelCallError(CaptureError):
+    """The example call does not suit the model whichever capture runs: the inputs do not
+    fit ``forward``'s signature."""
 
 
 class ConfigError(GradauditError):

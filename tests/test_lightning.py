@@ -137,18 +137,28 @@ def test_stop_on_none_only_reports(tmp_path):
     assert trainer.global_step == 3 and callback.report.verdict == "vanishing" and callback.html_path is None
 
 
-def test_untraceable_model_is_a_warning_not_a_stop(tmp_path):
+def test_model_no_capture_takes_is_probed_and_training_goes_on(tmp_path, monkeypatch):
+    """No capture takes the model: the probe still measures it, the verdict says the
+    prediction is missing (incomplete), and training is not stopped."""
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(8, 3)
 
         def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            if x.sum() > 0:
                 return self.fc(x)
             return -self.fc(x)
 
+    from gradaudit.errors import CaptureError
+    from gradaudit.frontends import chain
+
+    def fails(model, inputs):  # no capture takes the model
+        raise CaptureError("cannot capture this model (for the test)")
+
+    monkeypatch.setattr(chain, "FRONTENDS", (("fx", fails), ("export", fails), ("hooks", fails)))
     callback = GradauditCallback()
-    with pytest.warns(UserWarning, match="could not audit"):
-        trainer, _ = _fit(Classifier(Branchy()), callback, tmp_path, _loader(), steps=2)
-    assert trainer.global_step == 2 and callback.report is None
+    trainer, _ = _fit(Classifier(Branchy()), callback, tmp_path, _loader(), steps=2)
+    assert trainer.global_step == 2
+    assert callback.report.verdict == "incomplete" and callback.report.frontend == "none"
+    assert all(layer.measured is not None for layer in callback.report.layers)

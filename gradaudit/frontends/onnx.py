@@ -33,8 +33,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradaudit.errors import CaptureError, LoadError
-from gradaudit.frontends.onnx_load import OnnxModel, human_bytes, require_onnx, torch_dtype_name, type_name
+from gradaudit.errors import LoadError
+from gradaudit.frontends.onnx_load import (
+    OnnxModel,
+    human_bytes,
+    ordered_inputs,
+    require_onnx,
+    torch_dtype_name,
+    type_name,
+)
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
 
 #: Ops never folded: their value must stay a run-time value.
@@ -63,11 +70,13 @@ class OnnxGraph(Graph):
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def capture(model: OnnxModel, inputs: tuple) -> OnnxGraph:
-    """Map ``model`` with inputs of the shapes of ``inputs``; raise CaptureError/LoadError."""
+def capture(model: OnnxModel, inputs: Any) -> OnnxGraph:
+    """Map ``model`` with inputs of the shapes of ``inputs`` (see
+    :func:`~gradaudit.frontends.onnx_load.ordered_inputs`); raise CaptureError or LoadError."""
     onnx = require_onnx()
+    tensors, keys = ordered_inputs(model, inputs)
     skel = _skeleton(model.proto, onnx)
-    _set_input_shapes(model, skel, inputs)
+    _set_input_shapes(model, skel, tensors)
     shapes = _infer(model, skel, onnx)
     consts, folded_nodes, origin = _fold(model, skel, shapes, onnx)
     clean = _folded_model(skel, consts, folded_nodes, onnx)
@@ -77,6 +86,7 @@ def capture(model: OnnxModel, inputs: tuple) -> OnnxGraph:
     builder = onnx_ops.Builder(model, clean, consts, shapes, onnx, origin)
     graph = builder.build()
     graph.folded = clean
+    graph.input_args = keys
     return graph
 
 
@@ -115,18 +125,10 @@ def _add_initializer(graph, tensor, name: str, dims, data_type: int) -> None:
         stub.dims.extend(dims)
 
 
-def _set_input_shapes(model: OnnxModel, skel, inputs: tuple) -> None:
-    """Give the real graph inputs the example inputs' shapes."""
-    import torch
-
-    infos = model.input_infos()
-    if len(inputs) != len(infos):
-        names = ", ".join(i.name for i in infos)
-        raise CaptureError(f"{model.label} takes {len(infos)} input(s) ({names}), {len(inputs)} given")
-    real = {i.name for i in infos}
-    for info, x in zip([i for i in skel.graph.input if i.name in real], inputs):
-        if not isinstance(x, torch.Tensor):
-            raise CaptureError(f"input '{info.name}' of {model.label} must be a tensor, got {type(x).__name__}")
+def _set_input_shapes(model: OnnxModel, skel, tensors: tuple) -> None:
+    """Give the real graph inputs the example inputs' shapes (in graph-input order)."""
+    real = {i.name for i in model.input_infos()}
+    for info, x in zip([i for i in skel.graph.input if i.name in real], tensors):
         t = info.type.tensor_type
         t.ClearField("shape")
         for d in x.shape:

@@ -474,6 +474,39 @@ def example_inputs(
     return tuple(tensors), source, stats
 
 
+def ordered_inputs(model: OnnxModel, call: Any) -> tuple[tuple, list[str]]:
+    """The example call's tensors in graph-input order, and each one's key in the call.
+
+    ``call``: a tensor, a tuple (positional, in graph-input order), a dict or an
+    :class:`~gradaudit.frontends.signature.ExampleCall` whose keywords name graph inputs.
+    """
+    import torch
+
+    from gradaudit.errors import CaptureError
+    from gradaudit.frontends.signature import ExampleCall
+
+    call = ExampleCall.of(call)
+    names = [i.name for i in model.input_infos()]
+    unknown = [k for k in call.kwargs if k not in names]
+    if unknown:
+        raise CaptureError(f"{model.label} has no input named {unknown[0]!r} (inputs: {', '.join(names)})")
+    if len(call.args) + len(call.kwargs) != len(names):
+        raise CaptureError(f"{model.label} takes {len(names)} input(s) ({', '.join(names)}), {len(call)} given")
+    tensors, keys = [], []
+    positional = iter(enumerate(call.args))
+    for name in names:
+        if name in call.kwargs:
+            value, key = call.kwargs[name], name
+        else:
+            k, value = next(positional)
+            key = str(k)
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"input '{name}' of {model.label} must be a tensor, got {type(value).__name__}")
+        tensors.append(value)
+        keys.append(key)
+    return tuple(tensors), keys
+
+
 def _fmt_dims(dims: list) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 

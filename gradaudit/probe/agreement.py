@@ -47,18 +47,23 @@ def agreement(analysis, result: ProbeResult) -> list[dict]:
     return rows
 
 
-def input_rms(analysis, inputs: tuple) -> list[dict]:
+def input_rms(analysis, call) -> list[dict]:
     """Measured RMS of each floating input beside the RMS the prediction assumed."""
     import torch
 
+    from gradaudit.frontends.signature import ExampleCall
+
     out = []
-    names = analysis.graph.input_names
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or i >= len(names):
+    graph = analysis.graph
+    given = dict(ExampleCall.of(call).named())
+    for i, name in enumerate(graph.input_names):
+        key = graph.input_args[i] if i < len(graph.input_args) else str(i)
+        x = given.get(key)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             continue
-        s = analysis.stat(names[i])
+        s = analysis.stat(name)
         measured = float(x.detach().double().pow(2).mean().sqrt()) if x.numel() else float("nan")
-        out.append({"input": names[i], "measured_rms": measured, "predicted_rms": s.act_rms if s else None})
+        out.append({"input": name, "measured_rms": measured, "predicted_rms": s.act_rms if s else None})
     return out
 
 

@@ -141,6 +141,7 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
     from torch.autograd.function import Function
 
     from gradaudit.frontends.fx import user_location
+    from gradaudit.frontends.signature import ExampleCall
 
     names = list(names or [])
     modules = dict(model.named_modules())
@@ -186,7 +187,7 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
             handles.append(modules[name].register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         Function.apply = classmethod(apply)
         with torch.no_grad():
-            model(*inputs)
+            ExampleCall.of(inputs)(model)
     finally:
         Function.apply = original
         for h in handles:
@@ -439,14 +440,15 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
         n: b.detach().clone().to(torch.float64) if b.is_floating_point() else b.detach().clone()
         for n, b in buffers.items()
     }
-    xs = tuple(_to64(x, None) for x in inputs)
+    from gradaudit.frontends.signature import ExampleCall
+
+    call = ExampleCall.of(inputs).map(lambda t: _to64(t, None))
+    xs = call.tensors()
     for m in model.modules():
         if isinstance(m, _dropout_types()):
             m.eval()
     leaves = [(f"param {n}", t) for n, t in theta.items() if t.is_floating_point()]
-    leaves += [
-        (f"input[{i}]", x) for i, x in enumerate(xs) if hasattr(x, "is_floating_point") and x.is_floating_point()
-    ]
+    leaves += [(f"input[{i}]", x) for i, x in enumerate(xs) if x.is_floating_point()]
 
     def run(offset: float, u: list | None):
         state = dict(bufs)
@@ -461,15 +463,10 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
                 k += 1
             else:
                 params_now[n] = t
-        x_now = []
-        for x in xs:
-            if hasattr(x, "is_floating_point") and x.is_floating_point():
-                x_now.append(shifted[k])
-                k += 1
-            else:
-                x_now.append(x)
+        inputs_now = iter(shifted[k:])
+        x_now = call.map(lambda x: next(inputs_now) if x.is_floating_point() else x)
         torch.manual_seed(SEED)
-        return _outputs(torch.func.functional_call(model, {**params_now, **state}, tuple(x_now), strict=False))
+        return _outputs(torch.func.functional_call(model, {**params_now, **state}, x_now.args, x_now.kwargs, strict=False))
 
     with torch.no_grad():
         base = run(0.0, None)
@@ -524,7 +521,7 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
             }
         ]
         out = _summarise(entries, kinks, 0)
-        out["input_shapes"] = [list(x.shape) for x in xs if hasattr(x, "shape")]
+        out["input_shapes"] = [list(x.shape) for x in xs]
         return out
     return _summarise([], kinks, 0)
 
@@ -554,8 +551,6 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
 
     Numbers stay Python floats, NaN and inf included (a NaN forward gives NaN entries):
     renderers turn them into text, the JSON and SARIF writers into strings."""
-    import torch
-
     from gradaudit.probe.device import on_device, resolve_device
     from gradaudit.progress import progress
     from gradaudit.state import preserved
@@ -575,8 +570,9 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
                     res = check_module(_moved(target, device))
                 results.append({"target": target.name, "kind": target.kind, "location": target.location, **res})
             step(1, "whole model")
-            moved = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-            res = check_directional(model, moved)
+            from gradaudit.frontends.signature import ExampleCall
+
+            res = check_directional(model, ExampleCall.of(inputs).map(lambda t: t.to(device)))
             results.append({"target": "model", "kind": "whole-model directional", "location": None, **res})
     return results
 

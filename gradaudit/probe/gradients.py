@@ -74,12 +74,26 @@ def probe(
     layers = {n.name: n.module for n in layer_nodes}
     from gradaudit.propagation.engine import ACTIVATIONS
 
+    from gradaudit.frontends.signature import ExampleCall
+
+    call = ExampleCall.of(inputs)
     acts = {n.name: n.op for n in graph if n.op in ACTIVATIONS}
     result_layers = {n.name: LayerMeasure(n.name, n.module) for n in layer_nodes}
     with preserved(model), on_device(model, device):
         model.train()  # as training runs: batch statistics in BatchNorm, dropout active
-        gm = graph_module(model)
-        runner = Runner(model, gm, graph, layers, acts, settings)
+        if graph.frontend == "fx":  # replay the traced graph node by node
+            import torch.fx as fx
+
+            gm = graph.program if isinstance(graph.program, fx.GraphModule) else graph_module(model)
+            runner = Runner(model, gm, graph, layers, acts, settings)
+            feed = lambda given: placeholder_values(model, given)  # noqa: E731
+        else:  # the model's own forward, observed at its layers
+            from gradaudit.probe.modules import ModuleRunner
+
+            acts = {n.name: n.op for n in graph if n.op in ACTIVATIONS and n.kind == "call_module"}
+            runner = ModuleRunner(model, graph, layers, acts, settings)
+            feed = ExampleCall.of
+        inputs = feed(call)
         notes: list[str] = []
         grad_norms: list[float] = []
         units = []
@@ -120,7 +134,8 @@ def probe(
                 nonfinite.cause = "overflow"
         measured_loss = None
         if loss_fn is not None and loss_batches:
-            measured_loss = _loss_draws(runner, loss_fn, loss_batches, layer_nodes, device, reduced)
+            pairs = [(feed(ExampleCall.of(given)), batch) for given, batch in loss_batches]
+            measured_loss = _loss_draws(runner, loss_fn, pairs, layer_nodes, device, reduced)
             notes.append(
                 f"{measured_loss.name}(output, batch) on {len(loss_batches)} draw(s) "
                 f"({'one batch each' if measured_loss.several else 'one batch'}): gradient norms in your loss's units"
@@ -143,9 +158,20 @@ def probe(
         notes=notes,
         loss=measured_loss,
     )
-    result.inputs = input_rms(analysis, inputs)
+    result.inputs = input_rms(analysis, call)
     result.agreement = agreement(analysis, result)
     return result
+
+
+def placeholder_values(model, call) -> list:
+    """The values of the fx graph's placeholders: the call's tensor arguments, bound to
+    ``forward``'s parameters, in signature order (constants are baked into the graph)."""
+    from gradaudit.frontends.signature import BindError, bind
+
+    try:
+        return [b.value for b in bind(model, call) if b.is_input]
+    except BindError as exc:
+        raise CaptureError(str(exc)) from exc
 
 
 def _loss_draws(runner: Runner, loss_fn: Callable, pairs: list, layer_nodes, device: str, reduced) -> LossMeasure:

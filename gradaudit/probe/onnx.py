@@ -155,7 +155,7 @@ def probe(model, inputs: tuple, analysis, *, draws: int = 2, device: str = "cpu"
 
     started = time.perf_counter()
     graph = analysis.graph
-    runner = ProbeGraph(graph, analysis, inputs)
+    runner = ProbeGraph(model, graph, analysis, inputs)
     layers = runner.layers
     result_layers = {n.name: LayerMeasure(n.name, n.module) for n in analysis.layers()}
     gen = np.random.default_rng(SEED)
@@ -269,7 +269,7 @@ class ProbeGraph:
     on batch statistics; Dropout multiplies by a mask input.
     """
 
-    def __init__(self, graph, analysis, inputs: tuple) -> None:
+    def __init__(self, model, graph, analysis, inputs: Any) -> None:
         import numpy as np
         import onnx
 
@@ -284,7 +284,10 @@ class ProbeGraph:
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
         g = proto.graph
         self.feeds: dict[str, Any] = {}
-        for info, x in zip(g.input, inputs):
+        from gradaudit.frontends.onnx_load import ordered_inputs
+
+        tensors, _ = ordered_inputs(model, inputs)
+        for info, x in zip(g.input, tensors):
             value = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
             declared = info.type.tensor_type.elem_type
             self.feeds[info.name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(declared)) if declared else value

@@ -47,6 +47,45 @@ def graph_module(model):
     return fx.GraphModule(tracer.root, graph)
 
 
+def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, grads, layer_params: dict,
+                zeros: bool, with_loss: bool = False) -> None:
+    """Turn one draw's observations into second moments: each layer's output (``pending``:
+    its 2-norm and size) and gradient (``grad_slots``), the weight gradients of each
+    layer's parameters, the total gradient norm (and, for a user's loss, the largest
+    gradient entry)."""
+    present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
+    sq_of = dict(zip((id(p) for p, _ in present), sums_of_squares([g for _, g in present])))
+    for name, norm, numel in pending:
+        rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
+    for name, (norm, numel, zero) in grad_slots.items():
+        rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
+        if zero is not None:
+            rec.grad_zero[name] = int(zero)
+    norm_sq = sum(sq_of.values())
+    rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
+    if with_loss:
+        rec.grad_absmax = absmax([g for _, g in present])
+    pgrad = {id(p): g for p, g in present} if zeros else {}
+    for name, ps in layer_params.items():
+        own = [id(p) for p in ps if id(p) in sq_of]
+        if own:
+            rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
+            if zeros:
+                rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
+
+
+def finish_draw(rec: DrawRecord, outs: list, started: float) -> DrawRecord:
+    """Whether everything the draw measured is finite; its duration."""
+    import torch
+
+    values = list(rec.act_sq.values()) + list(rec.grad_sq.values()) + [rec.grad_norm]
+    rec.finite = all(math.isfinite(v) for v in values) and all(bool(torch.isfinite(y).all()) for y in outs)
+    if rec.first_forward is not None or rec.first_backward is not None:
+        rec.finite = False
+    rec.seconds = time.perf_counter() - started
+    return rec
+
+
 class Runner:
     """Runs the fx graph of a model node by node, observing chosen nodes.
 
@@ -122,15 +161,18 @@ class Runner:
         if device.startswith("cuda"):
             torch.cuda.manual_seed_all(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
+        from gradaudit.frontends.signature import map_tensors
+
         input_leaves = []
-        args_in = []
-        for x in inputs:
-            if isinstance(x, torch.Tensor):
-                x = x.detach().to(device)
-                if x.is_floating_point():
-                    x = x.clone().requires_grad_(True)
-                    input_leaves.append(x)
-            args_in.append(x)
+
+        def prepare(x):
+            x = x.detach().to(device)
+            if x.is_floating_point():
+                x = x.clone().requires_grad_(True)
+                input_leaves.append(x)
+            return x
+
+        args_in = [map_tensors(x, prepare) for x in inputs]
         params = [p for p in self.all_params if p.requires_grad]
         env: dict[str, Any] = {}
         pending: list[tuple[str, Any, int]] = []  # (layer node, 2-norm of its output, numel)
@@ -197,33 +239,10 @@ class Runner:
         finally:
             for h in hooks:
                 h.remove()
-        present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
-        sq_of = dict(zip((id(p) for p, _ in present), sums_of_squares([g for _, g in present])))
-        for name, norm, numel in pending:
-            rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
-        for name, (norm, numel, zero) in grad_slots.items():
-            rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
-            if zero is not None:
-                rec.grad_zero[name] = int(zero)
-        norm_sq = sum(sq_of.values())
-        rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
-        if loss is not None:
-            rec.grad_absmax = absmax([g for _, g in present])
-        pgrad = dict((id(p), g) for p, g in present) if zeros else {}
-        for name, ps in self.layer_params.items():
-            own = [id(p) for p in ps if id(p) in sq_of]
-            if own:
-                rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
-                if zeros:
-                    rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
+        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros, loss is not None)
         if check_all and rec.first_forward is None:
             first_backward(self, backward_order, env, rec)
-        values = list(rec.act_sq.values()) + list(rec.grad_sq.values()) + [rec.grad_norm]
-        rec.finite = all(math.isfinite(v) for v in values) and all(bool(torch.isfinite(y).all()) for y in outs)
-        if rec.first_forward is not None or rec.first_backward is not None:
-            rec.finite = False
-        rec.seconds = time.perf_counter() - started
-        return rec
+        return finish_draw(rec, outs, started)
 
     # ---------------------------------------------------------------------------------
     def _step(self, n, env, rec: DrawRecord, units: bool, cosine: bool, check_all: bool):

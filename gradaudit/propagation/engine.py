@@ -167,13 +167,12 @@ class Engine:
         return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates)
 
     def _forward(self, node: Node) -> None:
-        if node.op == "input":
-            meta = node.meta
-            if meta is None or not meta.is_float:
-                self.stats[node.name] = [None]
-                return
+        if node.op == "input":  # one Stats per floating leaf (an LSTM's (h0, c0) has two)
             mean, std = self.input_stats.get(node.name, (0.0, 1.0))
-            self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean)]
+            self.stats[node.name] = [
+                Stats(mean=mean, m2=std * std + mean * mean) if m is not None and m.is_float else None
+                for m in node.outputs or [None]
+            ]
             return
         if node.op == "param":
             v = node.params.get("value")

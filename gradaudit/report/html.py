@@ -211,7 +211,7 @@ def _environment(report: AuditReport) -> list[tuple[str, str]]:
     for key in ("gradaudit", "torch", "python", "device", "dtype"):
         if key in env:
             rows.append((key, str(env.pop(key))))
-    rows.append(("frontend", report.frontend))
+    rows.append(("frontend", "; ".join([report.frontend, *report.capture_notes])))
     rows.append(("input source", report.input_source))
     if report.inputs:
         rows.append(("inputs", "; ".join(_describe(x) for x in report.inputs)))
@@ -227,6 +227,7 @@ def _environment(report: AuditReport) -> list[tuple[str, str]]:
 
 
 def _describe(x: dict) -> str:
+    name = f"{x['name']}=" if "name" in x else ""
     if "shape" in x:
-        return f"{x.get('dtype', '')}[{', '.join(str(s) for s in x['shape'])}]"
-    return str(x.get("value", x))
+        return f"{name}{x.get('dtype', '')}[{', '.join(str(s) for s in x['shape'])}]"
+    return name + str(x.get("value", x))

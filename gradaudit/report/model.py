@@ -110,6 +110,8 @@ class AuditReport:
     probe: dict[str, Any] | None = None
     gradcheck: list[dict] = field(default_factory=list)
     suppressed: list[dict] = field(default_factory=list)
+    #: One line each: why a cheaper capture failed, outputs left out of L.
+    capture_notes: list[str] = field(default_factory=list)
     #: :class:`~gradaudit.propagation.coverage.Coverage` of the prediction.
     coverage: Any = None
     #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
@@ -202,6 +204,7 @@ class AuditReport:
             "format_version": FORMAT_VERSION,
             "target": self.target,
             "frontend": self.frontend,
+            "capture_notes": self.capture_notes,
             "input_source": self.input_source,
             "inputs": self.inputs,
             "summary": {

@@ -147,6 +147,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     shapes = ", ".join(describe_input(x) for x in report.inputs)
     console.print()
     console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
+    for note in report.capture_notes:
+        console.print(f"[dim]  {escape(note)}[/]", soft_wrap=True)
 
 
 def losses_used(report: AuditReport) -> str:
@@ -177,9 +179,10 @@ def render_many(reports: list[AuditReport], **_: object) -> str:
 
 
 def describe_input(x: dict) -> str:
+    name = f"{x['name']}=" if "name" in x else ""
     if "shape" in x:
-        return "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
-    return str(x.get("value", x))
+        return name + "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
+    return name + str(x.get("value", x))
 
 
 def _where(location: dict | None, name: str | None, target: str) -> str:
