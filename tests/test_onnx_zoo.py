@@ -3,11 +3,14 @@ weights computed by ``ConstantOfShape``, BatchNorm in inference mode where the n
 has it) audit end to end: a report, never a load or internal error.
 
 Every weight of these files is the constant 0.02 (GA204 symmetric-init). Without
-normalization the activations then grow by fan-in x 0.02 per layer, and every class
-logit is the same number: four of the plain networks end in an ``incomplete`` verdict
-(GA001) -- their predicted statistics overflow, or the softmax, treating its logits as
-independent, predicts a zero gradient -- exactly as for the same networks built in torch
-and audited through torch.fx."""
+normalization the activations then grow by fan-in x 0.02 per layer (to 1e31 at VGG-19's
+logits, which the prediction follows: its squares are taken in float64), and every class
+logit is the same number. Four of the plain networks (AlexNet, Inception v1, SqueezeNet,
+VGG-19) end in an ``incomplete`` verdict (GA001): the moment model treats units as
+independent, so the softmax sees logits spread by 1e11 or more, saturates, and passes
+back exactly zero, where the real logits are equal, the softmax is uniform and its
+gradient reaches the last layer (and, the rows of that layer being equal, nothing
+below it). The same networks built in torch and audited through torch.fx do the same."""
 
 from __future__ import annotations
 
@@ -41,8 +44,7 @@ def test_audits_end_to_end(path):
     assert any(f.rule == "GA204" for f in report.findings)
     if report.verdict == "incomplete":
         assert path.stem not in WITH_BATCH_NORM
-        assert all("not finite" in g.reason or "exactly 0 on every parameterized layer" in g.reason
-                   for g in report.coverage.gaps)
+        assert all("exactly 0 on every parameterized layer" in g.reason for g in report.coverage.gaps)
     inference = [f for f in report.findings if f.rule == "GA304"]
     assert bool(inference) == (path.stem in WITH_BATCH_NORM)
     if inference:
