@@ -132,11 +132,15 @@ def test_static_prediction_matches_fx(exported, name, dynamo):
     # every op is mapped; recurrent layers have no handler in either frontend
     assert {e["op"] for e in onnx_report.estimated_ops} == {e["op"] for e in fx_report.estimated_ops}
     fx_layers, onnx_layers = _by_call(fx_report.layers), _by_call(onnx_report.layers)
+    worst = 0.0
     for key, layer in fx_layers.items():
         other = _counterpart(onnx_layers, key)
         assert other is not None, f"no ONNX layer for {key}"
         for a, b in ((layer.predicted.act_rms, other.predicted.act_rms), (layer.predicted.grad_rms, other.predicted.grad_rms)):
             assert a == b or within(b, a, 0.10), (key, layer.predicted, other.predicted)
+            worst = max(worst, 0.0 if a == b else abs(b - a) / abs(a))
+    print(f"{name} ({'dynamo' if dynamo else 'torchscript'}): {len(fx_layers)} layers, "
+          f"worst relative difference to fx {worst:.2e}")
     attention = {key[0] for key, layer in fx_layers.items() if layer.op == "multihead_attention"}
 
     def findings(report):
@@ -172,6 +176,8 @@ def test_probe_gradient_norms_match_autograd(exported, name):
             pairs.append((key, "weight", got, math.sqrt(sum(oracle["param"][n] for n in names) / weight_numel)))
     assert pairs
     good = [p for p in pairs if within(p[2], p[3], 0.20)]
+    print(f"{name}: {len(good)}/{len(pairs)} probe estimates within 20% of autograd, worst relative error "
+          f"{max(abs(p[2] - p[3]) / p[3] for p in pairs):.3f}")
     assert len(good) >= 0.9 * len(pairs), [p for p in pairs if p not in good]
     estimator = report.probe["estimator"]
     assert estimator["layers"] and all(
