@@ -152,9 +152,8 @@ def test_static_prediction_matches_fx(exported, name, dynamo):
     assert findings(onnx_report) == findings(fx_report)
 
 
-#: Probe comparisons: enough draws of the oracle that its own noise is small.
-PROBE = ("conv_bn_dropout", "tied_tuple_output", "frozen_layernorm", "deep_sigmoid", "resmlp", "cifar_cnn",
-         "mlp_layernorm", "post_ln", "encoder", "lstm", "resnet18")
+#: Probe comparisons, every model: enough draws of the oracle that its own noise is small.
+PROBE = tuple(MODELS)
 
 
 @pytest.mark.parametrize("name", PROBE)

@@ -30,7 +30,9 @@ the number of output elements), so a model with many outputs needs few direction
 with few outputs many. Every estimate gets :data:`K_MIN`; further directions go to the
 estimate whose standard error, as a fraction of the RMS (se / (2 mean)), is largest,
 until all are within :data:`TARGET` with at least :data:`K_TRUST` directions (a spread
-measured on fewer is itself too uncertain to stop on), or :data:`K_MAX`, or
+measured on fewer is itself too uncertain to stop on: where J has a small effective
+rank, as through a saturated softmax, ||J v||^2 is heavy-tailed and four directions
+can agree closely on half the true value), or :data:`K_MAX`, or
 the extra runs would pass :data:`BUDGET` floating-point operations (counted, not timed:
 the result does not depend on the machine). The reached uncertainty is reported per
 layer. Each direction runs only the sub-graph below the layer, from a base run's values.
@@ -70,7 +72,7 @@ STEP = {"float64": 1e-6, "float32": 1e-3}
 #: Directions per estimate: every estimate gets K_MIN; more go, most uncertain first, to
 #: estimates above TARGET relative standard error of the RMS (or with fewer than K_TRUST), up to
 #: K_MAX each, while the extra directions fit in BUDGET floating-point operations.
-K_MIN, K_TRUST, K_MAX, TARGET = 2, 4, 256, 0.05
+K_MIN, K_TRUST, K_MAX, TARGET = 2, 8, 256, 0.05
 #: About 170 forward passes of ResNet-18 on a 2x3x224x224 batch (3.6e9 each); each run
 #: also counts RUN_COST for the fixed cost of a call (about half a millisecond).
 BUDGET, RUN_COST = 6e11, 2.5e7
