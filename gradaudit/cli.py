@@ -126,6 +126,20 @@ class _Range(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from gradaudit.frontends.onnx_load import parse_size
+
+        try:
+            return parse_size(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _codes(values: tuple[str, ...]) -> list[str] | None:
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
     return out or None
@@ -166,9 +180,11 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False),
               help="Fail only on findings not recorded in this baseline file.")
 @click.option("--update-baseline", is_flag=True, help="Record today's findings in the --baseline file.")
+@click.option("--max-model-size", type=_Size(), default=None,
+              help="Largest ONNX model to load: file, external data and folded constants [default: 4GiB].")
 def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
           skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
-          gradcheck_modules, baseline_path, update_baseline):
+          gradcheck_modules, baseline_path, update_baseline, max_model_size):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
     \b
@@ -216,7 +232,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
             report = None
             if not (skip_missing and _no_torch(spec)):
                 try:
-                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
+                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options,
+                                        max_model_size)
                 except GradauditError as exc:
                     from gradaudit.loading import NoModelFound
 
@@ -341,12 +358,13 @@ def _settings(config):
     return Settings(**values, extra=extra)
 
 
-def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, max_model_size=None):
     from gradaudit.api import run
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
 
-    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range,
+                         max_model_size=max_model_size)
     options, inputs, input_source = _file_loss(options, loaded)
     try:
         return run(

@@ -339,13 +339,13 @@ class Engine:
             if single:  # the common case (an activation): keep E[phi'^2] for the backward
                 d = torch.autograd.grad(y.sum(), z, allow_unused=True)[0] if y.requires_grad else None
                 d = torch.zeros_like(z) if d is None else d.detach()
-                self.single_d2[root] = _expect(w, d * d)
+                self.single_d2[root] = _expect(w, _square(d))
         y = y.detach()
         rs = self.leaf_stats(root)
         if y.dim() == 2:
-            self.stats[node.name] = [Stats.per_channel(rs.axis, _expect(w, y), _expect(w, y * y))]
+            self.stats[node.name] = [Stats.per_channel(rs.axis, _expect(w, y), _expect(w, _square(y)))]
         else:
-            self.stats[node.name] = [_stats(float(_expect(w, y)), float(_expect(w, y * y)))]
+            self.stats[node.name] = [_stats(float(_expect(w, y)), float(_expect(w, _square(y))))]
 
     def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
         """Set g2 of every member of ``root``'s group and add its share to the root.
@@ -468,6 +468,13 @@ def _expect(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     if values.dim() == 2:  # (nodes, C): one matrix-vector product in the values' dtype
         return (w.to(values.dtype) @ values).double()
     return (w * values.double()).sum()
+
+
+def _square(values: torch.Tensor) -> torch.Tensor:
+    """values^2 in float64: the per-channel nodes are float32, whose squares overflow from
+    |x| ~ 1.8e19 on although float32 holds the values themselves (activations of deep
+    unnormalised networks reach that)."""
+    return values.double().pow(2)
 
 
 def _in_place(node: Node) -> bool:
