@@ -13,7 +13,15 @@ Monte Carlo and listed.
 
 Backward, the second moment of dL/d(value) starts at 1 on every floating output (L =
 sum of <y, g>, g ~ N(0, 1)) and flows through each handler's gains, summed over the
-users of a value (independent contributions add in second moment).
+users of a value (independent contributions add in second moment). With it flow the
+gradient's coherent covariances (:class:`~gradaudit.propagation.channels.Grad`): zero
+at the outputs, created where a value is shared by many positions (pooling, broadcast).
+
+Coherence through a fused group: for two positions x_i, x_j of one sample with
+correlation rho = cov / var (the root's coherent share), Cov(f(x_i), f(x_j)) follows from
+f's Hermite coefficients by Mehler's formula
+(:func:`~gradaudit.propagation.moments.coherent_moment`); the same holds for a
+derivative f', which carries a coherent gradient: E[f'(x_i) f'(x_j)] E[g_i g_j].
 """
 
 from __future__ import annotations
@@ -26,8 +34,14 @@ import torch
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
-from gradaudit.propagation.channels import AtMax, apply_gain
-from gradaudit.propagation.moments import channel_points, gaussian_points, max_of_k_weights
+from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain
+from gradaudit.propagation.moments import (
+    channel_points,
+    coherent_moment,
+    gaussian_points,
+    hermite_coefficients,
+    max_of_k_weights,
+)
 
 #: Activation ops (the rules treat these as a network's nonlinearity).
 ACTIVATIONS = frozenset(
@@ -133,7 +147,7 @@ class Analysis:
 
 
 class Engine:
-    def __init__(self, graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(self, graph: Graph, input_stats: dict[str, Stats | tuple[float, float]] | None = None) -> None:
         self.graph = graph
         self.input_stats = input_stats or {}
         self.stats: dict[str, list[Stats | None]] = {}
@@ -141,7 +155,8 @@ class Engine:
         self.groups: dict[str, list[str]] = {}  # root -> fused members in order
         self.effects: dict[str, Effect] = {}
         self.estimates: list[Estimate] = []
-        self.single_d2: dict[str, torch.Tensor] = {}  # root -> E[phi'^2] of its lone member
+        # root -> (E[phi'^2], E[phi'_i phi'_j] same sample, E[phi']^2) of its lone member
+        self.single_d2: dict[str, tuple] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -166,8 +181,12 @@ class Engine:
             if meta is None or not meta.is_float:
                 self.stats[node.name] = [None]
                 return
-            mean, std = self.input_stats.get(node.name, (0.0, 1.0))
-            self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean)]
+            given = self.input_stats.get(node.name, (0.0, 1.0))
+            if isinstance(given, Stats):
+                self.stats[node.name] = [_copy(given)]
+            else:
+                mean, std = given
+                self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean)]
             return
         if node.op == "param":
             v = node.params.get("value")
@@ -310,25 +329,68 @@ class Engine:
             z = x.clone().requires_grad_(single)
             vals, _ = self._eval_group(root, z, upto=node.name)
             y = vals[node.name]
-            if single:  # the common case (an activation): keep E[phi'^2] for the backward
+            if single:  # the common case (an activation): keep phi' moments for the backward
                 d = torch.autograd.grad(y.sum(), z, allow_unused=True)[0] if y.requires_grad else None
                 d = torch.zeros_like(z) if d is None else d.detach()
-                self.single_d2[root] = _expect(w, d * d)
+                self.single_d2[root] = self._derivative_moments(root, w, d)
         y = y.detach()
         rs = self.leaf_stats(root)
+        mean, m2 = _expect(w, y), _expect(w, y * y)
+        cov = self._coherent(root, mean, m2, y)
         if y.dim() == 2:
-            self.stats[node.name] = [Stats.per_channel(rs.axis, _expect(w, y), _expect(w, y * y))]
+            self.stats[node.name] = [Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)]
         else:
-            self.stats[node.name] = [_stats(float(_expect(w, y)), float(_expect(w, y * y)))]
+            out = _stats(float(mean), float(m2))
+            if cov is not None:
+                out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
+            self.stats[node.name] = [out]
+
+    def _rho(self, root: str) -> torch.Tensor | None:
+        """The root's coherent correlation cov / var (a vector with channels), or None
+        when it has no coherent part."""
+        rs = self.leaf_stats(root)
+        if rs.pos is None:
+            return None
+        if rs.has_channels:
+            _, var = rs.channels(rs.axis, rs.ch_mean.numel())
+            cov = rs.coherent(rs.axis, var.numel())
+        else:
+            var, cov = torch.tensor(rs.var, dtype=torch.float64), torch.tensor(rs.cov, dtype=torch.float64)
+        if not bool((cov != 0).any()):
+            return None
+        return torch.where(var > 0, cov / var.clamp_min(1e-300), torch.zeros_like(var)).clamp(-1.0, 1.0)
+
+    def _coherent(self, root: str, mean, m2, y: torch.Tensor):
+        """Cov(f(x_i), f(x_j)) of a fused value y = f(root) (Mehler), or None."""
+        rs = self.leaf_stats(root)
+        if rs.pos is None:
+            return None
+        rho = self._rho(root)
+        if rho is None:
+            return torch.zeros_like(mean)
+        coef = hermite_coefficients(y, y.dim() == 2)
+        return coherent_moment(coef, (m2 - mean * mean).clamp_min(0.0), rho)
+
+    def _derivative_moments(self, root: str, w: torch.Tensor, d: torch.Tensor) -> tuple:
+        """(E[d^2], E[d_i d_j] for two positions of a sample, E[d]^2) of a derivative d on
+        the root's nodes: the gains of a gradient's total, coherent and batch-shared parts."""
+        d2 = _expect(w, d * d)
+        d1 = _expect(w, d)
+        rho = self._rho(root)
+        if rho is None:
+            return d2, d1 * d1, d1 * d1
+        coef = hermite_coefficients(d, d.dim() == 2)
+        return d2, d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho), d1 * d1
 
     def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
-        """Set g2 of every member of ``root``'s group and add its share to the root.
+        """Set the gradient of every member of ``root``'s group and add its share to the root.
 
         For a value t in the group (the root or a member) and each exit o (a member whose
         gradient comes from outside the group), dL/dt = sum_o (do/dt) g_o with g_o
         independent of the forward values, so E[(dL/dt)^2] = sum_o E[(do/dt)^2] E[g_o^2]
-        (per channel when the root tracks channels). do/dt is the total derivative
-        through the chain, by autograd on the quadrature nodes.
+        (per channel when the root tracks channels); the coherent parts go with
+        E[(do/dt)_i (do/dt)_j] (:meth:`_derivative_moments`). do/dt is the total
+        derivative through the chain, by autograd on the quadrature nodes.
         """
         members = self.groups[root]
         at_max: dict[str, list] = {}
@@ -344,19 +406,18 @@ class Engine:
             self._resolve(m, 0, acc)
         ext = {m: self._grad_of(m) for m in members}
         if len(members) == 1 and not at_max and root in self.single_d2:
-            # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi'^2 from the forward
-            d2 = self.single_d2[root]
-            part = d2 * ext[members[0]] if d2.dim() else float(d2) * ext[members[0]]
-            acc.setdefault((root, 0), []).append(part)
+            # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi' moments from the forward
+            d2, ds, dx = self.single_d2[root]
+            g = ext[members[0]]
+            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g)))
             return
-        exits = [m for m in members if float(ext[m].mean() if isinstance(ext[m], torch.Tensor) else ext[m]) > 0]
+        exits = [m for m in members if float(torch.as_tensor(ext[m].g).mean()) > 0]
         x, w = self._points(root)
-        wc = w.unsqueeze(1) if x.dim() == 2 else w
         # weights under the arg-max distribution, for gradients that came through max pooling
         max_w = {p.window: self._points(root, p.window)[1] for parts in at_max.values() for p in parts}
         max_w = {k: (v.unsqueeze(1) if x.dim() == 2 else v) for k, v in max_w.items()}
         for target in [root] + members:
-            total: float | torch.Tensor = 0.0
+            total = Grad()
             with torch.enable_grad():
                 z = x.clone().requires_grad_(target == root)
                 vals, leaf_t = self._eval_group(root, z, upto=members[-1], leaf=target)
@@ -369,41 +430,32 @@ class Engine:
                     (d,) = torch.autograd.grad(vals[o].sum(), leaf_t, retain_graph=True, allow_unused=True)
                     if d is None:
                         continue
-                    d2 = d.detach().double().pow(2)
-                    g_plain = ext[o]
+                    d = d.detach().double()
+                    d2, ds, dx = self._derivative_moments(root, w, d)
+                    g = ext[o]
+                    g_plain = g.g
                     for p in at_max.get(o, []):
-                        g_plain = g_plain - p.value
-                        e_max = (max_w[p.window] * d2).sum(0)
-                        total = total + (e_max * p.value if x.dim() == 2 else float(e_max) * p.value)
-                    e = (wc * d2).sum(0)
-                    total = total + (e * g_plain if x.dim() == 2 else float(e) * g_plain)
+                        g_plain = g_plain - p.value.g
+                        e_max = (max_w[p.window] * d * d).sum(0)
+                        total = total + Grad(e_max * p.value.g, 0.0, 0.0)
+                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g))
             if target == root:
                 acc.setdefault((root, 0), []).append(total)
             else:
-                s = self.stats[target][0]
-                if isinstance(total, torch.Tensor) and s.has_channels:
-                    s.ch_g2 = total
-                    s.g2 = float(total.mean())
-                else:
-                    s.g2 = float(total.mean()) if isinstance(total, torch.Tensor) else float(total)
+                _store_grad(self.stats[target][0], total)
 
-    def _grad_of(self, name: str) -> float | torch.Tensor:
-        s = self.stats[name][0]
-        return s.ch_g2 if s.has_channels and s.ch_g2 is not None else s.g2
+    def _grad_of(self, name: str) -> Grad:
+        return grad_of(self.stats[name][0])
 
     def _resolve(self, name: str, leaf: int, acc: dict[tuple[str, int], list]) -> None:
         """Sum the gradient contributions a value received from its users."""
         s = self.leaf_stats(name, leaf)
         if s is None:
             return
-        parts = acc.get((name, leaf), [])
-        if s.has_channels:
-            vec = torch.zeros(s.ch_mean.numel(), dtype=torch.float64)
-            for p in parts:
-                vec = vec + (p if isinstance(p, torch.Tensor) else float(p))
-            s.ch_g2, s.g2 = vec, float(vec.mean())
-        else:
-            s.g2 = sum(float(p.mean()) if isinstance(p, torch.Tensor) else float(p) for p in parts)
+        total = Grad()
+        for p in acc.get((name, leaf), []):
+            total = total + p
+        _store_grad(s, total)
 
     # -- backward ------------------------------------------------------------------
     def _backward(self) -> None:
@@ -411,7 +463,7 @@ class Engine:
         for name in self.graph.output_refs:
             for leaf, s in enumerate(self.stats.get(name, [])):
                 if s is not None:
-                    acc.setdefault((name, leaf), []).append(1.0)
+                    acc.setdefault((name, leaf), []).append(Grad(1.0, 0.0, 0.0))
         for node in reversed(self.graph.nodes):
             if node.op == "output" or node.name in self.roots:
                 continue
@@ -431,10 +483,47 @@ class Engine:
                 if src_stats is None:
                     continue
                 n_in = src_stats.ch_mean.numel() if src_stats.has_channels else None
-                part = apply_gain(gain, out.g2, out.ch_g2 if out.has_channels else None, n_in, src_stats.axis)
-                if isinstance(gain, AtMax) and src in self.roots:
-                    part = _AtMaxPart(part, gain.window)
+                part = apply_gain(gain, grad_of(out), n_in, src_stats.axis)
+                at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
+                if at_max and src in self.roots:
+                    part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
                 acc.setdefault((src, in_leaf), []).append(part)
+
+
+def _directions(d2, d1sq, g: Grad) -> tuple[float, float]:
+    """dm, da through multiplication by a derivative d: kept (times d^2) when d is a
+    constant (a scale, a sign), lost when it varies (a mask mixes the directions)."""
+    d2m, d1m = float(torch.as_tensor(d2).mean()), float(torch.as_tensor(d1sq).mean())
+    if d2m > 0 and abs(d2m - d1m) <= 1e-9 * d2m:
+        return d2m * g.dm, d2m * g.da
+    return 0.0, 0.0
+
+
+def grad_of(s: Stats) -> Grad:
+    """The gradient moments stored in ``s`` (vectors when it tracks channels)."""
+    if s.has_channels and s.ch_g2 is not None:
+        return Grad(s.ch_g2, s.ch_gs if s.ch_gs is not None else s.gs, s.ch_gx if s.ch_gx is not None else s.gx, s.gdm, s.gda)
+    return Grad(s.g2, s.gs, s.gx, s.gdm, s.gda)
+
+
+def _store_grad(s: Stats, total: Grad) -> None:
+    """Write a gradient's moments into ``s`` (vectors when ``s`` tracks channels)."""
+    if s.has_channels:
+        n = s.ch_mean.numel()
+        vec = total.vector(n)
+        s.ch_g2, s.ch_gs, s.ch_gx = vec.g, vec.s, vec.x
+        s.g2, s.gs, s.gx = float(vec.g.mean()), float(vec.s.mean()), float(vec.x.mean())
+    else:
+        m = total.mean()
+        s.g2, s.gs, s.gx = m.g, m.s, m.x
+    s.gdm, s.gda = min(float(total.dm), s.g2), min(float(total.da), s.g2)
+
+
+def _copy(s: Stats) -> Stats:
+    return Stats(
+        mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2, pos=s.pos, cov=s.cov, ch_cov=s.ch_cov,
+        positive=s.positive, row_var=s.row_var,
+    )
 
 
 def _expect(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -451,7 +540,7 @@ def _in_place(node: Node) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
-def propagate(graph: Graph, input_stats: dict[str, tuple[float, float]] | None = None) -> Analysis:
+def propagate(graph: Graph, input_stats: dict[str, Stats | tuple[float, float]] | None = None) -> Analysis:
     """Forward and backward moment propagation over ``graph``."""
     return Engine(graph, input_stats).run()
 
