@@ -10,13 +10,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["audit", "__version__"]
+__all__ = ["audit", "AuditOptions", "AuditReport", "FindingsError", "Settings", "__version__"]
+
+#: Public names and the modules that define them, imported on first use: torch is heavy,
+#: and `gradaudit --help` must stay instant.
+_LAZY = {
+    "audit": "gradaudit.api",
+    "Settings": "gradaudit.api",
+    "AuditOptions": "gradaudit.options",
+    "AuditReport": "gradaudit.report.model",
+    "FindingsError": "gradaudit.report.model",
+}
 
 
 def __getattr__(name: str):
-    # torch is heavy: import the API only when it is used, so `gradaudit --help` is instant
-    if name == "audit":
-        from gradaudit.api import audit
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return audit
-    raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

@@ -1,7 +1,9 @@
 """The ``gradaudit`` command line: ``check``, ``rules``, ``explain``.
 
 Exit codes: 0 no finding at or above ``--fail-on`` (default ``error``); 1 findings;
-2 usage, configuration or load error; 3 internal error. Machine output (json, sarif,
+2 usage, configuration or load error; 3 internal error; 4 incomplete audit (the
+prediction could not put statistics on every parameterized layer, or the loss reaches
+no parameter; ``--exit-zero`` does not mask it). Machine output (json, sarif,
 github, html) goes to stdout or ``-o FILE``; human output goes to stderr then.
 
 torch, rich and the API are imported inside the commands, so ``gradaudit --help`` is
@@ -11,11 +13,9 @@ instant.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 import tempfile
-from typing import Any
 
 import click
 
@@ -172,7 +172,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
 
     \b
     Exit status: 0 no finding at or above --fail-on, 1 findings,
-    2 usage / config / load error, 3 internal error.
+    2 usage / config / load error, 3 internal error,
+    4 incomplete audit (statistics missing on a layer; never masked).
     """
     from gradaudit.config import load_config
 
@@ -180,14 +181,13 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
     fail_on = fail_on or config.fail_on or "error"
     select_codes = _codes(select) or config.select
     ignore_codes = _codes(ignore) or config.ignore
-    options: dict[str, Any] = {}
-    for key, value in (("probe", probe), ("draws", draws), ("inputs_path", inputs_path), ("dtype", dtype),
-                       ("device", device), ("gradcheck", gradcheck),
-                       ("gradcheck_modules", list(gradcheck_modules) or None)):
-        if value not in (None, False):
-            options[key] = value
-    if config.per_module_ignores:
-        options["per_module_ignores"] = dict(config.per_module_ignores)
+    from gradaudit.options import AuditOptions
+
+    options = AuditOptions(
+        probe=probe, draws=draws or 2, inputs_path=inputs_path, dtype=dtype or "fp32", device=device or "cpu",
+        gradcheck=gradcheck, gradcheck_modules=tuple(gradcheck_modules),
+        per_module_ignores=dict(config.per_module_ignores or {}),
+    )
     jobs = _jobs(targets, config, input_shapes, input_dtype, input_range)
     if skip_missing and targets and config.targets:
         jobs = _configured_only(jobs, config, input_shapes, input_dtype, input_range)
@@ -237,11 +237,12 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
             from gradaudit.report import text as renderer  # text to a file: no colour
         text = _render(renderer, reports, fmt)
         _write(text, output)
-    if exit_zero:
-        return 0
-    from gradaudit.api import exit_code
+    from gradaudit.report.model import INCOMPLETE_EXIT
 
-    return max((exit_code(r, fail_on) for r in reports), default=0)
+    if exit_zero:  # findings are masked, an incomplete audit never is: it is no all-clear
+        return INCOMPLETE_EXIT if any(r.verdict == "incomplete" for r in reports) else 0
+    codes = [r.exit_code(fail_on) for r in reports]
+    return max(codes, default=0)
 
 
 def _jobs(targets, config, input_shapes, input_dtype, input_range):
@@ -310,7 +311,6 @@ def _settings(config):
     from dataclasses import fields
 
     from gradaudit.api import Settings
-
     from gradaudit.config import known_thresholds
 
     names = {f.name for f in fields(Settings)} - {"extra"}
@@ -331,22 +331,22 @@ def _settings(config):
 
 
 def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):
-    from gradaudit.api import audit
+    from gradaudit.api import run
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
 
     loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
     try:
-        return audit(
+        return run(
             loaded.model,
             loaded.inputs,
+            options,
             target=spec,
             input_source=loaded.input_source,
             select=select,
             ignore=ignore,
             input_stats=loaded.input_stats or None,
             settings=settings,
-            **options,
         )
     except CaptureError as exc:
         if loaded.input_source.startswith("inferred"):

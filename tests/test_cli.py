@@ -142,7 +142,8 @@ def test_json_contract(cli):
     assert len(linears) == 31  # every parameterized module call is listed
     for layer in report["layers"]:
         assert {"node", "module", "op", "predicted", "measured"} <= set(layer)
-        assert set(layer["predicted"]) == {"act_rms", "grad_rms"}
+        weight = layer["depth"] is not None  # weight layers carry the layer gradient too
+        assert set(layer["predicted"]) == ({"act_rms", "grad_rms", "layer_grad"} if weight else {"act_rms", "grad_rms"})
         assert layer["measured"] is None
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in layer["predicted"].values())
 
@@ -181,7 +182,7 @@ def test_text_report_to_file_has_no_colour(cli, tmp_path):
 def test_text_report_layout(cli):
     result = cli("check", DEEP_SIGMOID, "--select", "GA101")
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("VANISHING  gradients vanish: the first layer gets ")
+    assert lines[0].startswith("VANISHING  predicted weight-gradient scale falls ")
     assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
     assert any("GA101 vanishing-gradients" in line for line in lines)
     assert any(line.strip().startswith("fix: ") for line in lines)
@@ -192,12 +193,12 @@ def test_text_report_layout(cli):
 
 
 def test_first_layer_ratio_in_verdict_matches_layers(cli):
-    """The verdict's "first layer gets X" is grad_rms(first weight layer) / grad_rms(last)."""
+    """The verdict's "falls X" is layer_grad(last weight layer) / layer_grad(first)."""
     report = _json(cli("check", DEEP_SIGMOID, "--format", "json"))
-    grads = [layer["predicted"]["grad_rms"] for layer in report["layers"] if layer["depth"] is not None]
+    grads = [layer["predicted"]["layer_grad"] for layer in report["layers"] if layer["depth"] is not None]
     text = cli("check", DEEP_SIGMOID).stdout.splitlines()[0]
-    shown = float(text.split("the first layer gets ")[1].split()[0])
-    assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)
+    shown = float(text.split(" falls ")[1].split("x ")[0])
+    assert shown == pytest.approx(grads[-1] / grads[0], rel=2e-2)
 
 
 EXPLODING_MLP = """
@@ -225,9 +226,9 @@ def test_exploding_verdict_matches_layers(cli, write, tmp_path):
     per_layer = (grads[0] / grads[-1]) ** (1 / (len(grads) - 1))
     assert math.log2(per_layer) == pytest.approx(0.5, abs=0.15)
     first = cli("check", "boom.py", cwd=tmp_path).stdout.splitlines()[0]
-    assert first.startswith("EXPLODING  gradients explode: the first layer gets ")
-    shown = float(first.split("the first layer gets ")[1].split("x ")[0])
-    assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)
+    assert first.startswith("EXPLODING  predicted weight-gradient scale grows ")
+    shown = float(first.split(" grows ")[1].split("x ")[0])
+    assert shown == pytest.approx(grads[0] / grads[-1], rel=2e-2)  # an MLP: layer grad = grad RMS
 
 
 def test_skip_missing_skips_files_without_models(cli, write, tmp_path):
@@ -241,27 +242,23 @@ def test_skip_missing_skips_files_without_models(cli, write, tmp_path):
 
 def test_probe_options_are_passed_through(cli, monkeypatch, write, tmp_path):
     import gradaudit.api
+    from gradaudit.options import AuditOptions
 
-    seen = {}
-    real = gradaudit.api.audit
+    seen = []
+    real = gradaudit.api.run
 
-    def spy(model, inputs, **kwargs):
-        seen.update(kwargs)
-        keep = {k: v for k, v in kwargs.items() if k in ("target", "input_source", "select", "ignore", "input_stats",
-                                                         "settings")}
-        return real(model, inputs, **keep)
+    def spy(model, inputs, opts, **kwargs):
+        seen.append(opts)
+        return real(model, inputs, AuditOptions(), **kwargs)
 
-    monkeypatch.setattr(gradaudit.api, "audit", spy)
+    monkeypatch.setattr(gradaudit.api, "run", spy)
     write("net.py", MLP)
     cli("check", "net.py", "--probe", "--draws", "3", "--inputs", "batch.pt", "--dtype", "bf16", "--device", "cpu",
         "--gradcheck", "--gradcheck-module", "a", "--gradcheck-module", "b", cwd=tmp_path)
-    assert {k: seen[k] for k in ("probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules")} == {
-        "probe": True, "draws": 3, "inputs_path": "batch.pt", "dtype": "bf16", "device": "cpu", "gradcheck": True,
-        "gradcheck_modules": ["a", "b"],
-    }
-    seen.clear()
+    assert seen[-1] == AuditOptions(probe=True, draws=3, inputs_path="batch.pt", dtype="bf16", device="cpu",
+                                    gradcheck=True, gradcheck_modules=("a", "b"))
     cli("check", "net.py", cwd=tmp_path)
-    assert not {"probe", "draws", "inputs_path", "dtype", "device", "gradcheck", "gradcheck_modules"} & set(seen)
+    assert seen[-1] == AuditOptions()
 
 
 @pytest.mark.parametrize("code", sorted(all_rules()))

@@ -178,7 +178,7 @@ def test_internal_error_is_one_line_and_exit_3(cli, write, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(gradaudit.api, "audit", broken)
+    monkeypatch.setattr(gradaudit.api, "run", broken)
     write("net.py", HEADER + "model = nn.Linear(4, 4)\n")
     result = cli("check", "net.py", cwd=tmp_path)
     assert result.exit_code == 3

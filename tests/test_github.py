@@ -48,7 +48,7 @@ def _finding(severity="error", message="m", path="net.py", line=3, module="fc", 
 
 def _report(findings, target="net.py"):
     return AuditReport(target=target, frontend="fx", input_source="given", inputs=[], findings=findings, layers=[],
-                       depth=summarize([], []))
+                       depth=summarize([]))
 
 
 @pytest.mark.parametrize("raw,escaped", [("a%b", "a%25b"), ("a\nb", "a%0Ab"), ("a\rb", "a%0Db"), ("100%\n", "100%25%0A"),

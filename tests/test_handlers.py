@@ -182,6 +182,25 @@ NORM = "training-mode normalisation: exact up to O(1/n) in the group size"
 DROP = "inverted dropout: exact in expectation (masks resampled per draw)"
 
 
+@torch.fx.wrap
+def stochastic_depth(x, p, mode, training=True):
+    """torchvision.ops.stochastic_depth's signature and arithmetic (a leaf for fx, as there)."""
+    if not training or p == 0.0:
+        return x
+    shape = [x.shape[0]] + [1] * (x.dim() - 1) if mode == "row" else [1] * x.dim()
+    keep = torch.empty(shape, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+@torch.fx.wrap
+def drop_path(x, drop_prob=0.0, training=False, scale_by_keep=True):
+    """timm.layers.drop_path's signature and arithmetic."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - drop_prob)
+    return x * keep.div_(1 - drop_prob) if scale_by_keep else x * keep
+
+
 def _sdpa(causal: bool) -> Case:
     def build():
         fq, fk, fv = (front(16, mean=0.1, std=1.5, seed=s) for s in range(3))
@@ -314,6 +333,8 @@ CASES: dict[str, list[Case]] = {
     "dropout2d": [U(lambda h: F.dropout2d(h, 0.3), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
     "dropout3d": [U(lambda h: F.dropout3d(h, 0.3), C3(32), 16, 32, 2, 2, 2, why=DROP, draws=16)],
     "feature_dropout": [U(lambda h: torch.feature_dropout(h, 0.3, True), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
+    "stochastic_depth": [U(lambda h: stochastic_depth(h, 0.3, "row", True), C2(32), 64, 32, 4, 4, why=DROP, draws=16)],
+    "drop_path": [U(lambda h: drop_path(h, 0.3, True), LIN(), 64, 64, why=DROP, draws=16)],
     # ---------------------------------------------------------------- pooling
     "max_pool": [
         U(nn.MaxPool2d(2), C2(), 8, 8, 16, 16, why=MAXPOOL),

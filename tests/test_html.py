@@ -55,7 +55,7 @@ def _esc(text: str) -> str:
 def _report(layers, findings=(), **kw) -> AuditReport:
     grads = [l.predicted.grad_rms for l in layers if l.depth]
     return AuditReport(target="net.py", frontend="fx", input_source="given", inputs=[], findings=list(findings),
-                       layers=layers, depth=summarize(grads, grads), **kw)
+                       layers=layers, depth=summarize(grads), **kw)
 
 
 def _layer(i, act, grad, depth=True, measured=None):
@@ -122,8 +122,9 @@ def test_source_line_of_the_finding(deep_sigmoid):
 def test_verdict_and_sentence_first(deep_sigmoid):
     report, page = deep_sigmoid
     verdict = page[page.index('id="verdict"'):page.index('id="findings"')]
-    assert report.verdict == "vanishing" and ">vanishing</span>" in verdict
-    assert "GA101 vanishing-gradients" in verdict
+    assert report.verdict == "vanishing" and ">VANISHING</span>" in verdict
+    (ga101,) = [f for f in report.findings if f.rule == "GA101"]
+    assert ga101.message.split("; ")[0] in verdict
 
 
 def test_environment_rows(deep_sigmoid):
@@ -196,9 +197,15 @@ def test_suppressed_findings_listed():
 
 
 def test_healthy_headline():
+    from gradaudit.report.common import headline
+
     layers = [_layer(0, 1.0, 0.5), _layer(1, 1.0, 1.0)]
     rep = _report(layers)
-    assert html_report.headline(rep).startswith("No gradient problem predicted: across 2 weight layers")
+    head = headline(rep)
+    assert head.label == "HEALTHY" and head.severity is None
+    assert head.sentence.startswith("the predicted weight-gradient scale stays within 0.3 decades across 2 weight layers")
+    page = html_report.render(rep)
+    assert ">HEALTHY</span>" in page and head.sentence in page
 
 
 def test_cli_writes_the_same_page(deep_sigmoid, tmp_path):

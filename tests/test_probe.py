@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradaudit
+import gradaudit.api
 from gradaudit.errors import ConfigError
 from gradaudit.probe.gradients import SEED
 from probe_models import hook_measure, load_example, small_models
@@ -128,7 +129,8 @@ def test_report_json_carries_measured_block():
     assert data["probe"]["draws"] == 2 and data["probe"]["device"] == "cpu"
     assert data["environment"]["device"] == "cpu" and data["environment"]["dtype"] == "float32"
     for layer in data["layers"]:
-        assert set(layer["measured"]) == {"act_rms", "grad_rms"}
+        weight = layer["depth"] is not None
+        assert set(layer["measured"]) == ({"act_rms", "grad_rms", "layer_grad"} if weight else {"act_rms", "grad_rms"})
         assert "grad_log10_error" in layer and "measured_weight_grad_rms" in layer
 
 
@@ -142,18 +144,23 @@ def test_without_probe_nothing_is_measured():
 @pytest.mark.parametrize(
     "options",
     [
-        {"probe_draws": 3},
         {"draws": 0, "probe": True},
         {"draws": "two", "probe": True},
         {"dtype": "fp8", "probe": True},
         {"device": "tpu", "probe": True},
-        {"dead_fraction": "high", "probe": True},
+        {"settings": gradaudit.api.Settings(extra={"dead_fraction": "high"}), "probe": True},
     ],
 )
 def test_bad_options_are_config_errors(options):
     model, inputs = small_models()["frozen_layernorm"]
     with pytest.raises(ConfigError):
         gradaudit.audit(model, inputs, **options)
+
+
+def test_unknown_option_is_pythons_type_error():
+    model, inputs = small_models()["frozen_layernorm"]
+    with pytest.raises(TypeError, match="probe_draws"):
+        gradaudit.audit(model, inputs, probe_draws=3)
 
 
 def test_inputs_path_pt_replaces_example_inputs(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import gradaudit
+import gradaudit.api
 from gradaudit.rules.base import all_rules
 
 STAGED = {code: cls for code, cls in all_rules().items() if cls.stage in ("probe", "gradcheck")}
@@ -77,7 +78,7 @@ def _scaled_inputs():
 # code -> (builder, input shape, audit options)
 CASES = {
     "GA601": (_Log, (16, 8), {"probe": True}),
-    "GA602": (_dead, (16, 8), {"probe": True}),
+    "GA602": (_dead, (32, 8), {"probe": True}),
     "GA603": (_saturated, (16, 8), {"probe": True}),
     "GA604": (_overflow, (16, 32), {"probe": True, "dtype": "fp16"}),
     "GA605": (_underflow, (16, 8), {"probe": True, "dtype": "fp16"}),
@@ -133,7 +134,8 @@ def test_rule_is_silent_without_its_stage(code):
 def test_dead_threshold_is_configurable():
     torch.manual_seed(0)
     model = _dead()
-    report = gradaudit.audit(model, (torch.randn(16, 8),), probe=True, dead_units_min=1.01)
+    settings = gradaudit.api.Settings(extra={"dead_units_min": 1.01})
+    report = gradaudit.audit(model, (torch.randn(16, 8),), probe=True, settings=settings)
     assert not [f for f in report.findings if f.rule == "GA602"]
 
 
@@ -150,7 +152,17 @@ def test_dead_unit_fraction_matches_direct_count():
     report = gradaudit.audit(model, (x,), probe=True, draws=1)
     (finding,) = [f for f in report.findings if f.rule == "GA602"]
     assert finding.data["dead_fraction"] == pytest.approx(expected)
-    assert finding.data["units"] == 64
+    assert finding.data["units"] == [64]
+
+
+def test_dead_units_are_not_judged_on_fewer_than_32_samples():
+    """On 16 samples a live unit (zero half the time) reads as >= 70% zero with
+    probability P(Binomial(16, 1/2) >= 12) = 0.038: too noisy to call it dead."""
+    torch.manual_seed(0)
+    report = gradaudit.audit(_dead(), (torch.randn(16, 8),), probe=True, draws=1)
+    assert not [f for f in report.findings if f.rule == "GA602"]
+    report = gradaudit.audit(_dead(), (torch.randn(32, 8),), probe=True, draws=1)
+    assert [f.rule for f in report.findings if f.rule == "GA602"] == ["GA602"]
 
 
 def test_saturated_fraction_matches_direct_count():

@@ -38,7 +38,7 @@ def _report(findings, target="net.py", **kw) -> AuditReport:
     layers = [LayerRecord(node=f"n{i}", module=f"l{i}", op="linear", module_type="Linear",
                           predicted=Moments(1.0, g), depth=i + 1) for i, g in enumerate(grads)]
     return AuditReport(target=target, frontend="fx", input_source="given", inputs=[], findings=findings,
-                       layers=layers, depth=summarize(grads, grads), **kw)
+                       layers=layers, depth=summarize(grads), **kw)
 
 
 def _errors(log: dict) -> list[str]:

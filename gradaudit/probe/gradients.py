@@ -52,7 +52,8 @@ DEFAULTS = {
     "dead_units_min": 0.5,  # report a layer when >= this fraction of its units is dead
     "saturation_abs": 5.0,  # |pre-activation| counted as saturated
     "saturation_fraction": 0.5,  # report when > this fraction of entries is saturated
-    "disagree_factor": 10.0,  # predicted vs measured ratio reported as a disagreement
+    "disagree_factor": 2.0,  # predicted vs measured ratio reported as a disagreement
+    "dead_min_samples": 32,  # observations per unit below which dead units are not judged
     "underflow_fraction": 0.01,  # gradient entries lost to underflow worth reporting
 }
 
@@ -118,6 +119,8 @@ class UnitStats:
     fraction: float  # dead: fraction of units dead; saturated: fraction of entries
     units: int
     count: int
+    #: Observations behind each unit's figure (batch x positions); dead units only.
+    samples: int = 0
 
 
 @dataclass
@@ -641,7 +644,8 @@ class Runner:
         zero = (y == 0).movedim(unit_dim, 0).reshape(y.shape[unit_dim], -1).float().mean(dim=1)
         dead = int((zero >= threshold(self.settings, "dead_fraction")).sum())
         units = int(zero.numel())
-        rec.units.append(UnitStats(n.name, op, "dead", dead / max(units, 1), units, dead))
+        samples = y.numel() // max(units, 1)
+        rec.units.append(UnitStats(n.name, op, "dead", dead / max(units, 1), units, dead, samples))
 
     def _feeds_from_conv(self, n) -> bool:
         """Whether the activation's input comes (through norms) from a convolution."""
@@ -911,8 +915,17 @@ def _ancestors(analysis, node, depth: int):
 
 
 def _log_err(measured: float, predicted: float) -> float | None:
-    if not (math.isfinite(measured) and math.isfinite(predicted)) or measured <= 0 or predicted <= 0:
+    """log10(measured / predicted). A prediction that is not finite, or 0 where the
+    measurement is not (and the reverse), is the largest disagreement (+-inf), never a
+    value to skip; None only when the measurement itself is not finite (GA601's case)."""
+    if not math.isfinite(measured):
         return None
+    if not math.isfinite(predicted):
+        return math.inf
+    if measured == predicted == 0:
+        return 0.0
+    if measured <= 0 or predicted <= 0:
+        return math.inf if measured > predicted else -math.inf
     return math.log10(measured / predicted)
 
 

@@ -1,26 +1,58 @@
-"""How the predicted gradient changes with depth, and where it crosses 1e-3 / 1e3.
+"""How the gradient changes with depth: the one definition every report and rule uses.
 
-Over the weight layers in execution order (depth 1 = nearest the input), with r_l the
-predicted RMS of dL/d(output of layer l):
+**The layer gradient.** For a weight layer l with output y (positions p that share each
+weight: the spatial positions of a convolution's output, the sequence positions of a
+linear layer applied to (B, T, d); P = 1 in an MLP), the *layer gradient* is
 
-- ``decades_per_layer``: least-squares slope of log10(r_l) against -l, i.e. the change
+    G_l = sqrt(P_l) * RMS(dL/dy_l)
+
+the scale of dL/dW = sum_p (dL/dy_p) x_p^T per unit of input activation: dL/dW sums over
+the P positions, so a global average pool, which divides each position's gradient by P,
+does not read as a 1/P drop, while RMS(dL/dy), the per-element gradient of the per-layer
+table, does. In an MLP the two coincide. The headline, GA101/GA102, GA202, the
+per-layer table's ``layer grad`` column and the HTML chart all read G_l from
+:func:`layer_gradient`; the summary below is computed from the same numbers.
+
+Over the weight layers in execution order (depth 1 = nearest the input):
+
+- ``decades_per_layer``: least-squares slope of log10(G_l) against -l, i.e. the change
   in decades per layer *moving toward the input*; negative means gradients shrink as
   they flow back (vanishing), positive means they grow (exploding). A per-layer gain
-  chi (Schoenholz et al. 2017) gives 0.5 log10(chi) decades per layer.
-- ``end_to_end_decades``: log10(r_first / r_last).
-- ``spread_decades``: log10(max r / min r) over every parameterized layer.
+  chi (Schoenholz et al., ICLR 2017) gives 0.5 log10(chi) decades per layer.
+- ``end_to_end_decades``: log10(G_first / G_last).
+- ``spread_decades``: log10(max G / min G) over the weight layers.
 - ``vanish_depth`` / ``explode_depth``: the depth, in weight layers from the output, at
-  which the gradient reaches 1e-3 / 1e3 of the last layer's at the fitted rate:
-  3 / |decades_per_layer|. Extrapolated when the model is shallower.
+  which the fitted trend would reach 1e-3 / 1e3 of the last layer's: 3 / |slope|. A
+  property of the *rate*, not of this model: it may exceed the model's depth.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.ir import Node
 
 CROSSING_DECADES = 3.0
 FLAT = 1e-3  # decades per layer below which the trend is reported as flat
+
+
+def shared_positions(node: Node) -> int:
+    """How many positions per sample share each weight of ``node``: spatial positions of a
+    convolution's output, sequence positions of a linear layer applied to (B, T, d)."""
+    shape = node.shape
+    if not shape or len(shape) < 3:
+        return 1
+    if node.op in ("conv", "conv_transpose"):
+        return max(math.prod(shape[2:]), 1)
+    return max(math.prod(shape[1:-1]), 1)
+
+
+def layer_gradient(node: Node, grad_rms: float) -> float:
+    """G_l = sqrt(P) * RMS(dL/dy) for ``node`` (see the module docstring)."""
+    return grad_rms * math.sqrt(shared_positions(node))
 
 
 @dataclass
@@ -38,6 +70,14 @@ class DepthSummary:
             return None
         return 1.0 / abs(self.decades_per_layer)
 
+    @property
+    def end_to_end_ratio(self) -> float:
+        """G_first / G_last as a number (0 or inf when a layer gets exactly nothing)."""
+        d = self.end_to_end_decades
+        if not math.isfinite(d):
+            return 0.0 if d < 0 else math.inf
+        return 10.0 ** max(min(d, 300.0), -300.0)
+
     def to_json(self) -> dict:
         out = {}
         for k, v in self.__dict__.items():
@@ -51,23 +91,28 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 and math.isfinite(x) else (-math.inf if x == 0 else math.nan)
 
 
-def summarize(weight_grad_rms: list[float], all_grad_rms: list[float]) -> DepthSummary:
-    """Depth summary from the grad RMS of weight layers (in order) and of all layers."""
-    logs = [_log10(r) for r in weight_grad_rms]
-    finite = [(i + 1, v) for i, v in enumerate(logs) if math.isfinite(v)]
-    n = len(weight_grad_rms)
-    slope = 0.0
-    if len(finite) >= 2:
-        xs = [-d for d, _ in finite]
-        ys = [v for _, v in finite]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    all_logs = [v for v in (_log10(r) for r in all_grad_rms) if math.isfinite(v)]
-    spread = (max(all_logs) - min(all_logs)) if all_logs else 0.0
-    if any(r == 0 for r in all_grad_rms) and all_logs:
+def slope(logs: Sequence[float]) -> float:
+    """Least-squares slope of ``logs`` (log10 of G_l, execution order) against -depth,
+    over the finite values; 0 with fewer than two."""
+    pts = [(-(i + 1), v) for i, v in enumerate(logs) if math.isfinite(v)]
+    if len(pts) < 2:
+        return 0.0
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else 0.0
+
+
+def summarize(layer_grads: Sequence[float]) -> DepthSummary:
+    """Depth summary from the layer gradients G_l of the weight layers, in order."""
+    logs = [_log10(r) for r in layer_grads]
+    finite = [v for v in logs if math.isfinite(v)]
+    n = len(layer_grads)
+    rate = slope(logs)
+    spread = (max(finite) - min(finite)) if finite else 0.0
+    if finite and any(r == 0 for r in layer_grads):
         spread = math.inf
     end = (logs[0] - logs[-1]) if n >= 2 else 0.0
-    vanish = CROSSING_DECADES / -slope if slope < -FLAT else None
-    explode = CROSSING_DECADES / slope if slope > FLAT else None
-    return DepthSummary(n, spread, slope, end, vanish, explode)
+    vanish = CROSSING_DECADES / -rate if rate < -FLAT else None
+    explode = CROSSING_DECADES / rate if rate > FLAT else None
+    return DepthSummary(n, spread, rate, end, vanish, explode)

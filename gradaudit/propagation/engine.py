@@ -101,6 +101,12 @@ class Analysis:
     effects: dict[str, Effect]
     estimates: list[Estimate]
     config: dict[str, Any] = field(default_factory=dict)
+    #: :class:`~gradaudit.propagation.coverage.Coverage`, set by the audit after the walk.
+    coverage: Any = None
+    #: Closed zero/small-initialised gates (:mod:`gradaudit.propagation.gates`) and the
+    #: analysis of the same graph with them opened (None when there are none).
+    gates: list = field(default_factory=list)
+    opened: "Analysis | None" = None
 
     def stat(self, name: str, leaf: int = 0) -> Stats | None:
         s = self.stats.get(name)
@@ -214,9 +220,25 @@ class Engine:
                 if not members:
                     self.groups.pop(root, None)
                     self.single_d2.pop(root, None)
+        if self._input_missing(node):
+            # an upstream op left no statistics: nothing to model or sample here (the
+            # coverage check reports the op where statistics stopped, not every op after it)
+            self.stats[node.name] = [None] * max(len(node.outputs), 1)
+            return
         effect = self._apply_handler(node)
         self.effects[node.name] = effect
         self.stats[node.name] = list(effect.out) + [None] * (len(node.outputs) - len(effect.out))
+
+    def _input_missing(self, node: Node) -> bool:
+        """Whether a floating tensor input of ``node`` has no statistics."""
+        for ref in iter_refs((node.args, node.kwargs)):
+            src = self.graph[ref.name]
+            if src.op == "param":
+                continue
+            floating = any(m is not None and m.is_float for m in src.outputs)
+            if floating and all(s is None for s in self.stats.get(ref.name, [None])):
+                return True
+        return False
 
     def _apply_handler(self, node: Node) -> Effect:
         handler = HANDLERS.get(node.op)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import linecache
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -85,3 +87,47 @@ def fmt_num(x: Any) -> str:
             return "inf" if x > 0 else "-inf"
         return f"{x:.3g}"
     return str(x)
+
+
+def first_clause(message: str) -> str:
+    """A finding message up to its first "; " (messages put their main figure first).
+    Never split at a period: "Pascanu et al." and "1.5x" are not sentence ends."""
+    return message.split("; ", 1)[0].rstrip(" ;")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one line every report starts with: ``label`` (``HEALTHY``, ``INCOMPLETE``, a
+    verdict category in capitals for an error, ``WARNING`` for a risk) and ``sentence``."""
+
+    label: str
+    sentence: str
+    severity: str | None  # of the finding it comes from; None for healthy / incomplete
+
+
+def headline(report: Any) -> Headline:
+    """The headline of ``report``, built from the same evidence as its verdict: the
+    worst finding's first clause (its figure is the finding's), the coverage gap of an
+    incomplete audit, or the depth summary of a healthy one. A warning reads as a risk,
+    never as a verdict."""
+    from gradaudit.rules.base import SEVERITY_ORDER
+
+    verdict = report.verdict
+    serious = sorted((f for f in report.findings if f.severity != "info"),
+                     key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
+    if verdict == "incomplete":
+        return Headline("INCOMPLETE", report.coverage.sentence(), None)
+    if serious:
+        worst = next((f for f in serious if f.category == verdict), serious[0])
+        if worst.severity == "error":
+            return Headline(verdict.upper(), first_clause(worst.message), "error")
+        return Headline("WARNING", f"{worst.category} risk: {first_clause(worst.message)}", worst.severity)
+    source, d = report.judged if report.judged is not None else ("predicted", report.depth)
+    if d.n_layers >= 2 and math.isfinite(d.spread_decades):
+        return Headline(
+            "HEALTHY",
+            f"the {source} weight-gradient scale stays within {d.spread_decades:.2g} decades across {d.n_layers} "
+            f"weight layers (first / last layer: {fmt_num(d.end_to_end_ratio)})",
+            None,
+        )
+    return Headline("HEALTHY", "no problem predicted", None)

@@ -12,10 +12,9 @@ were estimated; per-layer table; environment.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
-from gradaudit.report.common import fmt_num, rule_url, source_line
+from gradaudit.report.common import fmt_num, headline, rule_url, source_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.report.model import AuditReport
@@ -42,7 +41,7 @@ def render(report: AuditReport, **opts: Any) -> str:
     template = env.get_template("report.html.j2")
     return template.render(
         r=report,
-        headline=headline(report),
+        head=headline(report),
         groups=_groups(report),
         chart=None if chart is None else _markup(chart),
         gradcheck=_gradcheck(report.gradcheck),
@@ -52,23 +51,6 @@ def render(report: AuditReport, **opts: Any) -> str:
         suppressed=report.suppressed,
         counts=report.counts(),
         depth=report.depth,
-    )
-
-
-def headline(report: AuditReport) -> str:
-    """The one sentence that matters: the worst finding, or why the model looks healthy."""
-    from gradaudit.rules.base import SEVERITY_ORDER
-
-    serious = [f for f in report.findings if f.severity != "info"]
-    if serious:
-        worst = min(serious, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
-        first = re.split(r"(?<=[.;])\s", worst.message, maxsplit=1)[0].rstrip(";")
-        where = f" in '{worst.module}'" if worst.module else ""
-        return f"{worst.rule} {worst.name}{where}: {first}"
-    d = report.depth
-    return (
-        f"No gradient problem predicted: across {d.n_layers} weight layers the predicted gradient "
-        f"RMS stays within {fmt_num(d.spread_decades)} decades."
     )
 
 

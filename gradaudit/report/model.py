@@ -10,21 +10,51 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradaudit.errors import ConfigError
 from gradaudit.propagation.depth import DepthSummary
 from gradaudit.rules.base import SEVERITY_ORDER, Finding
 
 FORMAT_VERSION = 1
+#: The verdict of an audit whose statistics do not cover every parameterized layer (or
+#: whose loss reaches no parameter): never ``healthy``.
+INCOMPLETE = "incomplete"
+#: Exit status of an incomplete audit on the command line.
+INCOMPLETE_EXIT = 4
+
+
+class FindingsError(Exception):
+    """Raised by :meth:`AuditReport.raise_for_findings`; ``report`` is the audit's report
+    and the message is its text rendering."""
+
+    def __init__(self, report: "AuditReport", fail_on: str) -> None:
+        from gradaudit.report.text import render
+
+        self.report = report
+        self.fail_on = fail_on
+        super().__init__(render(report))
+
+
+def check_fail_on(fail_on: str) -> int:
+    """The severity rank of ``fail_on``; :class:`ConfigError` for an unknown one."""
+    if fail_on not in SEVERITY_ORDER:
+        raise ConfigError(f"fail_on must be one of error, warning, info (got {fail_on!r})")
+    return SEVERITY_ORDER[fail_on]
 
 
 @dataclass
 class Moments:
-    """RMS of a layer's output and of dL/d(output)."""
+    """RMS of a layer's output and of dL/d(output); for weight layers also the layer
+    gradient, sqrt(P) x grad_rms (:func:`gradaudit.propagation.depth.layer_gradient`)."""
 
     act_rms: float
     grad_rms: float
+    layer_grad: float | None = None
 
     def to_json(self) -> dict:
-        return {"act_rms": _num(self.act_rms), "grad_rms": _num(self.grad_rms)}
+        out = {"act_rms": _num(self.act_rms), "grad_rms": _num(self.grad_rms)}
+        if self.layer_grad is not None:
+            out["layer_grad"] = _num(self.layer_grad)
+        return out
 
 
 @dataclass
@@ -60,6 +90,14 @@ class LayerRecord:
 
 @dataclass
 class AuditReport:
+    """Everything one audit found; renderers only format it.
+
+    ``verdict`` is ``healthy``, ``incomplete`` (the statistics do not cover the model:
+    see ``coverage``) or the category of the worst finding. ``ok(fail_on)`` says whether
+    the audit passes a gate; :meth:`raise_for_findings` raises :class:`FindingsError`
+    when it does not.
+    """
+
     target: str
     frontend: str
     input_source: str
@@ -72,20 +110,79 @@ class AuditReport:
     probe: dict[str, Any] | None = None
     gradcheck: list[dict] = field(default_factory=list)
     suppressed: list[dict] = field(default_factory=list)
+    #: :class:`~gradaudit.propagation.coverage.Coverage` of the prediction.
+    coverage: Any = None
+    #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
+    #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
+    judged: tuple[str, DepthSummary] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the prediction put finite statistics on every parameterized layer."""
+        return self.coverage is None or self.coverage.complete
 
     @property
     def verdict(self) -> str:
-        if not self.findings:
-            return "healthy"
-        worst = min(self.findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
-        if worst.severity == "info":
-            return "healthy"
-        return worst.category
+        """``healthy``, ``incomplete`` or the category of the worst finding.
+
+        When the statistics do not cover the model the verdict is ``incomplete``: the
+        predicted findings rest on partial (or non-finite) numbers. Only an error-level
+        finding of a *measured* stage (the probe, the gradcheck) outranks it. Otherwise
+        the worst finding's category, ``healthy`` without any (info findings never
+        change the verdict).
+        """
+        ranked = sorted((f for f in self.findings if f.severity != "info"),
+                        key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
+        if not self.complete:
+            from gradaudit.rules.base import all_rules
+
+            rules = all_rules()
+            measured = [f for f in ranked if f.severity == "error" and f.rule in rules
+                        and rules[f.rule].stage in ("probe", "gradcheck")]
+            return measured[0].category if measured else INCOMPLETE
+        return ranked[0].category if ranked else "healthy"
 
     def worst_severity(self) -> str | None:
         if not self.findings:
             return None
         return min((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__)
+
+    def ok(self, fail_on: str = "error") -> bool:
+        """True when the audit is complete and no finding is at or above ``fail_on``."""
+        limit = check_fail_on(fail_on)
+        return self.complete and not any(SEVERITY_ORDER[f.severity] <= limit for f in self.findings)
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """The command line's exit status: 4 when the verdict is ``incomplete``, else 1
+        when a finding is at or above ``fail_on``, else 0."""
+        limit = check_fail_on(fail_on)
+        if self.verdict == INCOMPLETE:
+            return INCOMPLETE_EXIT
+        return 1 if any(SEVERITY_ORDER[f.severity] <= limit for f in self.findings) else 0
+
+    def raise_for_findings(self, fail_on: str = "error") -> "AuditReport":
+        """Raise :class:`FindingsError` unless :meth:`ok`; return ``self`` otherwise."""
+        if not self.ok(fail_on):
+            raise FindingsError(self, fail_on)
+        return self
+
+    def to_sarif(self) -> dict:
+        """The SARIF 2.1.0 log of this report, as a dict."""
+        import json
+
+        from gradaudit.report import sarif
+
+        return json.loads(sarif.render(self))
+
+    def to_html(self, path: str | None = None) -> str:
+        """The self-contained HTML report; written to ``path`` too when given."""
+        from gradaudit.report import html
+
+        text = html.render(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
 
     def counts(self) -> dict[str, int]:
         out = {"error": 0, "warning": 0, "info": 0}
@@ -103,8 +200,10 @@ class AuditReport:
             "summary": {
                 "verdict": self.verdict,
                 "counts": self.counts(),
+                "coverage": self.coverage.to_json() if self.coverage is not None else None,
                 "gradient_spread_decades": _num(self.depth.spread_decades),
                 "depth": self.depth.to_json(),
+                "judged": None if self.judged is None else {"source": self.judged[0], **self.judged[1].to_json()},
             },
             "findings": [f.to_json() for f in self.findings],
             "layers": [layer.to_json() for layer in self.layers],

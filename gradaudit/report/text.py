@@ -12,6 +12,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from gradaudit.report.common import headline
 from gradaudit.rules.base import SEVERITIES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,34 +58,6 @@ def fmt(x: Any) -> str:
     return f"{x:.3g}"
 
 
-def verdict_sentence(report: AuditReport) -> str:
-    """The one sentence that matters, built from the depth summary or the worst finding."""
-    d = report.depth
-    findings = [f for f in report.findings if f.severity != "info"]
-    if findings:
-        from gradaudit.rules.base import SEVERITY_ORDER
-
-        worst = min(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
-        shrinks = worst.category == "vanishing" and d.end_to_end_decades <= -1
-        grows = worst.category == "exploding" and d.end_to_end_decades >= 1
-        if (shrinks or grows) and d.n_layers >= 2:
-            ratio = 10.0 ** d.end_to_end_decades if math.isfinite(d.end_to_end_decades) else 0.0
-            rate = ""
-            if d.layers_per_decade is not None:
-                word = "fall" if d.decades_per_layer < 0 else "grow"
-                rate = f"; at this rate gradients {word} 10x every {d.layers_per_decade:.1f} layers"
-            if shrinks:
-                return f"gradients vanish: the first layer gets {fmt(ratio)} of the last layer's gradient{rate}"
-            return f"gradients explode: the first layer gets {fmt(ratio)}x the last layer's gradient{rate}"
-        return worst.message
-    if d.n_layers >= 2 and math.isfinite(d.spread_decades):
-        return (
-            f"gradients stay within {d.spread_decades:.2g} decades across {d.n_layers} weight layers "
-            f"(first / last layer: {fmt(10.0 ** d.end_to_end_decades)})"
-        )
-    return "no problem predicted"
-
-
 def print_report(report: AuditReport, console: Console, *, layers: bool = True, title: bool = False) -> None:
     """Print ``report``: verdict, findings, and (when ``layers``) the per-layer table."""
     from rich.markup import escape
@@ -92,9 +65,9 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
 
     if title:
         console.rule(escape(report.target), style="dim")
-    verdict = report.verdict
-    style = "bold green" if verdict == "healthy" else _STYLE.get(report.worst_severity() or "info", "bold")
-    console.print(f"[{style}]{escape(verdict.upper())}[/]  {escape(verdict_sentence(report))}", soft_wrap=True)
+    head = headline(report)
+    style = "bold green" if head.label == "HEALTHY" else _STYLE.get(head.severity or "error", "bold")
+    console.print(f"[{style}]{escape(head.label)}[/]  {escape(head.sentence)}", soft_wrap=True)
     counts = report.counts()
     if report.findings:
         parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in SEVERITIES if counts[s]]
@@ -121,9 +94,11 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
         table.add_column("op")
         table.add_column("act RMS", justify="right")
         table.add_column("grad RMS", justify="right")
+        table.add_column("layer grad", justify="right")
         if measured:
             table.add_column("measured act", justify="right")
             table.add_column("measured grad", justify="right")
+            table.add_column("measured layer grad", justify="right")
         for layer in report.layers:
             name = layer.module or layer.node
             row = [
@@ -132,20 +107,33 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
                 escape(layer.op),
                 fmt(layer.predicted.act_rms),
                 fmt(layer.predicted.grad_rms),
+                fmt(layer.predicted.layer_grad) if layer.predicted.layer_grad is not None else "",
             ]
             if measured:
                 m = layer.measured
-                row += [fmt(m.act_rms) if m else "-", fmt(m.grad_rms) if m else "-"]
+                row += [fmt(m.act_rms) if m else "-", fmt(m.grad_rms) if m else "-",
+                        fmt(m.layer_grad) if m and m.layer_grad is not None else ""]
             table.add_row(*row)
         console.print()
-        console.print("[bold]per layer[/] (predicted RMS of the output and of dL/d(output); # = weight-layer depth)")
+        console.print(
+            "[bold]per layer[/] (predicted RMS of the output and of dL/d(output); layer grad = sqrt(P) x grad RMS, "
+            "P positions sharing each weight: the weight-gradient scale the verdict reads; # = weight-layer depth)",
+            soft_wrap=True,
+        )
         console.print(table)
-    if report.estimated_ops:
-        ops = sorted({str(e.get("op")) for e in report.estimated_ops})
+    estimated = [e for e in report.estimated_ops if e.get("ok")]
+    failed = [e for e in report.estimated_ops if not e.get("ok")]
+    if estimated:
+        ops = sorted({str(e.get("op")) for e in estimated})
         console.print()
         console.print(
-            f"* {len(report.estimated_ops)} op(s) without a handler were estimated by local Monte Carlo: "
-            + escape(", ".join(ops))
+            f"* {len(estimated)} op(s) without a handler were estimated by local Monte Carlo: " + escape(", ".join(ops))
+        )
+    if failed:
+        console.print()
+        console.print(
+            f"{len(failed)} op(s) could be neither modelled nor sampled (no statistics past them): "
+            + escape(", ".join(f"{e.get('node')} [{e.get('op')}]" for e in failed))
         )
     shapes = ", ".join(_describe_input(x) for x in report.inputs)
     console.print()

@@ -5,7 +5,19 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from gradaudit.rules.helpers import RELU_FAMILY, fmt, init_fix, layer_inits, log10_ratio, longest_chain, times, where
+from gradaudit.propagation.coverage import finite_stats
+from gradaudit.propagation.depth import layer_gradient
+from gradaudit.rules.helpers import (
+    GRADIENT_NAME,
+    RELU_FAMILY,
+    fmt,
+    init_fix,
+    layer_inits,
+    log10_ratio,
+    longest_chain,
+    times,
+    where,
+)
 
 
 def mis_scaled_run(analysis, direction: int):
@@ -39,8 +51,13 @@ def mis_scaled_run(analysis, direction: int):
     if len(chain) < 2:
         return None
     a0, a1 = analysis.stat(chain[0].name), analysis.stat(chain[-1].name)
+    if not (finite_stats(a0) and finite_stats(a1)):
+        return None  # an incomplete prediction is GA001's, never judged
     act_change = direction * log10_ratio(a1.act_rms, a0.act_rms)
-    grad_change = direction * log10_ratio(a0.grad_rms, a1.grad_rms)
+    g0, g1 = layer_gradient(chain[0], a0.grad_rms), layer_gradient(chain[-1], a1.grad_rms)
+    grad_change = direction * log10_ratio(g0, g1)
+    if not (math.isfinite(act_change) and math.isfinite(grad_change)):
+        return None  # an exact zero somewhere: a closed gate or a cut network, other rules' case
     return chain, inits, max(act_change, grad_change), act_change, grad_change
 
 
@@ -68,7 +85,7 @@ def check(rule, analysis, direction: int) -> Iterator:
         f"{'/'.join(acts)}) are initialised {fmt(factor)}x {word} the gain their activation needs: "
         f"n Var[w] = {fmt(min(gains))}..{fmt(max(gains))} vs {', '.join(schemes)}; "
         f"across them the predicted activation RMS {moved} {times(abs(act_change))}x"
-        f"{'' if act_change >= 0 else ' the other way'} and the gradient RMS toward the input "
+        f"{'' if act_change >= 0 else ' the other way'} and the {GRADIENT_NAME} toward the input "
         f"{moved} {times(abs(grad_change))}x{'' if grad_change >= 0 else ' the other way'}",
         node=chain[0],
         fix=init_fix(analysis, chain[0]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import activation_crossing, fmt, where
+from gradaudit.rules.helpers import activation_crossing, factor_text, fmt, where
 
 
 @register
@@ -65,7 +65,8 @@ class ActivationCollapse(Rule):
         node = layers[i]
         yield self.finding(
             f"predicted activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[i])} at "
-            f"'{where(node)}' (layer {i + 1} of {len(layers)}, {first / max(acts[i], 1e-300):.3g}x smaller); "
+            f"'{where(node)}' (layer {i + 1} of {len(layers)}, {factor_text(first / acts[i]) if acts[i] else 'to exactly 0'}"
+            f"{' smaller' if acts[i] else ''}); "
             f"{prof.rate_text(i)}",
             node=node,
             fix=fix,

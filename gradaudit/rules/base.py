@@ -122,10 +122,9 @@ class Rule:
 
     @classmethod
     def summary(cls) -> str:
-        """First sentence of "What it does" — the one-line description."""
-        sections = cls.doc_sections()
-        what = sections.get("What it does", sections["summary"])
-        return re.split(r"(?<=\.)\s", " ".join(what.split()), maxsplit=1)[0]
+        """The docstring's summary line (ruff's convention): the one-line description.
+        Never cut at a period inside it ("Pascanu et al.", "1.5x")."""
+        return " ".join(cls.doc_sections()["summary"].split())
 
 
 REGISTRY: dict[str, type[Rule]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import listing, where
 
 
 @register
@@ -15,8 +16,14 @@ class DeadUnits(Rule):
     From the probe's first draw, for every ReLU-family activation (ReLU, ReLU6,
     Hardswish, thresholds — the ones with a flat zero region), counts the units (features,
     or channels of a feature map) whose output is exactly 0 for at least 70% of the
-    batch (and positions), and reports the activation when at least half of its units are
-    dead. Both thresholds are configurable (`dead_fraction`, `dead_units_min`).
+    batch (and positions), and reports the activations where at least half of the units
+    are dead, in one finding that lists them. Both thresholds are configurable
+    (`dead_fraction`, `dead_units_min`). A unit is only judged on at least 32
+    observations (`dead_min_samples`; batch x positions): a live ReLU unit is zero half
+    the time, and on 8 observations it reads as 70% zero with probability 0.14 — the
+    4-8-unit squeeze-and-excitation bottlenecks of mobile networks, fed one pooled value
+    per sample, would read as dead from sampling noise alone (on 32 observations that
+    probability is 0.01).
 
     ## Why is this bad?
     A unit that is zero on most inputs passes no gradient on those inputs (ReLU's
@@ -61,15 +68,18 @@ class DeadUnits(Rule):
         settings = analysis.config.get("settings")
         need = threshold(settings, "dead_units_min")
         per_unit = threshold(settings, "dead_fraction")
-        for u in probe.units:
-            if u.kind != "dead" or u.fraction < need:
-                continue
-            node = analysis.graph[u.node]
-            yield self.finding(
-                f"{u.count} of {u.units} units of '{u.node}' [{u.op}] ({u.fraction:.0%}) output 0 for at least "
-                f"{per_unit:.0%} of the batch: they pass no gradient there",
-                node=node,
-                fix="nn.LeakyReLU(0.01)  # or zero the bias / add a normalisation layer before it",
-                dead_fraction=u.fraction,
-                units=u.units,
-            )
+        min_samples = threshold(settings, "dead_min_samples")
+        dead = [u for u in probe.units if u.kind == "dead" and u.fraction >= need and u.samples >= min_samples]
+        if not dead:
+            return
+        nodes = [analysis.graph[u.node] for u in dead]
+        listed = [f"'{where(n)}' ({u.count} of {u.units})" for n, u in zip(nodes, dead)]
+        yield self.finding(
+            f"{len(dead)} activation(s) have most units dead, outputting 0 for at least {per_unit:.0%} of the batch: "
+            f"{listing(listed)}; they pass no gradient there",
+            node=nodes[0],
+            fix="nn.LeakyReLU(0.01)  # or zero the bias / add a normalisation layer before it",
+            layers=[where(n) for n in nodes],
+            units=[u.units for u in dead],
+            dead_fraction=max(u.fraction for u in dead),
+        )

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from gradaudit.propagation import depth
+
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
     from gradaudit.propagation.engine import Analysis
@@ -61,8 +63,20 @@ def graph_node(analysis: Analysis, name: str) -> Node | None:
 
 
 def where(node: Node) -> str:
-    """Short human name of a node: the expression reaching its module, else its name."""
-    return module_expr(node.module) if node.module else node.name
+    """The name a person knows a node by: its module's qualified name (``features.15``,
+    as in the per-layer table), else the node's name. Fix lines use :func:`module_expr`."""
+    return node.module if node.module else node.name
+
+
+def listing(items: list[str], limit: int = 6) -> str:
+    """``a, b, c and 4 more``: the items a finding lists, the first ``limit`` in full."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def name_list(names: list[str], limit: int = 6) -> str:
+    """``'a', 'b', 'c' and 4 more``: quoted names, the first ``limit`` in full."""
+    return listing([f"'{n}'" for n in names], limit)
 
 
 def times(decades: float) -> str:
@@ -212,7 +226,7 @@ def culprit_layer(analysis: Analysis, layers) -> tuple[object, str] | None:
     if sat and len(sat) >= len(layers) // 2:
         return sat[0], swap_activation_fix(analysis, sat[0])
     inits = layer_inits(analysis)
-    grads = [analysis.stat(n.name).grad_rms for n in layers]
+    grads = [layer_grad(analysis, n) for n in layers]
     worst, score = None, -1.0
     for i in range(len(layers) - 1):
         a, b = grads[i], grads[i + 1]
@@ -435,55 +449,93 @@ def parent(qualname: str | None) -> str | None:
 
 @dataclass
 class GradientProfile:
-    """Predicted gradient RMS at the output of each weight layer, in execution order."""
+    """The layer gradient G_l (:func:`gradaudit.propagation.depth.layer_gradient`) of each
+    weight layer, in execution order, and where the numbers come from."""
 
     layers: list
     grads: list[float]
-    decades_per_layer: float  # fitted change per layer moving toward the input
-    end_to_end_decades: float  # log10(first / last)
+    #: "predicted", "measured" (the probe ran) or "predicted with closed gates opened"
+    source: str
+
+    @property
+    def summary(self) -> depth.DepthSummary:
+        return depth.summarize(self.grads)
+
+    @property
+    def decades_per_layer(self) -> float:
+        """Fitted change per layer moving toward the input (see ``propagation.depth``)."""
+        return self.summary.decades_per_layer
+
+    @property
+    def end_to_end_decades(self) -> float:
+        """log10(G_first / G_last)."""
+        return self.summary.end_to_end_decades
 
     @property
     def rate_text(self) -> str:
         s = self.decades_per_layer
-        if abs(s) < 1e-3:
+        if abs(s) < depth.FLAT:
             return "the trend across layers is flat"
-        return f"at this rate gradients {'fall' if s < 0 else 'grow'} 10x every {1 / abs(s):.1f} layers"
+        return f"on average gradients {'fall' if s < 0 else 'grow'} 10x every {1 / abs(s):.1f} layers"
 
 
-def shared_positions(node: Node) -> int:
-    """How many positions per sample share each weight of ``node``: spatial positions of a
-    convolution's output, sequence positions of a linear layer applied to (B, T, d)."""
-    shape = node.shape
-    if not shape or len(shape) < 3:
-        return 1
-    if node.op in ("conv", "conv_transpose"):
-        return max(math.prod(shape[2:]), 1)
-    return max(math.prod(shape[1:-1]), 1)
+#: The name of a profile's quantity, and its definition, said in every message that quotes it.
+GRADIENT_NAME = "weight-gradient scale"
+GRADIENT_TERM = f"{GRADIENT_NAME} = sqrt(P) x RMS of dL/d(output), P positions sharing each weight"
 
 
-def gradient_profile(analysis: Analysis) -> GradientProfile | None:
-    """The gradient reaching each weight layer and its fitted slope (see ``propagation.depth``).
+def _finite_layers(analysis: Analysis) -> list | None:
+    """The weight layers, or None when one of them lacks finite statistics (an
+    incomplete prediction is reported by GA001, never judged)."""
+    from gradaudit.propagation.coverage import finite_stats
 
-    The value per layer is the predicted RMS of dL/d(output) times sqrt(P), P the number
-    of positions per sample that share each weight (:func:`shared_positions`). dL/dW sums
-    dL/dy x^T over those positions, so this is the weight gradient's scale per unit of
-    input activation: a global average pool, which divides every position's gradient by
-    P but leaves P terms in dL/dW, no longer reads as a 1/P drop. For MLPs P = 1 and the
-    value is the output-gradient RMS itself.
+    layers = analysis.weight_layers()
+    if not all(finite_stats(analysis.stat(n.name)) for n in layers):
+        return None
+    return layers
 
-    ``decades_per_layer`` is the least-squares slope of log10 of these values against
-    -depth: negative when gradients shrink on their way back to the input.
+
+def gradient_profile(analysis: Analysis, *, measured: bool = True) -> GradientProfile | None:
+    """The profile the vanishing/exploding rules judge.
+
+    - the measured layer gradients when the probe ran (and ``measured``): the real model
+      decides;
+    - else, when the model has closed zero/small-initialised gates
+      (:mod:`gradaudit.propagation.gates`), the prediction with the gates opened: the
+      gradient that flows once the first updates open them;
+    - else the prediction.
+
+    None with fewer than two weight layers, an incomplete prediction, or a last layer
+    that gets no gradient at all.
     """
-    layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
-    if len(layers) < 2:
+    layers = _finite_layers(analysis)
+    if layers is None or len(layers) < 2:
         return None
-    grads = [analysis.stat(n.name).grad_rms * math.sqrt(shared_positions(n)) for n in layers]
-    if grads[-1] <= 0 or not math.isfinite(grads[-1]):
+    probe = analysis.config.get("probe") if measured else None
+    if probe is not None and not analysis.gates:
+        rows = [probe.layers.get(n.name) for n in layers]
+        if all(r is not None and r.draws and math.isfinite(r.grad_rms) for r in rows):
+            grads = [depth.layer_gradient(n, r.grad_rms) for n, r in zip(layers, rows)]
+            return _checked(GradientProfile(layers, grads, "measured"))
+    source, basis = "predicted", analysis
+    if analysis.gates and analysis.opened is not None:
+        source, basis = "predicted with closed gates opened", analysis.opened
+    stats = [basis.stat(n.name) for n in layers]
+    if any(s is None for s in stats):
         return None
-    slope = slope_per_layer(grads)
-    slope = -slope if slope is not None else 0.0
-    end = log10_ratio(grads[0], grads[-1])
-    return GradientProfile(layers, grads, slope, end)
+    grads = [depth.layer_gradient(n, s.grad_rms) for n, s in zip(layers, stats)]
+    return _checked(GradientProfile(layers, grads, source))
+
+
+def layer_grad(analysis: Analysis, node: Node) -> float:
+    """The predicted layer gradient G of ``node`` (the one quantity every message about a
+    layer's gradient quotes; see :mod:`gradaudit.propagation.depth`)."""
+    return depth.layer_gradient(node, analysis.stat(node.name).grad_rms)
+
+
+def _checked(prof: GradientProfile) -> GradientProfile | None:
+    last = prof.grads[-1]
+    return prof if last > 0 and math.isfinite(last) else None
 
 
 @dataclass
@@ -492,9 +544,10 @@ class GradientCrossing:
 
     ``cross`` is the index of the layer nearest the input that is past the limit
     (walking back from the output, the first one past it), None when none is.
-    ``reach`` is, when none is past it yet but the fitted trend heads there, the number
-    of layers after which the trend reaches it (None when that is beyond twice the
-    model's depth).
+    ``reach``, when none is past it yet but the gradient already changes by at least
+    :data:`TREND_DECADES` end to end in that direction, is the depth at which the fitted
+    per-layer rate would reach the limit, if that is within twice the model's depth: a
+    property of the rate, said as such (never as a fact about this model).
     """
 
     profile: GradientProfile
@@ -502,6 +555,10 @@ class GradientCrossing:
     cross: int | None
     reach: float | None
     fix: str | None  # :func:`culprit_fix` of the profile's layers, when there is a finding
+
+
+#: End-to-end change (decades) below which a trend alone is never reported.
+TREND_DECADES = 1.0
 
 
 def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | None:
@@ -521,10 +578,21 @@ def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | 
     cross = max(past) if past else None
     reach = None
     slope = prof.decades_per_layer
-    if cross is None and direction * slope > 0 and decades / abs(slope) <= 2 * len(prof.layers):
+    end = prof.end_to_end_decades
+    if (cross is None and direction * slope > 0 and direction * end >= TREND_DECADES
+            and decades / abs(slope) <= 2 * len(prof.layers)):
         reach = decades / abs(slope)
     fix = culprit_fix(analysis, prof.layers) if cross is not None or reach is not None else None
     return GradientCrossing(prof, limit, cross, reach, fix)
+
+
+def factor_text(ratio: float) -> str:
+    """A ratio for a message: ``3.4e+05x``, ``0.5x``; never ``inf`` or ``1e+300``."""
+    if ratio == 0:
+        return "to exactly 0"
+    if not math.isfinite(ratio):
+        return "from exactly 0"
+    return f"{ratio:.3g}x"
 
 
 @dataclass
@@ -542,10 +610,16 @@ class ActivationProfile:
 
 
 def activation_profile(analysis: Analysis) -> ActivationProfile | None:
-    layers = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
-    if len(layers) < 2:
+    """Predicted activation RMS at each weight layer; with closed gates, as opened (a zero
+    head's output is 0 by design, not a collapse)."""
+    layers = _finite_layers(analysis)
+    if layers is None or len(layers) < 2:
         return None
-    return ActivationProfile(layers, [analysis.stat(n.name).act_rms for n in layers])
+    basis = analysis.opened if analysis.gates and analysis.opened is not None else analysis
+    stats = [basis.stat(n.name) for n in layers]
+    if any(s is None for s in stats):
+        return None
+    return ActivationProfile(layers, [s.act_rms for s in stats])
 
 
 def activation_crossing(analysis: Analysis, direction: int) -> tuple[ActivationProfile, int, str | None] | None:

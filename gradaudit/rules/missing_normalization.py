@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import add_norm_fix, fmt, longest_chain, next_activation, where
+from gradaudit.rules.helpers import GRADIENT_NAME, add_norm_fix, fmt, layer_grad, longest_chain, next_activation, where
 
 
 @register
@@ -69,8 +69,8 @@ class MissingNormalization(Rule):
         yield self.finding(
             f"{len(chain)} weight layers form a plain stack with no normalization layer ('{where(chain[0])}' to "
             f"'{where(chain[-1])}'): their scale rests on the init alone (predicted activation RMS "
-            f"{fmt(s0.act_rms)} -> {fmt(s1.act_rms)}, gradient RMS {fmt(s0.grad_rms)} -> {fmt(s1.grad_rms)} "
-            f"from the first to the last)",
+            f"{fmt(s0.act_rms)} -> {fmt(s1.act_rms)}, {GRADIENT_NAME} {fmt(layer_grad(analysis, chain[0]))} -> "
+            f"{fmt(layer_grad(analysis, chain[-1]))} from the first to the last)",
             node=chain[0],
             fix=add_norm_fix(chain[0]) + "  # and after each hidden layer",
             layers=len(chain),

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import followed_by_norm, longest_chain, module_expr, structure, where
+from gradaudit.rules.helpers import (
+    GRADIENT_NAME,
+    followed_by_norm,
+    layer_grad,
+    longest_chain,
+    module_expr,
+    structure,
+    where,
+)
 
 
 @register
@@ -76,11 +84,11 @@ class MissingResidual(Rule):
             if block is not None
             else "x = x + block(x)  # identity shortcut around each block (1x1 projection where shapes differ)"
         )
-        g0, g1 = analysis.stat(chain[0].name).grad_rms, analysis.stat(chain[-1].name).grad_rms
+        g0, g1 = layer_grad(analysis, chain[0]), layer_grad(analysis, chain[-1])
         yield self.finding(
             f"{len(chain)} weight layers in sequence with no residual connection ('{where(chain[0])}' to "
             f"'{where(chain[-1])}'{', normalized' if normed else ''}): every layer's gain multiplies into the "
-            f"gradient (predicted gradient RMS {g0:.3g} at the first vs {g1:.3g} at the last)",
+            f"gradient (predicted {GRADIENT_NAME} {g0:.3g} at the first vs {g1:.3g} at the last)",
             node=chain[0],
             fix=fix,
             severity="info" if normed else "warning",

@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import TRANSPARENT, features, fmt, is_residual_add, module_expr, parent
+from gradaudit.rules.helpers import (
+    GRADIENT_NAME,
+    TRANSPARENT,
+    features,
+    fmt,
+    is_residual_add,
+    layer_grad,
+    module_expr,
+    parent,
+)
 
 _LN = frozenset({"layer_norm", "rms_norm"})
 
@@ -87,12 +96,12 @@ class PostLnTransformer(Rule):
 
         def block_grad(prefix: str) -> float | None:
             layers = [n for n in analysis.weight_layers() if n.module and n.module.startswith(prefix + ".")]
-            vals = [analysis.stat(n.name).grad_rms for n in layers if analysis.stat(n.name) is not None]
+            vals = [layer_grad(analysis, n) for n in layers if analysis.stat(n.name) is not None]
             return (sum(v * v for v in vals) / len(vals)) ** 0.5 if vals else None
 
         g_first, g_last = block_grad(first), block_grad(last)
         numbers = (
-            f"; predicted gradient RMS at the weight layers' outputs: {fmt(g_first)} in '{first}', "
+            f"; predicted {GRADIENT_NAME} of the weight layers: {fmt(g_first)} in '{first}', "
             f"{fmt(g_last)} in '{last}'"
             if g_first is not None and g_last is not None
             else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.helpers import listing, where
 
 
 @register
@@ -13,9 +14,10 @@ class SaturatedUnits(Rule):
 
     ## What it does
     From the probe's first draw, measures for every sigmoid, tanh, hard-tanh and
-    soft-sign the fraction of its input entries with |x| >= 5, and reports it when more
-    than half are (DeepDiagnosis's thresholds; configurable as `saturation_abs` and
-    `saturation_fraction`).
+    soft-sign the fraction of its input entries with |x| >= 5, and reports the
+    activations where more than half are (DeepDiagnosis's thresholds; configurable as
+    `saturation_abs` and `saturation_fraction`) in one finding that lists them with
+    their fractions.
 
     ## Why is this bad?
     At |x| = 5, sigmoid'(x) = 0.0066 and tanh'(x) = 1.8e-4: a saturated unit passes
@@ -56,14 +58,16 @@ class SaturatedUnits(Rule):
         settings = analysis.config.get("settings")
         limit = threshold(settings, "saturation_fraction")
         level = threshold(settings, "saturation_abs")
-        for u in probe.units:
-            if u.kind != "saturated" or u.fraction <= limit:
-                continue
-            node = analysis.graph[u.node]
-            yield self.finding(
-                f"{u.fraction:.0%} of the pre-activations of '{u.node}' [{u.op}] have |x| >= {level:g} "
-                f"({u.count} of {u.units}): the unit is saturated and its derivative nearly 0",
-                node=node,
-                fix="nn.LayerNorm(features)  # before the activation, or a smaller init gain",
-                saturated_fraction=u.fraction,
-            )
+        hot = [u for u in probe.units if u.kind == "saturated" and u.fraction > limit]
+        if not hot:
+            return
+        nodes = [analysis.graph[u.node] for u in hot]
+        listed = [f"'{where(n)}' ({u.fraction:.0%})" for n, u in zip(nodes, hot)]
+        yield self.finding(
+            f"{len(hot)} activation(s) have most pre-activations at |x| >= {level:g}, where the derivative is nearly "
+            f"0: {listing(listed)}",
+            node=nodes[0],
+            fix="nn.LayerNorm(features)  # before the activation, or a smaller init gain",
+            layers=[where(n) for n in nodes],
+            saturated_fraction=max(u.fraction for u in hot),
+        )

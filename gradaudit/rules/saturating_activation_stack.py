@@ -7,9 +7,12 @@ from typing import Callable, Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
 from gradaudit.rules.helpers import (
+    GRADIENT_NAME,
     SATURATING,
     add_norm_fix,
+    factor_text,
     fmt,
+    layer_grad,
     layer_inits,
     longest_chain,
     next_activation,
@@ -148,7 +151,7 @@ class SaturatingActivationStack(Rule):
             return
         acts = [next_activation(analysis, n) for n in chain]
         kinds = sorted(set(acts))
-        g0, g1 = analysis.stat(chain[0].name).grad_rms, analysis.stat(chain[-1].name).grad_rms
+        g0, g1 = layer_grad(analysis, chain[0]), layer_grad(analysis, chain[-1])
         steps = len(chain) - 1
         per_layer = (g0 / g1) ** (1.0 / steps) if g0 > 0 and g1 > 0 else 0.0
         facts = []
@@ -169,8 +172,8 @@ class SaturatingActivationStack(Rule):
             facts.append(f"{'/'.join(others)} saturate outside a bounded input range and pass no gradient there")
         yield self.finding(
             f"{len(chain)} {'/'.join(kinds)} activations in a chain with no normalization between "
-            f"('{where(chain[0])}' to '{where(chain[-1])}'): {'; '.join(facts)}. Predicted gradient RMS changes "
-            f"{fmt(per_layer)}x per layer along the chain ({fmt(g0 / g1 if g1 > 0 else math.inf)}x over it)",
+            f"('{where(chain[0])}' to '{where(chain[-1])}'): {'; '.join(facts)}. The predicted {GRADIENT_NAME} changes "
+            f"{fmt(per_layer)}x per layer along the chain ({factor_text(g0 / g1) if g1 > 0 else 'from exactly 0'} over it)",
             node=chain[0],
             fix=swap_activation_fix(analysis, chain[0]) if 'sigmoid' in kinds else add_norm_fix(chain[0]),
             count=len(chain),

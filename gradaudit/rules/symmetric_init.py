@@ -56,10 +56,11 @@ class SymmetricInit(Rule):
     def check(self, analysis) -> Iterator[Finding]:
         st = structure(analysis)
         seen: set[str] = set()
+        gated = {g.node for g in analysis.gates}  # closed on purpose: GA205
         for li in layer_inits(analysis).values():
             node = li.node
             key = node.module or node.name
-            if not li.symmetric or not li.hidden or key in seen:
+            if not li.symmetric or not li.hidden or key in seen or node.name in gated:
                 continue
             seen.add(key)
             w = node.params["weight"].detach()

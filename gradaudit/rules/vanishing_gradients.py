@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from gradaudit.rules import _gradient_trend
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import gradient_crossing, where
 
 
 @register
 class VanishingGradients(Rule):
-    """Predicted gradients shrink by 1000x or more between the output and the first layers.
+    """Gradients shrink by 1000x or more from the last weight layer to the first ones.
 
     ## What it does
-    Reports when the predicted gradient reaching the earliest weight layers is at most
-    1e-3 of the gradient at the last weight layer (error), or when the fitted per-layer
-    trend would reach 1e-3 within twice the model's depth (warning). The prediction
-    propagates the second moment of dL/d(activation) backward through every op's
-    Jacobian, from the weights the model was initialised with. The gradient reaching a
-    weight layer is the RMS of dL/d(output) times sqrt(P), P the positions per sample
-    that share each weight (spatial positions of a conv, sequence positions of a linear
-    layer; 1 in an MLP): dL/dW sums over them, so a global average pool, which divides
-    each position's gradient by P, does not read as vanishing. The message names the
-    layer where the gradient crosses 1e-3 and the rate ("gradients fall 10x every 4.2
-    layers").
+    Judges the *weight-gradient scale* of every weight layer, G = sqrt(P) x RMS of
+    dL/d(output), P the positions per sample that share each weight (spatial positions
+    of a conv, sequence positions of a linear layer; 1 in an MLP): dL/dW sums over
+    them, so a global average pool, which divides each position's gradient by P, does
+    not read as vanishing. The per-layer table's `layer grad` column, the headline and
+    this rule all quote this one quantity. Error: a weight layer gets at most 1e-3
+    the last weight layer's G (the message gives the end-to-end factor and the first
+    layer past the limit). Warning: none is past it, but G already changes by 10x or
+    more end to end in that direction and the model's average per-layer rate would pass
+    the limit within twice its depth (said as a property of the rate, not of the model).
+    The profile judged is the probe's measurement when `--probe` ran, else the
+    prediction (second moments of dL/d(activation) propagated backward through every
+    op's Jacobian, from the weights the model was initialised with). Zero- or
+    small-initialised gates that a design closes on purpose (a zero head, layer scale,
+    adaLN-Zero, Fixup; see GA205) are judged opened.
 
     ## Why is this bad?
     The first layers receive almost no gradient: they barely move, so a deep model
@@ -64,34 +68,4 @@ class VanishingGradients(Rule):
     default_severity = "error"
 
     def check(self, analysis) -> Iterator[Finding]:
-        c = gradient_crossing(analysis, -1)
-        if c is None:
-            return
-        prof = c.profile
-        layers, grads, rate = prof.layers, prof.grads, prof.rate_text
-        if c.cross is not None:
-            node = layers[c.cross]
-            ratio = grads[0] / grads[-1]
-            yield self.finding(
-                f"predicted gradient falls {1 / max(ratio, 1e-300):.3g}x from the last weight layer to the first "
-                f"({prof.end_to_end_decades:+.1f} decades over {len(layers)} layers); it crosses "
-                f"{c.limit:.0e} of the last layer's at layer {c.cross + 1} of {len(layers)} ('{where(node)}'); "
-                f"{rate}",
-                node=node,
-                fix=c.fix,
-                ratio=ratio,
-                decades=prof.end_to_end_decades,
-                layer_index=c.cross + 1,
-                decades_per_layer=prof.decades_per_layer,
-            )
-        elif c.reach is not None:
-            yield self.finding(
-                f"predicted gradients shrink toward the input ({prof.end_to_end_decades:+.1f} decades over "
-                f"{len(layers)} layers): {rate}; at this rate they reach {c.limit:.0e} of the last layer's "
-                f"after {c.reach:.0f} layers (this model has {len(layers)})",
-                node=layers[0],
-                fix=c.fix,
-                severity="warning",
-                vanish_depth=c.reach,
-                decades_per_layer=prof.decades_per_layer,
-            )
+        yield from _gradient_trend.check(self, analysis, -1)

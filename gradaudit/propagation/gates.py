@@ -1,0 +1,143 @@
+"""Zero- and small-initialised gates: factors a design closes on purpose at step 0.
+
+Several well-known designs start a factor at (or near) zero so that a block begins as
+the identity, or a head begins silent, and train from there:
+
+- a zero-initialised classification head (torchvision's ``vit_b_16``): every gradient
+  behind it is exactly 0 at step 0, and becomes non-zero after the first update of the
+  head;
+- layer scale (CaiT, ConvNeXt: ``gamma * f(x)`` with gamma = 1e-6), SkipInit (a scalar
+  alpha = 0 on each residual branch; De & Smith 2020), ReZero (Bachlechner et al. 2020);
+- the last convolution or BatchNorm gamma of each residual branch set to zero (Fixup,
+  Zhang et al. 2019; Goyal et al. 2017 for the zero-gamma BN);
+- adaLN-Zero (DiT, Peebles & Xie 2023): the modulation layer that produces each block's
+  shift, scale and gate is zero-initialised.
+
+Judging vanishing on the exact zeros such a design produces would call every one of
+these models broken. Instead :func:`find` lists the gates, and :func:`open_gates`
+re-propagates the graph with each gate *opened* to a unit-gain value — a closed weight
+layer gets LeCun-normal weights (n Var[w] = 1), a closed elementwise scale or norm gamma
+gets 1 — which is the gradient that flows once the first updates have opened them. The
+vanishing/exploding rules read that opened profile (and say so); an info finding
+(GA205) explains each gate. The user's tensors are never modified: opening works on
+copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.ir import Graph
+    from gradaudit.propagation.engine import Analysis
+
+#: An elementwise scale whose largest |value| is at most this is a closed gate (layer
+#: scale starts at 1e-6..1e-4; SkipInit / ReZero at 0).
+SMALL_SCALE = 1e-3
+#: Ops whose weight matrix may be zero-initialised on purpose.
+_WEIGHT_OPS = frozenset({"linear", "conv", "conv_transpose"})
+_NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
+_SCALE_OPS = frozenset({"mul"})
+
+
+@dataclass
+class Gate:
+    """One closed factor: the node that applies it and which parameter holds it."""
+
+    node: str  # the node the gate acts at (the weight layer, the norm, or the mul)
+    param_node: str | None  # the ``param`` node holding the factor (functional use), else None
+    param: str  # the parameter's name on the node (``weight``) or the param node's target
+    kind: str  # "zero-weight", "small-scale", "zero-norm-gamma"
+    scale: float  # largest |value| of the factor
+    module: str | None = None
+
+
+#: Ops that combine a gated branch with something else: where a closed gate is harmless.
+_COMBINE = frozenset({"add", "sub", "mul", "addcmul", "output"})
+#: Ops a value passes through on its way to being combined (no weight, no mixing).
+_PASS = frozenset({
+    "identity", "dropout", "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "to",
+    "getitem", "squeeze", "unsqueeze", "clone", "chunk", "split", "unbind", "expand", "drop_path", "stochastic_depth",
+    "module",
+})
+
+
+def _feeds_a_combination(graph: Graph, name: str) -> bool:
+    """Whether the value of ``name`` reaches an add/mul (a residual sum, a gate, a
+    modulation) or the output before any weight layer or normalization: a closed factor
+    there silences one branch; anywhere else it cuts the network (GA204's case)."""
+    stack, seen = [name], set()
+    while stack:
+        cur = stack.pop()
+        for user in graph.users(cur):
+            if user.name in seen:
+                continue
+            seen.add(user.name)
+            if user.op in _COMBINE:
+                return True
+            if user.op in _PASS:
+                stack.append(user.name)
+    return False
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.detach().abs().max()) if t.numel() else 0.0
+
+
+def find(analysis: Analysis) -> list[Gate]:
+    """Every closed gate of ``analysis.graph`` (see the module docstring)."""
+    graph = analysis.graph
+    gates: list[Gate] = []
+    seen_params: set[str] = set()
+    for n in graph:
+        if n.kind == "call_module" and n.op in _WEIGHT_OPS:
+            w = n.params.get("weight")
+            if (isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() and _max_abs(w) == 0.0
+                    and _feeds_a_combination(graph, n.name)):
+                gates.append(Gate(n.name, None, "weight", "zero-weight", 0.0, n.module))
+        elif n.kind == "call_module" and n.op in _NORM_OPS:
+            w = n.params.get("weight")
+            if (isinstance(w, torch.Tensor) and w.numel() and _max_abs(w) <= SMALL_SCALE
+                    and _feeds_a_combination(graph, n.name)):
+                gates.append(Gate(n.name, None, "weight", "zero-norm-gamma", _max_abs(w), n.module))
+        elif n.op in _SCALE_OPS:
+            for src in n.inputs:
+                p = graph[src]
+                value = p.params.get("value") if p.op == "param" else None
+                if not isinstance(value, torch.nn.Parameter) or not value.is_floating_point() or src in seen_params:
+                    continue
+                if _max_abs(value) <= SMALL_SCALE and _feeds_a_combination(graph, n.name):
+                    seen_params.add(src)
+                    gates.append(Gate(n.name, src, p.module or src, "small-scale", _max_abs(value), p.module))
+    return gates
+
+
+def _opened(t: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "zero-weight":
+        fan_in = t[0].numel() if t.dim() >= 2 else t.numel()
+        return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) / max(fan_in, 1) ** 0.5
+    return torch.ones_like(t)
+
+
+def opened_graph(graph: Graph, gates: list[Gate]) -> Graph:
+    """A copy of ``graph`` whose gates hold unit-gain values (the user's tensors untouched)."""
+    from gradaudit.ir import Graph
+
+    gen = torch.Generator().manual_seed(0)
+    replace: dict[str, dict] = {}
+    for g in gates:
+        if g.param_node is not None:
+            value = graph[g.param_node].params["value"]
+            replace[g.param_node] = {"value": _opened(value.detach(), g.kind, gen)}
+        else:
+            node = graph[g.node]
+            params = dict(replace.get(g.node, node.params))
+            params[g.param] = _opened(node.params[g.param].detach(), g.kind, gen)
+            replace[g.node] = params
+    nodes = [dataclasses.replace(n, params=replace[n.name]) if n.name in replace else n for n in graph.nodes]
+    return Graph(nodes=nodes, frontend=graph.frontend, input_names=list(graph.input_names),
+                 output_refs=list(graph.output_refs))
