@@ -205,7 +205,25 @@ zoo("rescnn/skipinit 16 blocks", "rescnn")(_rescnn(16, "none", "skipinit"))
 
 # ---- transformers
 class Encoder(nn.Module):
-    """nn.TransformerEncoder (its layers are deep copies of one layer)."""
+    """``layers`` nn.TransformerEncoderLayer blocks, each initialised on its own (as
+    Hugging Face and timm models initialise theirs)."""
+
+    def __init__(self, d: int, layers: int, norm_first: bool, heads: int = 4, ff: int | None = None, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, ff or 4 * d, dropout=dropout, batch_first=True, norm_first=norm_first)
+            for _ in range(layers)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TiedEncoder(nn.Module):
+    """nn.TransformerEncoder: its layers are deep copies of one layer, so every block
+    starts with the same weights."""
 
     def __init__(self, d: int, layers: int, norm_first: bool, heads: int = 4, ff: int | None = None, dropout: float = 0.1) -> None:
         super().__init__()
@@ -274,10 +292,10 @@ class HandAttention(nn.Module):
         return x
 
 
-def _encoder(d: int, layers: int, norm_first: bool, tokens: tuple[int, int] = (4, 32), **kw):
+def _encoder(d: int, layers: int, norm_first: bool, tokens: tuple[int, int] = (4, 32), tied: bool = False, **kw):
     def build():
         torch.manual_seed(0)
-        return Encoder(d, layers, norm_first, **kw), (torch.randn(*tokens, d),)
+        return (TiedEncoder if tied else Encoder)(d, layers, norm_first, **kw), (torch.randn(*tokens, d),)
 
     return build
 
@@ -288,6 +306,9 @@ zoo("transformer/post-ln d32 L6", "transformer")(_encoder(32, 6, False))
 zoo("transformer/pre-ln d32 L48", "transformer")(_encoder(32, 48, True, dropout=0.0))
 zoo("transformer/post-ln d512 L6", "transformer")(_encoder(512, 6, False, heads=8, tokens=(2, 16)))
 zoo("transformer/pre-ln d256 L12", "transformer")(_encoder(256, 12, True, heads=8, tokens=(2, 16)))
+zoo("tied-init/post-ln d128 L24 nn.TransformerEncoder", "tied-init")(_encoder(128, 24, False, ff=2048, tied=True))
+zoo("tied-init/pre-ln d128 L24 nn.TransformerEncoder", "tied-init")(_encoder(128, 24, True, ff=2048, tied=True))
+zoo("tied-init/post-ln d32 L6 nn.TransformerEncoder", "tied-init")(_encoder(32, 6, False, tied=True))
 
 
 def _gpt(d: int, layers: int, scale: bool = True):
@@ -322,11 +343,17 @@ class Recurrent(nn.Module):
         self.rnn = kind(32, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=True)
         self.head = nn.Linear(hidden * (2 if bidirectional else 1), vocab or 10)
 
-    def forward(self, x, h0=None):
+    def forward(self, x):
         if self.emb is not None:
             x = self.emb(x)
-        out = self.rnn(x)[0] if h0 is None else self.rnn(x, h0)[0]
-        return self.head(out)
+        return self.head(self.rnn(x)[0])
+
+
+class RecurrentLM(Recurrent):
+    """A token model whose recurrent state is passed in (zeros at the start)."""
+
+    def forward(self, ids, h0):
+        return self.head(self.rnn(self.emb(ids), h0)[0])
 
 
 def _rnn(kind, **kw):
@@ -343,7 +370,7 @@ zoo("recurrent/bi-gru", "recurrent")(_rnn(nn.GRU, bidirectional=True))
 
 def _gru_lm_zero_h0():
     torch.manual_seed(0)
-    model = Recurrent(nn.GRU, layers=2, vocab=100)
+    model = RecurrentLM(nn.GRU, layers=2, vocab=100)
     return model, (torch.randint(0, 100, (4, 16)), torch.zeros(2, 4, 64))
 
 

@@ -78,8 +78,10 @@ def audit(
 
     Rules: ``select`` / ``ignore`` take rule codes or prefixes (``GA1``);
     ``per_module_ignores`` maps globs over qualified module names to codes not reported
-    there; ``settings`` holds thresholds (:class:`Settings`). ``input_stats`` gives
-    (mean, std) per input (default N(0, 1) per element). ``target`` and ``input_source``
+    there; ``settings`` holds thresholds (:class:`Settings`). The propagation starts from
+    the example inputs' own statistics (per channel; zeros and constants included);
+    ``input_stats`` overrides them with (mean, std) per input (std 0: a constant).
+    ``target`` and ``input_source``
     label the report.
 
     Returns an :class:`~gradaudit.report.model.AuditReport`: ``.verdict``, ``.ok``,
@@ -169,7 +171,9 @@ def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -
     """Propagation over ``graph``, plus the evidence about the prediction itself: its
     coverage of the model and, when the model has zero-initialised gates, the same
     propagation with them opened (:mod:`gradaudit.propagation.gates`)."""
-    stats_by_name: dict[str, tuple[float, float]] = {}
+    from gradaudit.propagation.inputs import input_statistics
+
+    stats_by_name: dict[str, Any] = input_statistics(graph, inputs)  # the example inputs' own moments
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
         for i, ms in items:

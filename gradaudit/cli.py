@@ -126,6 +126,21 @@ class _Range(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _MeanStd(click.ParamType):
+    name = "MEAN,STD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            mean, std = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected MEAN,STD (two numbers), got {value!r}", param, ctx)
+        if not std >= 0:
+            self.fail(f"the standard deviation must be >= 0, got {std:g}", param, ctx)
+        return mean, std
+
+
 def _codes(values: tuple[str, ...]) -> list[str] | None:
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
     return out or None
@@ -137,6 +152,9 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
               help="Shape of one model input, e.g. 2,3,224,224 (repeat for several inputs).")
 @click.option("--input-dtype", help="dtype of the inputs, e.g. int64 for token ids (default float32).")
 @click.option("--input-range", type=_Range(), help="Value range LO,HI of the inputs, e.g. 0,30522 for token ids.")
+@click.option("--input-stats", "input_moments", multiple=True, type=_MeanStd(),
+              help="Mean and std of one floating input, e.g. 0,0 for zeros (repeat per input, in order; "
+                   "default: the example inputs' own statistics).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")
@@ -159,8 +177,8 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
 @click.option("--gradcheck-module", "gradcheck_modules", multiple=True, metavar="NAME",
               help="Module to gradcheck (repeatable).")
-def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
-          skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
+def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, output, select, ignore, fail_on,
+          exit_zero, skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
           gradcheck_modules):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
@@ -207,7 +225,8 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
             report = None
             if not (skip_missing and _no_torch(spec)):
                 try:
-                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options)
+                    report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options,
+                                        dict(enumerate(input_moments)))
                 except GradauditError as exc:
                     from gradaudit.loading import NoModelFound
 
@@ -330,7 +349,7 @@ def _settings(config):
     return Settings(**values, extra=extra)
 
 
-def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options):
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, moments=None):
     from gradaudit.api import run
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
@@ -345,7 +364,7 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
             input_source=loaded.input_source,
             select=select,
             ignore=ignore,
-            input_stats=loaded.input_stats or None,
+            input_stats={**loaded.input_stats, **(moments or {})} or None,
             settings=settings,
         )
     except CaptureError as exc:

@@ -26,6 +26,7 @@ derivative f', which carries a coherent gradient: E[f'(x_i) f'(x_j)] E[g_i g_j].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain
 from gradaudit.propagation.moments import (
     channel_points,
     coherent_moment,
+    gamma_points,
     gaussian_points,
     hermite_coefficients,
     max_of_k_weights,
@@ -313,7 +315,13 @@ class Engine:
         With ``window`` k > 1 the weights are those of the maximum of k independent
         draws, k phi(z) Phi(z)^(k-1) (max pooling's arg-max)."""
         rs = self.leaf_stats(root)
-        if rs.has_channels:
+        if _skewed(rs):
+            if rs.has_channels:
+                mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
+                x, w = gamma_points(mean, var, True)
+            else:
+                x, w = gamma_points(rs.mean, rs.var, False)
+        elif rs.has_channels:
             x, w = channel_points(*rs.channels(rs.axis, rs.ch_mean.numel()))
         else:
             x, w = gaussian_points(rs.mean, rs.var)
@@ -326,7 +334,7 @@ class Engine:
         when it is a nondecreasing function of its root (so max f(z) = f(max z)): per
         channel vectors or 0-d tensors. None when not applicable."""
         root = self.roots.get(name)
-        if root is None:
+        if root is None or _skewed(self.leaf_stats(root)):
             return None
         x, w = self._points(root)
         with torch.no_grad():
@@ -360,18 +368,20 @@ class Engine:
         mean, m2 = _expect(w, y), _expect(w, y * y)
         cov = self._coherent(root, mean, m2, y)
         if y.dim() == 2:
-            self.stats[node.name] = [Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)]
+            out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)
         else:
             out = _stats(float(mean), float(m2))
             if cov is not None:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
-            self.stats[node.name] = [out]
+        # a square, an abs, an exp: values >= 0 on every node are described as positive
+        out.positive = bool((y[w > 0] >= 0).all()) and out.var > 0
+        self.stats[node.name] = [out]
 
     def _rho(self, root: str) -> torch.Tensor | None:
         """The root's coherent correlation cov / var (a vector with channels), or None
         when it has no coherent part."""
         rs = self.leaf_stats(root)
-        if rs.pos is None:
+        if rs.pos is None or _skewed(rs):
             return None
         if rs.has_channels:
             _, var = rs.channels(rs.axis, rs.ch_mean.numel())
@@ -519,6 +529,17 @@ def _directions(d2, d1sq, g: Grad) -> tuple[float, float]:
     if d2m > 0 and abs(d2m - d1m) <= 1e-9 * d2m:
         return d2m * g.dm, d2m * g.da
     return 0.0, 0.0
+
+
+def _skewed(s: Stats) -> bool:
+    """A positive value whose Gaussian with the same moments would reach below 0 within
+    the quadrature range (10 standard deviations): integrated under a Gamma instead."""
+    if not s.positive:
+        return False
+    if s.has_channels:
+        mean, var = s.channels(s.axis, s.ch_mean.numel())
+        return bool((mean - 10 * var.sqrt() < 0).any())
+    return s.mean - 10 * math.sqrt(s.var) < 0
 
 
 def grad_of(s: Stats) -> Grad:
