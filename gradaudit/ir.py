@@ -245,11 +245,14 @@ class Stats:
         """Stats from per-channel mean, second-moment (and coherent covariance) vectors
         (torch float64). The covariance is kept within [-var, var] (negative after a
         normalization removed a batch or group mean)."""
-        m2 = m2.clamp_min(0.0).maximum(mean * mean)
+        import torch
+
+        sq = mean * mean
+        m2 = m2.maximum(sq)
         s = cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2, pos=pos)
         if cov is not None and pos is not None:
-            var = m2 - mean * mean
-            cov = cov.maximum(-var).minimum(var)
+            var = m2 - sq
+            cov = torch.minimum(cov.maximum(-var), var)
             s.ch_cov, s.cov = cov, float(cov.mean())
         return s
 

@@ -134,10 +134,11 @@ class Diag:
 
 @dataclass(frozen=True)
 class Mat:
-    """Channels mixed: g2_in[c'] = sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in)."""
+    """Channels mixed: g2_in[c'] = scale sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in)."""
 
     m: torch.Tensor
     axis: int | None = None
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _basic(gain: Any, out: float | torch.Tensor) -> float | torch.Tensor:
             return k * _vec(val, vec, k.numel())
         return float(k) * out
     if isinstance(gain, Mat):
-        return gain.m.t() @ _vec(val, vec, gain.m.shape[0])
+        r = gain.m.t() @ _vec(val, vec, gain.m.shape[0]).to(gain.m.dtype)
+        return (r * gain.scale if gain.scale != 1.0 else r).double()
     if isinstance(gain, Regroup):
         return out if vec is None else vec.reshape(-1, gain.r).mean(1)
     if isinstance(gain, Place):
@@ -231,7 +233,12 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         gain = gain.gain
     if isinstance(gain, Split):
         cg = gain.cg if gain.cg is not None else gain.c
-        res = Grad(_basic(gain.f, out.g - out.s) + _basic(cg, out.s), _basic(gain.c, out.s), _basic(gain.c, out.x))
+        if _is_zero(out.s) and _is_zero(out.x):
+            res = Grad(_basic(gain.f, out.g), 0.0, 0.0)
+        elif cg is gain.f:  # the coherent part's power goes the fluctuating part's way
+            res = Grad(_basic(gain.f, out.g), _basic(gain.c, out.s), _basic(gain.c, out.x))
+        else:
+            res = Grad(_basic(gain.f, out.g - out.s) + _basic(cg, out.s), _basic(gain.c, out.s), _basic(gain.c, out.x))
         axis = _axis_of(gain.f)
     elif isinstance(gain, Tri):
         res, axis = _tri(gain, out), gain.axis
@@ -242,7 +249,9 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         res, axis = _row_norm(gain, out), gain.axis
         dm = da = float(torch.as_tensor(res.g).mean())
     else:
-        res, axis = Grad(_basic(gain, out.g), _basic(gain, out.s), _basic(gain, out.x)), _axis_of(gain)
+        plain = _is_zero(out.s) and _is_zero(out.x)
+        res = Grad(_basic(gain, out.g), 0.0 if plain else _basic(gain, out.s), 0.0 if plain else _basic(gain, out.x))
+        axis = _axis_of(gain)
         if aligned:
             pass
         elif isinstance(gain, (int, float)) or (isinstance(gain, Diag) and not isinstance(gain.k, torch.Tensor)):
@@ -256,6 +265,10 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
     if n_in is not None and vectors and all(v.numel() == n_in for v in vectors) and (axis is None or axis == in_axis):
         return res.vector(n_in)
     return res.mean()
+
+
+def _is_zero(v: Any) -> bool:
+    return (not isinstance(v, torch.Tensor) and v == 0.0) or (isinstance(v, torch.Tensor) and v.dim() == 0 and float(v) == 0.0)
 
 
 def _row_norm(gain: RowNorm, out: Grad) -> Grad:

@@ -374,7 +374,7 @@ class Engine:
             if cov is not None:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
-        out.positive = bool((y[w > 0] >= 0).all()) and out.var > 0
+        out.positive = out.var > 0 and bool((y >= 0).all())
         self.stats[node.name] = [out]
 
     def _rho(self, root: str) -> torch.Tensor | None:
@@ -400,6 +400,8 @@ class Engine:
         rho = self._rho(root)
         if rho is None:
             return torch.zeros_like(mean)
+        if _weak(rho):  # first order of Mehler's series: a_1^2 rho
+            return hermite_coefficients(y, y.dim() == 2, 1)[1] ** 2 * rho
         coef = hermite_coefficients(y, y.dim() == 2)
         return coherent_moment(coef, (m2 - mean * mean).clamp_min(0.0), rho)
 
@@ -409,7 +411,7 @@ class Engine:
         d2 = _expect(w, d * d)
         d1 = _expect(w, d)
         rho = self._rho(root)
-        if rho is None:
+        if rho is None or _weak(rho):  # the derivative's own coherence is second order then
             return d2, d1 * d1, d1 * d1
         coef = hermite_coefficients(d, d.dim() == 2)
         return d2, d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho), d1 * d1
@@ -529,6 +531,12 @@ def _directions(d2, d1sq, g: Grad) -> tuple[float, float]:
     if d2m > 0 and abs(d2m - d1m) <= 1e-9 * d2m:
         return d2m * g.dm, d2m * g.da
     return 0.0, 0.0
+
+
+def _weak(rho: torch.Tensor) -> bool:
+    """A correlation so weak (|rho| < 0.02) that Mehler's series stops at its first term
+    (the rest weigh rho^2 < 4e-4 of the variance)."""
+    return float(rho.abs().max()) < 0.02
 
 
 def _skewed(s: Stats) -> bool:

@@ -427,6 +427,7 @@ def pad(ctx: Ctx) -> Effect:
 def _dense(
     x: Stats, in_axis: int, w2: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None, out_axis: int,
     coherent: torch.Tensor | None = None, pos: tuple[int, ...] | None = None, power: torch.Tensor | None = None,
+    scale: float = 1.0, coherent_scale: float = 1.0,
 ) -> Stats:
     """y_c = sum_c' W_cc' x_c' + b_c with independent inputs of per-channel mean mu_c'
     and variance v_c' (He et al. 2015; Glorot & Bengio 2010):
@@ -435,7 +436,8 @@ def _dense(
 
     ``w2`` / ``wsum`` are the (C_out, C_in) matrices of summed squared / plain weights
     (for a conv: over the kernel taps that read real inputs, per output position). The
-    weights are the ones the user actually initialised.
+    weights are the ones the user actually initialised. ``scale`` divides ``w2``,
+    ``wsum`` and ``power`` (a conv's 1 / N_out), ``coherent_scale`` ``coherent``.
 
     The part s_c' of v_c' shared by all positions of a sample goes through the map the
     layer applies to a constant input (a conv sums its taps first: (sum_t W_t)^2
@@ -446,17 +448,21 @@ def _dense(
         Var[y_c] = sum_c' W2_cc' (v_c' - s_c') + sum_c' Pow_cc' s_c',  s_out = C s
     """
     mean_in, var_in = x.channels(in_axis, w2.shape[1])
-    mean = wsum @ mean_in
+    mean = (wsum @ mean_in) * scale
     if bias is not None:
         mean = mean + bias.detach().double().reshape(-1)
     cov_out = None
     if pos is not None and x.pos is not None:
         cov_in = x.coherent(in_axis, w2.shape[1])
-        coherent = w2 if coherent is None else coherent
-        cov_out = coherent @ cov_in
-        var = w2 @ (var_in - cov_in) + (coherent if power is None else power) @ cov_in
+        if coherent is None:
+            coherent, coherent_scale = w2, scale
+        cov_out = (coherent @ cov_in) * coherent_scale
+        if power is None:
+            var = (w2 @ var_in) * scale
+        else:
+            var = (w2 @ (var_in - cov_in) + power @ cov_in) * scale
     else:
-        var = w2 @ var_in
+        var = (w2 @ var_in) * scale
     return Stats.per_channel(out_axis, mean, var + mean * mean, cov_out, pos)
 
 
@@ -502,7 +508,8 @@ def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -
     return counts
 
 
-def tap_classes(n_strided: int, n_dense: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> list[tuple[int, tuple]]:
+@lru_cache(maxsize=1024)
+def tap_classes(n_strided: int, n_dense: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> tuple[tuple[int, tuple], ...]:
     """Positions grouped by the kernel taps that reach them, along one spatial dim:
     [(number of positions, 0/1 mask over the k taps)].
 
@@ -518,12 +525,13 @@ def tap_classes(n_strided: int, n_dense: int, k: int, stride: int, pad: int, dil
         else:
             mask = tuple(int(0 <= i * stride + t * dil - pad < n_dense) for t in range(k))
         found[mask] = found.get(mask, 0) + 1
-    return [(n, m) for m, n in found.items()]
+    return tuple((n, m) for m, n in found.items())
 
 
-def _class_masks(per_dim: list[list[tuple[int, tuple]]]) -> tuple[torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=512)
+def _class_masks(per_dim: tuple[tuple[tuple[int, tuple], ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Product of per-dim classes: masks (K, n_classes) over the flattened kernel and
-    counts (n_classes,)."""
+    counts (n_classes,). Cached: callers must not modify them."""
     masks, counts = [torch.ones(1)], [1]
     for classes in per_dim:
         new_m, new_c = [], []
@@ -535,15 +543,20 @@ def _class_masks(per_dim: list[list[tuple[int, tuple]]]) -> tuple[torch.Tensor, 
     return torch.stack(masks, 1), torch.tensor(counts, dtype=torch.float64)
 
 
-def _tap_weighted(block: torch.Tensor, counts: list[list[int]], power: int) -> torch.Tensor:
-    """sum over taps t of W[:, :, t]^power * prod_d count_d[t_d] -> (C_out, C_in)."""
-    taps = torch.ones((), dtype=block.dtype)
+def _taps(counts: list[list[int]]) -> torch.Tensor:
+    """prod_d count_d[t_d] over the flattened kernel (float32)."""
+    taps = torch.ones(())
     for cnt in counts:
-        taps = torch.outer(taps.reshape(-1), torch.tensor(cnt, dtype=block.dtype))
+        taps = torch.outer(taps.reshape(-1), torch.tensor(cnt, dtype=torch.float32))
+    return taps.reshape(-1)
+
+
+def _tap_weighted(block: torch.Tensor, taps: torch.Tensor, power: int) -> torch.Tensor:
+    """sum over taps t of W[:, :, t]^power * taps[t] -> (C_out, C_in)."""
     w = block.reshape(block.shape[0] * block.shape[1], -1)
     if power == 2:
         w = w * w
-    return (w @ taps.reshape(-1)).reshape(block.shape[0], block.shape[1]).double()
+    return (w @ taps.to(w.dtype)).reshape(block.shape[0], block.shape[1]).double()
 
 
 #: Convolutions with fewer input channels per group than this get their coherent
@@ -559,17 +572,21 @@ def _partial_sum_power(block: torch.Tensor, masks: torch.Tensor, counts: torch.T
     return ((s.double() ** 2) @ counts / n).reshape(block.shape[0], block.shape[1])
 
 
-def _mean_map_m2(blocks: list[torch.Tensor], mean_in: torch.Tensor, bias, masks: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+def _tap_means(blocks: list[torch.Tensor], mean_in: torch.Tensor) -> torch.Tensor:
+    """(C_out, K): the input channel means through each kernel tap, sum_c' W[c, c', t] mu_c'."""
+    rows, start = [], 0
+    for blk in blocks:
+        co, ci = blk.shape[0], blk.shape[1]
+        rows.append(torch.matmul(mean_in[start : start + ci].to(blk.dtype), blk.reshape(co, ci, -1)))
+        start = start + ci if len(blocks) > 1 else start
+    return torch.cat(rows, 0).double()
+
+
+def _mean_map_m2(tap_means: torch.Tensor, bias, masks: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
     """Per output channel, the average over positions of the squared deterministic part
     (the input means through the taps valid at each position, plus the bias): border
     positions see fewer taps, so the mean is not the same everywhere."""
-    rows, start = [], 0
-    for blk in blocks:
-        ci = blk.shape[1]
-        mu = mean_in[start : start + ci].to(blk.dtype)
-        rows.append(torch.einsum("oik,i->ok", blk.reshape(blk.shape[0], ci, -1), mu) @ masks)
-        start = start + ci if len(blocks) > 1 else start
-    per_class = torch.cat(rows, 0).double()  # (C_out, classes)
+    per_class = tap_means @ masks.double()  # (C_out, classes)
     if bias is not None:
         per_class = per_class + bias.detach().double().reshape(-1, 1)
     return (per_class**2) @ counts / n
@@ -609,11 +626,15 @@ def conv(ctx: Ctx) -> Effect:
     block-diagonal.
 
     A part of the input shared by all positions of a sample sees the kernel summed over
-    its taps: with S_cc' = sum_t W[c,c',t] N_t / N_out (the map of a constant image,
-    averaged over positions), its variance maps through S^2 instead of the tap-wise
-    squares, and so does a gradient part shared by all positions (S built with N_in).
-    For a depthwise kernel (sum_t W_t)^2 and sum_t W_t^2 differ channel by channel.
-    Position axes of the output: its spatial axes.
+    the taps valid at each position: its power is the average over positions of (that
+    partial sum)^2, and what stays shared by the positions is the square of the average
+    partial sum S_cc' = sum_t W[c,c',t] N_t / N_out; a gradient part shared by all
+    positions maps the same way (sums over input positions). For a depthwise kernel
+    (sum_t W_t)^2 and sum_t W_t^2 differ channel by channel; with many input channels
+    per group their sum over inputs averages to the tap-wise squares, and the shared
+    part goes like the rest. The mean also varies over positions at the borders (fewer
+    taps): its square is averaged over the position classes. Position axes of the
+    output: its spatial axes.
     """
     node = ctx.node
     transposed = node.op.startswith("conv_transpose")
@@ -645,30 +666,50 @@ def conv(ctx: Ctx) -> Effect:
     if zero_pad:
         counts = [valid_taps(p_sp[d], o_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
         side = [
-            _class_masks([tap_classes(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d], dense) for d in range(nd)])
+            _class_masks(tuple(tap_classes(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d], dense) for d in range(nd)))
             for dense in (transposed, not transposed)  # (output side, input side)
         ]
     else:  # reflect / replicate / circular padding: every tap reads a real value
         counts = [[o_sp[d]] * ksize[d] for d in range(nd)]
-        side = [_class_masks([[(sp[d], (1,) * ksize[d])] for d in range(nd)]) for sp in (y_sp, x_sp)]
+        side = [_class_masks(tuple(((sp[d], (1,) * ksize[d]),) for d in range(nd))) for sp in (y_sp, x_sp)]
     blocks = _conv_blocks(weight, groups, transposed)
     n_x, n_y = math.prod(x_sp), math.prod(y_sp)
-    w2 = _block_diag([_tap_weighted(b, counts, 2) for b in blocks])
-    wsum = _block_diag([_tap_weighted(b, counts, 1) for b in blocks])
     axis_in, axis_out = len(x_meta.shape) - nd - 1, len(y_meta.shape) - nd - 1
     pos = tuple(range(axis_out + 1, len(y_meta.shape)))
     x = ctx.stat(ref)
-    exact = blocks[0].shape[1] < EXACT_PARTIAL_SUMS
+    c_in = sum(b.shape[1] for b in blocks) if len(blocks) > 1 else blocks[0].shape[1]
+    mean_in, var_in = x.channels(axis_in, c_in)
     (mask_y, cnt_y), (mask_x, cnt_x) = side
-    power_y = _block_diag([_partial_sum_power(b, mask_y, cnt_y, n_y) for b in blocks]) if exact else w2 / n_y
-    power_x = _block_diag([_partial_sum_power(b, mask_x, cnt_x, n_x) for b in blocks]) if exact else w2 / n_x
-    out = _dense(x, axis_in, w2 / n_y, wsum / n_y, bias, axis_out, coherent=(wsum / n_y) ** 2, pos=pos, power=power_y)
-    mean_in, _ = x.channels(axis_in, w2.shape[1])
-    m2_mean = _mean_map_m2(blocks, mean_in, bias, mask_y, cnt_y, n_y)
-    out = Stats.per_channel(axis_out, out.ch_mean, out.ch_m2 - out.ch_mean**2 + m2_mean, out.ch_cov, pos)
-    gain = channels.Split(
-        channels.Mat(w2 / n_x, axis=axis_in), channels.Mat((wsum / n_x) ** 2, axis=axis_in), channels.Mat(power_x, axis=axis_in)
-    )
+    taps = _taps(counts)
+    w2 = _block_diag([_tap_weighted(b, taps, 2) for b in blocks])
+    tap_means = _tap_means(blocks, mean_in)
+    mean = tap_means @ taps.double() / n_y
+    if bias is not None:
+        mean = mean + bias.detach().double().reshape(-1)
+    if mask_y.shape[1] > 1:  # borders: the mean differs between positions
+        m2_mean = _mean_map_m2(tap_means, bias, mask_y, cnt_y, n_y).maximum(mean * mean)
+    else:
+        m2_mean = mean * mean
+    fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x)
+    if blocks[0].shape[1] >= EXACT_PARTIAL_SUMS:
+        # many inputs per output: (sum_t W_t)^2 summed over input channels averages to
+        # sum_t W_t^2 -- a shared part goes the same way as the rest, as in a linear layer
+        cov = (w2 @ x.coherent(axis_in, c_in)) / n_y if x.pos is not None else None
+        out = Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos)
+        return Effect([out], [(ref.name, 0, 0, fluct)])
+    wsum = _block_diag([_tap_weighted(b, taps, 1) for b in blocks])
+    wsum2 = wsum * wsum
+    power_y = _block_diag([_partial_sum_power(b, mask_y, cnt_y, 1) for b in blocks])
+    power_x = _block_diag([_partial_sum_power(b, mask_x, cnt_x, 1) for b in blocks])
+    cov = None
+    if x.pos is not None:
+        cov_in = x.coherent(axis_in, c_in)
+        cov = (wsum2 @ cov_in) / n_y**2
+        var = (w2 @ (var_in - cov_in) + power_y @ cov_in) / n_y
+    else:
+        var = (w2 @ var_in) / n_y
+    out = Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos)
+    gain = channels.Split(fluct, channels.Mat(wsum2, axis=axis_in, scale=1.0 / n_x**2), channels.Mat(power_x, axis=axis_in, scale=1.0 / n_x))
     return Effect([out], [(ref.name, 0, 0, gain)])
 
 
