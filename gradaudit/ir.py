@@ -215,6 +215,11 @@ class Stats:
     ``gda`` the gradient power missing along a row's mean and centred directions
     (:class:`gradaudit.propagation.channels.Grad`).
 
+    Positions differ too: behind a zero-padded convolution border positions collect
+    fewer taps, and through a deep unnormalised stack the interior's variance outgrows
+    theirs. ``prof`` / ``gprof``: the relative E[x^2] / E[g^2] along each position axis
+    (vectors of mean 1, in the order of ``pos``; None when flat).
+
     ``positive``: the values are >= 0 and skewed (a mean of squares, a variance): a Gamma
     of the same mean and variance describes them better than a Gaussian, which would put
     mass on negative values (where ``rsqrt`` or ``log`` are undefined).
@@ -239,6 +244,8 @@ class Stats:
     row_var: float | None = None
     gdm: float = 0.0
     gda: float = 0.0
+    prof: tuple | None = None
+    gprof: tuple | None = None
 
     @classmethod
     def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None) -> "Stats":

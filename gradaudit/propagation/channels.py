@@ -41,19 +41,46 @@ class Grad:
     x: Any = 0.0
     dm: float = 0.0
     da: float = 0.0
+    #: relative E[g^2] along each position axis (mean 1; None: the same everywhere)
+    prof: tuple | None = None
 
     def __add__(self, other: "Grad") -> "Grad":
-        return Grad(self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da)
+        prof = combine_profiles([(self.prof, _level(self.g)), (other.prof, _level(other.g))])
+        return Grad(self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da, prof)
 
     def mean(self) -> "Grad":
         """Scalar averages over channels."""
         g, s, x = (float(v.mean()) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x))
-        return Grad(g, s, x, self.dm, self.da)
+        return Grad(g, s, x, self.dm, self.da, self.prof)
 
     def vector(self, n: int) -> "Grad":
         """The three as vectors over ``n`` channels (scalars broadcast)."""
         g, s, x = (_vec(v, None, n) if not isinstance(v, torch.Tensor) or v.numel() != n else v for v in (self.g, self.s, self.x))
-        return Grad(g, s, x, self.dm, self.da)
+        return Grad(g, s, x, self.dm, self.da, self.prof)
+
+
+def _level(v: Any) -> float:
+    return float(v.mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def combine_profiles(parts: list[tuple[tuple | None, float]]) -> tuple | None:
+    """The profile of a sum of independent values: per axis, the average of the parts'
+    profiles weighted by their second moments (a part without one is flat)."""
+    if all(p is None for p, _ in parts):
+        return None
+    shapes = {tuple(v.numel() for v in p) for p, _ in parts if p is not None}
+    if len(shapes) != 1:
+        return None
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        return next(p for p, _ in parts if p is not None)
+    out = []
+    for k, n in enumerate(shapes.pop()):
+        acc = torch.zeros(n, dtype=torch.float64)
+        for p, w in parts:
+            acc = acc + w * (p[k] if p is not None else 1.0)
+        out.append(acc / total)
+    return tuple(out)
 
 
 ZERO = Grad()
@@ -110,6 +137,19 @@ class RowNorm:
     rms: bool
     beta2: float = 0.0
     axis: int | None = None
+
+
+@dataclass(frozen=True)
+class Profiled:
+    """A convolution's gain with position profiles: ``gain`` was built with the
+    input's variance profile weighting each tap's count (``forward_counts``, per axis);
+    the backward weights them with the output gradient's profile instead, and gives the
+    input gradient its own profile (:func:`conv_profile`). ``geometry`` per axis:
+    (n_strided, n_dense, k, stride, pad, dil, dense_side of the gradient's input)."""
+
+    gain: Any
+    geometry: tuple
+    forward_total: float
 
 
 @dataclass(frozen=True)
@@ -226,6 +266,13 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
     input's own channel axis). The result holds vectors over the input's channels when
     both agree, else their scalar averages.
     """
+    if isinstance(gain, Profiled):
+        factor, prof = profiled_backward(gain, out.prof)
+        res = apply_gain(gain.gain, out, n_in, in_axis)
+        if factor != 1.0:
+            res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor), res.dm, res.da)
+        res.prof = prof
+        return res
     dm = da = 0.0
     aligned = isinstance(gain, Aligned)
     if aligned:
@@ -261,10 +308,53 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             k = float(gain.k.clamp_min(0.0).sqrt().mean()) ** 2
             dm, da = k * out.dm, k * out.da
     res.dm, res.da = dm, da
+    res.prof = out.prof if not isinstance(gain, (Regroup, Split)) else None
     vectors = [v for v in (res.g, res.s, res.x) if isinstance(v, torch.Tensor)]
     if n_in is not None and vectors and all(v.numel() == n_in for v in vectors) and (axis is None or axis == in_axis):
         return res.vector(n_in)
     return res.mean()
+
+
+def _scaled(v: Any, k: float) -> Any:
+    return v * k
+
+
+def conv_counts(prof: torch.Tensor | None, geo: tuple) -> tuple[list[float], torch.Tensor]:
+    """Along one axis of a convolution (``geo`` = (n_strided, n_dense, k, stride, pad,
+    dil, dense_side)): for each tap t, the profile-weighted number of positions where it
+    reads a real value, and the profile this gives the other side.
+
+    Going to the strided side (a conv's output, or a transposed conv's input), position
+    o sums taps t reading p = o s + t d - pad: weight prof[p]; going to the dense side
+    (a conv's input), position p collects the o that read it. Flat profiles give the
+    plain counts. The new profile is the tap-summed weight per position, normalised to
+    mean 1 (border positions collect fewer taps)."""
+    n_s, n_d, k, stride, pad, dil, dense_side = geo
+    src_n = n_s if dense_side else n_d
+    p = prof.tolist() if prof is not None and prof.numel() == src_n else [1.0] * src_n
+    counts = [0.0] * k
+    dest = [0.0] * (n_d if dense_side else n_s)
+    for o in range(n_s):
+        for t in range(k):
+            q = o * stride + t * dil - pad
+            if 0 <= q < n_d:
+                w = p[o] if dense_side else p[q]
+                counts[t] += w
+                dest[q if dense_side else o] += w
+    out = torch.tensor(dest, dtype=torch.float64)
+    mean = float(out.mean())
+    return counts, (out / mean if mean > 0 else torch.ones_like(out))
+
+
+def profiled_backward(gain: Profiled, prof: tuple | None) -> tuple[float, tuple | None]:
+    """(factor on the gain, the input gradient's profile) for an output gradient profile."""
+    total, new = 1.0, []
+    for k, geo in enumerate(gain.geometry):
+        counts, dest = conv_counts(prof[k] if prof is not None and k < len(prof) else None, geo)
+        total *= sum(counts)
+        new.append(dest)
+    factor = total / gain.forward_total if gain.forward_total > 0 else 1.0
+    return factor, tuple(new)
 
 
 def _is_zero(v: Any) -> bool:

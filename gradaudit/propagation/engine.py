@@ -35,7 +35,7 @@ import torch
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
-from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain
+from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
 from gradaudit.propagation.moments import (
     channel_points,
     coherent_moment,
@@ -375,6 +375,7 @@ class Engine:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
         out.positive = out.var > 0 and bool((y >= 0).all())
+        out.prof = rs.prof if out.pos == rs.pos else None
         self.stats[node.name] = [out]
 
     def _rho(self, root: str) -> torch.Tensor | None:
@@ -443,7 +444,7 @@ class Engine:
             # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi' moments from the forward
             d2, ds, dx = self.single_d2[root]
             g = ext[members[0]]
-            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g)))
+            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof))
             return
         exits = [m for m in members if float(torch.as_tensor(ext[m].g).mean()) > 0]
         x, w = self._points(root)
@@ -471,8 +472,8 @@ class Engine:
                     for p in at_max.get(o, []):
                         g_plain = g_plain - p.value.g
                         e_max = (max_w[p.window] * d * d).sum(0)
-                        total = total + Grad(e_max * p.value.g, 0.0, 0.0)
-                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g))
+                        total = total + Grad(e_max * p.value.g, 0.0, 0.0, prof=g.prof)
+                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof)
             if target == root:
                 acc.setdefault((root, 0), []).append(total)
             else:
@@ -518,10 +519,21 @@ class Engine:
                     continue
                 n_in = src_stats.ch_mean.numel() if src_stats.has_channels else None
                 part = apply_gain(gain, grad_of(out), n_in, src_stats.axis)
+                if not isinstance(gain, Profiled) and not _same_positions(self.graph, src, in_leaf, node, out_leaf, src_stats, out):
+                    part.prof = None
                 at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
                 if at_max and src in self.roots:
                     part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
                 acc.setdefault((src, in_leaf), []).append(part)
+
+
+def _same_positions(graph: Graph, src: str, in_leaf: int, node: Node, out_leaf: int, a: Stats, b: Stats) -> bool:
+    """Whether two values have the same position axes of the same sizes (a gradient
+    profile carries over)."""
+    if a.pos is None or a.pos != b.pos:
+        return False
+    ma, mb = graph[src].outputs[in_leaf], node.outputs[out_leaf]
+    return ma is not None and mb is not None and all(ma.shape[k] == mb.shape[k] for k in a.pos if k < len(ma.shape) and k < len(mb.shape))
 
 
 def _directions(d2, d1sq, g: Grad) -> tuple[float, float]:
@@ -553,8 +565,8 @@ def _skewed(s: Stats) -> bool:
 def grad_of(s: Stats) -> Grad:
     """The gradient moments stored in ``s`` (vectors when it tracks channels)."""
     if s.has_channels and s.ch_g2 is not None:
-        return Grad(s.ch_g2, s.ch_gs if s.ch_gs is not None else s.gs, s.ch_gx if s.ch_gx is not None else s.gx, s.gdm, s.gda)
-    return Grad(s.g2, s.gs, s.gx, s.gdm, s.gda)
+        return Grad(s.ch_g2, s.ch_gs if s.ch_gs is not None else s.gs, s.ch_gx if s.ch_gx is not None else s.gx, s.gdm, s.gda, s.gprof)
+    return Grad(s.g2, s.gs, s.gx, s.gdm, s.gda, s.gprof)
 
 
 def _store_grad(s: Stats, total: Grad) -> None:
@@ -568,12 +580,13 @@ def _store_grad(s: Stats, total: Grad) -> None:
         m = total.mean()
         s.g2, s.gs, s.gx = m.g, m.s, m.x
     s.gdm, s.gda = min(float(total.dm), s.g2), min(float(total.da), s.g2)
+    s.gprof = total.prof if s.pos is not None and total.prof is not None and len(total.prof) == len(s.pos) else None
 
 
 def _copy(s: Stats) -> Stats:
     return Stats(
         mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2, pos=s.pos, cov=s.cov, ch_cov=s.ch_cov,
-        positive=s.positive, row_var=s.row_var,
+        positive=s.positive, row_var=s.row_var, prof=s.prof,
     )
 
 

@@ -147,7 +147,7 @@ def _keep(s: Stats) -> Stats:
     """A copy of ``s`` (channel detail, coherence and row statistics included) for an
     output with the same values."""
     out = _moved(s, s.axis if s.has_channels else None, 1, s.pos)
-    out.row_var, out.positive = s.row_var, s.positive
+    out.row_var, out.positive, out.prof = s.row_var, s.positive, s.prof
     return out
 
 
@@ -279,6 +279,8 @@ def layout(ctx: Ctx) -> Effect:
         p_out = _positions(ctx.out_meta, pos)
         q = (ratio - 1) / (p_out - 1) if p_out > 1 else 0.0
     out = _moved(s, axis, r, pos, cov_to=q)
+    if pos is not None and pos == s.pos and all(ctx.out_meta.shape[a] == in_meta.shape[a] for a in pos):
+        out.prof = s.prof
     if axis is None:
         gain: Any = ratio
     elif r == 1:
@@ -677,6 +679,17 @@ def conv(ctx: Ctx) -> Effect:
     axis_in, axis_out = len(x_meta.shape) - nd - 1, len(y_meta.shape) - nd - 1
     pos = tuple(range(axis_out + 1, len(y_meta.shape)))
     x = ctx.stat(ref)
+    # positions differ in variance (borders of a deep zero-padded stack): each tap's count
+    # of valid positions is weighted by the input's profile, and the output gets its own
+    prof_in = x.prof if x.pos == tuple(range(axis_in + 1, len(x_meta.shape))) else None
+    prof_out, geometry, fwd_total = None, None, 1.0
+    if zero_pad:
+        geo = [(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
+        weighted = [channels.conv_counts(prof_in[d] if prof_in is not None else None, geo[d] + (transposed,)) for d in range(nd)]
+        counts = [c for c, _ in weighted]
+        prof_out = tuple(p for _, p in weighted)
+        fwd_total = math.prod(sum(c) for c in counts)
+        geometry = tuple(g + (not transposed,) for g in geo)
     c_in = sum(b.shape[1] for b in blocks) if len(blocks) > 1 else blocks[0].shape[1]
     mean_in, var_in = x.channels(axis_in, c_in)
     (mask_y, cnt_y), (mask_x, cnt_x) = side
@@ -691,12 +704,14 @@ def conv(ctx: Ctx) -> Effect:
     else:
         m2_mean = mean * mean
     fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x)
+    wrap = (lambda g: channels.Profiled(g, geometry, fwd_total)) if geometry is not None else (lambda g: g)  # noqa: E731
     if blocks[0].shape[1] >= EXACT_PARTIAL_SUMS:
         # many inputs per output: (sum_t W_t)^2 summed over input channels averages to
         # sum_t W_t^2 -- a shared part goes the same way as the rest, as in a linear layer
         cov = (w2 @ x.coherent(axis_in, c_in)) / n_y if x.pos is not None else None
         out = Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos)
-        return Effect([out], [(ref.name, 0, 0, fluct)])
+        out.prof = prof_out
+        return Effect([out], [(ref.name, 0, 0, wrap(fluct))])
     wsum = _block_diag([_tap_weighted(b, taps, 1) for b in blocks])
     wsum2 = wsum * wsum
     power_y = _block_diag([_partial_sum_power(b, mask_y, cnt_y, 1) for b in blocks])
@@ -709,8 +724,9 @@ def conv(ctx: Ctx) -> Effect:
     else:
         var = (w2 @ var_in) / n_y
     out = Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos)
+    out.prof = prof_out
     gain = channels.Split(fluct, channels.Mat(wsum2, axis=axis_in, scale=1.0 / n_x**2), channels.Mat(power_x, axis=axis_in, scale=1.0 / n_x))
-    return Effect([out], [(ref.name, 0, 0, gain)])
+    return Effect([out], [(ref.name, 0, 0, wrap(gain))])
 
 
 @handles("embedding")
@@ -737,7 +753,7 @@ def _affine(weight, bias, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return g, b
 
 
-def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None) -> Effect:
+def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None) -> Effect:
     """y = gamma * x_hat + beta per channel, and its backward.
 
     Backward (Ioffe & Szegedy 2015): dL/dx = gamma / sigma * P(dL/dy), where P projects
@@ -751,6 +767,7 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     mean = gamma * xhat_mean + beta
     m2 = gamma * gamma * xhat_m2 + 2 * gamma * beta * xhat_mean + beta * beta
     out = Stats.per_channel(axis, mean, m2, None if cov is None else gamma * gamma * cov, pos)
+    out.prof = prof  # every position is divided by the same sigma
     gains = [] if tri is None else [(ref.name, 0, 0, channels.Tri(tri, gamma * gamma * inv_var, axis=axis))]
     return Effect([out], gains)
 
@@ -848,7 +865,7 @@ def batch_norm(ctx: Ctx) -> Effect:
     out_pos = pos if p > 1 else (pos if pos is not None else None)
     cov = (s - v_mean) / (e_s2 + eps) if out_pos is not None else None
     tri = _projection(n, p, rho_s, rho_x)
-    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos)
+    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, x.prof if x.pos == out_pos else None)
 
 
 @handles("layer_norm", "rms_norm")
@@ -959,7 +976,7 @@ def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     tri = _projection(n, p, rho_s, torch.zeros_like(rho_s))
     # the group mean is taken per sample: a gradient part shared across samples stays
     tri[..., 2, :] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    return _normalized(ref, 1, gamma, beta, xm, x2, inv_c, tri, cov, pos)
+    return _normalized(ref, 1, gamma, beta, xm, x2, inv_c, tri, cov, pos, x.prof if x.pos == pos else None)
 
 
 def _dof_rows(var: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -1054,6 +1071,7 @@ def _inverted_mask(ctx: Ctx, p: float, training: bool, shared: str | None = None
         out.row_var = x.row_var * scale * scale + p * scale**3 * float(x4.sum()) / x.ch_mean.numel() ** 2
     elif x.row_var is not None:  # one mask u = m / (1 - p)^2 for the whole row: Var(ms u)
         out.row_var = (x.row_var + x.m2 * x.m2) * scale**3 - (x.m2 * scale) ** 2
+    out.prof = x.prof
     tri = torch.diag(torch.tensor([scale, k_s, 1.0], dtype=torch.float64))
     return Effect([out], [(ref.name, 0, 0, channels.Tri(tri))])
 
@@ -1394,6 +1412,7 @@ def add(ctx: Ctx) -> Effect:
     mean = oa.mean + c * ob.mean
     m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
     out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
+    out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
     rows = _rows(ctx, axis, [(oa, 1.0, a), (ob, c * c, b)])
     if rows is not None:
         out.row_var = rows[0]
@@ -1406,6 +1425,19 @@ def add(ctx: Ctx) -> Effect:
                 gain = channels.Aligned(gain, rows[1][k], w)
             gains.append((o.ref.name, 0, 0, gain))
     return Effect([out], gains)
+
+
+def _sum_profile(ctx: Ctx, pos: tuple | None, parts: list) -> tuple | None:
+    """The position profile of a sum: its parts' profiles weighted by their variances
+    (:func:`channels.combine_profiles`); parts broadcast over positions are flat."""
+    if pos is None:
+        return None
+    items = []
+    for ref, o, w in parts:
+        st = ctx.stat(ref) if isinstance(ref, Ref) and ctx.const(ref) is None else None
+        prof = st.prof if st is not None and st.pos == pos and ctx.meta(ref).shape == ctx.out_meta.shape else None
+        items.append((prof, w * float((o.m2 - o.mean * o.mean).mean())))
+    return channels.combine_profiles(items)
 
 
 def _row_spread(mean: torch.Tensor, m2: torch.Tensor) -> float:

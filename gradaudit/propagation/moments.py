@@ -195,7 +195,7 @@ def coherent_moment(coef: torch.Tensor, var: torch.Tensor | float, rho: torch.Te
     discontinuity spreads them (a_n^2 ~ n^(-3/2), ReLU's derivative): T sum_{n>N}
     n^(-3/2) rho^n / sum_{n>N} n^(-3/2) = T (e^(-x) - sqrt(pi x) erfc(sqrt(x))) with x =
     (N + 1/2) ln(1/rho), in the continuum limit. Exact at rho = 0 and rho = 1 (where it
-    returns Var[f]); the ReLU kernel (Cho & Saul 2009) to 1e-5, its derivative's to 2%
+    returns Var[f]); the ReLU kernel (Cho & Saul 2009) to 4e-4 of Var[f], its derivative's to 2%
     at rho = 0.99. Negative rho (values a normalization centred) alternates the signs."""
     a2 = coef[1:] ** 2
     n = a2.shape[0]
