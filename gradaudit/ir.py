@@ -218,7 +218,8 @@ class Stats:
     Positions differ too: behind a zero-padded convolution border positions collect
     fewer taps, and through a deep unnormalised stack the interior's variance outgrows
     theirs. ``prof`` / ``gprof``: the relative E[x^2] / E[g^2] along each position axis
-    (vectors of mean 1, in the order of ``pos``; None when flat).
+    (vectors of mean 1, in the order of ``pos``; None when flat). ``ges`` / ``gex``: the
+    gradient's correlation with the value itself (:class:`~gradaudit.propagation.channels.Grad`).
 
     ``positive``: the values are >= 0 and skewed (a mean of squares, a variance): a Gamma
     of the same mean and variance describes them better than a Gaussian, which would put
@@ -246,6 +247,8 @@ class Stats:
     gda: float = 0.0
     prof: tuple | None = None
     gprof: tuple | None = None
+    ges: Any = 0.0
+    gex: Any = 0.0
 
     @classmethod
     def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None) -> "Stats":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
@@ -43,20 +44,33 @@ class Grad:
     da: float = 0.0
     #: relative E[g^2] along each position axis (mean 1; None: the same everywhere)
     prof: tuple | None = None
+    #: E[g_i y_i g_j y_j] beyond E[y_i y_j] E[g_i g_j] for two positions of one sample /
+    #: two samples (y the value itself): a ReLU's mask makes g follow y. Set by the
+    #: elementwise backward, read by the normalization that produced y.
+    es: Any = 0.0
+    ex: Any = 0.0
 
     def __add__(self, other: "Grad") -> "Grad":
         prof = combine_profiles([(self.prof, _level(self.g)), (other.prof, _level(other.g))])
-        return Grad(self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da, prof)
+        return Grad(
+            self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da, prof,
+            self.es + other.es, self.ex + other.ex,
+        )
 
     def mean(self) -> "Grad":
         """Scalar averages over channels."""
-        g, s, x = (float(v.mean()) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x))
-        return Grad(g, s, x, self.dm, self.da, self.prof)
+        g, s, x, es, ex = (float(v.mean()) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x, self.es, self.ex))
+        return Grad(g, s, x, self.dm, self.da, self.prof, es, ex)
 
     def vector(self, n: int) -> "Grad":
         """The three as vectors over ``n`` channels (scalars broadcast)."""
-        g, s, x = (_vec(v, None, n) if not isinstance(v, torch.Tensor) or v.numel() != n else v for v in (self.g, self.s, self.x))
-        return Grad(g, s, x, self.dm, self.da, self.prof)
+        return Grad(_as_vec(self.g, n), _as_vec(self.s, n), _as_vec(self.x, n), self.dm, self.da, self.prof, _as_vec(self.es, n), _as_vec(self.ex, n))
+
+
+def _as_vec(v: Any, n: int) -> torch.Tensor:
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n:
+        return v
+    return torch.full((n,), float(v.mean()) if isinstance(v, torch.Tensor) else float(v), dtype=torch.float64)
 
 
 def _level(v: Any) -> float:
@@ -114,6 +128,10 @@ class Tri:
     k: Any = 1.0
     axis: int | None = None
     mat: Any = None
+    #: a normalization's x_hat projection: (n, p, gamma^2, rho_s, rho_x); the gradient's
+    #: correlation with its own value (``Grad.es``, ``Grad.ex``) adds to E[c^2]
+    #: ((p - 1) es + (n - p) ex) / (n gamma^2), removed like the rest of c
+    excess: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +300,12 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         cg = gain.cg if gain.cg is not None else gain.c
         if _is_zero(out.s) and _is_zero(out.x):
             res = Grad(_basic(gain.f, out.g), 0.0, 0.0)
+        elif cg is gain.f and isinstance(gain.f, Mat) and isinstance(gain.c, Mat) and gain.c.m is gain.f.m:
+            # one pass over the shared matrix for the three
+            n = gain.f.m.shape[0]
+            o = out.vector(n)
+            r = gain.f.m.t() @ torch.stack([o.g, o.s, o.x], 1).to(gain.f.m.dtype)
+            res = Grad(r[:, 0] * gain.f.scale, r[:, 1] * gain.c.scale, r[:, 2] * gain.c.scale)
         elif cg is gain.f:  # the coherent part's power goes the fluctuating part's way
             res = Grad(_basic(gain.f, out.g), _basic(gain.c, out.s), _basic(gain.c, out.x))
         else:
@@ -329,21 +353,30 @@ def conv_counts(prof: torch.Tensor | None, geo: tuple) -> tuple[list[float], tor
     (a conv's input), position p collects the o that read it. Flat profiles give the
     plain counts. The new profile is the tap-summed weight per position, normalised to
     mean 1 (border positions collect fewer taps)."""
-    n_s, n_d, k, stride, pad, dil, dense_side = geo
-    src_n = n_s if dense_side else n_d
-    p = prof.tolist() if prof is not None and prof.numel() == src_n else [1.0] * src_n
-    counts = [0.0] * k
-    dest = [0.0] * (n_d if dense_side else n_s)
+    per_tap, per_dest = _incidence(*geo)
+    if prof is None or prof.numel() != per_tap.shape[1]:
+        counts, dest = per_tap.sum(1), per_dest.sum(1)
+    else:
+        counts, dest = per_tap @ prof, per_dest @ prof
+    mean = float(dest.mean())
+    return counts.tolist(), (dest / mean if mean > 0 else torch.ones_like(dest))
+
+
+@lru_cache(maxsize=512)
+def _incidence(n_s: int, n_d: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 matrices (k, n_src) and (n_dest, n_src): which source positions each tap and
+    each destination position collects (see :func:`conv_counts`). Cached: read only."""
+    n_src, n_dest = (n_s, n_d) if dense_side else (n_d, n_s)
+    per_tap = torch.zeros(k, n_src, dtype=torch.float64)
+    per_dest = torch.zeros(n_dest, n_src, dtype=torch.float64)
     for o in range(n_s):
         for t in range(k):
             q = o * stride + t * dil - pad
             if 0 <= q < n_d:
-                w = p[o] if dense_side else p[q]
-                counts[t] += w
-                dest[q if dense_side else o] += w
-    out = torch.tensor(dest, dtype=torch.float64)
-    mean = float(out.mean())
-    return counts, (out / mean if mean > 0 else torch.ones_like(out))
+                src, dst = (o, q) if dense_side else (q, o)
+                per_tap[t, src] += 1.0
+                per_dest[dst, src] += 1.0
+    return per_tap, per_dest
 
 
 def profiled_backward(gain: Profiled, prof: tuple | None) -> tuple[float, tuple | None]:
@@ -391,8 +424,12 @@ def _tri(gain: Tri, out: Grad) -> Grad:
     o = out.vector(n)
     v = torch.stack([o.g, o.s, o.x], dim=-1)  # (C, 3)
     r = (m @ v.unsqueeze(-1)).squeeze(-1) if m.dim() == 3 else v @ m.t()
+    if gain.excess is not None and not (_is_zero(out.es) and _is_zero(out.ex)):
+        nn, p, gamma2, rho_s, rho_x = gain.excess
+        extra = ((p - 1) * o.es + (nn - p) * o.ex) / (nn * gamma2)
+        r = r - torch.stack([extra, rho_s * extra, rho_x * extra], dim=-1)
     r = r * (gain.k.unsqueeze(-1) if isinstance(gain.k, torch.Tensor) else float(gain.k))
-    return Grad(r[:, 0], r[:, 1], r[:, 2])
+    return Grad(r[:, 0].clamp_min(0.0), r[:, 1], r[:, 2])
 
 
 def normalize_axis(axis: int, ndim: int) -> int:

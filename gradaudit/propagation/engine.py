@@ -165,6 +165,7 @@ class Engine:
         self.estimates: list[Estimate] = []
         # root -> (E[phi'^2], E[phi'_i phi'_j] same sample, E[phi']^2) of its lone member
         self.single_d2: dict[str, tuple] = {}
+        self._rho_cache: dict[str, torch.Tensor | None] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -362,7 +363,8 @@ class Engine:
             if single:  # the common case (an activation): keep phi' moments for the backward
                 d = torch.autograd.grad(y.sum(), z, allow_unused=True)[0] if y.requires_grad else None
                 d = torch.zeros_like(z) if d is None else d.detach()
-                self.single_d2[root] = self._derivative_moments(root, w, d)
+                align = self._value_alignment(root, w, d, x) if self.graph[root].op in _CENTRING else 0.0
+                self.single_d2[root] = (*self._derivative_moments(root, w, d), align)
         y = y.detach()
         rs = self.leaf_stats(root)
         mean, m2 = _expect(w, y), _expect(w, y * y)
@@ -375,12 +377,17 @@ class Engine:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
         out.positive = out.var > 0 and bool((y >= 0).all())
-        out.prof = rs.prof if out.pos == rs.pos else None
+        out.prof = _elementwise_profile(rs, out) if out.pos == rs.pos else None
         self.stats[node.name] = [out]
 
     def _rho(self, root: str) -> torch.Tensor | None:
         """The root's coherent correlation cov / var (a vector with channels), or None
         when it has no coherent part."""
+        if root not in self._rho_cache:
+            self._rho_cache[root] = self._compute_rho(root)
+        return self._rho_cache[root]
+
+    def _compute_rho(self, root: str) -> torch.Tensor | None:
         rs = self.leaf_stats(root)
         if rs.pos is None or _skewed(rs):
             return None
@@ -417,6 +424,14 @@ class Engine:
         coef = hermite_coefficients(d, d.dim() == 2)
         return d2, d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho), d1 * d1
 
+    def _value_alignment(self, root: str, w: torch.Tensor, d: torch.Tensor, x: torch.Tensor):
+        """E[d x]^2 - E[x]^2 E[d]^2 for the root's values x and a derivative d on its
+        nodes: how much more g_i x_i g_j x_j (g = d u) keeps of u's coherence than a
+        gradient independent of x would (0.16 for a ReLU of a centred unit Gaussian)."""
+        dx = _expect(w, d * x.to(d.dtype))
+        mx, md = _expect(w, x), _expect(w, d)
+        return dx * dx - mx * mx * md * md
+
     def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
         """Set the gradient of every member of ``root``'s group and add its share to the root.
 
@@ -442,9 +457,9 @@ class Engine:
         ext = {m: self._grad_of(m) for m in members}
         if len(members) == 1 and not at_max and root in self.single_d2:
             # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi' moments from the forward
-            d2, ds, dx = self.single_d2[root]
+            d2, ds, dx, align = self.single_d2[root]
             g = ext[members[0]]
-            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof))
+            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof, align * g.s, align * g.x))
             return
         exits = [m for m in members if float(torch.as_tensor(ext[m].g).mean()) > 0]
         x, w = self._points(root)
@@ -467,13 +482,14 @@ class Engine:
                         continue
                     d = d.detach().double()
                     d2, ds, dx = self._derivative_moments(root, w, d)
+                    align = self._value_alignment(root, w, d, x) if target == root and self.graph[root].op in _CENTRING else 0.0
                     g = ext[o]
                     g_plain = g.g
                     for p in at_max.get(o, []):
                         g_plain = g_plain - p.value.g
                         e_max = (max_w[p.window] * d * d).sum(0)
                         total = total + Grad(e_max * p.value.g, 0.0, 0.0, prof=g.prof)
-                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof)
+                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof, align * g.s, align * g.x)
             if target == root:
                 acc.setdefault((root, 0), []).append(total)
             else:
@@ -527,6 +543,35 @@ class Engine:
                 acc.setdefault((src, in_leaf), []).append(part)
 
 
+#: Normalizations whose backward reads the gradient's correlation with their output.
+_CENTRING = frozenset({"batch_norm", "group_norm", "instance_norm"})
+
+
+def _elementwise_profile(root: Stats, out: Stats) -> tuple | None:
+    """The position profile of f(x) when x's variance follows ``root.prof``.
+
+    For a positively homogeneous f (ReLU and its kin: f(c z) = c f(z)) of a centred x,
+    a position whose variance is a times the average has E[f] = sqrt(a) m1 and E[f^2]
+    = a m2 (m1, m2 at the average scale), so its mean square around the channel mean
+    mu = m1 mean(sqrt(a)) is a m2 - 2 sqrt(a) m1 mu + mu^2: the mean's own variation
+    over positions (milder than a) is part of it. Exact for the identity and ReLU of a
+    centred input; an approximation elsewhere."""
+    if root.prof is None:
+        return None
+    m1, m2 = out.mean, out.m2
+    shift = abs(root.mean) / math.sqrt(root.var) if root.var > 0 else math.inf
+    if shift > 0.5:  # far from centred: homogeneity does not hold, keep the input's profile
+        return root.prof
+    new = []
+    for a in root.prof:
+        ra = a.clamp_min(0.0).sqrt()
+        mu = m1 * float(ra.mean())
+        prof = (a * m2 - 2 * ra * m1 * mu + mu * mu).clamp_min(0.0)
+        level = float(prof.mean())
+        new.append(prof / level if level > 0 else torch.ones_like(prof))
+    return tuple(new)
+
+
 def _same_positions(graph: Graph, src: str, in_leaf: int, node: Node, out_leaf: int, a: Stats, b: Stats) -> bool:
     """Whether two values have the same position axes of the same sizes (a gradient
     profile carries over)."""
@@ -565,20 +610,22 @@ def _skewed(s: Stats) -> bool:
 def grad_of(s: Stats) -> Grad:
     """The gradient moments stored in ``s`` (vectors when it tracks channels)."""
     if s.has_channels and s.ch_g2 is not None:
-        return Grad(s.ch_g2, s.ch_gs if s.ch_gs is not None else s.gs, s.ch_gx if s.ch_gx is not None else s.gx, s.gdm, s.gda, s.gprof)
-    return Grad(s.g2, s.gs, s.gx, s.gdm, s.gda, s.gprof)
+        return Grad(
+            s.ch_g2, s.ch_gs if s.ch_gs is not None else s.gs, s.ch_gx if s.ch_gx is not None else s.gx,
+            s.gdm, s.gda, s.gprof, s.ges, s.gex,
+        )
+    return Grad(s.g2, s.gs, s.gx, s.gdm, s.gda, s.gprof, s.ges, s.gex)
 
 
 def _store_grad(s: Stats, total: Grad) -> None:
     """Write a gradient's moments into ``s`` (vectors when ``s`` tracks channels)."""
     if s.has_channels:
-        n = s.ch_mean.numel()
-        vec = total.vector(n)
-        s.ch_g2, s.ch_gs, s.ch_gx = vec.g, vec.s, vec.x
+        vec = total.vector(s.ch_mean.numel())
+        s.ch_g2, s.ch_gs, s.ch_gx, s.ges, s.gex = vec.g, vec.s, vec.x, vec.es, vec.ex
         s.g2, s.gs, s.gx = float(vec.g.mean()), float(vec.s.mean()), float(vec.x.mean())
     else:
         m = total.mean()
-        s.g2, s.gs, s.gx = m.g, m.s, m.x
+        s.g2, s.gs, s.gx, s.ges, s.gex = m.g, m.s, m.x, m.es, m.ex
     s.gdm, s.gda = min(float(total.dm), s.g2), min(float(total.da), s.g2)
     s.gprof = total.prof if s.pos is not None and total.prof is not None and len(total.prof) == len(s.pos) else None
 

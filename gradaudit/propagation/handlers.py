@@ -554,11 +554,13 @@ def _taps(counts: list[list[int]]) -> torch.Tensor:
 
 
 def _tap_weighted(block: torch.Tensor, taps: torch.Tensor, power: int) -> torch.Tensor:
-    """sum over taps t of W[:, :, t]^power * taps[t] -> (C_out, C_in)."""
+    """sum over taps t of W[:, :, t]^power * taps[t] -> (C_out, C_in); with ``taps`` of
+    shape (K, m), m such sums at once -> (C_out, C_in, m) (one pass over the weights)."""
     w = block.reshape(block.shape[0] * block.shape[1], -1)
     if power == 2:
         w = w * w
-    return (w @ taps.to(w.dtype)).reshape(block.shape[0], block.shape[1]).double()
+    out = w @ taps.to(w.dtype)
+    return out.reshape(block.shape[0], block.shape[1], *taps.shape[1:]).double()
 
 
 #: Convolutions with fewer input channels per group than this get their coherent
@@ -694,6 +696,7 @@ def conv(ctx: Ctx) -> Effect:
     mean_in, var_in = x.channels(axis_in, c_in)
     (mask_y, cnt_y), (mask_x, cnt_x) = side
     taps = _taps(counts)
+    dense = blocks[0].shape[1] >= EXACT_PARTIAL_SUMS
     w2 = _block_diag([_tap_weighted(b, taps, 2) for b in blocks])
     tap_means = _tap_means(blocks, mean_in)
     mean = tap_means @ taps.double() / n_y
@@ -705,13 +708,18 @@ def conv(ctx: Ctx) -> Effect:
         m2_mean = mean * mean
     fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x)
     wrap = (lambda g: channels.Profiled(g, geometry, fwd_total)) if geometry is not None else (lambda g: g)  # noqa: E731
-    if blocks[0].shape[1] >= EXACT_PARTIAL_SUMS:
-        # many inputs per output: (sum_t W_t)^2 summed over input channels averages to
-        # sum_t W_t^2 -- a shared part goes the same way as the rest, as in a linear layer
-        cov = (w2 @ x.coherent(axis_in, c_in)) / n_y if x.pos is not None else None
+    if dense:
+        # many inputs per output: over input channels (sum_t W_t)^2 averages to sum_t
+        # W_t^2 (the shared part's power goes like the rest), and the square of the average
+        # partial sum to sum_t W_t^2 (N_t / N)^2 -- with the taps' energies alike (random
+        # weights), w2 times sum_t N_t^2 / (N sum_t N_t): on small maps, where positions
+        # see different taps, only that much stays shared by them
+        shared = float((taps * taps).sum() / taps.sum())
+        cov = (w2 @ x.coherent(axis_in, c_in)) * (shared / n_y**2) if x.pos is not None else None
         out = Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos)
         out.prof = prof_out
-        return Effect([out], [(ref.name, 0, 0, wrap(fluct))])
+        gain = channels.Split(fluct, channels.Mat(w2, axis=axis_in, scale=shared / n_x**2), fluct)
+        return Effect([out], [(ref.name, 0, 0, wrap(gain))])
     wsum = _block_diag([_tap_weighted(b, taps, 1) for b in blocks])
     wsum2 = wsum * wsum
     power_y = _block_diag([_partial_sum_power(b, mask_y, cnt_y, 1) for b in blocks])
@@ -753,7 +761,7 @@ def _affine(weight, bias, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return g, b
 
 
-def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None) -> Effect:
+def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None, excess=None) -> Effect:
     """y = gamma * x_hat + beta per channel, and its backward.
 
     Backward (Ioffe & Szegedy 2015): dL/dx = gamma / sigma * P(dL/dy), where P projects
@@ -768,7 +776,7 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     m2 = gamma * gamma * xhat_m2 + 2 * gamma * beta * xhat_mean + beta * beta
     out = Stats.per_channel(axis, mean, m2, None if cov is None else gamma * gamma * cov, pos)
     out.prof = prof  # every position is divided by the same sigma
-    gains = [] if tri is None else [(ref.name, 0, 0, channels.Tri(tri, gamma * gamma * inv_var, axis=axis))]
+    gains = [] if tri is None else [(ref.name, 0, 0, channels.Tri(tri, gamma * gamma * inv_var, axis=axis, excess=excess))]
     return Effect([out], gains)
 
 
@@ -865,7 +873,10 @@ def batch_norm(ctx: Ctx) -> Effect:
     out_pos = pos if p > 1 else (pos if pos is not None else None)
     cov = (s - v_mean) / (e_s2 + eps) if out_pos is not None else None
     tri = _projection(n, p, rho_s, rho_x)
-    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, x.prof if x.pos == out_pos else None)
+    # a ReLU after the norm makes the gradient follow x_hat (its mask): with a gradient
+    # shared by positions, mean(g x_hat) no longer averages out
+    excess = (n, p, (gamma * gamma).clamp_min(1e-12), rho_s, rho_x)
+    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, x.prof if x.pos == out_pos else None, excess)
 
 
 @handles("layer_norm", "rms_norm")
