@@ -4,7 +4,7 @@ For each example model, with its own example batch, this times (medians over rep
 the two interleaved so machine load hits both alike):
 
 * plain:  ``y = model(x)``; ``torch.autograd.grad(y, params + [x], g)`` with g ~ N(0, 1);
-* probe:  one measurement draw of :class:`gradaudit.probe.gradients.Runner` (what every
+* probe:  one measurement draw of :class:`gradaudit.probe.runner.Runner` (what every
   draw after the first costs: layer statistics and gradient hooks), and the first draw
   (which also counts dead and saturated units and the batch correlation of layer inputs).
 
@@ -37,7 +37,8 @@ def bench(name: str, repeats: int) -> tuple[float, float, float]:
     import torch
 
     from gradaudit.api import Settings, analyse, capture
-    from gradaudit.probe.gradients import SEED, Runner, graph_module
+    from gradaudit.probe.gradients import SEED
+    from gradaudit.probe.runner import Runner, graph_module
     from gradaudit.propagation.engine import ACTIVATIONS
     from gradaudit.state import preserved
 

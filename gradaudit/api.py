@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from gradaudit import __version__
-from gradaudit.errors import CaptureError, ConfigError, GradauditError
+from gradaudit.errors import CaptureError, ConfigError, GradauditError, ModelCallError
 from gradaudit.ir import Graph
 from gradaudit.options import AuditOptions
 from gradaudit.propagation import coverage, gates
@@ -63,13 +63,19 @@ def audit(
 ) -> AuditReport:
     """Audit ``model`` for vanishing and exploding gradients at initialisation.
 
-    ``example_inputs``: a tensor or a tuple of tensors (only shapes and dtypes are used by
-    the static pass); inferred from the first layer when omitted.
+    ``example_inputs``: a tensor, a tuple (positional inputs, nested tuples allowed), a dict
+    of keyword inputs, or an :class:`~gradaudit.frontends.signature.ExampleCall`; numbers,
+    bools, ``None`` and strings among them are constants of the graph. Inferred when
+    omitted (from the first layer, a Hugging Face config or a timm ``pretrained_cfg``).
 
     Measured stages (off by default):
     ``probe`` runs a short real forward/backward (``draws`` draws of a random cotangent)
     and puts measured statistics beside the predicted ones; ``loss_fn(output, batch)`` with
-    a real ``batch`` makes it differentiate your loss instead (and turns it on);
+    real batches makes it also differentiate your loss, for gradient norms and GA606's
+    clipping threshold in your loss's units (and turns it on). ``batch`` is one batch (the
+    model runs on ``example_inputs`` when given, else on ``x`` of a batch ``(x, y)``), a
+    callable called once per draw for a fresh batch, or an iterable of batches such as a
+    ``DataLoader`` (one per draw; the model runs on each batch's ``x``);
     ``gradcheck`` numerically checks custom backward code (``gradcheck_modules`` names the
     modules to check and turns it on); ``dtype`` (``fp32``, ``bf16``, ``fp16``: autocast)
     and ``device`` (``cpu``, ``cuda``, ``auto``) are the probe's; ``inputs_path`` is a batch
@@ -124,30 +130,35 @@ def run(
     started = time.perf_counter()
     from gradaudit.probe import stage
 
-    example_inputs, batch_source = stage.load_inputs(opts, example_inputs)
-    input_source = batch_source or input_source
-    if example_inputs is None:
-        from gradaudit.loading import infer_inputs
-
-        example_inputs, inferred = infer_inputs(model)
-        input_source = input_source or inferred
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (
-        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
-    )
-    input_source = input_source or "given"
     codes = _selected_codes(select, ignore)
-    with preserved(model):
-        graph = capture(model, inputs)
-        analysis = analyse(graph, inputs, input_stats, settings)
-        analysis.coverage = coverage.check(analysis, model_has_parameters=any(True for _ in model.parameters()))
+    with preserved(model):  # batches may draw from the RNGs: the audit leaves them as found
+        example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
+        if example_inputs is None:
+            from gradaudit.loading import infer_inputs
+
+            example_inputs, inferred = infer_inputs(model)
+            input_source = input_source or inferred
+        from gradaudit.frontends.signature import ExampleCall
+
+        inputs = ExampleCall.of(example_inputs)
+        input_source = input_source or "given"
+        try:
+            graph = capture(model, inputs)
+            analysis = analyse(graph, inputs, input_stats, settings)
+            analysis.coverage = coverage.check(analysis, model_has_parameters=any(True for _ in model.parameters()))
+        except CaptureError as exc:
+            if not opts.probe or isinstance(exc, ModelCallError):
+                raise
+            # no capture worked: the probe still measures, at the model's layers
+            analysis, codes = unpredicted(model, inputs, exc), {c for c in codes if all_rules()[c].stage != "static"}
         static_seconds = time.perf_counter() - started
-        stage.gather(model, inputs, analysis, opts, settings)
+        stage.gather(model, inputs, analysis, opts, settings, loss_batches)
         findings = run_rules(analysis, codes)
         from gradaudit.suppress import UNUSED_CODE
         from gradaudit.suppress import apply as apply_suppressions
 
         findings, suppressed, unused = apply_suppressions(
-            findings, graph, model, opts.per_module_ignores or None, target=target,
+            findings, analysis.graph, model, opts.per_module_ignores or None, target=target,
             report_unused=UNUSED_CODE in codes,
         )
         findings = sorted(findings + unused, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
@@ -160,26 +171,53 @@ def run(
     return report
 
 
-def capture(model: nn.Module, inputs: tuple) -> Graph:
-    """Model -> IR with the best frontend that works (torch.fx today)."""
-    from gradaudit.frontends import fx
+def unpredicted(model: nn.Module, inputs: Any, error: CaptureError) -> Analysis:
+    """The evidence of an audit whose static capture failed: the model's layers as found
+    by one forward pass (:func:`gradaudit.probe.modules.module_graph`), no predictions,
+    and a coverage gap that says why."""
+    from gradaudit.probe.modules import module_graph
 
-    return fx.trace(model, inputs)
+    graph = module_graph(model, inputs)
+    failures = getattr(error, "failures", None) or [("capture", error)]
+    graph.notes = [f"{name} failed: {exc}" for name, exc in failures]
+    analysis = Analysis(graph, stats={}, roots={}, effects={}, estimates=[])
+    layers = [n.module or n.name for n in coverage.parameter_layers(analysis)]
+    gap = coverage.Gap("the prediction is unavailable: no capture of the model worked (see the capture notes); "
+                       "the probe measured its layers", layers=layers)
+    analysis.coverage = coverage.Coverage(len(layers), 0, [gap])
+    return analysis
 
 
-def analyse(graph: Graph, inputs: tuple, input_stats: Any, settings: Settings) -> Analysis:
+def capture(model: nn.Module, inputs: Any) -> Graph:
+    """Model -> IR with the cheapest frontend that works: torch.fx, else torch.export,
+    else the hook capture (:mod:`gradaudit.frontends.chain`); the graph's notes say why
+    the cheaper ones failed. ``inputs``: a tensor, a tuple, a dict of keyword inputs or
+    an :class:`~gradaudit.frontends.signature.ExampleCall`."""
+    from gradaudit.frontends.chain import capture as chain
+
+    return chain(model, inputs)
+
+
+def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:
     """Propagation over ``graph``, plus the evidence about the prediction itself: its
     coverage of the model and, when the model has zero-initialised gates, the same
-    propagation with them opened (:mod:`gradaudit.propagation.gates`)."""
+    propagation with them opened (:mod:`gradaudit.propagation.gates`). The propagation
+    starts from the example inputs' own statistics (per channel; zeros and constants
+    included); ``input_stats`` overrides them with (mean, std) per input, keyed by
+    position or by keyword name (every tensor of a nested input gets them; std 0: a
+    constant)."""
     from gradaudit.propagation.inputs import input_statistics
 
     stats_by_name: dict[str, Any] = input_statistics(graph, inputs)  # the example inputs' own moments
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
+        args = graph.input_args or [str(i) for i in range(len(graph.input_names))]
         for i, ms in items:
-            if not 0 <= int(i) < len(graph.input_names):
-                raise ConfigError(f"input_stats names input {i}, but the model takes {len(graph.input_names)}")
-            stats_by_name[graph.input_names[int(i)]] = (float(ms[0]), float(ms[1]))
+            names = [n for n, a in zip(graph.input_names, args) if a == str(i)]
+            if not names:
+                raise ConfigError(f"input_stats names input {i!r}, but the model's inputs are {', '.join(dict.fromkeys(args))}")
+            for name in names:
+                stats_by_name[name] = (float(ms[0]), float(ms[1]))
     try:
         analysis = propagate(graph, stats_by_name)
         analysis.gates = gates.find(analysis)
@@ -220,14 +258,15 @@ def run_rules(analysis: Analysis, codes: set[str]) -> list[Finding]:
     return findings
 
 
-def build_report(analysis: Analysis, findings: list[Finding], *, target: str, input_source: str, inputs: tuple) -> AuditReport:
+def build_report(analysis: Analysis, findings: list[Finding], *, target: str, input_source: str, inputs: Any) -> AuditReport:
     weight_layers = analysis.weight_layers()
     depth_of = {n.name: i + 1 for i, n in enumerate(weight_layers)}
     estimated = {e.node for e in analysis.estimates}
     layers = []
+    unpredicted = not analysis.stats  # no capture worked: the layers carry measurements only
     for node in analysis.layers():
         s = analysis.stat(node.name)
-        if s is None:
+        if s is None and not unpredicted:
             continue
         weight = node.name in depth_of
         layers.append(
@@ -236,35 +275,38 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
                 module=node.module,
                 op=node.op,
                 module_type=node.module_type,
-                predicted=Moments(s.act_rms, s.grad_rms, layer_gradient(node, s.grad_rms) if weight else None),
+                predicted=(Moments(s.act_rms, s.grad_rms, layer_gradient(node, s.grad_rms) if weight else None)
+                           if s is not None else Moments(float("nan"), float("nan"))),
                 depth=depth_of.get(node.name),
                 estimated=node.name in estimated,
                 location=node.location.to_json() if node.location else None,
             )
         )
     grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
-    from gradaudit.rules.helpers import gradient_profile
+    from gradaudit.rules.helpers import followed_by_norm, gradient_profile
 
     prof = gradient_profile(analysis)
     return AuditReport(
         judged=None if prof is None else (prof.source, prof.summary),
+        normalized_layers=sum(1 for n in weight_layers if followed_by_norm(analysis, n)),
         coverage=analysis.coverage,
         target=target,
         frontend=analysis.graph.frontend,
         input_source=input_source,
-        inputs=[_describe_input(x) for x in inputs],
+        inputs=_describe_inputs(inputs),
         findings=findings,
         layers=layers,
         depth=summarize(grads),
         estimated_ops=[e.to_json() for e in analysis.estimates],
         environment=environment(),
+        capture_notes=list(analysis.graph.notes),
     )
 
 
-def _describe_input(x: Any) -> dict:
-    if isinstance(x, torch.Tensor):
-        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
-    return {"value": repr(x)[:80]}
+def _describe_inputs(inputs: Any) -> list[dict]:
+    from gradaudit.frontends.signature import ExampleCall
+
+    return ExampleCall.of(inputs).describe()
 
 
 def environment() -> dict[str, Any]:

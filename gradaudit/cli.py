@@ -1,4 +1,4 @@
-"""The ``gradaudit`` command line: ``check``, ``rules``, ``explain``.
+"""The ``gradaudit`` command line: ``check``, ``compare``, ``rules``, ``explain``.
 
 Exit codes: 0 no finding at or above ``--fail-on`` (default ``error``); 1 findings;
 2 usage, configuration or load error; 3 internal error; 4 incomplete audit (the
@@ -149,8 +149,11 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @main.command()
 @click.argument("targets", nargs=-1, metavar="[TARGET]...")
 @click.option("--input-shape", "input_shapes", multiple=True, type=_Shape(),
-              help="Shape of one model input, e.g. 2,3,224,224 (repeat for several inputs).")
-@click.option("--input-dtype", help="dtype of the inputs, e.g. int64 for token ids (default float32).")
+              help="Shape of one model input, e.g. 2,3,224,224, or of a keyword input, e.g. input_ids=2,16 "
+                   "(repeat for several inputs).")
+@click.option("--input-dtype", "input_dtype", multiple=True,
+              help="dtype of the inputs, e.g. int64 for token ids (default float32), or of one keyword input, "
+                   "e.g. attention_mask=int64 (repeatable).")
 @click.option("--input-range", type=_Range(), help="Value range LO,HI of the inputs, e.g. 0,30522 for token ids.")
 @click.option("--input-stats", "input_moments", multiple=True, type=_MeanStd(),
               help="Mean and std of one floating input, e.g. 0,0 for zeros (repeat per input, in order; "
@@ -171,15 +174,19 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--probe", is_flag=True, help="Also run a short real forward/backward and show measured statistics.")
 @click.option("--draws", type=click.IntRange(min=1), default=None, help="Probe draws of the inputs [default: 2].")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
-              help="Probe on this batch (.pt read with weights_only=True, or .safetensors).")
+              help="Probe on this batch (.pt read with weights_only=True, or .safetensors); "
+                   "{'inputs': x, 'target': y} feeds the model file's loss_fn.")
 @click.option("--dtype", type=click.Choice(("fp32", "bf16", "fp16")), default=None, help="Probe dtype.")
 @click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default=None, help="Probe device.")
 @click.option("--gradcheck", is_flag=True, help="Numerically check custom autograd backward code.")
 @click.option("--gradcheck-module", "gradcheck_modules", multiple=True, metavar="NAME",
               help="Module to gradcheck (repeatable).")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False),
+              help="Fail only on findings not recorded in this baseline file.")
+@click.option("--update-baseline", is_flag=True, help="Record today's findings in the --baseline file.")
 def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, output, select, ignore, fail_on,
           exit_zero, skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
-          gradcheck_modules):
+          gradcheck_modules, baseline_path, update_baseline):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
     \b
@@ -206,10 +213,12 @@ def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, o
         gradcheck=gradcheck, gradcheck_modules=tuple(gradcheck_modules),
         per_module_ignores=dict(config.per_module_ignores or {}),
     )
+    input_dtype = ",".join(input_dtype) or None
     jobs = _jobs(targets, config, input_shapes, input_dtype, input_range)
     if skip_missing and targets and config.targets:
         jobs = _configured_only(jobs, config, input_shapes, input_dtype, input_range)
     renderer = None if fmt == "text" else _renderer(fmt)
+    _check_output(output)
     _check_codes(config, select, ignore)
     settings = _settings(config)
 
@@ -241,6 +250,8 @@ def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, o
     # reports are printed once the progress bar (a live display on stderr) is gone
     for message in errors:
         _error(message)
+    if baseline_path or update_baseline:
+        _apply_baseline(reports, baseline_path, update_baseline, quiet or errors)
     failed = bool(errors)
     for report in reports:
         if human is not None:
@@ -355,22 +366,63 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
     from gradaudit.loading import load_target
 
     loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    options, inputs, input_source = _file_loss(options, loaded)
     try:
         return run(
             loaded.model,
-            loaded.inputs,
+            inputs,
             options,
             target=spec,
-            input_source=loaded.input_source,
+            input_source=input_source,
             select=select,
             ignore=ignore,
             input_stats={**loaded.input_stats, **(moments or {})} or None,
             settings=settings,
         )
     except CaptureError as exc:
-        if loaded.input_source.startswith("inferred"):
+        if loaded.input_source.startswith("inferred") and getattr(exc, "inputs_suspect", False):
             raise CaptureError(f"{exc} (inputs were {loaded.input_source}; pass --input-shape)") from exc
         raise
+
+
+def _file_loss(options, loaded):
+    """``(options, inputs, input_source)`` for one target: with ``--probe``, the model
+    file's ``loss_fn(output, batch)`` and ``example_batch`` are the probe's real loss (an
+    ``--inputs`` file replaces ``example_batch``); inferred inputs give way to the batch's."""
+    import dataclasses
+
+    if not options.probe or (loaded.loss_fn is None and loaded.batch is None):
+        return options, loaded.inputs, loaded.input_source
+    path = loaded.target.split(".py:")[0] + ".py" if ".py:" in loaded.target else loaded.target
+    if loaded.loss_fn is None:
+        raise ConfigError(f"{path}: example_batch is the batch of loss_fn(output, batch); define loss_fn too")
+    if not callable(loaded.loss_fn):
+        raise ConfigError(f"{path}: loss_fn must be a function loss_fn(output, batch) (got {type(loaded.loss_fn).__name__})")
+    batch = None if options.inputs_path else loaded.batch
+    options = dataclasses.replace(options, loss_fn=loaded.loss_fn, batch=batch)
+    if batch is not None and loaded.input_source.startswith("inferred"):
+        return options, None, f"example_batch in {path}"
+    return options, loaded.inputs, loaded.input_source
+
+
+def _apply_baseline(reports, path, update, quiet) -> None:
+    """``--baseline`` / ``--update-baseline``: record the findings, then leave in each
+    report only those the baseline does not hold (the others become suppressed)."""
+    from gradaudit import baseline
+
+    if not path:
+        raise click.UsageError("--update-baseline needs --baseline FILE")
+    targets = baseline.update(path, reports) if update else baseline.load(path)
+    known = fixed = 0
+    for report in reports:
+        k, g = baseline.apply(report, targets, path)
+        known, fixed = known + k, fixed + g
+    if quiet:
+        return
+    if update:
+        click.echo(f"baseline: recorded {known} finding(s) of {len(reports)} target(s) in {path}", err=True)
+    elif fixed:
+        click.echo(f"baseline: {fixed} finding(s) recorded in {path} are gone (--update-baseline drops them)", err=True)
 
 
 def _no_torch(spec: str) -> bool:
@@ -409,6 +461,17 @@ def _umask() -> int:
     return mask
 
 
+def _check_output(output: str | None) -> None:
+    """Refuse an ``-o`` destination that cannot be written before the audit runs."""
+    if output is None or output == "-" or (os.path.exists(output) and not os.path.isfile(output)):
+        return  # stdout; /dev/null, a pipe: written directly
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"-o {output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"-o {output}: the folder {folder} is not writable")
+
+
 def _write(text: str, output: str | None) -> None:
     """stdout, or ``output`` written atomically (temp file + rename; devices written directly)."""
     if text and not text.endswith("\n"):
@@ -421,10 +484,8 @@ def _write(text: str, output: str | None) -> None:
         with open(output, "w", encoding="utf-8") as fh:  # /dev/null, a pipe: no rename
             fh.write(text)
         return
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"-o {output}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".gradaudit-", suffix=".tmp", dir=folder)
+    _check_output(output)  # again: the folder may have gone while the audit ran
+    fd, tmp = tempfile.mkstemp(prefix=".gradaudit-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(output)))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -434,6 +495,54 @@ def _write(text: str, output: str | None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@main.command("compare")
+@click.argument("base", metavar="BASE")
+@click.argument("new", metavar="NEW")
+@click.option("--format", "fmt", type=click.Choice(("text", "json", "markdown")), default="text", show_default=True,
+              help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the comparison to FILE instead of stdout.")
+@click.option("--fail-on", type=click.Choice(("error", "warning", "info")), default=None,
+              help="Exit 1 when NEW has a finding at or above this severity that BASE has not (default error).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file (default: [tool.gradaudit] of the nearest pyproject.toml).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def compare_cmd(base, new, fmt, output, fail_on, config_path, debug):
+    """Compare two audits: BASE and NEW are JSON reports (--format json) or targets.
+
+    \b
+    Findings added and gone (matched by rule and module, not by line), the predicted
+    gradient per layer, the verdict. Exit status 1 when NEW is worse at --fail-on (a new
+    or more severe finding, or an audit that no longer covers every layer).
+
+    \b
+      gradaudit compare base.json new.json --format markdown
+      gradaudit compare examples/relu_xavier_30.py examples/relu_he_30.py
+    """
+    from gradaudit.compare import compare
+    from gradaudit.config import load_config
+    from gradaudit.report.comparison import render
+
+    config = load_config(config_path)
+    fail_on = fail_on or config.fail_on or "error"
+    result = compare(_compare_side(base, config), _compare_side(new, config), base, new)
+    _write(render(result, fmt), output)
+    return 1 if result.worse(fail_on) else 0
+
+
+def _compare_side(arg: str, config) -> dict:
+    """One side of ``compare``: a JSON report file, or a target audited statically."""
+    if arg.lower().endswith(".json"):
+        from gradaudit.compare import load_report
+
+        return load_report(arg)
+    from gradaudit.options import AuditOptions
+
+    _check_codes(config, (), ())
+    report = _audit_one(arg, None, None, None, config.select, config.ignore, _settings(config),
+                        AuditOptions(per_module_ignores=dict(config.per_module_ignores or {})))
+    return report.to_json()
 
 
 @main.command("rules")

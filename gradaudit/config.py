@@ -263,7 +263,7 @@ def known_thresholds() -> set[str]:
     """Names the rules and the probe read from ``Settings.extra``.
 
     Rules read them as ``settings.extra.get("name", default)``; the probe keeps its
-    defaults in ``gradaudit.probe.gradients.DEFAULTS``. Found by reading the rule sources,
+    defaults in ``gradaudit.probe.thresholds.DEFAULTS``. Found by reading the rule sources,
     so a new rule's threshold is known without a list to keep in step.
     """
     import re
@@ -276,7 +276,7 @@ def known_thresholds() -> set[str]:
             with open(os.path.join(folder, entry), encoding="utf-8") as fh:
                 names.update(pattern.findall(fh.read()))
     try:
-        from gradaudit.probe.gradients import DEFAULTS
+        from gradaudit.probe.thresholds import DEFAULTS
     except ImportError:  # pragma: no cover - the probe ships with the package
         DEFAULTS = {}
     names.update(DEFAULTS)

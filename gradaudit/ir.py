@@ -123,6 +123,23 @@ def callable_of(node: Node) -> Callable:
     return fn
 
 
+def structure_leaves(structure: Any) -> list[int]:
+    """The leaf indices of a node's output ``structure`` (``(0, (1, 2))`` -> 0, 1, 2)."""
+    if isinstance(structure, int):
+        return [structure]
+    return [i for s in structure for i in structure_leaves(s)]
+
+
+def renumber(structure: Any) -> Any:
+    """A sub-structure with its leaves counted from 0 (``(3, 4)`` -> ``(0, 1)``)."""
+    counter = iter(range(1 << 62))
+
+    def walk(s: Any) -> Any:
+        return next(counter) if isinstance(s, int) else tuple(walk(x) for x in s)
+
+    return walk(structure)
+
+
 def iter_refs(obj: Any) -> Iterator[Ref]:
     """Every :class:`Ref` inside a nested structure of tuples, lists and dicts."""
     if isinstance(obj, Ref):
@@ -156,6 +173,14 @@ class Graph:
     frontend: str
     input_names: list[str] = field(default_factory=list)
     output_refs: list[str] = field(default_factory=list)
+    #: For each input node, the example call's argument it comes from: ``"0"``, ``"1"``
+    #: for positional ones, the keyword's name for keyword ones.
+    input_args: list[str] = field(default_factory=list)
+    #: One line per thing the capture wants the reader to know: why a cheaper capture
+    #: failed, outputs left out of L.
+    notes: list[str] = field(default_factory=list)
+    #: The frontend's own program (the fx GraphModule), for stages that replay it.
+    program: Any = None
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}

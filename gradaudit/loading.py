@@ -15,7 +15,9 @@ Which object is the model:
 Which example inputs, first match wins: ``--input-shape`` (``input_shapes``), an
 ``example_inputs`` attribute or callable in the same file, the factory's tuple, else
 :func:`infer_inputs` from the first layer that consumes the input. ``Loaded.input_source``
-says which one was used.
+says which one was used. A ``loss_fn(output, batch)`` and an ``example_batch`` (a batch,
+or a callable returning a fresh one) in the file are the probe's real loss
+(:mod:`gradaudit.probe.loss`).
 
 Every problem is a :class:`~gradaudit.errors.LoadError` with a one-line message that
 names the user's file and line where one is known.
@@ -57,11 +59,15 @@ class Loaded:
     """A loaded target: the model, its example inputs and where the inputs came from."""
 
     model: Any
-    inputs: tuple
+    #: A tuple of positional inputs, or an ExampleCall with keyword inputs.
+    inputs: Any
     input_source: str
     target: str
-    #: (mean, std) per input index, from ``--input-range`` on floating inputs.
-    input_stats: dict[int, tuple[float, float]] = field(default_factory=dict)
+    #: (mean, std) per input position or keyword, from ``--input-range`` on floating inputs.
+    input_stats: dict[Any, tuple[float, float]] = field(default_factory=dict)
+    #: ``loss_fn`` and ``example_batch`` of the file (the probe's real loss), if defined.
+    loss_fn: Any = None
+    batch: Any = None
 
 
 def load_target(
@@ -100,7 +106,8 @@ def load_target(
         source = f"factory {factory}()"
     if inputs is None:
         inputs, source = infer_inputs(model)
-    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats)
+    return Loaded(model=model, inputs=inputs, input_source=source, target=spec, input_stats=stats,
+                  loss_fn=namespace.get("loss_fn"), batch=namespace.get("example_batch"))
 
 
 # -- importing the user's code --------------------------------------------------------------
@@ -139,9 +146,12 @@ def _exec_file(path: str) -> dict:
     try:
         with open(apath, "rb") as fh:
             source = fh.read()
+        if b"\0" in source:
+            raise LoadError(f"{path}: not a Python source file (it holds null bytes, as binary files do)")
         code = compile(source, apath, "exec")
     except SyntaxError as exc:
-        raise LoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+        where = f"{path}:{exc.lineno}" if exc.lineno else path
+        raise LoadError(f"{where}: syntax error: {exc.msg}") from exc
     except (OSError, ValueError) as exc:
         raise LoadError(f"{path}: cannot read: {exc}") from exc
     spec = importlib.util.spec_from_file_location(name, apath)
@@ -344,47 +354,110 @@ def parse_dtype(name: str):
     return getattr(torch, _DTYPES[key])
 
 
+def parse_dtypes(text: str | None) -> dict[str | None, str]:
+    """``"int64"`` -> ``{None: "int64"}`` (every input); ``"input_ids=int64,mask=bool"``
+    -> one dtype per keyword input. Unknown dtypes are a :class:`ConfigError`."""
+    out: dict[str | None, str] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, _, dtype = part.rpartition("=")
+        parse_dtype(dtype)
+        out[name.strip() or None] = dtype.strip()
+    return out
+
+
 def make_inputs(
     shapes: list[tuple[int, ...]],
     dtype: str | None,
     value_range: tuple[float, float] | None,
     model: Any = None,
-) -> tuple[tuple, dict[int, tuple[float, float]]]:
+) -> tuple[Any, dict[Any, tuple[float, float]]]:
     """Tensors of the given shapes; integer dtypes draw ids in ``value_range``.
+
+    A shape with a ``name`` (``--input-shape input_ids=2,16``, see :func:`parse_shape`)
+    is a keyword input; ``dtype`` may name one per keyword (``input_ids=int64``). Integer
+    inputs without a range: ids below the first embedding's size, except keyword inputs
+    named like masks (all ones) and ``token_type_ids`` (zeros).
 
     Floating inputs with a range are uniform on it, and the static pass is told their
     mean (lo+hi)/2 and standard deviation (hi-lo)/sqrt(12). A private generator is used:
-    the global RNG state is not touched.
+    the global RNG state is not touched. Returns a tuple of positional inputs, or an
+    :class:`~gradaudit.frontends.signature.ExampleCall` when some are keyword inputs,
+    and the (mean, std) per input position or keyword.
     """
     import torch
 
-    torch_dtype = parse_dtype(dtype) if dtype else torch.float32
+    dtypes = parse_dtypes(dtype)
+    widest = max((parse_dtype(d) for d in dtypes.values()), key=lambda t: t.itemsize, default=torch.float32)
+    check_input_size(shapes, widest if widest.itemsize >= 4 else torch.float32)
     gen = torch.Generator().manual_seed(0)
-    stats: dict[int, tuple[float, float]] = {}
-    out = []
+    stats: dict[Any, tuple[float, float]] = {}
+    args: list = []
+    kwargs: dict = {}
     if value_range is not None and value_range[1] <= value_range[0]:
         raise ConfigError(f"--input-range {value_range[0]:g},{value_range[1]:g} is empty: the upper end must be larger")
+    names = {getattr(s, "name", None) for s in shapes}
+    for key in dtypes:
+        if key is not None and key not in names:
+            raise ConfigError(f"--input-dtype {key}=...: no --input-shape {key}=... to apply it to")
     for i, shape in enumerate(shapes):
+        name = getattr(shape, "name", None)
+        label = dtypes.get(name) or dtypes.get(None)
+        torch_dtype = parse_dtype(label) if label else torch.float32
+        key = name if name is not None else len(args)
         if torch_dtype.is_floating_point:
             if value_range is None:
-                x = torch.randn(shape, generator=gen).to(torch_dtype)
+                x = torch.randn(tuple(shape), generator=gen).to(torch_dtype)
             else:
                 lo, hi = value_range
-                x = (torch.rand(shape, generator=gen) * (hi - lo) + lo).to(torch_dtype)
-                stats[i] = ((lo + hi) / 2.0, (hi - lo) / 12**0.5)
+                x = (torch.rand(tuple(shape), generator=gen) * (hi - lo) + lo).to(torch_dtype)
+                stats[key] = ((lo + hi) / 2.0, (hi - lo) / 12**0.5)
         elif torch_dtype == torch.bool:
-            x = torch.rand(shape, generator=gen) < 0.5
+            x = torch.ones(tuple(shape), dtype=torch.bool) if name and "mask" in name else torch.rand(tuple(shape), generator=gen) < 0.5
+        elif value_range is None and name and "mask" in name:
+            x = torch.ones(tuple(shape), dtype=torch_dtype)
+        elif value_range is None and name == "token_type_ids":
+            x = torch.zeros(tuple(shape), dtype=torch_dtype)
         else:
             if value_range is None:
                 vocab = _embedding_size(model)
                 if vocab is None:
-                    raise ConfigError(f"--input-dtype {dtype} needs --input-range LO,HI for the integer values")
+                    raise ConfigError(f"--input-dtype {label} needs --input-range LO,HI for the integer values")
                 lo, hi = 0, vocab
             else:
                 lo, hi = int(value_range[0]), int(value_range[1])
-            x = torch.randint(lo, hi, shape, generator=gen, dtype=torch_dtype)
-        out.append(x)
-    return tuple(out), stats
+            x = torch.randint(lo, hi, tuple(shape), generator=gen, dtype=torch_dtype)
+        if name is None:
+            args.append(x)
+        else:
+            kwargs[name] = x
+    if kwargs:
+        from gradaudit.frontends.signature import ExampleCall
+
+        return ExampleCall(tuple(args), kwargs), stats
+    return tuple(args), stats
+
+
+#: Largest example input, all inputs together: the audit needs a small batch, and the
+#: inputs are allocated (the probe runs them; the static pass traces with them).
+MAX_INPUT_BYTES = 2**30
+
+
+def check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
+    """:class:`ConfigError` naming the size and the limit when the inputs of ``shapes``
+    would take more than :data:`MAX_INPUT_BYTES`: checked before anything is allocated."""
+    import math
+
+    itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+    total = sum(math.prod(shape) for shape in shapes) * itemsize
+    if total > MAX_INPUT_BYTES:
+        given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
+        raise ConfigError(
+            f"{given}: the inputs would take {total / 2**30:.3g} GiB ({str(dtype).replace('torch.', '')}), over the "
+            f"{MAX_INPUT_BYTES / 2**30:g} GiB limit for example inputs; a batch of 2 at the real feature sizes "
+            "is enough for the audit"
+        )
 
 
 def _embedding_size(model: Any) -> int | None:
@@ -410,6 +483,9 @@ def infer_inputs(model: Any) -> tuple[tuple, str]:
     """
     import torch
 
+    framework = _framework_inputs(model)
+    if framework is not None:
+        return framework
     gen = torch.Generator().manual_seed(0)
     n_inputs = _required_inputs(model)
     if n_inputs != 1:
@@ -430,6 +506,68 @@ def infer_inputs(model: Any) -> tuple[tuple, str]:
         x = torch.randn(shape, generator=gen)
     named = f" '{name}'" if name else ""
     return (x,), f"inferred from {type(layer).__name__}{named} ({detail})"
+
+
+def _framework_inputs(model: Any) -> tuple[Any, str] | None:
+    """Inputs of a Hugging Face model (from its ``config`` and ``main_input_name``) or a
+    timm model (from ``pretrained_cfg`` / ``default_cfg['input_size']``); None otherwise.
+
+    Hugging Face: ``input_ids`` (2, 8) below ``vocab_size`` with an all-ones
+    ``attention_mask``, plus ``decoder_input_ids`` for encoder-decoders; ``pixel_values``
+    (2, C, S, S) from ``num_channels`` and ``image_size``; ``input_values`` (2, 1600) for
+    speech encoders; ``input_features`` (2, mel bins, 2 * max_source_positions) for
+    Whisper. ``use_cache=False`` where ``forward`` takes it: a generation cache is not an
+    output to train on.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is not None and isinstance(main, str):
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kwargs: dict[str, Any] = {}
+        detail = f"main_input_name={main}"
+        if main == "input_ids":
+            vocab = int(getattr(config, "vocab_size", 0) or 0) or (_embedding_size(model) or 2)
+            kwargs["input_ids"] = torch.randint(0, vocab, (BATCH, SEQUENCE), generator=gen)
+            if "attention_mask" in params:
+                kwargs["attention_mask"] = torch.ones(BATCH, SEQUENCE, dtype=torch.long)
+            if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+                kwargs["decoder_input_ids"] = torch.randint(0, vocab, (BATCH, SEQUENCE), generator=gen)
+            detail += f", vocab_size={vocab}"
+        elif main == "pixel_values":
+            size = getattr(config, "image_size", SPATIAL)
+            size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+            channels = int(getattr(config, "num_channels", 3))
+            kwargs["pixel_values"] = torch.randn((BATCH, channels) + size, generator=gen)
+            detail += f", image_size={list(size)}, num_channels={channels}"
+        elif main == "input_values":
+            kwargs["input_values"] = torch.randn(BATCH, 1600, generator=gen)
+        elif main == "input_features":
+            mels = int(getattr(config, "num_mel_bins", 80))
+            frames = 2 * int(getattr(config, "max_source_positions", 1500))
+            kwargs["input_features"] = torch.randn(BATCH, mels, frames, generator=gen)
+            if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+                vocab = int(getattr(config, "vocab_size", 2))
+                kwargs["decoder_input_ids"] = torch.randint(0, vocab, (BATCH, SEQUENCE), generator=gen)
+            detail += f", num_mel_bins={mels}"
+        else:
+            return None
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        from gradaudit.frontends.signature import ExampleCall
+
+        return ExampleCall((), kwargs), f"inferred from the Hugging Face config ({detail})"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+        size = tuple(int(d) for d in cfg["input_size"])
+        x = torch.randn((BATCH,) + size, generator=gen)
+        return (x,), f"inferred from the timm pretrained_cfg (input_size={list(size)})"
+    return None
 
 
 def _required_inputs(model: Any) -> int:
@@ -524,16 +662,33 @@ def _shape_for(layer: Any) -> tuple[tuple[int, ...], Any, str]:
     raise LoadError(f"cannot infer the input of {type(layer).__name__}; pass --input-shape")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"2,3,224,224"`` (or ``2x3x224x224``) -> ``(2, 3, 224, 224)``; :class:`ConfigError` if bad."""
-    parts = [p for p in re.split(r"[,\s]+|(?<=\d)x(?=\d)", str(text).strip().strip("()[]")) if p]
+class Shape(tuple):
+    """An input's shape; ``name`` is the keyword it is passed by (None: positional)."""
+
+    name: str | None = None
+
+    def __new__(cls, dims, name: str | None = None):
+        out = super().__new__(cls, dims)
+        out.name = name
+        return out
+
+
+def parse_shape(text: str) -> Shape:
+    """``"2,3,224,224"`` (or ``2x3x224x224``) -> ``(2, 3, 224, 224)``; ``"input_ids=2,16"``
+    -> the shape of keyword input ``input_ids``; :class:`ConfigError` if bad."""
+    text = str(text).strip()
+    name = None
+    m = re.match(r"^([A-Za-z_]\w*)\s*=\s*(.*)$", text)
+    if m:
+        name, text = m.group(1), m.group(2)
+    parts = [p for p in re.split(r"[,\s]+|(?<=\d)x(?=\d)", text.strip("()[]")) if p]
     try:
-        shape = tuple(int(p) for p in parts)
+        dims = tuple(int(p) for p in parts)
     except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise ConfigError(f"bad input shape {text!r}: expected positive integers like 2,3,224,224")
-    return shape
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise ConfigError(f"bad input shape {text!r}: expected positive integers like 2,3,224,224 (or name=2,16)")
+    return Shape(dims, name)
 
 
 def parse_range(text: str) -> tuple[float, float]:

@@ -25,9 +25,12 @@ class AuditOptions:
 
     ``probe``: a short real forward/backward on the example inputs (``draws`` draws of the
     random cotangent), measured statistics beside the predicted ones. ``loss_fn`` /
-    ``batch``: differentiate the user's loss ``loss_fn(output, batch)`` on a real batch
-    instead of the synthetic one (a ``loss_fn`` turns the probe on). ``gradcheck``: numerically check custom backward code
-    (``gradcheck_modules`` narrows it to named modules and turns it on). ``dtype`` and
+    ``batch``: also differentiate the user's loss ``loss_fn(output, batch)`` on real
+    batches (one batch; a callable called per draw; or an iterable such as a
+    ``DataLoader``, one batch per draw), for gradient norms in the user's units (a
+    ``loss_fn`` turns the probe on; :mod:`gradaudit.probe.loss` says what the model runs
+    on). ``gradcheck``: numerically check custom backward code (``gradcheck_modules``
+    narrows it to named modules and turns it on). ``dtype`` and
     ``device`` are the probe's. ``inputs_path``: a batch file (``.pt``, read with
     ``weights_only=True``, or ``.safetensors``) that replaces the example inputs.
     ``per_module_ignores``: glob over qualified module names -> rule codes not reported
@@ -54,6 +57,8 @@ class AuditOptions:
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto (got {self.device!r})")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError(f"loss_fn must be callable as loss_fn(output, batch) (got {type(self.loss_fn).__name__})")
+        if self.batch is not None and self.loss_fn is None:
+            raise ConfigError("batch is the second argument of loss_fn(output, batch): pass loss_fn too")
         modules = self.gradcheck_modules
         if isinstance(modules, str):
             modules = (modules,)

@@ -149,3 +149,61 @@ def measure_moments(
                 acc[1] += 0.0 if g is None else float(g.detach().double().pow(2).mean())
                 acc[2] += float(td.mean())
     return {name: ((a / draws) ** 0.5, (g / draws) ** 0.5, m / draws) for name, (a, g, m) in sums.items()}
+
+
+def measure_modules(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1) -> dict[tuple[str, int], tuple[float, float]]:
+    """``{(module name, call index): (act_rms, grad_rms)}`` of every call of every module
+    that owns parameters, measured with forward hooks and real autograd.
+
+    Works on any model that runs (no tracing at all): the reference for models that only
+    ``torch.export`` or the hook capture can take. ``inputs`` is a tensor, a tuple
+    (positional) or a dict (keyword). The first floating tensor of a module's output is
+    the one measured (an LSTM's ``output``). L is the same as :func:`measure`'s.
+    """
+    from gradaudit.frontends.outputs import flatten_outputs
+
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (
+        (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+    )
+    owners = {m: name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    sums: dict[tuple[str, int], list[float]] = {}
+    with preserved(model):
+        model.train()
+        for d in range(draws):
+            gen = torch.Generator().manual_seed(seed * 1000 + d)
+            torch.manual_seed(seed * 1000 + d + 7)
+            calls: dict[str, int] = {}
+            seen: list[tuple[tuple[str, int], torch.Tensor]] = []
+
+            def hook(mod, _args, out):
+                name = owners[mod]
+                k = calls.get(name, 0)
+                calls[name] = k + 1
+                leaves, _ = flatten_outputs(out)
+                first = next((t for t in leaves if t.is_floating_point()), None)
+                if first is not None:
+                    seen.append(((name, k), first))
+
+            handles = [m.register_forward_hook(hook) for m in owners]
+            try:
+                x_args = tuple(_draw_inputs(args, gen))
+                x_kwargs = dict(zip(kwargs, _draw_inputs(tuple(kwargs.values()), gen)))
+                with torch.enable_grad():
+                    out = model(*x_args, **x_kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            with torch.enable_grad():
+                outs, _ = flatten_outputs(out)
+                loss = torch.zeros((), dtype=torch.float64)
+                for y in outs:
+                    if y.is_floating_point() and y.requires_grad:
+                        loss = loss + (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().double()
+                needs = [t for _, t in seen if t.requires_grad]
+                found = iter(torch.autograd.grad(loss, needs, allow_unused=True) if needs else ())
+            for key, t in seen:
+                g = next(found) if t.requires_grad else None
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += float(t.detach().double().pow(2).mean())
+                acc[1] += 0.0 if g is None else float(g.double().pow(2).mean())
+    return {k: ((a / draws) ** 0.5, (g / draws) ** 0.5) for k, (a, g) in sums.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gradaudit.catalog import difference, example_targets, gallery, rule_markdown, rules_index, scrub
+from gradaudit.catalog import data_difference, difference, example_targets, gallery, rule_markdown, rules_index, scrub
 from gradaudit.rules.base import all_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,14 +61,43 @@ def regenerated():
 EXAMPLES = [Path(t).stem for t in example_targets(str(ROOT / "examples"))]
 
 
+FORMATS = [("html", "html", difference), ("sarif", "json", data_difference), ("json", "json", data_difference)]
+
+
 @pytest.mark.parametrize("stem", EXAMPLES)
-@pytest.mark.parametrize("ext,kind", [("html", "html"), ("sarif", "json")])
-def test_gallery_report_up_to_date(regenerated, stem, ext, kind):
+@pytest.mark.parametrize("ext,kind,compare", FORMATS, ids=[f[0] for f in FORMATS])
+def test_gallery_report_up_to_date(regenerated, stem, ext, kind, compare):
+    """Same structure and words; numbers compared as numbers (see gradaudit.catalog), so
+    that the float differences between machines and torch versions never fail it."""
     path = ROOT / "reports" / f"{stem}.{ext}"
     assert path.is_file(), STALE
     want = scrub(regenerated[f"{stem}.{ext}"], kind, root=str(ROOT))
-    diff = difference(scrub(path.read_text(encoding="utf-8"), kind, root=str(ROOT)), want)
+    diff = compare(scrub(path.read_text(encoding="utf-8"), kind, root=str(ROOT)), want)
     assert diff is None, f"{STALE}: {diff}"
+
+
+def test_a_stale_gallery_still_fails(regenerated):
+    """What the comparison must still catch: a number off beyond the tolerance, a finding
+    less, a changed word, in the data and on the page."""
+    import copy
+    import json
+
+    want = scrub(regenerated["relu_xavier_30.json"], "json", root=str(ROOT))
+    data = json.loads(want)
+    for change in (
+        lambda d: d["layers"][3]["predicted"].update(grad_rms=d["layers"][3]["predicted"]["grad_rms"] * 1.002),
+        lambda d: d["summary"]["depth"].update(n_layers=d["summary"]["depth"]["n_layers"] + 1),
+        lambda d: d["findings"].pop(),
+        lambda d: d["findings"][0].update(message=d["findings"][0]["message"].replace("falls", "rises")),
+        lambda d: d["findings"][0].update(severity="warning"),
+    ):
+        changed = copy.deepcopy(data)
+        change(changed)
+        assert data_difference(json.dumps(changed), want) is not None
+    page = scrub(regenerated["relu_xavier_30.html"], "html", root=str(ROOT))
+    cell = re.search(r'<td class="num">(\d\.\d+)</td>', page)
+    off = page[: cell.start(1)] + f"{float(cell.group(1)) * 1.02:.3g}" + page[cell.end(1):]
+    assert difference(page, page) is None and difference(off, page) is not None
 
 
 def test_gallery_index_up_to_date(regenerated):
@@ -76,8 +105,8 @@ def test_gallery_index_up_to_date(regenerated):
 
 
 def test_no_reports_for_examples_that_do_not_exist():
-    have = {p.name for p in (ROOT / "reports").iterdir() if p.suffix in (".html", ".sarif")}
-    assert have == {f"{s}.{e}" for s in EXAMPLES for e in ("html", "sarif")}, STALE
+    have = {p.name for p in (ROOT / "reports").iterdir() if p.suffix in (".html", ".sarif", ".json")}
+    assert have == {f"{s}.{e}" for s in EXAMPLES for e in ("html", "sarif", "json")}, STALE
 
 
 def test_rules_markdown_command_writes_the_catalog(tmp_path):

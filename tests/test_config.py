@@ -128,7 +128,7 @@ def test_missing_config_file(tmp_path):
 MODEL = """
 import torch.nn as nn
 
-def build(depth=12):
+def build(depth=16):  # Xavier before ReLU: the gradient falls 10x every ~6.6 layers
     layers = []
     for _ in range(depth):
         layer = nn.Linear(64, 64)
@@ -152,7 +152,7 @@ def test_bare_check_audits_configured_targets(cli, write, tmp_path):
     assert report["target"] == os.path.join("models", "net.py") + ":build"
     assert report["inputs"] == [{"shape": [4, 64], "dtype": "float32"}]
     assert report["input_source"] == "--input-shape"
-    assert len([layer for layer in report["layers"] if layer["op"] == "linear"]) == 12
+    assert len([layer for layer in report["layers"] if layer["op"] == "linear"]) == 16
 
 
 def test_cli_target_uses_the_configured_inputs(cli, write, tmp_path):

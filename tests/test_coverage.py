@@ -17,6 +17,7 @@ import torch.nn as nn
 import gradaudit
 import gradaudit.api
 from gradaudit.report.model import INCOMPLETE_EXIT
+from shown import shows
 
 pytestmark = pytest.mark.oldest
 
@@ -149,8 +150,7 @@ def test_headline_rule_and_table_quote_one_figure(cli, tmp_path):
     table_ratio = grads[0] / grads[-1]
     assert ga101["data"]["ratio"] == pytest.approx(table_ratio, rel=1e-4)
     assert ga101["data"]["decades"] == pytest.approx(report["summary"]["depth"]["end_to_end_decades"], abs=1e-3)
-    factor = f"{1 / ga101['data']['ratio']:.3g}x"
-    assert f"falls {factor} from the last weight layer" in ga101["message"]
+    assert shows(ga101["message"], "falls {}x from the last weight layer", 1 / ga101["data"]["ratio"])
     text = cli("check", str(example)).stdout
     assert text.splitlines()[0] == "VANISHING  " + ga101["message"].split("; ")[0]
 

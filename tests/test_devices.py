@@ -8,9 +8,11 @@ import torch.nn as nn
 
 import gradaudit
 from gradaudit.errors import ConfigError
-from gradaudit.probe.gradients import resolve_device
+from gradaudit.probe.device import resolve_device
 from gradaudit.state import fingerprint, rng_fingerprint
 from probe_models import hook_measure
+
+pytestmark = pytest.mark.oldest
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

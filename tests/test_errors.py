@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 HEADER = "import torch\nimport torch.nn as nn\n"
@@ -45,7 +47,9 @@ def _wrong_input_shape(write):
     return ["check", "net.py", "--input-shape", "2,7"], ["the example inputs do not fit the model"]
 
 
-def _untraceable(write):
+def _forward_fails(write):
+    """A forward that raises on its inputs: no capture can take it (fx's shapes, export's
+    fake run and the hook capture's real run all meet the same error)."""
     write(
         "net.py",
         HEADER
@@ -54,11 +58,10 @@ def _untraceable(write):
         "        super().__init__()\n"
         "        self.fc = nn.Linear(4, 4)\n"
         "    def forward(self, x):\n"
-        "        if x.sum() > 0:\n"
-        "            return self.fc(x)\n"
-        "        return x\n",
+        "        return self.fc(x.view(3, -1))\n"
+        "example_inputs = (torch.randn(2, 4),)\n",
     )
-    return ["check", "net.py"], ["could not trace", "net.py:8"]
+    return ["check", "net.py"], ["no capture of the model worked", "net.py:8"]
 
 
 def _unknown_rule(write):
@@ -107,6 +110,30 @@ def _onnx(write):
     return ["check", "m.onnx"], ["ONNX targets need the onnx frontend"]
 
 
+def _binary_file(write):
+    write("binary.py", "").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00>\x00")
+    return ["check", "binary.py"], ["binary.py: not a Python source file", "null bytes"]
+
+
+def _pickled_inputs(write):
+    import torch
+    import torch.nn as nn
+
+    write("net.py", HEADER + "model = nn.Linear(4, 4)\n")
+    torch.save(nn.Linear(4, 4), write("model.pt", ""))
+    return ["check", "net.py", "--probe", "--inputs", "model.pt"], [
+        "--inputs: model.pt holds pickled Python objects (torch.nn.modules.linear.Linear), which gradaudit never "
+        "unpickles; save the batch as plain tensors",
+    ]
+
+
+def _huge_input_shape(write):
+    write("net.py", HEADER + "model = nn.Linear(100000, 4)\n")
+    return ["check", "net.py", "--input-shape", "100000,100000"], [
+        "--input-shape 100000,100000: the inputs would take", "GiB (float32), over the 1 GiB limit for example inputs",
+    ]
+
+
 def _no_target(write):
     return ["check"], ["no TARGET given"]
 
@@ -125,7 +152,7 @@ CASES = {
     "factory needs arguments": _factory_needs_args,
     "not a module": _not_a_module,
     "wrong input shape": _wrong_input_shape,
-    "untraceable model": _untraceable,
+    "forward fails": _forward_fails,
     "unknown rule code": _unknown_rule,
     "unknown rule code in explain": _unknown_rule_explain,
     "bad config value": _bad_config_value,
@@ -133,6 +160,9 @@ CASES = {
     "bad --input-shape": _bad_input_shape,
     "bad --input-dtype": _bad_input_dtype,
     "onnx target": _onnx,
+    "binary file as target": _binary_file,
+    "pickled module as --inputs": _pickled_inputs,
+    "huge --input-shape": _huge_input_shape,
     "no target": _no_target,
     "unknown command": _unknown_command,
 }
@@ -152,11 +182,13 @@ def test_bad_input_is_one_line_and_exit_2(case, cli, write, tmp_path):
     assert "Traceback" not in result.stderr
     for fragment in expected:
         assert fragment in lines[0]
+    assert ":None" not in lines[0] and "two options" not in lines[0]  # no half sentence of another tool
     assert result.stdout == ""
     assert list(out.parent.iterdir()) == []  # -o created nothing, not even a temp file
 
 
-@pytest.mark.parametrize("case", ["syntax error", "factory raising", "untraceable model", "wrong input shape"])
+@pytest.mark.parametrize("case", ["syntax error", "factory raising", "forward fails", "wrong input shape",
+                                  "huge --input-shape"])
 def test_bad_input_in_a_real_process(case, write, tmp_path, run):
     args, expected = CASES[case](write)
     proc = run(*args, cwd=tmp_path)
@@ -183,3 +215,50 @@ def test_internal_error_is_one_line_and_exit_3(cli, write, tmp_path, monkeypatch
     result = cli("check", "net.py", cwd=tmp_path)
     assert result.exit_code == 3
     assert result.stderr.splitlines() == ["internal error: RuntimeError: boom (run with --debug for the traceback)"]
+
+
+def test_huge_input_shape_allocates_nothing(monkeypatch):
+    """The size is checked before any tensor of the inputs exists."""
+    import torch
+
+    from gradaudit.errors import ConfigError
+    from gradaudit.loading import make_inputs
+
+    def no(*args, **kwargs):
+        raise AssertionError("allocated")
+
+    for name in ("randn", "rand", "randint", "empty", "zeros"):
+        monkeypatch.setattr(torch, name, no)
+    with pytest.raises(ConfigError, match="over the 1 GiB limit"):
+        make_inputs([(100000, 100000)], None, None)
+    with pytest.raises(ConfigError, match=r"\(int64\)"):
+        make_inputs([(2, 2**26), (2, 2**26)], "int64", (0, 10))  # 2 GiB of ids
+
+
+def test_input_size_limit_is_exact():
+    import torch
+
+    from gradaudit.errors import ConfigError
+    from gradaudit.loading import MAX_INPUT_BYTES, check_input_size
+
+    check_input_size([(2, MAX_INPUT_BYTES // 8)], torch.float32)  # exactly the limit
+    check_input_size([(2, MAX_INPUT_BYTES // 4)], torch.float16)
+    with pytest.raises(ConfigError):
+        check_input_size([(2, MAX_INPUT_BYTES // 8), (1,)], torch.float32)  # one element over
+
+
+@pytest.mark.parametrize("dest", ["missing/report.json", "/nonexistent/dir/r.json"])
+def test_unwritable_output_fails_before_the_audit(cli, write, tmp_path, monkeypatch, dest):
+    import gradaudit.api
+    import gradaudit.loading
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the audit ran")
+
+    monkeypatch.setattr(gradaudit.loading, "load_target", not_reached)
+    monkeypatch.setattr(gradaudit.api, "audit", not_reached)
+    write("net.py", HEADER + "model = nn.Linear(4, 4)\n")
+    result = cli("check", "net.py", "--format", "json", "-o", dest, cwd=tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: -o {dest}: the folder {Path(dest).parent.absolute()} does not exist"]
+    assert result.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["net.py"]

@@ -11,6 +11,8 @@ import gradaudit
 from gradaudit.errors import ConfigError
 from gradaudit.probe import gradcheck as gc
 
+pytestmark = pytest.mark.oldest
+
 
 class Swish(torch.autograd.Function):
     @staticmethod
@@ -82,7 +84,6 @@ def test_swish_missing_term_is_a_gradcheck_error_naming_the_function():
     s = torch.sigmoid(xi)
     gen = torch.Generator().manual_seed(gc.SEED)
     v = torch.randn(x.shape, generator=gen, dtype=torch.float64)[tuple(worst["index"])]
-    # the report keeps 6 significant digits
     assert worst["numeric"] == pytest.approx(float(v * (s + xi * s * (1 - s))), rel=1e-5)
     assert worst["autograd"] == pytest.approx(float(v * s), rel=1e-5)
     (function_finding,) = [f for f in errors if "SwishMissingTerm" in f.message]
@@ -195,3 +196,98 @@ def test_dropout_is_off_during_the_check():
     report = gradaudit.audit(model, (torch.randn(4, 6),), gradcheck=True)
     assert _target(report, "model")["grade"] == "correct"
     assert model[1].training
+
+
+def test_function_apply_is_left_as_found():
+    """Function.apply is a classmethod up to torch 2.13 and a C classmethod_descriptor from
+    2.14: the recording wrapper calls either, and puts the very same object back."""
+    from torch.autograd.function import Function
+
+    original = Function.__dict__["apply"]
+    report = _report(Swish)
+    assert _target(report, "Swish")["grade"] == "correct"
+    assert Function.__dict__["apply"] is original
+
+    class Raises(nn.Module):
+        def forward(self, x):
+            Swish.apply(x)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        gc.find_targets(Raises(), (torch.randn(2, 3),))
+    assert Function.__dict__["apply"] is original
+
+
+class NanBackward(torch.autograd.Function):
+    """A finite forward whose hand-written backward divides by zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 2.0 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 2.0 * (x - x) / (x - x)  # 0/0
+
+
+def test_nan_from_a_backward_is_a_wrong_gradient_with_numbers_kept_as_floats():
+    report = _report(NanBackward)
+    res = _target(report, "NanBackward")
+    assert res["grade"] == "wrong" and res["max_rel_error"] == float("inf")
+    worst = res["worst"][0]
+    assert isinstance(worst["autograd"], float) and worst["autograd"] != worst["autograd"]
+    assert worst["numeric"] != 0.0 and worst["numeric"] == worst["numeric"]
+    (finding,) = [f for f in report.findings if f.rule == "GA701" and "NanBackward" in f.message]
+    assert finding.severity == "error" and "autograd nan vs numeric" in finding.message
+
+
+NAN_FORWARD = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.log(self.fc(x)))
+
+
+torch.manual_seed(0)
+model = Net()
+example_inputs = (torch.randn(4, 8),)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "sarif", "html", "github"])
+def test_probe_and_gradcheck_of_a_nan_forward_end_to_end(tmp_path, fmt):
+    """torch.log of a linear layer's output is NaN for negative entries: the probe reports
+    where (GA601), the gradcheck has no finite derivative to compare and says so, and
+    every format renders the NaN (JSON and SARIF as strings)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "nanlog.py").write_text(NAN_FORWARD)
+    out = tmp_path / f"report.{fmt}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradaudit", "check", "nanlog.py", "--probe", "--gradcheck", "--format", fmt,
+         "-o", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "GA601" in text
+    if fmt == "json":
+        data = json.loads(text)  # strict JSON: no bare NaN
+        (model,) = [g for g in data["gradcheck"] if g["target"] == "model"]
+        assert model["grade"] == "unchecked" and model["nonfinite"] == 1
+        assert not [f for f in data["findings"] if f["rule"] == "GA701"]
+    if fmt == "sarif":
+        json.loads(text)

@@ -37,7 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from measure import measure_moments  # noqa: E402
 
+from gradaudit.frontends.export import capture as capture_export  # noqa: E402
 from gradaudit.frontends.fx import trace  # noqa: E402
+from gradaudit.frontends.patterns import fuse_drop_path, fuse_masked_attention  # noqa: E402
 from gradaudit.propagation.engine import propagate  # noqa: E402
 from gradaudit.propagation.handlers import HANDLERS  # noqa: E402
 
@@ -45,7 +47,7 @@ EXACT = 0.10
 APPROX = 0.25
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -157,6 +159,11 @@ class Case:
     relabel: bool = False
     draws: int = 8
     check_grad: bool = True
+    #: The op torch.export's graph computes this with, when ATen has no spelling of its
+    #: own for it (``dropout2d`` is ``aten.feature_dropout``, ``softmin`` is ``neg`` then
+    #: ``softmax``, ``.cpu()`` is ``aten._to_copy``); None: export records no op at all
+    #: (``nn.Identity``). Default: the same op as ``find``.
+    aten: str | None = ""
 
 
 def U(op, f, *shape, tol=EXACT, why="exact in expectation", **kw) -> Case:
@@ -264,9 +271,32 @@ def _conv_fn(fn, nd: int, w_shape, **kw) -> Case:
     return Case(build, EXACT, "convolution with exact border counts: exact in expectation")
 
 
+def _functional_linear() -> Case:
+    """F.linear with a weight parameter: Core ATen spells it addmm(bias, x, weight.t())."""
+    def build():
+        op = Call(lambda m, h: F.linear(h, m.weight, m.bias), weight=param(32, 64, std=0.125, seed=7),
+                  bias=param(32, std=0.1, seed=8))
+        return Unary(op, front(64)), (randn(32, 64),)
+
+    return Case(build, EXACT, "F.linear on a parameter: exact in expectation")
+
+
+def _functional_norm(fn: Callable, norm: nn.Module, conv: int = 0) -> Case:
+    """A norm called functionally on the parameters of ``norm`` (given a non-trivial
+    affine): the ATen norm ops, not the module, reach the handler."""
+    def build():
+        affine(norm)
+        op = Call(fn, weight=norm.weight, bias=norm.bias, norm=norm)
+        shape = (8, 16, 8, 8) if conv else (32, 64)
+        f = front(16, conv=conv, mean=0.4, std=2.0) if conv else front(64, mean=0.4, std=2.0)
+        return Unary(op, f), (randn(*shape),)
+
+    return Case(build, EXACT, NORM + "; functional call on the layer's parameters")
+
+
 CASES: dict[str, list[Case]] = {
     # ---------------------------------------------------------------- layout
-    "identity": [U(nn.Identity(), LIN(), 32, 64, why=LAYOUT)],
+    "identity": [U(nn.Identity(), LIN(), 32, 64, why=LAYOUT, aten=None)],
     "view": [U(lambda h: h.view(32, 8, 8), LIN(), 32, 64, why=LAYOUT)],
     "reshape": [U(lambda h: h.reshape(-1), LIN(), 32, 64, why=LAYOUT)],
     "flatten": [U(lambda h: torch.flatten(h, 1), LIN(), 16, 4, 64, why=LAYOUT)],
@@ -289,8 +319,8 @@ CASES: dict[str, list[Case]] = {
     "select": [U(lambda h: h.select(1, 3), LIN(), 32, 4, 64, why=LAYOUT + " (a quarter of the elements)")],
     "movedim": [U(lambda h: torch.movedim(h, 0, 1), LIN(), 8, 4, 64, why=LAYOUT)],
     "alias": [U(lambda h: torch.ops.aten.alias(h), LIN(), 32, 64, why=LAYOUT)],
-    "cpu": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT)],
-    "cuda": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT + "; a device copy", find="cpu", relabel=True)],
+    "cpu": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT, aten="to")],
+    "cuda": [U(lambda h: h.cpu(), LIN(), 32, 64, why=LAYOUT + "; a device copy", find="cpu", relabel=True, aten="to")],
     "getitem": [U(lambda h: h[:, 4:20], LIN(), 32, 64, why=LAYOUT + " (a quarter of the elements)")],
     "pixel_shuffle": [U(lambda h: F.pixel_shuffle(h, 2), C2(), 8, 8, 6, 6, why=LAYOUT)],
     "pixel_unshuffle": [U(lambda h: F.pixel_unshuffle(h, 2), C2(), 8, 8, 6, 6, why=LAYOUT)],
@@ -308,7 +338,7 @@ CASES: dict[str, list[Case]] = {
     "hstack": [B(lambda a, b: torch.hstack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
     "vstack": [B(lambda a, b: torch.vstack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
     # ---------------------------------------------------------------- dense
-    "linear": [U(nn.Linear(64, 32), LIN(), 32, 64)],
+    "linear": [U(nn.Linear(64, 32), LIN(), 32, 64), _functional_linear()],
     "conv": [
         U(nn.Conv2d(8, 16, 3, stride=2, padding=1), C2(), 16, 8, 12, 12),
         U(nn.Conv1d(8, 16, 5, padding=4, dilation=2), C1(), 16, 8, 20),
@@ -322,19 +352,29 @@ CASES: dict[str, list[Case]] = {
     "conv_transpose3d": [_conv_fn(F.conv_transpose3d, 3, (4, 4, 3, 3, 3), stride=2)],
     "embedding": [_embedding()],
     # ---------------------------------------------------------------- norms
-    "batch_norm": [U(affine(nn.BatchNorm2d(16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
-    "layer_norm": [U(affine(nn.LayerNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM)],
-    "group_norm": [U(affine(nn.GroupNorm(4, 16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
+    "batch_norm": [
+        U(affine(nn.BatchNorm2d(16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM),
+        _functional_norm(lambda m, h: F.batch_norm(h, m.norm.running_mean, m.norm.running_var, m.weight, m.bias,
+                                                   training=True), nn.BatchNorm2d(16), conv=2),
+    ],
+    "layer_norm": [
+        U(affine(nn.LayerNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM),
+        _functional_norm(lambda m, h: F.layer_norm(h, (64,), m.weight, m.bias), nn.LayerNorm(64)),
+    ],
+    "group_norm": [
+        U(affine(nn.GroupNorm(4, 16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM),
+        _functional_norm(lambda m, h: F.group_norm(h, 4, m.weight, m.bias), nn.GroupNorm(4, 16), conv=2),
+    ],
     "instance_norm": [U(affine(nn.InstanceNorm2d(16, affine=True)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM)],
     "rms_norm": [U(affine(nn.RMSNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM)],
     # ---------------------------------------------------------------- dropout
     "dropout": [U(nn.Dropout(0.3), LIN(), 32, 64, why=DROP)],
-    "dropout1d": [U(lambda h: F.dropout1d(h, 0.3), C1(32), 16, 32, 16, why=DROP, draws=16)],
-    "dropout2d": [U(lambda h: F.dropout2d(h, 0.3), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
-    "dropout3d": [U(lambda h: F.dropout3d(h, 0.3), C3(32), 16, 32, 2, 2, 2, why=DROP, draws=16)],
+    "dropout1d": [U(lambda h: F.dropout1d(h, 0.3), C1(32), 16, 32, 16, why=DROP, draws=16, aten="feature_dropout")],
+    "dropout2d": [U(lambda h: F.dropout2d(h, 0.3), C2(32), 16, 32, 4, 4, why=DROP, draws=16, aten="feature_dropout")],
+    "dropout3d": [U(lambda h: F.dropout3d(h, 0.3), C3(32), 16, 32, 2, 2, 2, why=DROP, draws=16, aten="feature_dropout")],
     "feature_dropout": [U(lambda h: torch.feature_dropout(h, 0.3, True), C2(32), 16, 32, 4, 4, why=DROP, draws=16)],
     "stochastic_depth": [U(lambda h: stochastic_depth(h, 0.3, "row", True), C2(32), 64, 32, 4, 4, why=DROP, draws=16)],
-    "drop_path": [U(lambda h: drop_path(h, 0.3, True), LIN(), 64, 64, why=DROP, draws=16)],
+    "drop_path": [U(lambda h: drop_path(h, 0.3, True), LIN(), 64, 64, why=DROP, draws=16, aten="stochastic_depth")],
     # ---------------------------------------------------------------- pooling
     "max_pool": [
         U(nn.MaxPool2d(2), C2(), 8, 8, 16, 16, why=MAXPOOL),
@@ -370,16 +410,18 @@ CASES: dict[str, list[Case]] = {
     "einsum": [B(lambda a, b: torch.einsum("bik,bkj->bij", a, b), LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact")],
     # ---------------------------------------------------------------- softmax and attention
     "softmax": [U(lambda h: F.softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
-    "softmin": [U(lambda h: F.softmin(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
+    "softmin": [U(lambda h: F.softmin(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX, aten="softmax")],
     "log_softmax": [U(lambda h: F.log_softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
     "scaled_dot_product_attention": [_sdpa(False), _sdpa(True)],
     "multihead_attention": [_mha()],
     # ---------------------------------------------------------------- fixed linear maps
     "interpolate": [
-        U(lambda h: F.interpolate(h, scale_factor=2, mode="nearest"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP),
-        U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP),
+        U(lambda h: F.interpolate(h, scale_factor=2, mode="nearest"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP,
+          aten="upsample_nearest2d"),
+        U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP,
+          aten="upsample_bilinear2d"),
     ],
-    "upsample": [U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP, find="interpolate", relabel=True)],
+    "upsample": [U(lambda h: F.interpolate(h, scale_factor=2, mode="bilinear"), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP, find="interpolate", relabel=True, aten="upsample_bilinear2d")],
     "upsample_nearest2d": [U(lambda h: torch._C._nn.upsample_nearest2d(h, None, [2.0, 2.0]), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP)],
     "upsample_bilinear2d": [U(lambda h: torch._C._nn.upsample_bilinear2d(h, None, False, [2.0, 2.0]), C2(), 8, 8, 8, 8, tol=APPROX, why=INTERP)],
 }
@@ -392,27 +434,44 @@ def _rel(pred: float, meas: float) -> float:
     return abs(pred - meas) / meas
 
 
-def check_case(op: str, case: Case) -> list[str]:
-    """Problems found for one case (empty when the handler agrees with autograd)."""
+def _under_test(graph, find: str):
+    return [n for n in graph if n.op == find and not (n.module or "").startswith("front")]
+
+
+def check_case(op: str, case: Case, frontend: str = "fx") -> list[str]:
+    """Problems found for one case (empty when the handler agrees with autograd).
+
+    ``frontend="export"`` captures the same model with torch.export, so the handler is
+    reached through the ATen spelling of the op (``aten.linear``, ``aten.convolution``,
+    ``aten.batch_norm``...); the measurement is the same, matched by the fx node the op
+    was computed at and by the module names of its inputs."""
     torch.manual_seed(hash(op) % 10_000)
     model, inputs = case.build()
-    graph = trace(model, inputs)
     find = case.find or op
-    targets = [n for n in graph if n.op == find and not (n.module or "").startswith("front")]
-    assert targets, f"the model for '{op}' has no '{find}' node: {[n.op for n in graph]}"
+    fx_graph = trace(model, inputs)
+    measured_as = _under_test(fx_graph, find)[0].name
+    graph = fx_graph
+    if frontend != "fx":
+        graph = fuse_drop_path(fuse_masked_attention(capture_export(model, inputs, core_aten=frontend == "core-aten")))
+        if case.aten is None:  # export records no op: nothing reaches the handler
+            assert not _under_test(graph, find), f"export now records '{find}': give the case its ATen op"
+            return []
+        find = case.aten or find
+    targets = _under_test(graph, find)
+    assert targets, f"the {frontend} graph of the model for '{op}' has no '{find}' node: {[n.op for n in graph]}"
     node = targets[0]
     if case.relabel:
         node.op = op
     analysis = propagate(graph)
     assert node.name in analysis.effects and node.name not in analysis.roots, (
-        f"node '{node.name}' did not go through the '{op}' handler"
+        f"node '{node.name}' did not go through the '{node.op}' handler"
     )
     assert node.name not in {e.node for e in analysis.estimates}, f"'{op}' was estimated, not handled"
     meas = measure_moments(model, inputs, draws=case.draws)
     problems = []
     rows = []
     s = analysis.stat(node.name)
-    m_act, _, m_mean = meas[node.name]
+    m_act, _, m_mean = meas[measured_as]
     err = _rel(s.act_rms, m_act)
     rows.append(f"  {node.name} act_rms: predicted {s.act_rms:.5g}, measured {m_act:.5g} (rel. err {err:.3f})")
     if err > case.tol:
@@ -424,7 +483,8 @@ def check_case(op: str, case: Case) -> list[str]:
     if case.check_grad:
         checked = 0
         for src in node.inputs:
-            if graph[src].op == "param" or src not in meas:
+            src = _measured_ancestor(graph, src, meas)
+            if src is None or graph[src].op == "param":
                 continue
             p_grad = analysis.stat(src).grad_rms
             m_grad = meas[src][1]
@@ -438,6 +498,19 @@ def check_case(op: str, case: Case) -> list[str]:
     return problems
 
 
+def _measured_ancestor(graph, name: str, meas: dict) -> str | None:
+    """``name``, or the nearest node up its chain of single-input ops that the fx
+    measurement has (export spells ``softmin`` as ``softmax(neg(x))``: its input's
+    gradient is the one measured at ``x``)."""
+    while name not in meas:
+        node = graph[name]
+        sources = [s for s in node.inputs if graph[s].op != "param"]
+        if node.op == "param" or len(sources) != 1:
+            return None
+        name = sources[0]
+    return name
+
+
 def test_every_handler_has_a_case():
     missing = sorted(set(HANDLERS) - set(CASES))
     assert not missing, f"handlers without a test case: {missing}"
@@ -448,13 +521,49 @@ def test_no_case_without_a_handler():
     assert not stale, f"cases for ops that have no handler: {stale}"
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("op", sorted(HANDLERS))
-def test_handler_matches_autograd(op):
+def test_handler_matches_autograd(op, frontend):
+    """Every handler, reached from torch.fx's spelling of the op and from torch.export's
+    ATen spelling, agrees with real autograd."""
     assert op in CASES, f"handler '{op}' has no test case in tests/test_handlers.py"
     problems: list[str] = []
     for k, case in enumerate(CASES[op]):
-        problems += [f"case {k} ({case.why}; tol {case.tol:.0%}):{p}" for p in check_case(op, case)]
+        problems += [f"case {k} ({case.why}; tol {case.tol:.0%}):{p}" for p in check_case(op, case, frontend)]
     assert not problems, f"'{op}' disagrees with real autograd:\n" + "\n".join(problems)
+
+
+#: Core ATen spellings (what ``run_decompositions()``, other exporters and older torch
+#: versions produce) -> (the handler's op, the index of a case computing it functionally).
+CORE_ATEN = {
+    "addmm": ("linear", 1),
+    "convolution": ("conv2d", 0),
+    "_native_batch_norm_legit_functional": ("batch_norm", 1),
+    "native_layer_norm": ("layer_norm", 1),
+    "native_group_norm": ("group_norm", 1),
+    "avg_pool2d": ("avg_pool2d", 0),
+    "max_pool2d_with_indices": ("max_pool2d", 0),
+    "_softmax": ("softmax", 0),
+    "constant_pad_nd": ("pad", 0),
+    "slice": ("getitem", 0),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(CORE_ATEN))
+def test_core_aten_spelling_reaches_its_handler(spelling):
+    """The Core ATen spelling of an op is in the lowered program and reaches the same
+    handler, which agrees with real autograd."""
+    from gradaudit.frontends.aten import packet_name
+
+    op, index = CORE_ATEN[spelling]
+    case = CASES[op][index]
+    torch.manual_seed(hash(op) % 10_000)
+    model, inputs = case.build()
+    graph = capture_export(model, inputs, core_aten=True)
+    spelled = {packet_name(n.target) for n in graph.program.graph.nodes if n.op == "call_function"}
+    assert spelling in spelled, f"the lowered program spells it {sorted(spelled)}"
+    problems = check_case(op, case, "core-aten")
+    assert not problems, f"'{op}' from aten.{spelling} disagrees with real autograd:\n" + "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- ops without a handler

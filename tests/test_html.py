@@ -1,5 +1,5 @@
 """The HTML report: self-contained, escaped, in the documented order, with the chart
-data taken from the report."""
+data taken from the report and drawn without a plotting library."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from gradaudit.propagation.depth import summarize
 from gradaudit.report import html as html_report
 from gradaudit.report.charts import depth_chart, series
+from gradaudit.catalog import difference
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import Finding
 
@@ -139,12 +140,26 @@ def test_render_is_deterministic(deep_sigmoid):
     assert html_report.render(report) == page
 
 
+def _svg(page: str) -> str:
+    return page[page.index("<svg"):page.index("</svg>") + len("</svg>")]
+
+
 def test_series_bands_are_1e3_around_the_last_weight_layer():
     layers = [_layer(0, 1.0, 1e-5), _layer(1, 2.0, 1e-2), _layer(2, 3.0, 4.0), _layer(3, 3.0, 9.0, depth=False)]
     data = series(_report(layers))
-    assert data["reference"] == 4.0  # the last layer with a depth, not the activation after it
+    assert data["reference"] == 4.0  # the last weight layer, not the layer without a depth after it
     assert data["vanishing_below"] == pytest.approx(4e-3) and data["exploding_above"] == pytest.approx(4e3)
-    assert data["grad"] == [1e-5, 1e-2, 4.0, 9.0] and data["act"] == [1.0, 2.0, 3.0, 3.0]
+    assert data["x"] == [1, 2, 3]  # weight layers only, as the text counts them
+    assert data["grad"] == [1e-5, 1e-2, 4.0] and data["act"] == [1.0, 2.0, 3.0]
+
+
+def test_series_plots_the_layer_gradient_of_the_headline():
+    """Where a layer's weight is shared by P positions, the chart shows sqrt(P) x grad RMS,
+    the quantity of the headline and GA101, not the per-element RMS."""
+    conv = LayerRecord(node="c", module="conv", op="conv", module_type=None, depth=1,
+                       predicted=Moments(1.0, 0.01, 0.32), measured=Moments(1.0, 0.02, 0.64))
+    data = series(_report([conv, _layer(1, 1.0, 1.0)]))
+    assert data["grad"] == [0.32, 1.0] and data["grad_measured"][0] == 0.64
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
@@ -153,22 +168,94 @@ def test_series_drops_values_a_log_axis_cannot_show(bad):
     assert math.isnan(data["grad"][0]) and data["grad"][1] == 1.0
 
 
+def test_chart_points_follow_the_data_on_a_log_scale():
+    """Each plotted gradient point lies where its value falls between two decade ticks."""
+    values = [1e-5, 3e-4, 1e-2, 0.5, 1.0]
+    chart = depth_chart(_report([_layer(i, 1.0, g) for i, g in enumerate(values)]))
+    (line,) = [ln for ln in chart["lines"] if ln["key"] == "grad"]
+    (run,) = line["runs"]
+    ys = [p[1] for p in run]
+    per_decade = (ys[0] - ys[2]) / 3.0  # 1e-5 -> 1e-2
+    for v, y in zip(values, ys):
+        assert y == pytest.approx(ys[0] - per_decade * (math.log10(v) + 5), abs=0.15)
+    xs = [p[0] for p in run]
+    steps = [b - a for a, b in zip(xs, xs[1:])]
+    assert min(steps) > 0 and max(steps) - min(steps) <= 0.2  # evenly spaced, up to the 0.1 of the coordinates
+    ticks = {t["label"]: t["y"] for t in chart["y_ticks"]}
+    assert ticks["10\u207b\u2075"] == pytest.approx(ys[0], abs=0.15) and ticks["1"] == pytest.approx(ys[4], abs=0.15)
+
+
+def test_a_nan_breaks_the_line():
+    chart = depth_chart(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, float("nan")), _layer(2, 1.0, 0.5),
+                                 _layer(3, 1.0, 1.0)]))
+    (line,) = [ln for ln in chart["lines"] if ln["key"] == "grad"]
+    assert [len(r) for r in line["runs"]] == [1, 2]
+
+
 def test_measured_series_drawn_only_when_probed():
-    plain = depth_chart(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, 1.0)]))
-    probed = depth_chart(_report([_layer(0, 1.0, 0.1, measured=Moments(1.1, 0.2)), _layer(1, 1.0, 1.0)]))
-    assert "gradient RMS (measured)" not in plain
-    assert "gradient RMS (measured)" in probed and "activation RMS (measured)" in probed
+    plain = _svg(html_report.render(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, 1.0)])))
+    probed = _svg(html_report.render(_report([_layer(0, 1.0, 0.1, measured=Moments(1.1, 0.2)),
+                                              _layer(1, 1.0, 1.0)])))
+    assert "layer gradient (measured)" not in plain
+    assert "layer gradient (measured)" in probed and "activation RMS (measured)" in probed
+    assert probed.count('<path d="M') == plain.count('<path d="M') + 2 + 2  # one mark per measured value
 
 
 def test_chart_svg_is_inline_ready():
-    svg = depth_chart(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, 1.0)]))
-    assert svg.startswith("<svg") and "<?xml" not in svg and "DOCTYPE" not in svg and "<metadata" not in svg
+    svg = _svg(html_report.render(_report([_layer(0, 1.0, 0.1), _layer(1, 1.0, 1.0)])))
+    assert svg.startswith('<svg class="chart" role="img"') and "<?xml" not in svg and "<metadata" not in svg
     assert "var(--chart-fg)" in svg  # follows the page's light/dark colours
+    assert " id=" not in svg and "href" not in svg
 
 
 def test_no_layers_no_chart():
     page = html_report.render(_report([]))
     assert "<svg" not in page and "No layer statistics to chart." in page
+
+
+def test_chart_and_text_count_the_same_weight_layers(monkeypatch):
+    """A Post-LN encoder lists LayerNorms and attention beside its weight layers: the chart's
+    x axis runs over the weight layers the text counts, no further."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "rules"))
+    from rulemodels import Encoder
+
+    import gradaudit
+
+    report = gradaudit.audit(Encoder(6, norm_first=False), (torch.randn(2, 10, 32),))
+    n = report.depth.n_layers
+    assert n == sum(1 for layer in report.layers if layer.depth)  # what the text's "#" column counts
+    assert len(report.layers) > n  # the layer table lists more than the weight layers
+    page = html_report.render(report)
+    svg = _svg(page)
+    ticks = re.findall(r'<text x="[\d.]+" y="[\d.]+">(\d+)</text>', svg[svg.index('class="x-ticks"'):])
+    assert [int(t) for t in ticks] == list(range(1, n + 1))
+    assert svg.count("<title>weight layer ") == n
+    assert f"over {n} weight layers" in page
+
+
+@pytest.mark.parametrize(
+    "slope,n,caption",
+    [
+        (-0.15, 31, "Fitted trend: the gradient changes 10\u00d7 every 6.67 weight layers."),
+        (0.0075, 20, "Fitted trend: the gradient changes less than 10\u00d7 across the 20 weight layers."),
+        (0.0, 20, "Fitted trend: the gradient changes less than 10\u00d7 across the 20 weight layers."),
+        (float("nan"), 20, ""),
+        (-0.5, 1, ""),
+    ],
+)
+def test_trend_caption_never_extrapolates_beyond_the_model(slope, n, caption):
+    from gradaudit.propagation.depth import DepthSummary
+
+    assert html_report.trend(DepthSummary(n, 1.0, slope, 1.0, None, None)) == caption
+
+
+def test_counts_use_the_severities_of_the_other_reports():
+    info = Finding(rule="GA606", name="gradient-norm-scale", category="other", severity="info", message="m")
+    page = html_report.render(_report([_layer(0, 1.0, 0.5), _layer(1, 1.0, 1.0)], findings=[info]))
+    assert "0 errors, 0 warnings, 1 info" in page and "<h3>Info (1)</h3>" in page
+    assert "note" not in page[page.index('id="verdict"'):page.index('id="depth"')].lower()
 
 
 def test_gradcheck_table_escaped_with_the_worst_entry_spelled_out():
@@ -218,7 +305,8 @@ def test_cli_writes_the_same_page(deep_sigmoid, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gradaudit", "check", "examples/deep_sigmoid.py", "--format", "html",
                            "-o", str(out), "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    assert scrub(out.read_text(encoding="utf-8"), "html", root=str(ROOT)) == scrub(deep_sigmoid[1], "html", root=str(ROOT))
+    got = scrub(out.read_text(encoding="utf-8"), "html", root=str(ROOT))
+    assert difference(got, scrub(deep_sigmoid[1], "html", root=str(ROOT))) is None
 
 
 def test_probe_summary():

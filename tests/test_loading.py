@@ -11,6 +11,8 @@ import torch.nn as nn
 from gradaudit.errors import ConfigError, LoadError
 from gradaudit.loading import infer_inputs, load_target, make_inputs, parse_range, parse_shape
 
+pytestmark = pytest.mark.oldest
+
 HEADER = "import torch\nimport torch.nn as nn\n"
 
 # (file body, target suffix, expected in_features of the loaded Linear, expected input_source)
@@ -271,3 +273,42 @@ def test_onnx_target_is_a_clear_error(write):
     with pytest.raises(LoadError, match="ONNX targets need the onnx frontend"):
         load_target(str(path))
 
+
+
+def test_named_shapes_make_keyword_inputs():
+    shapes = [parse_shape("input_ids=2,8"), parse_shape("attention_mask=2x8"), parse_shape("token_type_ids=2,8")]
+    assert shapes[0] == (2, 8) and shapes[0].name == "input_ids" and parse_shape("2,8").name is None
+    model = nn.Embedding(30, 4)
+    call, _ = make_inputs(shapes, "input_ids=int64,attention_mask=int64,token_type_ids=int64", None, model)
+    assert call.args == () and list(call.kwargs) == ["input_ids", "attention_mask", "token_type_ids"]
+    ids, mask, types = call.kwargs.values()
+    assert ids.dtype == torch.int64 and int(ids.max()) < 30
+    assert bool((mask == 1).all()) and bool((types == 0).all())
+
+
+def test_dtype_for_an_input_that_has_no_shape_is_an_error():
+    with pytest.raises(ConfigError, match="mask=...: no --input-shape"):
+        make_inputs([parse_shape("x=2,8")], "mask=int64", None, None)
+
+
+def test_keyword_inputs_from_the_command_line(write, cli):
+    write(
+        "net.py",
+        HEADER
+        + "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = nn.Embedding(50, 16)\n"
+        "        self.fc = nn.Linear(16, 50)\n"
+        "    def forward(self, input_ids=None, attention_mask=None):\n"
+        "        return self.fc(self.emb(input_ids) * attention_mask.unsqueeze(-1))\n",
+    )
+    result = cli("check", "net.py", "--input-shape", "input_ids=2,8", "--input-shape", "attention_mask=2,8",
+                 "--input-dtype", "input_ids=int64", "--format", "json", "-q", cwd=write("x", "").parent)
+    import json
+
+    report = json.loads(result.output)
+    assert result.exit_code in (0, 1), result.output
+    assert [x["name"] for x in report["inputs"]] == ["input_ids", "attention_mask"]
+    assert report["inputs"][0]["dtype"] == "int64" and report["inputs"][1]["dtype"] == "float32"
+    assert report["summary"]["coverage"]["complete"]

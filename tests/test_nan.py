@@ -11,6 +11,8 @@ import torch.nn as nn
 import gradaudit
 import gradaudit.api
 
+pytestmark = pytest.mark.oldest
+
 
 def _line(cls, text: str) -> int:
     """Source line of ``text`` inside ``cls`` (computed, not hard-coded)."""

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 import gradaudit
 
+pytestmark = pytest.mark.oldest
+
 
 def deep_mlp(depth: int = 20, width: int = 64, std_gain: float = 3.0) -> nn.Sequential:
     """Unnormalised ReLU MLP whose activation RMS grows ~std_gain/sqrt(2) per layer."""

@@ -52,8 +52,9 @@ def _run(args, repo, env, timeout=300):
     return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def repo(tmp_path):
+def make_repo(tmp_path, config: str = CONFIG):
+    """A git repository under ``tmp_path`` with ``config`` as its pre-commit config, the
+    hook not yet installed: ``(work tree, environment)``."""
     if shutil.which("git") is None:
         pytest.fail("git is not installed", pytrace=False)
     (tmp_path / "home").mkdir()
@@ -63,7 +64,13 @@ def repo(tmp_path):
     for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
                  ["git", "config", "user.name", "t"], ["git", "config", "commit.gpgsign", "false"]):
         assert _run(args, work, env).returncode == 0
-    (work / ".pre-commit-config.yaml").write_text(CONFIG)
+    (work / ".pre-commit-config.yaml").write_text(config)
+    return work, env
+
+
+@pytest.fixture
+def repo(tmp_path):
+    work, env = make_repo(tmp_path)
     proc = _run([sys.executable, "-m", "pre_commit", "install"], work, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _run(["git", "add", ".pre-commit-config.yaml"], work, env)

@@ -11,6 +11,8 @@ import gradaudit
 import gradaudit.api
 from gradaudit.rules.base import all_rules
 
+pytestmark = pytest.mark.oldest
+
 STAGED = {code: cls for code, cls in all_rules().items() if cls.stage in ("probe", "gradcheck")}
 
 

@@ -16,6 +16,8 @@ from gradaudit.errors import GradauditError
 from gradaudit.state import fingerprint, rng_fingerprint
 from probe_models import small_models
 
+pytestmark = pytest.mark.oldest
+
 
 class Scaled(torch.autograd.Function):
     @staticmethod

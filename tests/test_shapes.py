@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from gradaudit.frontends import shapes
 from gradaudit.frontends.fx import _propagate_fake_shapes, _Tracer
 
+pytestmark = pytest.mark.oldest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

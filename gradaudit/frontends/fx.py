@@ -25,9 +25,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from gradaudit.errors import CaptureError
+from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import shapes
-from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta
+from gradaudit.frontends.signature import BindError, Bound, ExampleCall, bind, map_tensors
+from gradaudit.frontends.outputs import check_outputs
+from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs
+from gradaudit.probe.inputs import first_line
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../gradaudit
@@ -212,6 +215,10 @@ _TRACE_CODE = fx.Tracer.trace.__code__
 
 
 class _Tracer(fx.Tracer):
+    #: Buffers read in a forward (a causal mask ``self.bias[:, :, :T, :T]``) are graph
+    #: values, so slicing them by a traced size works.
+    proxy_buffer_attributes = True
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """Record the user's line for each node from the live Python stack (fx's own
         ``record_stack_traces`` formats whole tracebacks and imports torch._inductor)."""
@@ -272,7 +279,7 @@ def _location_of(node: fx.Node) -> Location | None:
     return node.meta.get("gradaudit_location") if node.meta else None
 
 
-def _exception_location(exc: BaseException) -> Location | None:
+def exception_location(exc: BaseException) -> Location | None:
     frames = [(f.filename, f.lineno or 0, f.line) for f in traceback.extract_tb(exc.__traceback__)]
     return user_location(frames)
 
@@ -284,42 +291,104 @@ def _tensor_meta(val: Any) -> TensorMeta | None:
 
 
 def _method_caller(name: str):
+    """``x.name(...)`` as a function of ``x``. An in-place method (``bernoulli_``,
+    ``add_``) is called out of place: the IR's values are never overwritten, and ops
+    estimated on sampled inputs must not write into them."""
+    method = name
+    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        method = name[:-1]
+
     def call(self, *args, **kwargs):
-        return getattr(self, name)(*args, **kwargs)
+        return getattr(self, method)(*args, **kwargs)
 
     call.__name__ = name
     return call
 
 
-def trace(model: nn.Module, example_inputs: tuple) -> Graph:
-    """Symbolically trace ``model`` and propagate fake shapes; raise :class:`CaptureError`."""
+def trace(model: nn.Module, example_inputs: Any) -> Graph:
+    """Symbolically trace ``model`` and propagate shapes; raise :class:`CaptureError`.
+
+    ``example_inputs`` is a tensor, a tuple (positional), a dict (keyword) or an
+    :class:`~gradaudit.frontends.signature.ExampleCall`. Parameters of ``forward`` that
+    carry tensors become the graph's inputs; every other one (a number, a bool,
+    ``None``, a string, a config object, given or left at its default) is traced as the
+    constant it is, so the branch the example call takes is the branch traced.
+    """
+    call = ExampleCall.of(example_inputs)
     tracer = _Tracer()
     original_class = type(model)
     replacement = _TRACEABLE_FORWARD.get(original_class)
     try:
-        concrete = None
         if replacement is not None:  # the model itself is e.g. an nn.TransformerEncoder
             model.__class__ = type(original_class.__name__, (original_class,), {"forward": replacement})
-            params = list(inspect.signature(replacement).parameters.values())[1:]
-            tensors = 2 if original_class is nn.TransformerDecoder else 1  # (tgt, memory) / (src,)
-            concrete = {p.name: p.default for p in params[tensors:]}
-        fx_graph = tracer.trace(model, concrete_args=concrete)
+        bound = _bind(model, call)
+        concrete = {b.name: b.value for b in bound if not b.is_input}
+        given = {b.name for b in bound if b.is_input}
+        keep = [name in given for name in inspect.signature(model.forward).parameters]
+        fx_graph = tracer.trace(model, concrete_args=concrete or None)
+    except CaptureError:
+        raise
     except Exception as exc:  # torch.fx raises many types for untraceable code
-        loc = _exception_location(exc)
+        loc = exception_location(exc)
         where = f" at {loc}" if loc else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.fx could not trace the model{where}: {first}", location=loc) from exc
+        raise CaptureError(f"torch.fx could not trace the model{where}: {first_line(exc)}", location=loc) from exc
     finally:
         model.__class__ = original_class
+    inputs = [b.value for b in bound if b.is_input]
+    _drop_constant_placeholders(fx_graph, keep)
     gm = fx.GraphModule(tracer.root, fx_graph)
     try:  # shape rules for the common ops; fake tensors for everything else
-        shapes.infer(gm, example_inputs)
+        shapes.infer(gm, inputs)
     except shapes.NoRule:
-        _propagate_fake_shapes(gm, example_inputs)
-    return _to_ir(gm, model)
+        _propagate_fake_shapes(gm, inputs)
+    graph = _to_ir(gm, model)
+    graph.input_args = [b.key for b in bound if b.is_input]
+    return graph
 
 
-def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+def _bind(model: nn.Module, call: ExampleCall) -> list[Bound]:
+    try:
+        bound = bind(model, call)
+    except BindError as exc:
+        err = ModelCallError(str(exc))
+        err.inputs_suspect = True
+        raise err from exc
+    for b in bound:
+        if b.is_input and b.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise CaptureError(f"torch.fx cannot trace tensors passed through *args or **kwargs ({b.name!r})")
+    return bound
+
+
+def _drop_constant_placeholders(graph: fx.Graph, keep: list[bool]) -> None:
+    """Remove what ``concrete_args`` leaves behind: a placeholder per constant parameter
+    (and per empty ``*args`` / ``**kwargs``) with the assertions fx adds on it. fx makes
+    one placeholder per parameter of ``forward``, in order; ``keep`` says which carry
+    tensors and stay."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(keep):
+        raise CaptureError(f"torch.fx made {len(placeholders)} inputs for the {len(keep)} parameters of forward")
+    for p, stays in zip(placeholders, keep):
+        if stays:
+            continue
+        for u in list(p.users):
+            if not _is_check(u):
+                raise CaptureError(f"torch.fx kept the constant argument {p.target!r} as an input")
+            for check in list(u.users):
+                graph.erase_node(check)
+            graph.erase_node(u)
+        graph.erase_node(p)
+
+
+def _is_check(n: fx.Node) -> bool:
+    """fx's guard on a specialised constant: ``_assert(eq(p, value))`` or ``_assert_is_none(p)``."""
+    if n.op != "call_function":
+        return False
+    if getattr(n.target, "__name__", "") == "_assert_is_none":
+        return True
+    return n.target is operator.eq and all(u.op == "call_function" and u.target is torch._assert for u in n.users)
+
+
+def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _NoHookFakeProp = _no_hook_prop_class()
@@ -330,7 +399,7 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         **dict(gm.named_buffers(remove_duplicate=False)),
     }
     fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
-    fake_inputs = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    fake_inputs = tuple(map_tensors(x, mode.from_tensor) for x in example_inputs)
 
     class _Prop(nn.Module):
         def __init__(self) -> None:
@@ -350,17 +419,16 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         torch.func.functional_call(wrapper, {f"gm.{k}": v for k, v in fake_state.items()}, fake_inputs, strict=False)
     except Exception as exc:
         bad = _failing_fx_node(gm, exc)
-        loc = _location_of(bad) if bad is not None else _exception_location(exc)
+        loc = _location_of(bad) if bad is not None else exception_location(exc)
         where = f" at {loc}" if loc else ""
         at_node = ""
         if bad is not None:
             at_node = f" in node '{bad.name}'"
             if bad.op == "call_module":
                 at_node += f" ({type(gm.get_submodule(str(bad.target))).__name__} '{bad.target}')"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"the example inputs do not fit the model{at_node}{where}: {first}", location=loc
-        ) from exc
+        err = CaptureError(f"the example inputs do not fit the model{at_node}{where}: {first_line(exc)}", location=loc)
+        err.inputs_suspect = True
+        raise err from exc
     finally:
         fake_log.setLevel(level)
 
@@ -374,6 +442,14 @@ def _no_hook_prop_class():
 
         def call_module(self, target, args, kwargs):
             return self.fetch_attr(target).forward(*args, **kwargs)
+
+        def run_node(self, n):
+            """Keep non-tensor results too (``weight.device``, ``x.shape[2] // 2``):
+            they become constants of the graph."""
+            result = super().run_node(n)
+            if "val" not in n.meta and not _holds_tensor(result):
+                n.meta["val"] = result
+            return result
 
     return NoHookFakeProp
 
@@ -391,19 +467,29 @@ def _failing_fx_node(gm: fx.GraphModule, exc: BaseException) -> fx.Node | None:
 
 
 def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
+    """fx nodes -> IR nodes. A node that computes no tensor (``x.size(3)``,
+    ``self.weight.shape``, ``x.shape[0] * 2``, a config object) is a constant of the
+    graph: its value, known from the shape pass, replaces every reference to it, so
+    handlers read numbers, never references to numbers."""
     modules = dict(gm.named_modules())
     nodes: list[Node] = []
     inputs: list[str] = []
     outputs: list[str] = []
+    constants: dict[str, Any] = {}
 
     def to_ref(a):
-        return Ref(a.name) if isinstance(a, fx.Node) else a
+        if isinstance(a, fx.Node):
+            return constants[a.name] if a.name in constants else Ref(a.name)
+        return a
 
     for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module") and "val" in n.meta and not _holds_tensor(n.meta["val"]):
+            constants[n.name] = n.meta["val"]
+            continue
         args = fx.node.map_aggregate(n.args, to_ref)
         kwargs = fx.node.map_aggregate(n.kwargs, to_ref)
         metas: list[TensorMeta | None] = []
-        structure = _flatten(n.meta.get("val"), metas)
+        structure = flatten_meta(n.meta.get("val"), metas)
         node = Node(
             name=n.name,
             op="call",
@@ -419,8 +505,6 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
             inputs.append(n.name)
         elif n.op == "output":
             node.op = "output"
-            from gradaudit.ir import iter_refs
-
             outputs = [r.name for r in iter_refs(args)]
         elif n.op == "get_attr":
             node.op = "param"
@@ -434,7 +518,7 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
             node.module = str(n.target)
             node.module_type = type(mod).__name__
             node.fn = mod
-            node.params = dict(mod.named_parameters())
+            node.params = module_params(mod)
             node.op = _module_op(mod)
         elif n.op == "call_function":
             node.fn = n.target
@@ -445,15 +529,42 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
             node.fn = _method_caller(str(n.target))
             node.op = normalise_name(str(n.target))
         nodes.append(node)
-    return Graph(nodes=nodes, frontend="fx", input_names=inputs, output_refs=outputs)
+    graph = Graph(nodes=nodes, frontend="fx", input_names=inputs, output_refs=outputs, program=gm)
+    check_outputs(graph, model)
+    return graph
 
 
-def _flatten(val: Any, leaves: list) -> Any:
-    """Flatten a nested tuple of tensors into ``leaves``; return its index structure."""
+def _holds_tensor(val: Any) -> bool:
+    if isinstance(val, (torch.Tensor, shapes.Shaped)):
+        return True
     if isinstance(val, (tuple, list)):
-        return tuple(_flatten(v, leaves) for v in val)
+        return any(_holds_tensor(v) for v in val)
+    if isinstance(val, dict):
+        return any(_holds_tensor(v) for v in val.values())
+    return False
+
+
+def flatten_meta(val: Any, leaves: list) -> Any:
+    """Flatten a nested tuple of tensors into ``leaves`` (their :class:`TensorMeta`);
+    return its index structure."""
+    if isinstance(val, (tuple, list)):
+        return tuple(flatten_meta(v, leaves) for v in val)
     leaves.append(_tensor_meta(val))
     return len(leaves) - 1
+
+
+def module_params(mod: nn.Module) -> dict[str, Any]:
+    """The parameters a layer's handler reads, by name. A parametrized layer
+    (``weight_norm``, ``spectral_norm`` through ``torch.nn.utils.parametrize``) stores
+    ``parametrizations.weight.original0`` ...; its ``weight`` is computed from them, and
+    that computed value is what the layer multiplies by."""
+    params: dict[str, Any] = dict(mod.named_parameters())
+    parametrized = getattr(mod, "parametrizations", None)
+    if parametrized is not None:
+        with torch.no_grad():
+            for name in parametrized.keys():
+                params[name] = getattr(mod, name).detach()
+    return params
 
 
 def _module_op(mod: nn.Module) -> str:

@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from gradaudit.frontends.signature import map_tensors
+
 
 class NoRule(Exception):
     """This graph needs the fake-tensor pass."""
@@ -469,7 +471,7 @@ def _function_rule(name: str, kind: str) -> Callable | None:
     return FUNCTION_RULES.get(name) or FUNCTION_RULES.get(normalise_name(name))
 
 
-def infer(gm: fx.GraphModule, example_inputs: tuple) -> None:
+def infer(gm: fx.GraphModule, example_inputs: list) -> None:
     """Write ``meta["val"]`` (a :class:`Shaped` or Python value) on every node; raise
     :class:`NoRule` when some op needs the fake-tensor pass."""
     modules = dict(gm.named_modules())
@@ -483,7 +485,7 @@ def infer(gm: fx.GraphModule, example_inputs: tuple) -> None:
                 v = next(inputs)
             except StopIteration as exc:
                 raise NoRule("missing input") from exc
-            val = Shaped(v.shape, v.dtype) if isinstance(v, torch.Tensor) else v
+            val = map_tensors(v, lambda t: Shaped(t.shape, t.dtype))
         elif n.op == "get_attr":
             obj: Any = gm
             for part in str(n.target).split("."):

@@ -28,7 +28,9 @@ An entry whose one-sided differences (f(x+h) - f(x)) / h and (f(x) - f(x-h)) / h
 more than 1e-4 of their size has a kink within the step: the check retries with
 h = 1e-7, then 1e-8; a point still kinked at 1e-8 sits on a kink (ReLU at 0, a max tie)
 and is reported, not graded. Entries where |a| + |b| is within 100x of the rounding noise
-eps * sum_k |v_k f_k| / h are below the check's resolution and are counted, not graded.
+eps * sum_k |v_k f_k| / h are below the check's resolution and are counted, not graded;
+so are entries whose numeric derivative is NaN or inf (the function itself is not finite
+there, which the probe reports as GA601): nothing to compare the backward with.
 
 The whole model is checked along one random direction u in parameter and input space
 (each tensor's direction scaled to its RMS): autograd's <grad s, u> against
@@ -139,6 +141,7 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
     from torch.autograd.function import Function
 
     from gradaudit.frontends.fx import user_location
+    from gradaudit.frontends.signature import ExampleCall
 
     names = list(names or [])
     modules = dict(model.named_modules())
@@ -162,6 +165,7 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
 
         return hook
 
+    # a classmethod (torch <= 2.13) or a C classmethod_descriptor (2.14): both bind by __get__
     original = Function.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
@@ -176,14 +180,14 @@ def find_targets(model, inputs: tuple, names: list[str] | None = None) -> list[T
                 kwargs=_detach(kwargs),
                 location=loc.to_json() if loc else None,
             )
-        return original.__func__(cls, *args, **kwargs)
+        return original.__get__(None, cls)(*args, **kwargs)
 
     try:
         for name in wanted:
             handles.append(modules[name].register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         Function.apply = classmethod(apply)
         with torch.no_grad():
-            model(*inputs)
+            ExampleCall.of(inputs)(model)
     finally:
         Function.apply = original
         for h in handles:
@@ -319,6 +323,7 @@ def check_entries(
     entries: list[dict] = []
     kinks: list[dict] = []
     unresolved = 0
+    nonfinite = 0
     for k, ((name, t), g) in enumerate(zip(tensors, grads)):
         flat = t.view(-1)
         for i in _indices(t.numel(), per_tensor, SEED + k):
@@ -346,29 +351,39 @@ def check_entries(
             if kink is not None:
                 kinks.append(kink)
                 continue
+            if not math.isfinite(b):
+                nonfinite += 1
+                continue
             if abs(a) + abs(b) <= resolution:
                 unresolved += 1
                 continue
             entries.append(
                 {"tensor": name, "index": index, "autograd": a, "numeric": b, "rel_error": relative_error(a, b)}
             )
-    return _summarise(entries, kinks, unresolved)
+    return _summarise(entries, kinks, unresolved, nonfinite)
 
 
-def _summarise(entries: list[dict], kinks: list[dict], unresolved: int) -> dict:
+def _summarise(entries: list[dict], kinks: list[dict], unresolved: int, nonfinite: int = 0) -> dict:
+    """Grade of the worst entry. Entries whose numeric derivative is not finite (the
+    function is NaN or inf around the point) are counted, not graded: there is nothing to
+    compare the backward with, and the non-finite forward is the probe's finding."""
     entries.sort(key=lambda e: -e["rel_error"] if math.isfinite(e["rel_error"]) else -math.inf)
     worst = max((e["rel_error"] for e in entries), default=0.0)
     if any(not math.isfinite(e["rel_error"]) for e in entries):
         worst = math.inf
-    return {
+    out = {
         "max_rel_error": worst,
-        "grade": grade(worst) if entries else ("unchecked" if not kinks else "kink"),
+        "grade": grade(worst) if entries else ("kink" if kinks else "unchecked"),
         "checked": len(entries),
         "worst": entries[:5],
         "kinks": kinks[:5],
         "kink_count": len(kinks),
         "below_resolution": unresolved,
+        "nonfinite": nonfinite,
     }
+    if nonfinite and not entries:
+        out["note"] = "the output is not finite (NaN or inf) around the checked points: no derivative to compare"
+    return out
 
 
 def _check_recorded(run: Callable[..., Any], target: Target, extra: list, what: str) -> dict:
@@ -425,14 +440,15 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
         n: b.detach().clone().to(torch.float64) if b.is_floating_point() else b.detach().clone()
         for n, b in buffers.items()
     }
-    xs = tuple(_to64(x, None) for x in inputs)
+    from gradaudit.frontends.signature import ExampleCall
+
+    call = ExampleCall.of(inputs).map(lambda t: _to64(t, None))
+    xs = call.tensors()
     for m in model.modules():
         if isinstance(m, _dropout_types()):
             m.eval()
     leaves = [(f"param {n}", t) for n, t in theta.items() if t.is_floating_point()]
-    leaves += [
-        (f"input[{i}]", x) for i, x in enumerate(xs) if hasattr(x, "is_floating_point") and x.is_floating_point()
-    ]
+    leaves += [(f"input[{i}]", x) for i, x in enumerate(xs) if x.is_floating_point()]
 
     def run(offset: float, u: list | None):
         state = dict(bufs)
@@ -447,15 +463,10 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
                 k += 1
             else:
                 params_now[n] = t
-        x_now = []
-        for x in xs:
-            if hasattr(x, "is_floating_point") and x.is_floating_point():
-                x_now.append(shifted[k])
-                k += 1
-            else:
-                x_now.append(x)
+        inputs_now = iter(shifted[k:])
+        x_now = call.map(lambda x: next(inputs_now) if x.is_floating_point() else x)
         torch.manual_seed(SEED)
-        return _outputs(torch.func.functional_call(model, {**params_now, **state}, tuple(x_now), strict=False))
+        return _outputs(torch.func.functional_call(model, {**params_now, **state}, x_now.args, x_now.kwargs, strict=False))
 
     with torch.no_grad():
         base = run(0.0, None)
@@ -498,6 +509,8 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
         if kink is not None:
             kinks.append(kink)
             continue
+        if not math.isfinite(b):
+            return _summarise([], kinks, 0, nonfinite=1)
         entries = [
             {
                 "tensor": "direction in parameter and input space",
@@ -508,7 +521,7 @@ def check_directional(model, inputs: tuple, attempts: int = 3) -> dict:
             }
         ]
         out = _summarise(entries, kinks, 0)
-        out["input_shapes"] = [list(x.shape) for x in xs if hasattr(x, "shape")]
+        out["input_shapes"] = [list(x.shape) for x in xs]
         return out
     return _summarise([], kinks, 0)
 
@@ -522,6 +535,7 @@ def _unchecked(note: str) -> dict:
         "kinks": [],
         "kink_count": 0,
         "below_resolution": 0,
+        "nonfinite": 0,
         "note": note,
     }
 
@@ -533,10 +547,11 @@ def _first(exc: BaseException | None) -> str:
 
 
 def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device: str = "cpu") -> list[dict]:
-    """Check every target; return one dict per target (see the module docstring)."""
-    import torch
+    """Check every target; return one dict per target (see the module docstring).
 
-    from gradaudit.probe.gradients import _clean, _on_device, resolve_device
+    Numbers stay Python floats, NaN and inf included (a NaN forward gives NaN entries):
+    renderers turn them into text, the JSON and SARIF writers into strings."""
+    from gradaudit.probe.device import on_device, resolve_device
     from gradaudit.progress import progress
     from gradaudit.state import preserved
 
@@ -544,7 +559,7 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
     results: list[dict] = []
     with preserved(model):
         targets = find_targets(model, inputs, modules)
-        with _on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
+        with on_device(model, device), progress(len(targets) + 1, "gradcheck") as step:
             for target in targets:
                 step(1, target.name)
                 if target.kind == "autograd.Function":
@@ -553,11 +568,12 @@ def gradcheck(model, inputs: tuple, *, modules: list[str] | None = None, device:
                     res = _unchecked(_first(None))
                 else:
                     res = check_module(_moved(target, device))
-                results.append(_clean({"target": target.name, "kind": target.kind, "location": target.location, **res}))
+                results.append({"target": target.name, "kind": target.kind, "location": target.location, **res})
             step(1, "whole model")
-            moved = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-            res = check_directional(model, moved)
-            results.append(_clean({"target": "model", "kind": "whole-model directional", "location": None, **res}))
+            from gradaudit.frontends.signature import ExampleCall
+
+            res = check_directional(model, ExampleCall.of(inputs).map(lambda t: t.to(device)))
+            results.append({"target": "model", "kind": "whole-model directional", "location": None, **res})
     return results
 
 

@@ -46,7 +46,7 @@ def check_precision(reduced_run, reference, dtype: str, reduced, runner, setting
     (``reduced``: the autocast torch dtype, :func:`autocast_dtype`)."""
     import torch
 
-    from gradaudit.probe.gradients import threshold
+    from gradaudit.probe.thresholds import threshold
 
     info = torch.finfo(reduced)
     smallest = info.tiny * info.eps  # smallest positive subnormal
@@ -113,7 +113,7 @@ def check_precision(reduced_run, reference, dtype: str, reduced, runner, setting
 
 
 def _numel(runner, name: str) -> int:
-    node = runner._ir_node(name)
+    node = runner.ir_node(name)
     return node.meta.numel if node is not None and node.meta is not None else 1
 
 

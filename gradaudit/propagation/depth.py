@@ -79,11 +79,11 @@ class DepthSummary:
         return 10.0 ** max(min(d, 300.0), -300.0)
 
     def to_json(self) -> dict:
+        """Floats with 6 significant digits, as every number of the JSON report (not a
+        fixed number of decimals, which would leave a small value 2 digits)."""
         out = {}
-        for k, v in self.__dict__.items():
-            out[k] = None if v is None else (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-        lpd = self.layers_per_decade
-        out["layers_per_decade"] = None if lpd is None else round(lpd, 4)
+        for k, v in {**self.__dict__, "layers_per_decade": self.layers_per_decade}.items():
+            out[k] = float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v
         return out
 
 

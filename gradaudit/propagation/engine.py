@@ -185,17 +185,14 @@ class Engine:
         return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates)
 
     def _forward(self, node: Node) -> None:
-        if node.op == "input":
-            meta = node.meta
-            if meta is None or not meta.is_float:
-                self.stats[node.name] = [None]
-                return
+        if node.op == "input":  # one Stats per floating leaf (an LSTM's (h0, c0) has two)
             given = self.input_stats.get(node.name, (0.0, 1.0))
-            if isinstance(given, Stats):
+            floating = [m is not None and m.is_float for m in node.outputs or [None]]
+            if isinstance(given, Stats) and floating == [True]:  # the example tensor's own statistics
                 self.stats[node.name] = [_copy(given)]
-            else:
-                mean, std = given
-                self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean)]
+                return
+            mean, std = given if not isinstance(given, Stats) else (0.0, 1.0)
+            self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean) if f else None for f in floating]
             return
         if node.op == "param":
             v = node.params.get("value")

@@ -69,12 +69,17 @@ def observed(x: Any) -> Stats | None:
     return s
 
 
-def input_statistics(graph: Graph, inputs: tuple) -> dict[str, Stats]:
-    """``{input node name: Stats}`` for the graph's floating inputs that have real
-    example values (positional, in the order of ``graph.input_names``)."""
+def input_statistics(graph: Graph, inputs: Any) -> dict[str, Stats]:
+    """``{input node name: Stats}`` for the graph's floating inputs that are single
+    tensors with real example values (``inputs``: the example call; each input node's
+    argument is named by ``graph.input_args``)."""
+    from gradaudit.frontends.signature import ExampleCall
+
+    given = dict(ExampleCall.of(inputs).named())
     out: dict[str, Stats] = {}
-    for name, x in zip(graph.input_names, inputs):
-        s = observed(x)
+    for i, name in enumerate(graph.input_names):
+        key = graph.input_args[i] if i < len(graph.input_args) else str(i)
+        s = observed(given.get(key))
         if s is not None:
             out[name] = s
     return out

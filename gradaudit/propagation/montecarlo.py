@@ -73,7 +73,10 @@ def estimate(node: Node, engine) -> Effect:
         if not (isinstance(y, torch.Tensor) and y.requires_grad and inputs):
             continue
         cot = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.dtype)
-        grads = torch.autograd.grad(y, inputs, cot, retain_graph=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(y, inputs, cot, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # a draw (bernoulli_ of DropPath): no derivative, no gradient to pass back
+            grads = [None] * len(inputs)
         for (name, leaf, x), g in zip(leaves, grads):
             gain = 0.0 if g is None else float(g.detach().double().pow(2).mean())
             gains.append((name, leaf, k, gain))

@@ -13,9 +13,9 @@ from types import ModuleType
 from gradaudit.errors import ConfigError
 
 #: Output formats of ``gradaudit check --format``.
-FORMATS = ("text", "json", "sarif", "github", "html")
+FORMATS = ("text", "json", "sarif", "github", "html", "markdown")
 #: Formats meant for programs; the human summary then goes to stderr.
-MACHINE_FORMATS = frozenset({"json", "sarif", "github", "html"})
+MACHINE_FORMATS = frozenset({"json", "sarif", "github", "html", "markdown"})
 
 
 def get_renderer(fmt: str) -> ModuleType:

@@ -74,6 +74,17 @@ def fingerprint(rule: str, module: str | None, path: str | None) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
+#: One word per severity, as the JSON ``severity`` field spells it: (singular, plural).
+SEVERITY_WORDS = {"error": ("error", "errors"), "warning": ("warning", "warnings"), "info": ("info", "info")}
+#: Section titles of the findings, per severity.
+SEVERITY_TITLES = {"error": "Errors", "warning": "Warnings", "info": "Info"}
+
+
+def severity_words(counts: dict[str, int]) -> str:
+    """``{"error": 1, "warning": 3, "info": 1}`` -> ``1 error, 3 warnings, 1 info``."""
+    return ", ".join(f"{counts.get(s, 0)} {SEVERITY_WORDS[s][counts.get(s, 0) != 1]}" for s in SEVERITY_WORDS)
+
+
 def fmt_num(x: Any) -> str:
     """A number as a reader wants it: 3 significant digits, scientific when tiny/huge."""
     if isinstance(x, bool) or x is None:
@@ -113,7 +124,7 @@ def headline(report: Any) -> Headline:
     from gradaudit.rules.base import SEVERITY_ORDER
 
     verdict = report.verdict
-    serious = sorted((f for f in report.findings if f.severity != "info"),
+    serious = sorted((f for f in report.findings + report.baselined if f.severity != "info"),
                      key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
     if verdict == "incomplete":
         return Headline("INCOMPLETE", report.coverage.sentence(), None)
@@ -124,10 +135,13 @@ def headline(report: Any) -> Headline:
         return Headline("WARNING", f"{worst.category} risk: {first_clause(worst.message)}", worst.severity)
     source, d = report.judged if report.judged is not None else ("predicted", report.depth)
     if d.n_layers >= 2 and math.isfinite(d.spread_decades):
+        normed = report.normalized_layers
+        note = (f"; {normed} of them are followed by a normalization, which absorbs a large gradient"
+                if normed else "")
         return Headline(
             "HEALTHY",
             f"the {source} weight-gradient scale stays within {d.spread_decades:.2g} decades across {d.n_layers} "
-            f"weight layers (first / last layer: {fmt_num(d.end_to_end_ratio)})",
+            f"weight layers (first / last layer: {fmt_num(d.end_to_end_ratio)}{note})",
             None,
         )
     return Headline("HEALTHY", "no problem predicted", None)

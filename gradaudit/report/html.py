@@ -1,7 +1,8 @@
 """The HTML report (``--format html -o audit.html``): one self-contained page.
 
-Inline CSS, inline SVG charts (matplotlib, see :mod:`gradaudit.report.charts`), no
-scripts, no fonts, no network references: it opens offline from disk in any browser.
+Inline CSS, an inline SVG chart (geometry from :mod:`gradaudit.report.charts`, drawn by
+``templates/depth_chart.svg.j2``; no plotting library), no scripts, no fonts, no network
+references: it opens offline from disk in any browser. jinja2 is the only dependency.
 Jinja2 renders it with autoescaping on, because module names, messages and source lines
 come from user code. Dark mode follows ``prefers-color-scheme``.
 
@@ -12,15 +13,13 @@ were estimated; per-layer table; environment.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
-from gradaudit.report.common import fmt_num, headline, rule_url, source_line
+from gradaudit.report.common import SEVERITY_TITLES, fmt_num, headline, rule_url, severity_words, source_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.report.model import AuditReport
-
-SEVERITY_TITLES = {"error": "Errors", "warning": "Warnings", "info": "Notes"}
-
 
 def render(report: AuditReport, **opts: Any) -> str:
     """The report as one HTML document (text)."""
@@ -37,13 +36,15 @@ def render(report: AuditReport, **opts: Any) -> str:
         keep_trailing_newline=True,
     )
     env.filters["num"] = fmt_num
-    chart = depth_chart(report)
+    env.filters["u"] = _user_units
     template = env.get_template("report.html.j2")
     return template.render(
         r=report,
         head=headline(report),
         groups=_groups(report),
-        chart=None if chart is None else _markup(chart),
+        chart=depth_chart(report),
+        trend=trend(report.depth),
+        severity_words=severity_words,
         gradcheck=_gradcheck(report.gradcheck),
         probe=_probe(report.probe) if report.probe else None,
         layers=report.layers,
@@ -54,11 +55,21 @@ def render(report: AuditReport, **opts: Any) -> str:
     )
 
 
-def _markup(svg: str):
-    from markupsafe import Markup
+def trend(d) -> str:
+    """The chart caption's fitted trend, in weight layers. A rate is only stated when the
+    gradient changes 10x within the model's own depth: a trend that would need more layers
+    than the model has is not extrapolated."""
+    if d.n_layers < 2 or not math.isfinite(d.decades_per_layer):
+        return ""
+    lpd = d.layers_per_decade
+    if lpd is not None and lpd <= d.n_layers:
+        return f"Fitted trend: the gradient changes 10\u00d7 every {fmt_num(lpd)} weight layers."
+    return f"Fitted trend: the gradient changes less than 10\u00d7 across the {d.n_layers} weight layers."
 
-    # The SVG comes from matplotlib with every user string (none today) escaped by it.
-    return Markup(svg)
+
+def _user_units(v: float) -> str:
+    """A coordinate of the chart: one decimal, no trailing zeros."""
+    return f"{round(float(v), 1):g}"
 
 
 def _groups(report: AuditReport) -> list[dict]:
@@ -91,12 +102,12 @@ def _gradcheck(rows: list[dict]) -> dict | None:
     """The gradcheck table: one row per checked target, the worst entry spelled out.
 
     Known keys (``target``, ``kind``, ``grade``, ``max_rel_error``, ``checked``,
-    ``worst``, ``kink_count``, ``below_resolution``, ``location``, ``note``) get their own
+    ``worst``, ``kink_count``, ``below_resolution``, ``nonfinite``, ``location``, ``note``) get their own
     columns in that order; any other scalar keys follow."""
     if not rows:
         return None
     known = ("target", "kind", "grade", "max_rel_error", "checked", "worst", "kink_count", "below_resolution",
-             "location", "note")
+             "nonfinite", "location", "note")
     skip = {"kinks", "input_shapes"}
     extra: list[str] = []
     for row in rows:
@@ -119,7 +130,7 @@ def _gradcheck(rows: list[dict]) -> dict | None:
                 cells.append(_value(v))
         out.append(cells)
     titles = {"max_rel_error": "max rel. error", "kink_count": "kinks", "below_resolution": "below resolution",
-              "worst": "worst entry"}
+              "nonfinite": "non-finite", "worst": "worst entry"}
     return {"cols": [titles.get(c, c) for c in cols], "rows": out}
 
 
@@ -148,9 +159,21 @@ def _probe(d: dict) -> list[tuple[str, str]]:
     """Rows of the probe summary: what ran, how well prediction and measurement agree,
     where values stopped being finite. Per-layer numbers are in the layers table."""
     rows: list[tuple[str, str]] = []
-    shown = {"agreement", "units", "agreement_summary", "notes", "inputs", "nonfinite", "grad_norms", "precision"}
+    shown = {"agreement", "units", "agreement_summary", "notes", "inputs", "nonfinite", "grad_norms", "precision",
+             "loss", "synthetic_loss"}
     names = {"draws": "draws", "device": "device", "dtype": "dtype", "total_grad_norm": "total gradient norm",
              "seconds_per_draw": "seconds per draw"}
+    if d.get("synthetic_loss"):
+        rows.append(("loss of the prediction and of the measured columns", str(d["synthetic_loss"])))
+    loss = d.get("loss")
+    if isinstance(loss, dict):
+        clip = loss.get("clip") or {}
+        rows.append(("your loss", f"{loss.get('name')}(output, batch) on {loss.get('batches')} batch(es): "
+                                  f"loss {_value(loss.get('values'))}"))
+        rows.append(("global gradient norm of your loss", _value(loss.get("grad_norms"))))
+        if clip:
+            rows.append(("clipping", f"clip_grad_norm_ max_norm {fmt_num(clip.get('max_norm'))}, "
+                                     f"clipvalue {fmt_num(clip.get('clip_value'))}"))
     for key, label in names.items():
         if d.get(key) is not None:
             rows.append((label, _value(d[key])))
@@ -188,7 +211,7 @@ def _environment(report: AuditReport) -> list[tuple[str, str]]:
     for key in ("gradaudit", "torch", "python", "device", "dtype"):
         if key in env:
             rows.append((key, str(env.pop(key))))
-    rows.append(("frontend", report.frontend))
+    rows.append(("frontend", "; ".join([report.frontend, *report.capture_notes])))
     rows.append(("input source", report.input_source))
     if report.inputs:
         rows.append(("inputs", "; ".join(_describe(x) for x in report.inputs)))
@@ -204,6 +227,7 @@ def _environment(report: AuditReport) -> list[tuple[str, str]]:
 
 
 def _describe(x: dict) -> str:
+    name = f"{x['name']}=" if "name" in x else ""
     if "shape" in x:
-        return f"{x.get('dtype', '')}[{', '.join(str(s) for s in x['shape'])}]"
-    return str(x.get("value", x))
+        return f"{name}{x.get('dtype', '')}[{', '.join(str(s) for s in x['shape'])}]"
+    return name + str(x.get("value", x))

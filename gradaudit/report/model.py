@@ -110,11 +110,19 @@ class AuditReport:
     probe: dict[str, Any] | None = None
     gradcheck: list[dict] = field(default_factory=list)
     suppressed: list[dict] = field(default_factory=list)
+    #: One line each: why a cheaper capture failed, outputs left out of L.
+    capture_notes: list[str] = field(default_factory=list)
     #: :class:`~gradaudit.propagation.coverage.Coverage` of the prediction.
     coverage: Any = None
     #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
     #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
     judged: tuple[str, DepthSummary] | None = None
+    #: How many weight layers a normalization follows (their scale is reset: a large
+    #: gradient there corrects itself; see GA102).
+    normalized_layers: int = 0
+    #: Findings a baseline already holds (:mod:`gradaudit.baseline`): not in ``findings``,
+    #: so they neither fail a gate nor show as new, but the verdict still counts them.
+    baselined: list[Finding] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -129,9 +137,10 @@ class AuditReport:
         predicted findings rest on partial (or non-finite) numbers. Only an error-level
         finding of a *measured* stage (the probe, the gradcheck) outranks it. Otherwise
         the worst finding's category, ``healthy`` without any (info findings never
-        change the verdict).
+        change the verdict; findings held by a baseline count: a known problem is still
+        a problem).
         """
-        ranked = sorted((f for f in self.findings if f.severity != "info"),
+        ranked = sorted((f for f in self.findings + self.baselined if f.severity != "info"),
                         key=lambda f: (SEVERITY_ORDER[f.severity], f.rule))
         if not self.complete:
             from gradaudit.rules.base import all_rules
@@ -143,9 +152,9 @@ class AuditReport:
         return ranked[0].category if ranked else "healthy"
 
     def worst_severity(self) -> str | None:
-        if not self.findings:
+        if not self.findings and not self.baselined:
             return None
-        return min((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__)
+        return min((f.severity for f in self.findings + self.baselined), key=SEVERITY_ORDER.__getitem__)
 
     def ok(self, fail_on: str = "error") -> bool:
         """True when the audit is complete and no finding is at or above ``fail_on``."""
@@ -195,6 +204,7 @@ class AuditReport:
             "format_version": FORMAT_VERSION,
             "target": self.target,
             "frontend": self.frontend,
+            "capture_notes": self.capture_notes,
             "input_source": self.input_source,
             "inputs": self.inputs,
             "summary": {

@@ -72,6 +72,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     if report.findings:
         parts = [f"{counts[s]} {_PLURAL[s] if counts[s] != 1 else s}" for s in SEVERITIES if counts[s]]
         console.print(f"{escape(report.target)}: " + ", ".join(parts))
+    if report.baselined:
+        console.print(f"[dim]{len(report.baselined)} known finding(s) held by the baseline are not listed[/]")
     for severity in SEVERITIES:
         group = [f for f in report.findings if f.severity == severity]
         if not group:
@@ -99,6 +101,9 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             table.add_column("measured act", justify="right")
             table.add_column("measured grad", justify="right")
             table.add_column("measured layer grad", justify="right")
+        user_loss = any("loss_grad_rms" in layer.extra for layer in report.layers)
+        if user_loss:
+            table.add_column("loss grad", justify="right")
         for layer in report.layers:
             name = layer.module or layer.node
             row = [
@@ -113,6 +118,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
                 m = layer.measured
                 row += [fmt(m.act_rms) if m else "-", fmt(m.grad_rms) if m else "-",
                         fmt(m.layer_grad) if m and m.layer_grad is not None else ""]
+            if user_loss:
+                row.append(fmt(layer.extra.get("loss_grad_rms")))
             table.add_row(*row)
         console.print()
         console.print(
@@ -121,6 +128,8 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             soft_wrap=True,
         )
         console.print(table)
+        if measured:
+            console.print(escape(losses_used(report)), soft_wrap=True)
     estimated = [e for e in report.estimated_ops if e.get("ok")]
     failed = [e for e in report.estimated_ops if not e.get("ok")]
     if estimated:
@@ -135,9 +144,21 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
             f"{len(failed)} op(s) could be neither modelled nor sampled (no statistics past them): "
             + escape(", ".join(f"{e.get('node')} [{e.get('op')}]" for e in failed))
         )
-    shapes = ", ".join(_describe_input(x) for x in report.inputs)
+    shapes = ", ".join(describe_input(x) for x in report.inputs)
     console.print()
     console.print(f"[dim]inputs: {escape(shapes)} ({escape(report.input_source)}); frontend: {report.frontend}[/]")
+    for note in report.capture_notes:
+        console.print(f"[dim]  {escape(note)}[/]", soft_wrap=True)
+
+
+def losses_used(report: AuditReport) -> str:
+    """Which loss each column of the per-layer table used."""
+    probe = report.probe or {}
+    text = f"predicted and measured: {probe.get('synthetic_loss') or 'L = sum <y, g>, g ~ N(0, 1)'}"
+    loss = probe.get("loss")
+    if isinstance(loss, dict):
+        text += f"; loss grad: RMS of d {loss.get('name')}(output, batch)/d(output), your loss"
+    return text
 
 
 def render(report: AuditReport, **_: object) -> str:
@@ -157,10 +178,11 @@ def render_many(reports: list[AuditReport], **_: object) -> str:
     return buf.getvalue()
 
 
-def _describe_input(x: dict) -> str:
+def describe_input(x: dict) -> str:
+    name = f"{x['name']}=" if "name" in x else ""
     if "shape" in x:
-        return "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
-    return str(x.get("value", x))
+        return name + "x".join(str(d) for d in x["shape"]) + f" {x.get('dtype', '')}".rstrip()
+    return name + str(x.get("value", x))
 
 
 def _where(location: dict | None, name: str | None, target: str) -> str:

@@ -25,9 +25,10 @@ def check(rule, analysis, direction: int) -> Iterator:
     ratio = grads[0] / grads[-1]
     change = ratio if direction > 0 else (1 / ratio if ratio > 0 else 0.0)
     decades = prof.end_to_end_decades
+    which = "weight layers whose output no normalization rescales" if direction > 0 else "weight layers"
     head = (
         f"{prof.source} {GRADIENT_NAME} {moves} {factor_text(change)} from the last weight layer "
-        f"to the first ({_decades(decades)} over {len(layers)} layers)"
+        f"to the first ({_decades(decades)} over {len(layers)} {which})"
     )
     data = dict(ratio=ratio, decades=decades, decades_per_layer=prof.decades_per_layer, source=prof.source,
                 layers=len(layers))
@@ -47,14 +48,13 @@ def check(rule, analysis, direction: int) -> Iterator:
             layer_index=c.cross + 1,
             **data,
         )
-    elif c.reach is not None:
+    elif c.warn:
         yield rule.finding(
-            f"{head}; not past the {c.limit:.0e} limit in this model, but at its average rate ({prof.rate_text}) "
-            f"a stack of about {c.reach:.0f} such layers would be [{GRADIENT_TERM}]",
+            f"{head}; not past the {c.limit:.0e} limit, but already a {10 ** abs(decades):.3g}x difference that "
+            f"the learning rate of some layers will not suit [{GRADIENT_TERM}]",
             node=layers[0],
             fix=c.fix,
             severity="warning",
-            reach_depth=c.reach,
             **data,
         )
 

@@ -60,7 +60,7 @@ class DeadUnits(Rule):
     stage = "probe"
 
     def check(self, analysis) -> Iterator[Finding]:
-        from gradaudit.probe.gradients import threshold
+        from gradaudit.probe.thresholds import threshold
 
         probe = analysis.config.get("probe")
         if probe is None:

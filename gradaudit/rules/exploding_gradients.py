@@ -20,9 +20,14 @@ class ExplodingGradients(Rule):
     not read as vanishing. The per-layer table's `layer grad` column, the headline and
     this rule all quote this one quantity. Error: a weight layer gets at least 1e3 times
     the last weight layer's G (the message gives the end-to-end factor and the first
-    layer past the limit). Warning: none is past it, but G already changes by 10x or
-    more end to end in that direction and the model's average per-layer rate would pass
-    the limit within twice its depth (said as a property of the rate, not of the model).
+    layer past the limit). Warning: none is past it, but G already changes by 100x or
+    more end to end in that direction (a trend extrapolated past the model's own depth
+    is never reported).
+    Only the weight layers whose output no normalization rescales count here: a layer
+    followed by BatchNorm/LayerNorm is scale-invariant, and a large gradient grows its
+    weight norm, which shrinks its next steps (Arora, Li & Lyu, ICLR 2019), so stock
+    BatchNorm CNNs — whose first convolutions get 100-1000x the classifier's weight
+    gradient — are not reported.
     The profile judged is the probe's measurement when `--probe` ran, else the
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or

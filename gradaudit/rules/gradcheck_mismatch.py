@@ -18,7 +18,8 @@ class GradcheckMismatch(Rule):
     model along a random direction. The relative error |a - b| / (|a| + |b|) is graded:
     below 1e-7 correct, up to 1e-4 acceptable (rounding), up to 1e-2 suspicious
     (warning), from 1e-2 wrong (error). The worst entries (tensor, index, both values)
-    are listed; entries at kinks (ReLU at 0) are reported, not graded.
+    are listed; entries at kinks (ReLU at 0) are reported, not graded, and so are entries
+    where the function itself is NaN or inf (GA601 reports those with `--probe`).
 
     ## Why is this bad?
     A backward that drops or mis-signs a term still trains — in a wrong direction. The

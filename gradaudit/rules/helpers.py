@@ -495,7 +495,9 @@ def _finite_layers(analysis: Analysis) -> list | None:
     return layers
 
 
-def gradient_profile(analysis: Analysis, *, measured: bool = True) -> GradientProfile | None:
+def gradient_profile(
+    analysis: Analysis, *, measured: bool = True, scale_free: bool = False
+) -> GradientProfile | None:
     """The profile the vanishing/exploding rules judge.
 
     - the measured layer gradients when the probe ran (and ``measured``): the real model
@@ -505,10 +507,21 @@ def gradient_profile(analysis: Analysis, *, measured: bool = True) -> GradientPr
       gradient that flows once the first updates open them;
     - else the prediction.
 
+    With ``scale_free`` only the weight layers whose output no normalization rescales
+    (:func:`followed_by_norm`) count. A layer followed by BatchNorm/LayerNorm is
+    scale-invariant: a large gradient grows its weight norm, which shrinks its next
+    relative steps (Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch
+    Normalization", ICLR 2019; Hoffer et al., NeurIPS 2018), so a large gradient there
+    corrects itself, while a small one does not. That is why stock BatchNorm CNNs, whose
+    first convolutions get 100-1000x the classifier's weight gradient, train: the
+    exploding rule judges the scale-free profile, the vanishing rule every layer.
+
     None with fewer than two weight layers, an incomplete prediction, or a last layer
     that gets no gradient at all.
     """
     layers = _finite_layers(analysis)
+    if layers is not None and scale_free:
+        layers = [n for n in layers if not followed_by_norm(analysis, n)]
     if layers is None or len(layers) < 2:
         return None
     probe = analysis.config.get("probe") if measured else None
@@ -544,28 +557,28 @@ class GradientCrossing:
 
     ``cross`` is the index of the layer nearest the input that is past the limit
     (walking back from the output, the first one past it), None when none is.
-    ``reach``, when none is past it yet but the gradient already changes by at least
-    :data:`TREND_DECADES` end to end in that direction, is the depth at which the fitted
-    per-layer rate would reach the limit, if that is within twice the model's depth: a
-    property of the rate, said as such (never as a fact about this model).
+    ``warn`` is set when none is past it, but the end-to-end change already reaches
+    :data:`WARN_DECADES` in that direction: a fact about this model's profile (a
+    rate extrapolated past the model's depth is never reported).
     """
 
     profile: GradientProfile
     limit: float
     cross: int | None
-    reach: float | None
+    warn: bool
     fix: str | None  # :func:`culprit_fix` of the profile's layers, when there is a finding
 
 
-#: End-to-end change (decades) below which a trend alone is never reported.
-TREND_DECADES = 1.0
+#: End-to-end change (decades) from which a risk is reported without a crossing.
+WARN_DECADES = 2.0
 
 
 def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | None:
     """The crossing of ``10 ** (direction * crossing_decades)`` times the last layer's
-    gradient: ``direction`` +1 for growth toward the input (exploding), -1 for decay
-    (vanishing). None when there is no :func:`gradient_profile`."""
-    prof = gradient_profile(analysis)
+    gradient: ``direction`` +1 for growth toward the input (exploding, judged on the
+    scale-free layers: see :func:`gradient_profile`), -1 for decay (vanishing). None when
+    there is no profile."""
+    prof = gradient_profile(analysis, scale_free=direction > 0)
     if prof is None:
         return None
     decades = analysis.config["settings"].crossing_decades
@@ -576,14 +589,9 @@ def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | 
     else:
         past = [i for i, g in enumerate(prof.grads) if g <= last * limit]
     cross = max(past) if past else None
-    reach = None
-    slope = prof.decades_per_layer
-    end = prof.end_to_end_decades
-    if (cross is None and direction * slope > 0 and direction * end >= TREND_DECADES
-            and decades / abs(slope) <= 2 * len(prof.layers)):
-        reach = decades / abs(slope)
-    fix = culprit_fix(analysis, prof.layers) if cross is not None or reach is not None else None
-    return GradientCrossing(prof, limit, cross, reach, fix)
+    warn = cross is None and direction * prof.end_to_end_decades >= min(WARN_DECADES, decades)
+    fix = culprit_fix(analysis, prof.layers) if cross is not None or warn else None
+    return GradientCrossing(prof, limit, cross, warn, fix)
 
 
 def factor_text(ratio: float) -> str:

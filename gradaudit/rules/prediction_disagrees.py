@@ -52,7 +52,7 @@ class PredictionDisagrees(Rule):
     stage = "probe"
 
     def check(self, analysis) -> Iterator[Finding]:
-        from gradaudit.probe.gradients import threshold
+        from gradaudit.probe.thresholds import threshold
 
         probe = analysis.config.get("probe")
         if probe is None:

@@ -20,9 +20,9 @@ class VanishingGradients(Rule):
     not read as vanishing. The per-layer table's `layer grad` column, the headline and
     this rule all quote this one quantity. Error: a weight layer gets at most 1e-3
     the last weight layer's G (the message gives the end-to-end factor and the first
-    layer past the limit). Warning: none is past it, but G already changes by 10x or
-    more end to end in that direction and the model's average per-layer rate would pass
-    the limit within twice its depth (said as a property of the rate, not of the model).
+    layer past the limit). Warning: none is past it, but G already changes by 100x or
+    more end to end in that direction (a trend extrapolated past the model's own depth
+    is never reported).
     The profile judged is the probe's measurement when `--probe` ran, else the
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from rulemodels import Encoder, HandTransformer, audit
+from shown import shows
 
 CODE = "GA401"
 
@@ -73,7 +74,7 @@ def test_post_ln_skews_gradients_toward_the_output(post, pre, prefix):
 def test_message_carries_block_count_and_gradients():
     (f,) = audit(Encoder(6), torch.randn(2, 10, 32), CODE)
     assert f.data["blocks"] == 6 and "6 blocks" in f.message and "O(d sqrt(ln d))" in f.message
-    assert f"{f.data['first_block_grad_rms']:.3g} in 'layers.0'" in f.message
+    assert shows(f.message, "{} in 'layers.0'", f.data["first_block_grad_rms"])
 
 
 def test_fix_names_norm_first_for_encoder_layers():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from rulemodels import Cell, Recurrent, audit, seq_input
+from shown import shows
 
 CODE = "GA501"
 
@@ -59,4 +60,4 @@ def test_singular_values_and_thresholds(build):
         assert sigma == pytest.approx(float(torch.linalg.svdvals(block)[0]), rel=1e-9)
         assert threshold == (4.0 if index in sig else 1.0)
         assert sigma > threshold
-        assert f"{sigma:.3g} > 1/gamma = {threshold:g}" in f.message
+        assert shows(f.message, "{} > 1/gamma = {}", sigma, threshold)

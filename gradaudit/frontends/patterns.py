@@ -1,0 +1,239 @@
+"""Spell common multi-op patterns as the one op they compute.
+
+Attention written out by hand with a mask, as nanoGPT and minGPT write it::
+
+    att = (q @ k.transpose(-2, -1)) * scale
+    att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+    att = F.softmax(att, dim=-1)          # (then, maybe, a dropout)
+    y = att @ v
+
+is ``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)`` when the mask
+is the causal one: op by op, the masked logits are -inf and have no finite moments,
+while the attention as a whole does. The rewrite happens only when every intermediate
+value is used by the next step alone and the mask is a constant (computed from
+parameters and buffers only) equal to the causal mask; an additive mask of 0 and -inf
+works the same way. The same pattern without a mask is left as it is: its ops have
+finite moments one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gradaudit.ir import Graph, Node, Ref, map_refs
+from gradaudit.frontends.aten import plain_mask
+
+
+def constant(graph: Graph, ref: Any, memo: dict | None = None) -> torch.Tensor | None:
+    """The value of ``ref`` when it depends on parameters, buffers and constants only."""
+    memo = {} if memo is None else memo
+    if not isinstance(ref, Ref):
+        return ref if isinstance(ref, torch.Tensor) else None
+    if ref.name in memo:
+        return memo[ref.name]
+    node = graph[ref.name]
+    value = None
+    if node.op == "param":
+        value = node.params.get("value")
+    elif node.kind in ("call_function", "call_method") and node.fn is not None and node.op not in ("dropout", "input"):
+        args = [constant(graph, r, memo) for r in _refs(node)]
+        if all(a is not None for a in args):
+            lookup = {r.name: a for r, a in zip(_refs(node), args)}
+            try:
+                with torch.no_grad():
+                    value = node.fn(*map_refs(node.args, lambda r: lookup[r.name]), **map_refs(node.kwargs, lambda r: lookup[r.name]))
+            except Exception:  # noqa: BLE001 - not computable ahead of time: not a constant
+                value = None
+            value = value if isinstance(value, torch.Tensor) else None
+    memo[ref.name] = value
+    return value
+
+
+def _refs(node: Node) -> list[Ref]:
+    from gradaudit.ir import iter_refs
+
+    return list(iter_refs((node.args, node.kwargs)))
+
+
+def fuse_masked_attention(graph: Graph) -> Graph:
+    """``softmax(mask(q @ k^T * s)) @ v`` with a causal constant mask -> one
+    ``scaled_dot_product_attention`` node (see the module docstring)."""
+    replace: dict[str, Node] = {}
+    drop: set[str] = set()
+    memo: dict = {}
+    for node in graph:
+        if node.op != "matmul" or node.name in drop:
+            continue
+        found = _match(graph, node, memo)
+        if found is None:
+            continue
+        new, dead = found
+        replace[node.name] = new
+        drop |= dead
+    if not replace:
+        return graph
+    nodes = [replace.get(n.name, n) for n in graph if n.name not in drop]
+    out = Graph(nodes=nodes, frontend=graph.frontend, input_names=graph.input_names, output_refs=graph.output_refs,
+                input_args=graph.input_args, notes=graph.notes, program=graph.program)
+    return out
+
+
+def _only_user(graph: Graph, name: str, user: str) -> bool:
+    return [u.name for u in graph.users(name)] == [user] and name not in graph.output_refs
+
+
+def _match(graph: Graph, y: Node, memo: dict):
+    p_ref, v = y.args[0] if y.args else None, y.args[1] if len(y.args) > 1 else None
+    if not isinstance(p_ref, Ref) or not isinstance(v, Ref):
+        return None
+    chain = [p_ref.name]
+    p = graph[p_ref.name]
+    dropout_p = 0.0
+    if p.op == "dropout":
+        dropout_p = float(p.fn.p if p.kind == "call_module" else (p.args[1] if len(p.args) > 1 else p.kwargs.get("p", 0.5)))
+        p = graph[p.args[0].name] if p.args and isinstance(p.args[0], Ref) else None
+        if p is None:
+            return None
+        chain.append(p.name)
+    if p.op != "softmax" or not p.args or not isinstance(p.args[0], Ref):
+        return None
+    dim = p.fn.dim if p.kind == "call_module" else (p.args[1] if len(p.args) > 1 else p.kwargs.get("dim"))
+    if dim not in (-1, len(p.shape or ()) - 1):
+        return None
+    masked = graph[p.args[0].name]
+    chain.append(masked.name)
+    logits, mask = _unmask(graph, masked, memo)
+    if logits is None or plain_mask(mask) != "causal":
+        return None
+    scale, qk = 1.0, logits
+    if qk.op in ("mul", "div") and len(qk.args) == 2:
+        a, b = qk.args
+        if isinstance(a, Ref) and isinstance(b, (int, float)):
+            scale, qk = (float(b) if qk.op == "mul" else 1.0 / float(b)), graph[a.name]
+        elif isinstance(b, Ref) and isinstance(a, (int, float)) and qk.op == "mul":
+            scale, qk = float(a), graph[b.name]
+        else:
+            return None
+        chain.append(logits.name)
+    if qk.op != "matmul" or len(qk.args) != 2 or not all(isinstance(a, Ref) for a in qk.args):
+        return None
+    chain.append(qk.name)
+    q, kt = qk.args
+    kt_node = graph[kt.name]
+    if kt_node.op != "transpose" or {_dim(a, len(kt_node.shape)) for a in kt_node.args[1:3]} != {len(kt_node.shape) - 2, len(kt_node.shape) - 1}:
+        return None
+    k = kt_node.args[0]
+    chain.append(kt_node.name)
+    order = [y.name] + chain
+    for name, user in zip(chain, order):
+        if not _only_user(graph, name, user):
+            return None
+    d = graph[q.name].shape[-1] if graph[q.name].shape else None
+    if d is None:
+        return None
+    kwargs = {"attn_mask": None, "dropout_p": dropout_p, "is_causal": True}
+    if not math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6):
+        kwargs["scale"] = scale
+    new = Node(name=y.name, op="scaled_dot_product_attention", kind="call_function", fn=F.scaled_dot_product_attention,
+               args=(q, k, v), kwargs=kwargs, outputs=y.outputs, structure=y.structure, module=y.module,
+               module_type=y.module_type, location=masked.location or y.location)
+    return new, set(chain)
+
+
+def _dim(d: Any, nd: int) -> int:
+    return d + nd if isinstance(d, int) and d < 0 else d
+
+
+def _unmask(graph: Graph, node: Node, memo: dict):
+    """(logits node, allowed-positions mask) of ``masked_fill(s, m, -inf)`` or ``s + m``."""
+    if node.op == "masked_fill" and len(node.args) >= 3 and isinstance(node.args[0], Ref):
+        fill = node.args[2]
+        if not (isinstance(fill, float) and fill == float("-inf")):
+            return None, None
+        m = constant(graph, node.args[1], memo)
+        if m is None or m.dtype != torch.bool:
+            return None, None
+        return graph[node.args[0].name], ~m
+    if node.op == "add" and len(node.args) == 2:
+        for s, m in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if isinstance(s, Ref) and graph[s.name].op in ("mul", "div", "matmul"):
+                value = constant(graph, m, memo)
+                if value is not None and value.is_floating_point():
+                    return graph[s.name], value
+    return None, None
+
+
+def _drop_rows(x: torch.Tensor, p: float, mode: str = "row", training: bool = True) -> torch.Tensor:
+    """Stochastic depth as torchvision and timm compute it: ``x * mask / (1 - p)`` with one
+    Bernoulli(1 - p) draw per sample (``row``) or per batch."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    shape = [x.shape[0]] + [1] * (x.dim() - 1) if mode == "row" else [1] * x.dim()
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+def fuse_drop_path(graph: Graph) -> Graph:
+    """``x * (bernoulli(empty(shape), keep) / keep)`` -> one ``stochastic_depth`` node.
+
+    torch.export and the hook capture see DropPath / stochastic depth as the ops it is
+    made of; a local Monte Carlo estimate of the random mask draws a handful of values
+    (one per sample) and reads the branch as mostly kept or mostly dropped. Spelled as
+    the op it is, its handler gives the exact moments of inverted dropout.
+    """
+    replace: dict[str, Node] = {}
+    drop: set[str] = set()
+    memo: dict = {}
+    for node in graph:
+        if node.name in drop:
+            continue
+        outer = None  # x * mask / keep: the division comes last
+        if node.op == "div" and len(node.args) == 2 and isinstance(node.args[0], Ref) and isinstance(node.args[1], (int, float)):
+            outer, node = node, graph[node.args[0].name]
+        if node.op != "mul" or len(node.args) != 2 or not all(isinstance(a, Ref) for a in node.args):
+            continue
+        for x, m in (node.args, node.args[::-1]):
+            found = _drop_mask(graph, graph[m.name], memo, float(outer.args[1]) if outer is not None else None)
+            if found is None or graph[x.name].shape != node.shape:
+                continue
+            keep, chain, row = found
+            if outer is not None:
+                chain, node = [node.name, *chain], outer
+            if not all(_only_user(graph, a, b) for a, b in zip(chain, [node.name] + chain)):
+                continue
+            replace[node.name] = Node(
+                name=node.name, op="stochastic_depth", kind="call_function", fn=_drop_rows,
+                args=(x, 1.0 - keep, "row" if row else "batch", True), outputs=node.outputs, structure=node.structure,
+                module=node.module, module_type=node.module_type, location=node.location,
+            )
+            drop |= set(chain)
+            break
+    if not replace:
+        return graph
+    nodes = [replace.get(n.name, n) for n in graph if n.name not in drop]
+    return Graph(nodes=nodes, frontend=graph.frontend, input_names=graph.input_names, output_refs=graph.output_refs,
+                 input_args=graph.input_args, notes=graph.notes, program=graph.program)
+
+
+def _drop_mask(graph: Graph, node: Node, memo: dict, scale: float | None = None):
+    """(keep, [mask nodes], per-sample) of ``bernoulli(c, keep) / keep`` with ``c`` a
+    constant (``scale``: the division already found after the product), or None."""
+    chain: list[str] = []
+    if scale is None and node.op == "div" and len(node.args) == 2 and isinstance(node.args[0], Ref) and isinstance(node.args[1], (int, float)):
+        scale, chain = float(node.args[1]), [node.name]
+        node = graph[node.args[0].name]
+    if node.op != "bernoulli" or not node.args or constant(graph, node.args[0], memo) is None:
+        return None
+    keep = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    if not isinstance(keep, (int, float)) or scale is None or not math.isclose(float(keep), scale, rel_tol=1e-6):
+        return None
+    shape = node.shape or ()
+    row = len(shape) >= 1 and all(d == 1 for d in shape[1:])
+    return float(keep), chain + [node.name], row
+
+
+__all__ = ["fuse_masked_attention", "fuse_drop_path", "constant"]

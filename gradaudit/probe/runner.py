@@ -1,0 +1,285 @@
+"""The probe's runner: the model's fx graph, run node by node, observing chosen nodes.
+
+The run walks the torch.fx graph of the audit (the same trace, the same node names, the
+same module objects; nothing is copied), so every node — functional ``torch.log`` as well
+as ``nn.Linear`` — can be observed; observation is a forward read of the output and a
+tensor hook for its gradient. Gradients are taken with ``torch.autograd.grad``, so no
+``.grad`` is written. Values are freed after their last use, as in ``model(x)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+from gradaudit.errors import CaptureError
+from gradaudit.probe.inputs import first_line
+from gradaudit.probe.nonfinite import check_forward, first_backward
+from gradaudit.probe.recording import (
+    DrawRecord,
+    absmax,
+    batch_cosine,
+    grab,
+    leaves,
+    order,
+    sums_of_squares,
+    sumsq,
+)
+from gradaudit.probe.units import count_dead, count_saturated
+
+_STOP = object()
+
+
+def graph_module(model):
+    """The model traced with the audit's tracer: same leaves, same node names, and the
+    model's own submodules (no copy)."""
+    import torch.fx as fx
+
+    from gradaudit.frontends.fx import _Tracer
+
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # the static audit traced it already; defensive
+        raise CaptureError(f"the probe could not trace the model: {exc}") from exc
+    return fx.GraphModule(tracer.root, graph)
+
+
+def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, grads, layer_params: dict,
+                zeros: bool, with_loss: bool = False) -> None:
+    """Turn one draw's observations into second moments: each layer's output (``pending``:
+    its 2-norm and size) and gradient (``grad_slots``), the weight gradients of each
+    layer's parameters, the total gradient norm (and, for a user's loss, the largest
+    gradient entry)."""
+    present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
+    sq_of = dict(zip((id(p) for p, _ in present), sums_of_squares([g for _, g in present])))
+    for name, norm, numel in pending:
+        rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
+    for name, (norm, numel, zero) in grad_slots.items():
+        rec.grad_sq[name] = float(norm) ** 2 / max(numel, 1)
+        if zero is not None:
+            rec.grad_zero[name] = int(zero)
+    norm_sq = sum(sq_of.values())
+    rec.grad_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("nan")
+    if with_loss:
+        rec.grad_absmax = absmax([g for _, g in present])
+    pgrad = {id(p): g for p, g in present} if zeros else {}
+    for name, ps in layer_params.items():
+        own = [id(p) for p in ps if id(p) in sq_of]
+        if own:
+            rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
+            if zeros:
+                rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
+
+
+def finish_draw(rec: DrawRecord, outs: list, started: float) -> DrawRecord:
+    """Whether everything the draw measured is finite; its duration."""
+    import torch
+
+    values = list(rec.act_sq.values()) + list(rec.grad_sq.values()) + [rec.grad_norm]
+    rec.finite = all(math.isfinite(v) for v in values) and all(bool(torch.isfinite(y).all()) for y in outs)
+    if rec.first_forward is not None or rec.first_backward is not None:
+        rec.finite = False
+    rec.seconds = time.perf_counter() - started
+    return rec
+
+
+class Runner:
+    """Runs the fx graph of a model node by node, observing chosen nodes.
+
+    ``layers`` maps layer node names to their module names; ``acts`` maps activation node
+    names to their op. The runner calls the model's own submodules and functions, so
+    forward hooks, backward hooks and in-place ops behave as in ``model(x)``.
+    """
+
+    def __init__(self, model, gm, ir_graph, layers: dict[str, str | None], acts: dict[str, str], settings: Any) -> None:
+        self.model = model
+        self.gm = gm
+        self.ir = ir_graph
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        self.layers = layers
+        self.acts = acts
+        self.settings = settings
+        self.conv_inputs = {
+            n.name for n in self.nodes if any(self.ir_op(getattr(a, "name", "")) == "conv" for a in n.all_input_nodes)
+        }
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last_use[a.name] = i
+        self.free_after: dict[int, list[str]] = {}
+        for name, i in last_use.items():
+            self.free_after.setdefault(i, []).append(name)
+        self.all_params = list(model.parameters())
+        # the parameters of each layer module (a module called twice shares them)
+        self.layer_params: dict[str, list] = {}
+        for node_name, mod_name in layers.items():
+            mod = self.modules.get(mod_name) if mod_name is not None else None
+            self.layer_params[node_name] = list(mod.parameters()) if mod is not None else []
+
+    def ir_op(self, name: str) -> str | None:
+        node = self.ir_node(name)
+        return node.op if node is not None else None
+
+    def ir_node(self, name: str):
+        """The IR node of an fx node name (None for nodes the IR does not keep)."""
+        try:
+            return self.ir[name]
+        except KeyError:
+            return None
+
+    # ---------------------------------------------------------------------------------
+    def run(
+        self,
+        inputs: tuple,
+        *,
+        seed: int,
+        device: str,
+        autocast_dtype=None,
+        units: bool = False,
+        check_all: bool = False,
+        zeros: bool = False,
+        cosine: bool = False,
+        loss=None,
+    ) -> DrawRecord:
+        """One draw. ``check_all`` checks every node's output (forward) and gradient
+        (backward) for non-finite values and records abs-max and dtype per node.
+
+        The draw differentiates ``loss(outputs)`` (a scalar tensor) when given, else
+        DESIGN.md's L = sum <y, g> with g ~ N(0, 1) drawn from a generator seeded ``seed``."""
+        import torch
+        import torch.fx as fx
+
+        rec = DrawRecord()
+        started = time.perf_counter()
+        # the CPU generator directly: torch.manual_seed also seeds every lazily
+        # initialised backend, which costs milliseconds per call
+        torch.default_generator.manual_seed(seed)
+        if device.startswith("cuda"):
+            torch.cuda.manual_seed_all(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        from gradaudit.frontends.signature import map_tensors
+
+        input_leaves = []
+
+        def prepare(x):
+            x = x.detach().to(device)
+            if x.is_floating_point():
+                x = x.clone().requires_grad_(True)
+                input_leaves.append(x)
+            return x
+
+        args_in = [map_tensors(x, prepare) for x in inputs]
+        params = [p for p in self.all_params if p.requires_grad]
+        env: dict[str, Any] = {}
+        pending: list[tuple[str, Any, int]] = []  # (layer node, 2-norm of its output, numel)
+        hooks: list = []
+        grad_slots: dict[str, Any] = {}
+        backward_order: list[tuple[str, bool, Any]] = []
+        placeholder = iter(args_in)
+        ctx = torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        outputs = None
+        grads: Any = []
+        try:
+            with torch.enable_grad(), ctx:
+                for i, n in enumerate(self.nodes):
+                    if n.op == "placeholder":
+                        try:
+                            value = next(placeholder)
+                        except StopIteration:
+                            value = n.args[0] if n.args else None
+                    elif n.op == "output":
+                        outputs = fx.node.map_arg(n.args[0], lambda a: env[a.name])
+                        break
+                    else:
+                        value = self._step(n, env, rec, units, cosine, check_all)
+                        if value is _STOP:
+                            break
+                        # gradient hooks go on right away: a later in-place op (ReLU(inplace=True))
+                        # must not change which value the hook sees the gradient of
+                        if check_all:
+                            ts: list = []
+                            leaves(value, ts)
+                            slots = grad_slots if n.name in self.layers else None
+                            for t in ts:
+                                if t.requires_grad:
+                                    hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
+                        if n.name in self.layers:
+                            out = value[0] if isinstance(value, (tuple, list)) else value
+                            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                                pending.append((n.name, sumsq(out), out.numel()))
+                                if out.requires_grad and not check_all:
+                                    hooks.append(out.register_hook(grab(grad_slots, n.name, zeros)))
+                    env[n.name] = value
+                    if not check_all:
+                        for dead in self.free_after.get(i, ()):
+                            if dead != n.name:
+                                env.pop(dead, None)
+                if outputs is None:
+                    rec.finite = False
+                    rec.seconds = time.perf_counter() - started
+                    return rec
+                outs: list = []
+                leaves(outputs, outs)
+                if loss is not None:
+                    value = loss(outputs)
+                    rec.loss = float(value.detach())
+                    grads = torch.autograd.grad(value, params + input_leaves, allow_unused=True)
+                else:
+                    ys = [y for y in outs if y.requires_grad]
+                    cots = [
+                        torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype)
+                        for y in ys
+                    ]
+                    if ys:
+                        grads = torch.autograd.grad(ys, params + input_leaves, cots, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros, loss is not None)
+        if check_all and rec.first_forward is None:
+            first_backward(self, backward_order, env, rec)
+        return finish_draw(rec, outs, started)
+
+    # ---------------------------------------------------------------------------------
+    def _step(self, n, env, rec: DrawRecord, units: bool, cosine: bool, check_all: bool):
+        import torch
+        import torch.fx as fx
+
+        args = fx.node.map_arg(n.args, lambda a: env[a.name])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+        if units and n.name in self.acts:
+            count_saturated(self, n, args, rec)
+        if cosine and n.name in self.layers and args and isinstance(args[0], torch.Tensor):
+            rec.cosine[n.name] = batch_cosine(args[0])
+        try:
+            value = self._call(n, args, kwargs)
+        except Exception as exc:
+            if rec.first_forward is not None:
+                return _STOP  # non-finite values made a later op fail: report the first
+            where = self.ir_node(n.name)
+            loc = f" at {where.location}" if where is not None and where.location else ""
+            raise CaptureError(f"the probe's forward failed at node '{n.name}'{loc}: {first_line(exc)}") from exc
+        if check_all:
+            check_forward(self, n, args, value, rec)
+        if units and n.name in self.acts:
+            count_dead(self, n, value, rec)
+        return value
+
+    def _call(self, n, args, kwargs):
+        if n.op == "call_module":
+            return self.modules[str(n.target)](*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, str(n.target))(*rest, **kwargs)
+        if n.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise CaptureError(f"the probe cannot run fx node kind {n.op!r}")

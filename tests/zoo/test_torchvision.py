@@ -1,0 +1,45 @@
+"""Every classification model of ``torchvision.models``, audited at default init.
+
+Inputs are 2 x 3 x 64 x 64 except where the architecture needs more (measured: the
+constructor or the forward raises below these sizes): ``inception_v3`` needs at least
+75 x 75 (its stem shrinks 64 to an empty map), ``maxvit_t`` 224 x 224 (its blocks
+partition the map into 7 x 7 windows at every stage). The ViTs are built for 64 x 64
+with their ``image_size`` argument.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+torchvision = pytest.importorskip("torchvision")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import audit_zoo, check  # noqa: E402
+
+pytestmark = [pytest.mark.zoo, pytest.mark.usefixtures("one_thread")]
+
+MODELS = torchvision.models.list_models(module=torchvision.models)
+SIZE = {"inception_v3": 75, "maxvit_t": 224}
+
+
+def test_every_classification_model_is_listed():
+    assert len(MODELS) >= 80
+
+
+def _build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"image_size": 64} if name.startswith("vit_") else {}
+    return torchvision.models.get_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_model(name):
+    size = SIZE.get(name, 64)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    # the model is no local of this frame: a failure's traceback must not keep it alive
+    check(audit_zoo(f"torchvision/{name}", _build(name), (x,)))
