@@ -62,7 +62,7 @@ _COMBINE = frozenset({"add", "sub", "mul", "addcmul", "output"})
 _PASS = frozenset({
     "identity", "dropout", "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "to",
     "getitem", "squeeze", "unsqueeze", "clone", "chunk", "split", "unbind", "expand", "drop_path", "stochastic_depth",
-    "module",
+    "module", "reshape_as", "view_as", "expand_as", "type_as",
 })
 
 
@@ -95,11 +95,29 @@ def _max_abs(t: torch.Tensor) -> float:
     return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
+#: Ops that only re-lay out a parameter on its way to where it acts (``gamma.view(1, -1, 1, 1)``).
+_LAYOUT = frozenset({
+    "view", "reshape", "unsqueeze", "squeeze", "expand", "to", "flatten", "permute", "transpose", "contiguous",
+    "reshape_as", "view_as", "expand_as", "type_as", "clone",
+})
+
+
+def _acting_on(graph: Graph, name: str) -> list[Node]:
+    """The nodes a parameter acts in, looking through layout ops."""
+    out, stack = [], [name]
+    while stack:
+        for user in graph.users(stack.pop()):
+            if user.op in _LAYOUT:
+                stack.append(user.name)
+            else:
+                out.append(user)
+    return out
+
+
 def find(analysis: Analysis) -> list[Gate]:
     """Every closed gate of ``analysis.graph`` (see the module docstring)."""
     graph = analysis.graph
     gates: list[Gate] = []
-    seen_params: set[str] = set()
     for n in graph:
         if n.kind == "call_module" and n.op in _WEIGHT_OPS:
             w = n.params.get("weight")
@@ -111,16 +129,32 @@ def find(analysis: Analysis) -> list[Gate]:
             if (isinstance(w, torch.Tensor) and w.numel() and _max_abs(w) <= SMALL_SCALE
                     and _feeds_a_combination(graph, n.name)):
                 gates.append(Gate(n.name, None, "weight", "zero-norm-gamma", _max_abs(w), n.module))
-        elif n.op in _SCALE_OPS:
-            for src in n.inputs:
-                p = graph[src]
-                value = p.params.get("value") if p.op == "param" else None
-                if not isinstance(value, torch.nn.Parameter) or not value.is_floating_point() or src in seen_params:
-                    continue
-                if _max_abs(value) <= SMALL_SCALE and _feeds_a_combination(graph, n.name):
-                    seen_params.add(src)
-                    gates.append(Gate(n.name, src, p.module or src, "small-scale", _max_abs(value), p.module))
+        elif n.op == "param":
+            gate = _param_gate(graph, n)
+            if gate is not None:
+                gates.append(gate)
     return gates
+
+
+def _param_gate(graph: Graph, p: Node) -> Gate | None:
+    """A parameter used functionally as a closed factor: a small scale multiplying a
+    residual branch (``x + gamma * f(x)``, ``gamma.view(...)`` included) or the zero gamma
+    of a functional normalization (timm's ``BatchNormAct2d`` calls ``F.batch_norm``)."""
+    value = p.params.get("value")
+    if not isinstance(value, torch.nn.Parameter) or not value.is_floating_point() or not value.numel():
+        return None
+    if value.numel() > 1 << 16:  # a weight matrix, not a per-channel factor
+        return None
+    scale = _max_abs(value)
+    if scale > SMALL_SCALE:
+        return None
+    for user in _acting_on(graph, p.name):
+        if user.op in _SCALE_OPS and _feeds_a_combination(graph, user.name):
+            return Gate(user.name, p.name, p.module or p.name, "small-scale", scale, p.module)
+        is_gamma = (p.module or "").rsplit(".", 1)[-1] == "weight"
+        if user.op in _NORM_OPS and is_gamma and _feeds_a_combination(graph, user.name):
+            return Gate(user.name, p.name, p.module or p.name, "zero-norm-gamma", scale, p.module)
+    return None
 
 
 def _opened(t: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:

@@ -2,56 +2,55 @@
 
 Both judge one profile (:func:`gradaudit.rules.helpers.gradient_profile`: measured when
 the probe ran, else predicted, with closed gates opened) of one quantity, the layer
-gradient G_l of :mod:`gradaudit.propagation.depth`, and quote the figure they decided on
-in the message's first clause, which is also the report's headline.
+gradient G_l of :mod:`gradaudit.propagation.depth`, by one figure: its change from the
+last weight layer to the first, estimated from the medians of the last and the first
+quarter of the layers (:attr:`~gradaudit.rules.helpers.GradientProfile.change_decades`). The message's first
+clause quotes that figure, and is also the report's headline.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 from gradaudit.rules.helpers import GRADIENT_NAME, GRADIENT_TERM, factor_text, gradient_crossing, where
 
-_WORDS = {-1: ("falls", "shrink", "of"), +1: ("grows", "grow", "times")}
+_WORDS = {-1: ("falls", "of"), +1: ("grows", "times")}
 
 
 def check(rule, analysis, direction: int) -> Iterator:
     c = gradient_crossing(analysis, direction)
-    if c is None:
+    if c is None or (c.cross is None and not c.warn):
         return
     prof = c.profile
-    layers, grads = prof.layers, prof.grads
-    moves, verb, rel = _WORDS[direction]
-    ratio = grads[0] / grads[-1]
+    layers, grads, q = prof.layers, prof.grads, prof.group
+    moves, rel = _WORDS[direction]
+    decades = prof.change_decades
+    ratio = 10.0 ** decades if math.isfinite(decades) else (0.0 if decades < 0 else math.inf)
     change = ratio if direction > 0 else (1 / ratio if ratio > 0 else 0.0)
-    decades = prof.end_to_end_decades
     which = "weight layers whose output no normalization rescales" if direction > 0 else "weight layers"
+    how = f", from the medians of the first and last {q}" if q > 1 else ""
     head = (
-        f"{prof.source} {GRADIENT_NAME} {moves} {factor_text(change)} from the last weight layer "
-        f"to the first ({_decades(decades)} over {len(layers)} {which})"
+        f"{prof.source} {GRADIENT_NAME} {moves} {factor_text(change)} from the last weight layer to the first "
+        f"({_decades(decades)} over {len(layers)} {which}{how})"
     )
-    data = dict(ratio=ratio, decades=decades, decades_per_layer=prof.decades_per_layer, source=prof.source,
-                layers=len(layers))
+    data = dict(ratio=ratio, decades=decades, group=q, decades_per_layer=prof.decades_per_layer,
+                source=prof.source, layers=len(layers))
     if c.cross is not None:
         node = layers[c.cross]
-        at = grads[c.cross] / grads[-1]
-        past = f"layer {c.cross + 1} of {len(layers)} ('{where(node)}') gets {_ratio(at)} {rel} the last layer's"
-        if direction * decades < 0:  # a layer in the middle crosses; end to end it went the other way
-            head = f"{prof.source} {GRADIENT_NAME} at {past}, past the {c.limit:.0e} limit"
-            tail = f"end to end it changes {_decades(decades)} over {len(layers)} layers"
-        else:
-            tail = f"{past}, past the {c.limit:.0e} limit"
+        at = grads[c.cross] / prof.late
         yield rule.finding(
-            f"{head}; {tail}; {prof.rate_text} [{GRADIENT_TERM}]",
+            f"{head}; layer {c.cross + 1} ('{where(node)}') is the nearest the output past the {c.limit:.0e} limit, "
+            f"at {_ratio(at)} {rel} the last layers'; {prof.rate_text} [{GRADIENT_TERM}]",
             node=node,
             fix=c.fix,
             layer_index=c.cross + 1,
             **data,
         )
-    elif c.warn:
+    else:
         yield rule.finding(
             f"{head}; not past the {c.limit:.0e} limit, but already a {10 ** abs(decades):.3g}x difference that "
-            f"the learning rate of some layers will not suit [{GRADIENT_TERM}]",
+            f"one learning rate will not suit [{GRADIENT_TERM}]",
             node=layers[0],
             fix=c.fix,
             severity="warning",
@@ -60,7 +59,9 @@ def check(rule, analysis, direction: int) -> Iterator:
 
 
 def _decades(d: float) -> str:
-    return f"{d:+.1f} decades" if d == d and abs(d) != float("inf") else ("no gradient at all" if d < 0 else "-")
+    if math.isfinite(d):
+        return f"{d:+.1f} decades"
+    return "no gradient at all reaches the first layers" if d < 0 else "the last layers get no gradient at all"
 
 
 def _ratio(r: float) -> str:

@@ -20,6 +20,12 @@ from gradaudit.rules.helpers import (
 )
 
 
+#: Layers a mis-scaled gain must compound over to matter: inside one residual branch
+#: (fc1 -> act -> fc2 of a transformer MLP, initialised small on purpose to keep the
+#: branch small against the residual stream) two layers are a scale, not a depth effect.
+MIN_CHAIN = 3
+
+
 def mis_scaled_run(analysis, direction: int):
     """The longest plain chain (no normalization, no residual add between) of hidden
     layers whose n Var[w] is off by more than ``init_tolerance`` (2x) from the gain their
@@ -48,7 +54,7 @@ def mis_scaled_run(analysis, direction: int):
         return li.ratio < 1.0 / tol
 
     chain = longest_chain(analysis, allow_norm=False, allow_residual=False, keep=bad)
-    if len(chain) < 2:
+    if len(chain) < MIN_CHAIN:
         return None
     a0, a1 = analysis.stat(chain[0].name), analysis.stat(chain[-1].name)
     if not (finite_stats(a0) and finite_stats(a1)):

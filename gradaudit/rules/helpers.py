@@ -472,6 +472,34 @@ class GradientProfile:
         return self.summary.end_to_end_decades
 
     @property
+    def group(self) -> int:
+        """How many layers each end's median takes: a quarter of them, at least one."""
+        return max(1, len(self.grads) // 4)
+
+    @property
+    def early(self) -> float:
+        """Median G of the first :attr:`group` weight layers (nearest the input)."""
+        return _median(self.grads[: self.group])
+
+    @property
+    def late(self) -> float:
+        """Median G of the last :attr:`group` weight layers (nearest the output)."""
+        return _median(self.grads[-self.group:])
+
+    @property
+    def change_decades(self) -> float:
+        """How far, in decades, the gradient moves from the last weight layer to the
+        first: log10(early / late) over the distance between the two quarters' centres
+        (n - q layers), scaled to the model's n - 1 (a geometric profile gives exactly
+        log10(G_first / G_last)). Vanishing and exploding gradients compound with depth;
+        the medians of each quarter, not two single layers, keep one layer's structural
+        dip (a projection after a LayerNorm over a large residual stream, a classifier on
+        pooled features) from reading as a depth effect."""
+        n, q = len(self.grads), self.group
+        span = (n - 1) / (n - q) if n > q else 1.0
+        return log10_ratio(self.early, self.late) * span
+
+    @property
     def rate_text(self) -> str:
         s = self.decades_per_layer
         if abs(s) < depth.FLAT:
@@ -479,9 +507,68 @@ class GradientProfile:
         return f"on average gradients {'fall' if s < 0 else 'grow'} 10x every {1 / abs(s):.1f} layers"
 
 
+def _median(values: list[float]) -> float:
+    xs = sorted(values)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
 #: The name of a profile's quantity, and its definition, said in every message that quotes it.
 GRADIENT_NAME = "weight-gradient scale"
 GRADIENT_TERM = f"{GRADIENT_NAME} = sqrt(P) x RMS of dL/d(output), P positions sharing each weight"
+
+
+def norm_samples(node: Node) -> int | None:
+    """How many values a normalization node computes each of its statistics from, with
+    the example inputs' shapes: BatchNorm N x spatial per channel, InstanceNorm spatial,
+    GroupNorm (C / G) x spatial, LayerNorm the normalized shape. None for other ops."""
+    shape = node.shape
+    if not shape or node.op not in ("batch_norm", "instance_norm", "group_norm", "layer_norm"):
+        return None
+    numel = math.prod(shape)
+    if node.op == "batch_norm":
+        return numel // shape[1] if len(shape) > 1 else shape[0]
+    if node.op == "instance_norm":
+        return math.prod(shape[2:]) if len(shape) > 2 else 1
+    if node.op == "group_norm":
+        groups = getattr(node.fn, "num_groups", None)
+        if groups is None:
+            groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+        return numel // (shape[0] * int(groups)) if isinstance(groups, int) and groups > 0 else None
+    normalized = getattr(node.fn, "normalized_shape", None)
+    if normalized is None:
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if isinstance(normalized, int):
+        normalized = (normalized,)
+    if isinstance(normalized, (tuple, list)) and all(isinstance(d, int) for d in normalized):
+        return math.prod(normalized)
+    return None
+
+
+#: A normalization over at most this many values passes no gradient at all: with one
+#: value its output is constant, with two it is +-1 whatever the input.
+DEGENERATE_SAMPLES = 2
+
+
+def cut_off_by_degenerate_norms(analysis: Analysis) -> set[str]:
+    """Nodes whose every path to an output crosses a normalization over at most
+    :data:`DEGENERATE_SAMPLES` values: their gradient is zero (one value) or set by the
+    normalization's eps (two values), because of the example inputs' size, not the
+    model (GA305)."""
+    graph = analysis.graph
+    free: set[str] = set()
+    stack = list(graph.output_refs)
+    while stack:
+        name = stack.pop()
+        if name in free:
+            continue
+        free.add(name)
+        node = graph[name]
+        n = norm_samples(node)
+        if n is not None and n <= DEGENERATE_SAMPLES:
+            continue  # the gradient stops here
+        stack.extend(node.inputs)
+    return {n.name for n in graph if n.name not in free}
 
 
 def _finite_layers(analysis: Analysis) -> list | None:
@@ -507,7 +594,9 @@ def gradient_profile(
       gradient that flows once the first updates open them;
     - else the prediction.
 
-    With ``scale_free`` only the weight layers whose output no normalization rescales
+    Layers whose gradient a normalization over one or two values cuts off (GA305: an
+    artefact of the example batch) never count. With ``scale_free`` only the weight
+    layers whose output no normalization rescales
     (:func:`followed_by_norm`) count. A layer followed by BatchNorm/LayerNorm is
     scale-invariant: a large gradient grows its weight norm, which shrinks its next
     relative steps (Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch
@@ -520,8 +609,9 @@ def gradient_profile(
     that gets no gradient at all.
     """
     layers = _finite_layers(analysis)
-    if layers is not None and scale_free:
-        layers = [n for n in layers if not followed_by_norm(analysis, n)]
+    if layers is not None:
+        cut = cut_off_by_degenerate_norms(analysis)
+        layers = [n for n in layers if n.name not in cut and not (scale_free and followed_by_norm(analysis, n))]
     if layers is None or len(layers) < 2:
         return None
     probe = analysis.config.get("probe") if measured else None
@@ -555,11 +645,11 @@ def _checked(prof: GradientProfile) -> GradientProfile | None:
 class GradientCrossing:
     """Where the gradient profile passes ``limit`` times the last layer's value.
 
-    ``cross`` is the index of the layer nearest the input that is past the limit
-    (walking back from the output, the first one past it), None when none is.
-    ``warn`` is set when none is past it, but the end-to-end change already reaches
-    :data:`WARN_DECADES` in that direction: a fact about this model's profile (a
-    rate extrapolated past the model's depth is never reported).
+    ``cross`` is set when the change from the last quarter of the weight layers to the
+    first (:attr:`GradientProfile.change_decades`) is past the limit: the index of the
+    layer nearest the output already past it. ``warn`` is set when, short of that, the
+    change reaches :data:`WARN_DECADES`: a fact about this model's profile (a rate
+    extrapolated past the model's depth is never reported).
     """
 
     profile: GradientProfile
@@ -574,22 +664,24 @@ WARN_DECADES = 2.0
 
 
 def gradient_crossing(analysis: Analysis, direction: int) -> GradientCrossing | None:
-    """The crossing of ``10 ** (direction * crossing_decades)`` times the last layer's
-    gradient: ``direction`` +1 for growth toward the input (exploding, judged on the
-    scale-free layers: see :func:`gradient_profile`), -1 for decay (vanishing). None when
+    """Whether the gradient moves past ``10 ** (direction * crossing_decades)`` from the
+    output's end of the network to the input's (:attr:`GradientProfile.change_decades`):
+    ``direction`` +1 for growth toward the input (exploding, judged on the scale-free
+    layers: see :func:`gradient_profile`), -1 for decay (vanishing). ``cross`` is then the
+    layer nearest the output past that limit relative to the late median. None when
     there is no profile."""
     prof = gradient_profile(analysis, scale_free=direction > 0)
     if prof is None:
         return None
     decades = analysis.config["settings"].crossing_decades
     limit = 10.0 ** (direction * decades)
-    last = prof.grads[-1]
-    if direction > 0:
-        past = [i for i, g in enumerate(prof.grads) if g >= last * limit]
-    else:
-        past = [i for i, g in enumerate(prof.grads) if g <= last * limit]
-    cross = max(past) if past else None
-    warn = cross is None and direction * prof.end_to_end_decades >= min(WARN_DECADES, decades)
+    change = direction * prof.change_decades
+    cross = None
+    if change >= decades:
+        late = prof.late
+        past = [i for i, g in enumerate(prof.grads) if (g >= late * limit if direction > 0 else g <= late * limit)]
+        cross = max(past) if past else 0
+    warn = cross is None and change >= min(WARN_DECADES, decades)
     fix = culprit_fix(analysis, prof.layers) if cross is not None or warn else None
     return GradientCrossing(prof, limit, cross, warn, fix)
 

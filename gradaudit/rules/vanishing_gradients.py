@@ -18,11 +18,16 @@ class VanishingGradients(Rule):
     of a conv, sequence positions of a linear layer; 1 in an MLP): dL/dW sums over
     them, so a global average pool, which divides each position's gradient by P, does
     not read as vanishing. The per-layer table's `layer grad` column, the headline and
-    this rule all quote this one quantity. Error: a weight layer gets at most 1e-3
-    the last weight layer's G (the message gives the end-to-end factor and the first
-    layer past the limit). Warning: none is past it, but G already changes by 100x or
-    more end to end in that direction (a trend extrapolated past the model's own depth
-    is never reported).
+    this rule all quote this one quantity. The figure judged is the change of G from the
+    last weight layer to the first, estimated from the medians of the last and the
+    first quarter of the weight layers and scaled to the model's depth (in a model of
+    fewer than 8 weight layers, the last and the first layer themselves). Gradients
+    that vanish or explode compound with depth; comparing groups keeps one layer's
+    structural dip (a projection behind a LayerNorm over a
+    large residual stream, a classifier on pooled features) from reading as one. Error:
+    the gradient falls past 1e-3 that way (the message names the layer nearest the
+    output already past it). Warning: short of that, it already changes by 100x (a
+    trend extrapolated past the model's own depth is never reported).
     The profile judged is the probe's measurement when `--probe` ran, else the
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or

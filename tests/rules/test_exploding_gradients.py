@@ -8,8 +8,8 @@ from shown import shows
 CODE = "GA102"
 
 CASES = [
-    pytest.param(lambda: mlp(24, 64, nn.ReLU, scaled(4.0)), ("4", "error"), id="relu-twice-he-24"),
-    pytest.param(lambda: mlp(16, 64, nn.Tanh, normal(1.0)), ("10", "error"), id="tanh-normal-1"),
+    pytest.param(lambda: mlp(24, 64, nn.ReLU, scaled(4.0)), ("0", "error"), id="relu-twice-he-24"),
+    pytest.param(lambda: mlp(16, 64, nn.Tanh, normal(1.0)), ("8", "error"), id="tanh-normal-1"),
     pytest.param(lambda: mlp(16, 64, nn.ReLU, scaled(4.0)), ("0", "warning"), id="relu-twice-he-16"),
     pytest.param(lambda: mlp(12, 64, nn.ReLU, scaled(4.0)), None, id="relu-twice-he-12"),
     pytest.param(lambda: mlp(24, 64, nn.ReLU, he), None, id="relu-he-24"),

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch.nn as nn
-from rulemodels import audit, he, lecun, measure_layers, mlp, x_for
+from rulemodels import normal, audit, he, lecun, measure_layers, mlp, x_for
 
 CODE = "GA202"
 
@@ -18,6 +18,9 @@ CASES = [
     # Xavier before ReLU is exactly 2x below He: GA203's pattern, not this rule's
     pytest.param(lambda: mlp(30, 64, nn.ReLU, nn.init.xavier_normal_), None, id="relu-xavier"),
     pytest.param(lambda: mlp(2, 64, nn.ReLU), None, id="single-hidden-layer"),
+    pytest.param(lambda: mlp(5, 64, nn.ReLU), ("0", "warning"), id="four-hidden-layers"),
+    # two layers (a residual branch's MLP with a small init) scale the branch, no depth effect
+    pytest.param(lambda: mlp(2, 64, nn.ReLU, normal(0.02)), None, id="two-layers-small-init"),
 ]
 
 

@@ -12,9 +12,9 @@ CODE = "GA101"
 
 CASES = [
     # (model, expected (module, severity) or None); every case is also measured.
-    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), ("12", "error"), id="sigmoid-xavier"),
-    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_, norm=nn.LayerNorm), ("9", "error"), id="sigmoid-layernorm"),
-    pytest.param(lambda: mlp(12, 64, nn.ReLU), ("6", "error"), id="relu-default-init"),
+    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), ("10", "error"), id="sigmoid-xavier"),
+    pytest.param(lambda: mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_, norm=nn.LayerNorm), ("6", "error"), id="sigmoid-layernorm"),
+    pytest.param(lambda: mlp(12, 64, nn.ReLU), ("4", "error"), id="relu-default-init"),
     pytest.param(lambda: mlp(16, 64, nn.Tanh, scaled(0.5), bias=False), ("0", "warning"), id="tanh-half-gain-16"),
     pytest.param(lambda: mlp(12, 64, nn.Tanh, scaled(0.5), bias=False), None, id="tanh-half-gain-12"),
     pytest.param(lambda: mlp(12, 64, nn.ReLU, he), None, id="relu-he"),
