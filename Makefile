@@ -73,6 +73,7 @@ bench: $(PY_DEPS)
 	$(PY) benchmarks/bench_static.py
 	$(PY) benchmarks/bench_probe.py
 	$(PY) benchmarks/bench_export.py
+	$(PY) benchmarks/accuracy.py
 
 # The generated catalog (rules/, from the rule docstrings) and gallery (reports/, the
 # HTML, SARIF and JSON reports of every example); tests fail when the committed ones are stale.

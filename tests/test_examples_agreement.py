@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import runpy
+import statistics
 import sys
 
 import pytest
@@ -135,12 +136,14 @@ def test_example_verdict(name):
 
 
 def test_deep_sigmoid_vanishing_finding_at_the_measured_layer():
-    """GA101 names the layer where the gradient crosses 1e-3 of the last weight layer's
-    (counting from the output). Measured and predicted RMS agree within a factor 2 and
-    this model's gradient falls ~0.73x per layer, so the crossing may shift by
+    """GA101 names the layer nearest the output whose gradient is past 1e-3 of the median
+    of the last quarter of the weight layers (the last layer alone, a classifier, carries
+    a structural jump). Measured and predicted RMS agree within a factor 2 and this
+    model's gradient falls ~0.73x per layer, so the crossing may shift by
     log(2) / log(1 / 0.73) = 2.2 layers: we allow 3."""
     nodes, grads = _measured_weight_grads("deep_sigmoid")
-    limit = 1e-3 * grads[-1]
+    quarter = max(1, len(grads) // 4)
+    limit = 1e-3 * statistics.median(grads[-quarter:])
     measured = max(i for i, g in enumerate(grads) if g <= limit)
     ns = runpy.run_path(os.path.join(EXAMPLES, "deep_sigmoid.py"))
     report = gradaudit.audit(ns["model"], ns["example_inputs"])
