@@ -24,6 +24,7 @@ from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import SEVERITY_ORDER, Finding, all_rules, resolve_codes
+from gradaudit.serial import serial
 from gradaudit.state import preserved
 
 
@@ -208,7 +209,8 @@ def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> 
     constant)."""
     from gradaudit.propagation.inputs import input_statistics
 
-    stats_by_name: dict[str, Any] = input_statistics(graph, inputs)  # the example inputs' own moments
+    with serial():  # small tensor work: see gradaudit.serial
+        stats_by_name: dict[str, Any] = input_statistics(graph, inputs)  # the example inputs' own moments
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
         args = graph.input_args or [str(i) for i in range(len(graph.input_names))]
@@ -247,13 +249,14 @@ _STAGE_EVIDENCE = {"static": None, "probe": "probe", "gradcheck": "gradcheck"}
 def run_rules(analysis: Analysis, codes: set[str]) -> list[Finding]:
     """The rule catalog, once, over all the evidence ``analysis`` holds."""
     findings: list[Finding] = []
-    for code, cls in all_rules().items():
-        if code not in codes or cls.stage not in _STAGE_EVIDENCE:
-            continue  # (the "suppression" stage, GA901, runs with the suppressions)
-        needs = _STAGE_EVIDENCE[cls.stage]
-        if needs is not None and analysis.config.get(needs) is None:
-            continue
-        findings.extend(cls().check(analysis))
+    with serial():  # small tensor work: see gradaudit.serial
+        for code, cls in all_rules().items():
+            if code not in codes or cls.stage not in _STAGE_EVIDENCE:
+                continue  # (the "suppression" stage, GA901, runs with the suppressions)
+            needs = _STAGE_EVIDENCE[cls.stage]
+            if needs is not None and analysis.config.get(needs) is None:
+                continue
+            findings.extend(cls().check(analysis))
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
     return findings
 

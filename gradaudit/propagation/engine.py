@@ -36,6 +36,7 @@ from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
+from gradaudit.serial import serial
 from gradaudit.propagation.moments import (
     channel_points,
     coherent_moment,
@@ -166,6 +167,8 @@ class Engine:
         # root -> (E[phi'^2], E[phi'_i phi'_j] same sample, E[phi']^2) of its lone member
         self.single_d2: dict[str, tuple] = {}
         self._rho_cache: dict[str, torch.Tensor | None] = {}
+        # root -> (channel -> distinct law index or None, the laws' means, variances)
+        self._inv: dict[str, tuple] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -308,24 +311,61 @@ class Engine:
         return vals, leaf_t
 
     def _points(self, root: str, window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quadrature nodes for the root's distribution: (nodes,) or (nodes, C).
+        """Quadrature nodes for the root's distribution: (nodes,) or (nodes, U), one
+        column per distinct channel distribution (:meth:`_distinct`; :meth:`_cols`
+        spreads a column result back to the C channels).
 
         With ``window`` k > 1 the weights are those of the maximum of k independent
         draws, k phi(z) Phi(z)^(k-1) (max pooling's arg-max)."""
         rs = self.leaf_stats(root)
+        if rs.has_channels:
+            mean, var = self._distinct(root)
         if _skewed(rs):
-            if rs.has_channels:
-                mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
-                x, w = gamma_points(mean, var, True)
-            else:
-                x, w = gamma_points(rs.mean, rs.var, False)
+            x, w = gamma_points(mean, var, True) if rs.has_channels else gamma_points(rs.mean, rs.var, False)
         elif rs.has_channels:
-            x, w = channel_points(*rs.channels(rs.axis, rs.ch_mean.numel()))
+            x, w = channel_points(mean, var)
         else:
             x, w = gaussian_points(rs.mean, rs.var)
         if window > 1:
             w = max_of_k_weights(window, rs.has_channels)
         return x, w
+
+    def _distinct(self, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var) of the root's distinct channel distributions. Channels whose mean
+        and standard deviation agree to DISTINCT_TOL of the layer's RMS share one set of
+        quadrature nodes (after a BatchNorm at its default affine every channel has the
+        same law, up to rounding): the chain is evaluated once per distinct law instead
+        of once per channel. Not when a member has per-channel parameters (PReLU)."""
+        if root not in self._inv:
+            rs = self.leaf_stats(root)
+            mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
+            inv = None
+            if DISTINCT_TOL > 0 and not any(self.graph[m].params for m in self.groups.get(root, [])):
+                std = var.clamp_min(0.0).sqrt()
+                unit = DISTINCT_TOL * max(float((mean * mean + var).mean().sqrt()), 1e-300)
+                k1, k2 = torch.round(mean / unit), torch.round(std / unit)
+                k1, k2 = k1 - k1.min(), k2 - k2.min()
+                span = float(k2.max()) + 1
+                if float(k1.max()) * span < 2.0**52:  # one exact float key per (mean, std) cell
+                    uniq, inv = torch.unique(k1 * span + k2, return_inverse=True)
+                    if uniq.numel() > mean.numel() // 2:
+                        inv = None  # little to share
+            if inv is None:
+                self._inv[root] = (None, mean, var)
+            else:
+                n = torch.zeros(uniq.shape[0], dtype=torch.float64).index_add_(0, inv, torch.ones_like(mean))
+                mean_u = torch.zeros_like(n).index_add_(0, inv, mean) / n
+                var_u = torch.zeros_like(n).index_add_(0, inv, var) / n
+                self._inv[root] = (inv, mean_u, var_u)
+        _, mean, var = self._inv[root]
+        return mean, var
+
+    def _cols(self, root: str, t):
+        """A per-column result (last dim U) of :meth:`_points` spread to the C channels."""
+        entry = self._inv.get(root)
+        if entry is None or entry[0] is None or not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        return t[..., entry[0]]
 
     def fused_max_moments(self, name: str, window: int):
         """E[max] and E[max^2] over windows of ``window`` values of fused node ``name``,
@@ -346,11 +386,13 @@ class Engine:
             return None
         _, wm = self._points(root, window)
         wm = wm.unsqueeze(1) if y.dim() == 2 else wm
-        return (wm * y).sum(0), (wm * y * y).sum(0)
+        return self._cols(root, (wm * y).sum(0)), self._cols(root, (wm * y * y).sum(0))
 
     def _forward_fused(self, node: Node, root: str) -> None:
         self.roots[node.name] = root
         self.groups.setdefault(root, []).append(node.name)
+        if node.params:  # per-channel parameters: the channels' columns can no longer be shared
+            self._inv.pop(root, None)
         x, w = self._points(root)
         single = len(self.groups[root]) == 1
         with torch.enable_grad() if single else torch.no_grad():
@@ -364,7 +406,7 @@ class Engine:
                 self.single_d2[root] = (*self._derivative_moments(root, w, d), align)
         y = y.detach()
         rs = self.leaf_stats(root)
-        mean, m2 = _expect(w, y), _expect(w, y * y)
+        mean, m2 = self._cols(root, _expect(w, y)), self._cols(root, _expect(w, y * y))
         cov = self._coherent(root, mean, m2, y)
         if y.dim() == 2:
             out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)
@@ -406,19 +448,19 @@ class Engine:
         if rho is None:
             return torch.zeros_like(mean)
         if _weak(rho):  # first order of Mehler's series: a_1^2 rho
-            return hermite_coefficients(y, y.dim() == 2, 1)[1] ** 2 * rho
-        coef = hermite_coefficients(y, y.dim() == 2)
+            return self._cols(root, hermite_coefficients(y, y.dim() == 2, 1)[1]) ** 2 * rho
+        coef = self._cols(root, hermite_coefficients(y, y.dim() == 2))
         return coherent_moment(coef, (m2 - mean * mean).clamp_min(0.0), rho)
 
     def _derivative_moments(self, root: str, w: torch.Tensor, d: torch.Tensor) -> tuple:
         """(E[d^2], E[d_i d_j] for two positions of a sample, E[d]^2) of a derivative d on
         the root's nodes: the gains of a gradient's total, coherent and batch-shared parts."""
-        d2 = _expect(w, d * d)
-        d1 = _expect(w, d)
+        d2 = self._cols(root, _expect(w, d * d))
+        d1 = self._cols(root, _expect(w, d))
         rho = self._rho(root)
         if rho is None or _weak(rho):  # the derivative's own coherence is second order then
             return d2, d1 * d1, d1 * d1
-        coef = hermite_coefficients(d, d.dim() == 2)
+        coef = self._cols(root, hermite_coefficients(d, d.dim() == 2))
         return d2, d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho), d1 * d1
 
     def _value_alignment(self, root: str, w: torch.Tensor, d: torch.Tensor, x: torch.Tensor):
@@ -427,7 +469,7 @@ class Engine:
         gradient independent of x would (0.16 for a ReLU of a centred unit Gaussian)."""
         dx = _expect(w, d * x.to(d.dtype))
         mx, md = _expect(w, x), _expect(w, d)
-        return dx * dx - mx * mx * md * md
+        return self._cols(root, dx * dx - mx * mx * md * md)
 
     def _backward_group(self, root: str, acc: dict[tuple[str, int], list]) -> None:
         """Set the gradient of every member of ``root``'s group and add its share to the root.
@@ -484,7 +526,7 @@ class Engine:
                     g_plain = g.g
                     for p in at_max.get(o, []):
                         g_plain = g_plain - p.value.g
-                        e_max = (max_w[p.window] * d * d).sum(0)
+                        e_max = self._cols(root, (max_w[p.window] * d * d).sum(0))
                         total = total + Grad(e_max * p.value.g, 0.0, 0.0, prof=g.prof)
                     total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof, align * g.s, align * g.x)
             if target == root:
@@ -539,6 +581,9 @@ class Engine:
                     part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
                 acc.setdefault((src, in_leaf), []).append(part)
 
+
+#: Channels whose laws agree to this fraction of the layer's RMS share quadrature nodes.
+DISTINCT_TOL = 1e-4
 
 #: Normalizations whose backward reads the gradient's correlation with their output.
 _CENTRING = frozenset({"batch_norm", "group_norm", "instance_norm"})
@@ -649,7 +694,9 @@ def _in_place(node: Node) -> bool:
 
 
 def propagate(graph: Graph, input_stats: dict[str, Stats | tuple[float, float]] | None = None) -> Analysis:
-    """Forward and backward moment propagation over ``graph``."""
-    return Engine(graph, input_stats).run()
+    """Forward and backward moment propagation over ``graph`` (on one intra-op thread:
+    :mod:`gradaudit.serial`)."""
+    with serial():
+        return Engine(graph, input_stats).run()
 
 
