@@ -258,6 +258,35 @@ def test_hand_written_normalization_is_finite_and_right(kind, eps):
     assert_agrees(HandNorm(kind, eps), (torch.randn(8, 16, 64),))
 
 
+class MaskedAttention(nn.Module):
+    """Causal attention whose mask is a buffer of -inf above the diagonal, added to the
+    scores (the way many decoders register it)."""
+
+    def __init__(self, d: int = 32, t: int = 12) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", torch.full((t, t), float("-inf")).triu(1))
+        self.d = d
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(self.d, -1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.d) + self.mask, -1)
+        return self.out(att @ v)
+
+
+def test_constant_with_infinite_entries_is_a_mask_not_a_gap():
+    """A constant holding -inf (a causal mask) has no finite moments; it gets none, and
+    the ops that read it (here the attention the capture recognises) model it as the
+    mask it is: every layer finite and within 2x."""
+    import gradaudit
+
+    torch.manual_seed(0)
+    model, inputs = MaskedAttention(), (torch.randn(4, 12, 32),)
+    report = gradaudit.audit(model, inputs)
+    assert report.verdict != "incomplete", [f.message for f in report.findings]
+    assert_agrees(model, inputs)
+
+
 # --------------------------------------------------------------------------- the example inputs' own statistics
 class GRULM(nn.Module):
     def __init__(self) -> None:

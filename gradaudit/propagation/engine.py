@@ -198,8 +198,11 @@ class Engine:
             self.stats[node.name] = [Stats(mean=mean, m2=std * std + mean * mean) if f else None for f in floating]
             return
         if node.op == "param":
+            # a constant with inf / nan entries (a causal mask of -inf, T5's log of a zero
+            # relative position before its bucket masks it) has no moments: it gets none,
+            # and the ops that read it see its values (an attention's mask) or stop there
             v = node.params.get("value")
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and bool(torch.isfinite(v).all()):
                 vd = v.detach().double()
                 self.stats[node.name] = [Stats(mean=float(vd.mean()), m2=float(vd.pow(2).mean()))]
             else:
