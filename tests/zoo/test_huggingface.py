@@ -58,13 +58,18 @@ def _models():
 MODELS = sorted(_models())
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_huggingface_model(name):
+def case(name: str):
+    """The model from its small config with its own init, and its keyword inputs."""
     build, inputs = _models()[name]
     T.logging.set_verbosity_error()
     torch.manual_seed(0)
+    return build(), inputs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_huggingface_model(name):
     # the model is no local of this frame: a failure's traceback must not keep it alive
-    check(audit_zoo(f"huggingface/{name}", build(), inputs))
+    check(audit_zoo(f"huggingface/{name}", *case(name)))
 
 
 def test_inputs_are_inferred_from_the_config():

@@ -74,10 +74,15 @@ def test_at_least_thirty_architectures():
     assert len(MODELS) >= 30
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_timm_model(name):
+def case(name: str):
+    """The model at timm's default init and its example inputs."""
     kwargs, size = MODELS[name]
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return timm.create_model(name, pretrained=False, **kwargs), (x,)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_timm_model(name):
     # the model is no local of this frame: a failure's traceback must not keep it alive
-    check(audit_zoo(f"timm/{name}", timm.create_model(name, pretrained=False, **kwargs), (x,)))
+    check(audit_zoo(f"timm/{name}", *case(name)))

@@ -37,9 +37,14 @@ def _build(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, **kwargs)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_torchvision_model(name):
+def case(name: str):
+    """The model at its default init and its example inputs."""
     size = SIZE.get(name, 64)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return _build(name), (x,)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_model(name):
     # the model is no local of this frame: a failure's traceback must not keep it alive
-    check(audit_zoo(f"torchvision/{name}", _build(name), (x,)))
+    check(audit_zoo(f"torchvision/{name}", *case(name)))

@@ -28,11 +28,16 @@ FRONTEND = {
 }
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_tutorial_model(name):
+def case(name: str):
+    """The file's model and example inputs, loaded as ``gradaudit check FILE`` loads them."""
     torch.manual_seed(0)
     loaded = load_target(str(MODELS / f"{name}.py"))
-    result = audit_zoo(f"tutorial/{name}", loaded.model, loaded.inputs)
-    del loaded  # a failure's traceback must not keep the model alive
+    return loaded.model, loaded.inputs
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_tutorial_model(name):
+    # the model is no local of this frame: a failure's traceback must not keep it alive
+    result = audit_zoo(f"tutorial/{name}", *case(name))
     assert result.frontend == FRONTEND.get(name, "fx")
     check(result)
