@@ -22,6 +22,17 @@ correlation rho = cov / var (the root's coherent share), Cov(f(x_i), f(x_j)) fol
 f's Hermite coefficients by Mehler's formula
 (:func:`~gradaudit.propagation.moments.coherent_moment`); the same holds for a
 derivative f', which carries a coherent gradient: E[f'(x_i) f'(x_j)] E[g_i g_j].
+
+Limits (measured by ``benchmarks/accuracy.py``): each layer's weights are taken as an
+independent draw. Layers that are deep copies of one layer start with the same weights
+(``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` clone the layer they are given):
+the same Jacobian then repeats block after block, its leading directions compound, and
+in a 24-block Post-LN stack the gradient near the input is predicted up to 2 decades
+below the measured one (Pre-LN: 0.3 decades at p90). BatchNorm over small groups
+overestimates the gradient's growth toward the input, block after block: about 0.009
+decades per block over 128 values (8x8 maps of 2 samples; 0.5 decades at the stem of
+64 blocks) and 0.03-0.05 per block over 8 (2x2 maps of 2 samples: the last stage of
+RegNet-400MF and ResNet-50 fed 64x64 images, 0.4-0.65 decades at their stems).
 """
 
 from __future__ import annotations
