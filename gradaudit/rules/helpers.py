@@ -571,6 +571,57 @@ def cut_off_by_degenerate_norms(analysis: Analysis) -> set[str]:
     return {n.name for n in graph if n.name not in free}
 
 
+#: Ops between q @ k^T and the softmax that keep it "the logits" (scaling, masking).
+LOGIT_PATH = TRANSPARENT | frozenset({"div", "mul", "masked_fill", "add", "sub", "float", "to"})
+#: Ops between a projection and the q or k operand of attention (layout, scaling).
+_SCORE_PATH = TRANSPARENT | frozenset({"mul", "div"})
+_QK_MATMUL = frozenset({"matmul", "einsum", "bmm"})
+_FUSED_ATTENTION = frozenset({"scaled_dot_product_attention"})
+
+
+def _feeds_softmax(analysis: Analysis, node: Node) -> bool:
+    """Whether ``node``'s output reaches a softmax through logit ops only (q @ k^T)."""
+    users = analysis.next_nodes(node, LOGIT_PATH)
+    return bool(users) and all(u.op in ("softmax", "log_softmax") for u in users)
+
+
+def score_side(analysis: Analysis, node: Node) -> bool:
+    """Whether every path from ``node``'s output to the loss goes through attention
+    logits, as the query or the key: a q or k projection (through layout and scaling
+    ops into ``q @ k^T`` before a softmax, or into the first two operands of
+    ``scaled_dot_product_attention``).
+
+    Such a layer's weight gradient is dL/d(logits) times the other operand: with the
+    small q/k initialisations transformers use (std 0.02) the logits are near zero, the
+    attention near uniform, and the q/k weight gradients are 100-1000x below the value and
+    MLP projections' at init, while the gradient along the residual stream is intact
+    (Noci et al., "Signal Propagation in Transformers", NeurIPS 2022, on the vanishing
+    query/key gradients of uniform attention). It measures the attention's temperature,
+    not the gradient's passage through depth, which is what the vanishing/exploding
+    rules judge; the temperature has its own rule (GA402).
+    """
+    stack = [(node.name, u) for u in analysis.users(node.name)]
+    if not stack:
+        return False
+    seen: set[tuple[str, str]] = set()
+    while stack:
+        src, user = stack.pop()
+        if (src, user.name) in seen:
+            continue
+        seen.add((src, user.name))
+        if user.op in _SCORE_PATH:
+            nxt = analysis.users(user.name)
+            if not nxt:
+                return False
+            stack.extend((user.name, v) for v in nxt)
+        elif user.op in _FUSED_ATTENTION:
+            if src not in user.inputs[:2] or src in user.inputs[2:]:
+                return False
+        elif not (user.op in _QK_MATMUL and _feeds_softmax(analysis, user)):
+            return False
+    return True
+
+
 def _finite_layers(analysis: Analysis) -> list | None:
     """The weight layers, or None when one of them lacks finite statistics (an
     incomplete prediction is reported by GA001, never judged)."""
@@ -595,7 +646,9 @@ def gradient_profile(
     - else the prediction.
 
     Layers whose gradient a normalization over one or two values cuts off (GA305: an
-    artefact of the example batch) never count. With ``scale_free`` only the weight
+    artefact of the example batch) never count, nor do attention's query and key
+    projections (:func:`score_side`: their gradient measures the attention's
+    temperature, not depth). With ``scale_free`` only the weight
     layers whose output no normalization rescales
     (:func:`followed_by_norm`) count. A layer followed by BatchNorm/LayerNorm is
     scale-invariant: a large gradient grows its weight norm, which shrinks its next
@@ -611,7 +664,10 @@ def gradient_profile(
     layers = _finite_layers(analysis)
     if layers is not None:
         cut = cut_off_by_degenerate_norms(analysis)
-        layers = [n for n in layers if n.name not in cut and not (scale_free and followed_by_norm(analysis, n))]
+        layers = [
+            n for n in layers
+            if n.name not in cut and not score_side(analysis, n) and not (scale_free and followed_by_norm(analysis, n))
+        ]
     if layers is None or len(layers) < 2:
         return None
     probe = analysis.config.get("probe") if measured else None

@@ -6,10 +6,7 @@ import math
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import TRANSPARENT, fmt, module_expr, where
-
-#: Ops between q @ k^T and the softmax that keep it "the logits" (scaling, masking).
-_LOGIT_PATH = TRANSPARENT | frozenset({"div", "mul", "masked_fill", "add", "sub", "float", "to"})
+from gradaudit.rules.helpers import LOGIT_PATH, TRANSPARENT, fmt, module_expr, where
 _SCALING = frozenset({"div", "mul"})
 
 
@@ -166,7 +163,7 @@ def _find_qk(analysis, node):
     for _ in range(16):
         if cur.op in ("matmul", "einsum") and len(cur.inputs) >= 2:
             return cur, scaled
-        if cur.op not in _LOGIT_PATH or not cur.inputs:
+        if cur.op not in LOGIT_PATH or not cur.inputs:
             return None, scaled
         if cur.op in _SCALING:
             scaled = True
