@@ -73,6 +73,9 @@ bench: $(PY_DEPS)
 	$(PY) benchmarks/bench_static.py
 	$(PY) benchmarks/bench_probe.py
 	$(PY) benchmarks/bench_export.py
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_meta.py
 	$(PY) benchmarks/accuracy.py
 
 # The generated catalog (rules/, from the rule docstrings) and gallery (reports/, the

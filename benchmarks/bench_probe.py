@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 1.5
-MODELS = ("resnet18", "relu_he_30", "deep_sigmoid")
+MODELS = ("resnet18", "relu_he_30", "relu_xavier_30", "deep_sigmoid")
 
 
 def load(name: str):

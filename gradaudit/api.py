@@ -42,7 +42,7 @@ class Settings:
 
 
 def audit(
-    model: nn.Module,
+    model: Any,
     example_inputs: Any = None,
     *,
     probe: bool = False,
@@ -64,6 +64,9 @@ def audit(
 ) -> AuditReport:
     """Audit ``model`` for vanishing and exploding gradients at initialisation.
 
+    ``model``: an ``nn.Module``, or an ONNX model (a ``.onnx`` path, an
+    ``onnx.ModelProto``, or :func:`gradaudit.frontends.onnx_load.load`'s result), whose
+    example inputs are positional in graph-input order or keyword by input name.
     ``example_inputs``: a tensor, a tuple (positional inputs, nested tuples allowed), a dict
     of keyword inputs, or an :class:`~gradaudit.frontends.signature.ExampleCall`; numbers,
     bools, ``None`` and strings among them are constants of the graph. Inferred when
@@ -99,8 +102,7 @@ def audit(
     The model is left exactly as found: parameters, buffers, modes, ``requires_grad``,
     ``.grad``, hooks and the global RNG states.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"audit() needs an nn.Module, got {type(model).__name__}")
+    model = _onnx_model(model)
     opts = AuditOptions(
         probe=probe, draws=draws, loss_fn=loss_fn, batch=batch, gradcheck=gradcheck,
         gradcheck_modules=tuple(gradcheck_modules or ()), dtype=dtype, device=device, inputs_path=inputs_path,
@@ -111,7 +113,7 @@ def audit(
 
 
 def run(
-    model: nn.Module,
+    model: Any,
     example_inputs: Any,
     opts: AuditOptions,
     *,
@@ -132,23 +134,39 @@ def run(
     from gradaudit.probe import stage
 
     codes = _selected_codes(select, ignore)
-    with preserved(model):  # batches may draw from the RNGs: the audit leaves them as found
+    from gradaudit.frontends import meta
+
+    onnx = not isinstance(model, nn.Module)
+    if opts.measures and not onnx:
+        meta.refuse_measurement(model)
+    # batches may draw from the RNGs: the audit leaves them as found
+    with preserved(None if onnx else model):
         example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
-        if example_inputs is None:
+        # a model on the meta device is read through a CPU stand-in holding one draw per
+        # distinct layer (the model itself stays on meta)
+        subject = meta.stand_in(model) if not onnx and meta.is_meta(model) else model
+        if example_inputs is None and onnx:
+            from gradaudit.frontends.onnx_load import example_inputs as declared_inputs
+
+            example_inputs, inferred, declared_stats = declared_inputs(model)
+            input_source, input_stats = input_source or inferred, input_stats or declared_stats
+        elif example_inputs is None:
             from gradaudit.loading import infer_inputs
 
-            example_inputs, inferred = infer_inputs(model)
+            example_inputs, inferred = infer_inputs(subject)
             input_source = input_source or inferred
         from gradaudit.frontends.signature import ExampleCall
 
-        inputs = ExampleCall.of(example_inputs)
+        inputs = ExampleCall.of(meta.real_inputs(example_inputs) if subject is not model else example_inputs)
         input_source = input_source or "given"
         try:
-            graph = capture(model, inputs)
+            # the hook capture runs a real forward pass: not on a model too big to allocate
+            graph = capture(subject, inputs, frontends=None if subject is model else ("fx", "export"))
             analysis = analyse(graph, inputs, input_stats, settings)
-            analysis.coverage = coverage.check(analysis, model_has_parameters=any(True for _ in model.parameters()))
+            has_parameters = any(n.params for n in graph) if onnx else any(True for _ in model.parameters())
+            analysis.coverage = coverage.check(analysis, model_has_parameters=has_parameters)
         except CaptureError as exc:
-            if not opts.probe or isinstance(exc, ModelCallError):
+            if not opts.probe or onnx or isinstance(exc, ModelCallError):
                 raise
             # no capture worked: the probe still measures, at the model's layers
             analysis, codes = unpredicted(model, inputs, exc), {c for c in codes if all_rules()[c].stage != "static"}
@@ -158,15 +176,20 @@ def run(
         from gradaudit.suppress import UNUSED_CODE
         from gradaudit.suppress import apply as apply_suppressions
 
-        findings, suppressed, unused = apply_suppressions(
-            findings, analysis.graph, model, opts.per_module_ignores or None, target=target,
-            report_unused=UNUSED_CODE in codes,
+        findings, suppressed, unused = apply_suppressions(  # an ONNX file has no source lines
+            findings, analysis.graph, None if onnx else model, opts.per_module_ignores or None,
+            target=None if onnx else target, report_unused=UNUSED_CODE in codes,
         )
         findings = sorted(findings + unused, key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
         report = build_report(
-            analysis, findings, target=target or type(model).__name__, input_source=input_source, inputs=inputs
+            analysis, findings, target=target or getattr(model, "label", type(model).__name__),
+            input_source=input_source, inputs=inputs,
         )
         report.suppressed = suppressed
+        if onnx:
+            from gradaudit.frontends.onnx_load import versions
+
+            report.environment.update(versions())
         stage.attach(report, analysis, opts)
         report.environment["static_seconds"] = round(static_seconds, 4)
     return report
@@ -189,14 +212,37 @@ def unpredicted(model: nn.Module, inputs: Any, error: CaptureError) -> Analysis:
     return analysis
 
 
-def capture(model: nn.Module, inputs: Any) -> Graph:
+def capture(model: Any, inputs: Any, frontends: tuple[str, ...] | None = None) -> Graph:
     """Model -> IR with the cheapest frontend that works: torch.fx, else torch.export,
     else the hook capture (:mod:`gradaudit.frontends.chain`); the graph's notes say why
     the cheaper ones failed. ``inputs``: a tensor, a tuple, a dict of keyword inputs or
-    an :class:`~gradaudit.frontends.signature.ExampleCall`."""
+    an :class:`~gradaudit.frontends.signature.ExampleCall`; ``frontends`` restricts the
+    chain to the ones named. An ONNX model goes through the ONNX frontend
+    (:mod:`gradaudit.frontends.onnx`)."""
+    if not isinstance(model, nn.Module):
+        from gradaudit.frontends import onnx
+
+        return onnx.capture(model, inputs)
     from gradaudit.frontends.chain import capture as chain
 
-    return chain(model, inputs)
+    return chain(model, inputs, frontends)
+
+
+def _onnx_model(model: Any) -> Any:
+    """``model`` itself for an ``nn.Module``; an ONNX model (loaded by
+    :func:`gradaudit.frontends.onnx_load.load`, an ``onnx.ModelProto`` or a path to a
+    ``.onnx`` file) as an :class:`~gradaudit.frontends.onnx_load.OnnxModel`."""
+    if isinstance(model, nn.Module):
+        return model
+    from gradaudit.frontends import onnx_load
+
+    if isinstance(model, onnx_load.OnnxModel):
+        return model
+    if isinstance(model, str) and model.lower().endswith(".onnx"):
+        return onnx_load.load(model)
+    if type(model).__name__ == "ModelProto":
+        return onnx_load.from_proto(model)
+    raise ConfigError(f"audit() needs an nn.Module or an ONNX model, got {type(model).__name__}")
 
 
 def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:

@@ -141,6 +141,20 @@ class _MeanStd(click.ParamType):
         return mean, std
 
 
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from gradaudit.frontends.onnx_load import parse_size
+
+        try:
+            return parse_size(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _codes(values: tuple[str, ...]) -> list[str] | None:
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
     return out or None
@@ -184,9 +198,11 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False),
               help="Fail only on findings not recorded in this baseline file.")
 @click.option("--update-baseline", is_flag=True, help="Record today's findings in the --baseline file.")
+@click.option("--max-model-size", type=_Size(), default=None,
+              help="Largest ONNX model to load: file, external data and folded constants [default: 4GiB].")
 def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, output, select, ignore, fail_on,
           exit_zero, skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
-          gradcheck_modules, baseline_path, update_baseline):
+          gradcheck_modules, baseline_path, update_baseline, max_model_size):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
     \b
@@ -235,7 +251,7 @@ def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, o
             if not (skip_missing and _no_torch(spec)):
                 try:
                     report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options,
-                                        dict(enumerate(input_moments)))
+                                        dict(enumerate(input_moments)), max_model_size)
                 except GradauditError as exc:
                     from gradaudit.loading import NoModelFound
 
@@ -360,12 +376,13 @@ def _settings(config):
     return Settings(**values, extra=extra)
 
 
-def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, moments=None):
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, moments=None, max_model_size=None):
     from gradaudit.api import run
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
 
-    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range)
+    loaded = load_target(spec, input_shapes=shapes, input_dtype=dtype, input_range=value_range,
+                         max_model_size=max_model_size)
     options, inputs, input_source = _file_loss(options, loaded)
     try:
         return run(

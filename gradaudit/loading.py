@@ -2,7 +2,8 @@
 
 A target is ``path/to/file.py[:attr]``, ``package.module:attr`` or ``model.onnx``.
 Loading a Python target *runs the user's file* (as pytest or uvicorn do): only point
-gradaudit at code you trust. Nothing is ever unpickled here.
+gradaudit at code you trust. Nothing is ever unpickled here. An ONNX file is data, not
+code: it is read and checked without executing anything (:mod:`gradaudit.frontends.onnx_load`).
 
 Which object is the model:
 
@@ -76,18 +77,23 @@ def load_target(
     input_shapes: list[tuple[int, ...]] | None = None,
     input_dtype: str | None = None,
     input_range: tuple[float, float] | None = None,
+    max_model_size: int | None = None,
 ) -> Loaded:
-    """Load ``spec`` into a :class:`Loaded`; raise :class:`LoadError` on any problem."""
+    """Load ``spec`` into a :class:`Loaded`; raise :class:`LoadError` on any problem.
+
+    A ``model.onnx`` target loads through :func:`gradaudit.frontends.onnx_load.load`
+    (``max_model_size`` caps its bytes); its inputs are the graph's declared ones."""
     import torch.nn as nn
 
     spec = spec.strip()
     if spec.lower().endswith(".onnx"):
-        if not os.path.isfile(spec):
+        if not os.path.exists(spec):
             raise LoadError(f"{spec}: no such file")
-        raise LoadError(
-            f"{spec}: ONNX targets need the onnx frontend (gradaudit.frontends.onnx), which this version of "
-            "gradaudit does not include yet; audit the PyTorch model instead"
-        )
+        from gradaudit.frontends import onnx_load
+
+        onnx_model = onnx_load.load(spec, max_model_size)
+        inputs, source, stats = onnx_load.example_inputs(onnx_model, input_shapes, input_dtype, input_range)
+        return Loaded(model=onnx_model, inputs=inputs, input_source=source, target=spec, input_stats=stats)
     namespace, label, attr = _import_target(spec)
     model, factory_inputs, factory = _resolve(namespace, label, attr, nn)
     source = None

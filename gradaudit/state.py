@@ -73,7 +73,7 @@ def preserved(model: nn.Module | None) -> Iterator[None]:
     requires = [(p, p.requires_grad) for _, p in params]
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params]
     buffers = [(m, name, b, None if b is None else b.detach().clone()) for m in modules for name, b in m._buffers.items()]
-    hooks = [(m, attr, dict(getattr(m, attr))) for m in modules for attr in _HOOK_DICTS if hasattr(m, attr)]
+    hooks = [(m, attr, dict(m.__dict__[attr])) for m in modules for attr in _HOOK_DICTS if attr in m.__dict__]
     global_grad = torch.is_grad_enabled()
     try:
         yield

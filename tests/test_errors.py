@@ -107,7 +107,7 @@ def _factory_needs_args(write):
 
 def _onnx(write):
     write("m.onnx", "x")
-    return ["check", "m.onnx"], ["ONNX targets need the onnx frontend"]
+    return ["check", "m.onnx"], ["m.onnx: not an ONNX model"]
 
 
 def _binary_file(write):

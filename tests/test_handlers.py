@@ -663,3 +663,17 @@ def test_fused_elementwise_chain(name):
     assert _rel(pred_grad, want_gain) <= 0.01, table
     assert _rel(pred_act, meas[out.name][0]) <= EXACT, table
     assert _rel(pred_grad, meas["front"][1]) <= EXACT, table
+
+
+def test_activation_of_values_whose_squares_overflow_float32():
+    """Values near 3e19 are finite in float32 but their squares are not: the activation's
+    second moment is still finite and matches real autograd (deep unnormalised networks
+    reach such values)."""
+    model, inputs = Unary(nn.ReLU(), front(16, mean=3e19, std=1.0, conv=2)), (randn(8, 16, 8, 8),)
+    graph = trace(model, inputs)
+    analysis = propagate(graph)
+    out = graph[graph.output_refs[0]]
+    meas = measure_moments(model, inputs, draws=2)
+    pred_act, pred_grad = analysis.stat(out.name).act_rms, analysis.stat("front").grad_rms
+    assert _rel(pred_act, meas[out.name][0]) <= EXACT, (pred_act, meas[out.name])
+    assert _rel(pred_grad, meas["front"][1]) <= EXACT, (pred_grad, meas["front"])

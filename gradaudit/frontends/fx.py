@@ -11,6 +11,7 @@ touched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import logging
@@ -248,8 +249,10 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_internal(path: str) -> bool:
-    """Frames of torch, of gradaudit itself, or without a real file."""
+    """Frames of torch, of gradaudit itself, or without a real file (cached: every
+    traced node asks for each frame of its stack)."""
     if path.startswith("<"):
         return True
     apath = os.path.abspath(path)

@@ -74,7 +74,14 @@ def gather(model, inputs: tuple, analysis, opts: AuditOptions, settings, loss_ba
     from gradaudit.probe.gradients import probe
 
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    onnx = type(model).__name__ == "OnnxModel"
+    device = "cpu" if onnx and opts.device == "auto" else resolve_device(opts.device)
+    if onnx:
+        from gradaudit.errors import ConfigError
+
+        if opts.gradcheck:
+            raise ConfigError("--gradcheck checks custom autograd code of a PyTorch model; an ONNX graph has none")
+        from gradaudit.probe.onnx import probe
     if opts.probe:
         analysis.config["probe"] = probe(
             model, inputs, analysis, draws=opts.draws, device=device, dtype=opts.dtype, settings=settings,
@@ -111,6 +118,8 @@ def attach(report, analysis, opts: AuditOptions) -> None:
             layer.measured = Moments(m.act_rms, m.grad_rms, layer_gradient(node, m.grad_rms) if layer.depth else None)
             layer.extra["measured_weight_grad_rms"] = _num(m.weight_grad_rms)
             layer.extra["measured_grad_weight_ratio"] = _num(m.grad_weight_ratio)
+            if hasattr(result, "layer_extra"):  # the ONNX probe's finite-difference uncertainties
+                layer.extra.update(_num(result.layer_extra(layer.node)))
             lm = result.loss.layers.get(layer.node) if result.loss is not None else None
             if lm is not None and lm.grad_draws:
                 layer.extra["loss_grad_rms"] = _num(lm.grad_rms)

@@ -400,7 +400,7 @@ class Engine:
             return None
         _, wm = self._points(root, window)
         wm = wm.unsqueeze(1) if y.dim() == 2 else wm
-        return self._cols(root, (wm * y).sum(0)), self._cols(root, (wm * y * y).sum(0))
+        return self._cols(root, (wm * y).sum(0)), self._cols(root, (wm * _square(y)).sum(0))
 
     def _forward_fused(self, node: Node, root: str) -> None:
         self.roots[node.name] = root
@@ -420,7 +420,7 @@ class Engine:
                 self.single_d2[root] = (*self._derivative_moments(root, w, d), align)
         y = y.detach()
         rs = self.leaf_stats(root)
-        mean, m2 = self._cols(root, _expect(w, y)), self._cols(root, _expect(w, y * y))
+        mean, m2 = self._cols(root, _expect(w, y)), self._cols(root, _expect(w, _square(y)))
         cov = self._coherent(root, mean, m2, y)
         if y.dim() == 2:
             out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)
@@ -469,7 +469,7 @@ class Engine:
     def _derivative_moments(self, root: str, w: torch.Tensor, d: torch.Tensor) -> tuple:
         """(E[d^2], E[d_i d_j] for two positions of a sample, E[d]^2) of a derivative d on
         the root's nodes: the gains of a gradient's total, coherent and batch-shared parts."""
-        d2 = self._cols(root, _expect(w, d * d))
+        d2 = self._cols(root, _expect(w, _square(d)))
         d1 = self._cols(root, _expect(w, d))
         rho = self._rho(root)
         if rho is None or _weak(rho):  # the derivative's own coherence is second order then
@@ -698,6 +698,13 @@ def _expect(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     if values.dim() == 2:  # (nodes, C): one matrix-vector product in the values' dtype
         return (w.to(values.dtype) @ values).double()
     return (w * values.double()).sum()
+
+
+def _square(values: torch.Tensor) -> torch.Tensor:
+    """values^2 in float64: the per-channel nodes are float32, whose squares overflow from
+    |x| ~ 1.8e19 on although float32 holds the values themselves (activations of deep
+    unnormalised networks reach that)."""
+    return values.double().pow(2)
 
 
 def _in_place(node: Node) -> bool:

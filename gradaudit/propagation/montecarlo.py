@@ -4,7 +4,9 @@ The op is run once, on its own, on Gaussian inputs with the predicted mean and v
 and the node's real shapes; the output's moments are measured, and a backward pass with
 an N(0, 1) cotangent on each output measures the vector-Jacobian gain into each input.
 Parameters are read, never written: gradients are taken with ``torch.autograd.grad``
-with respect to the sampled inputs only, so no ``.grad`` is touched. Every estimated
+with respect to the sampled inputs only, so no ``.grad`` is touched. An op computed
+outside autograd (an ONNX node run by onnxruntime: ``fn.autograd`` is False) gets its
+gains from forward differences instead (:func:`_difference_gains`). Every estimated
 node is listed in the report.
 """
 
@@ -67,6 +69,9 @@ def estimate(node: Node, engine) -> Effect:
             stats.append(st)
         else:
             stats.append(None)
+    if not getattr(node.fn, "autograd", True):
+        gains = _difference_gains(callable_of(node), args, kwargs, leaves, outs, gen)
+        return Effect([None if s is None else _mark(s) for s in stats], gains)
     gains: list[tuple[str, int, int, float]] = []
     inputs = [x for _, _, x in leaves]
     for k, y in enumerate(outs):
@@ -81,6 +86,48 @@ def estimate(node: Node, engine) -> Effect:
             gain = 0.0 if g is None else float(g.detach().double().pow(2).mean())
             gains.append((name, leaf, k, gain))
     return Effect([None if s is None else _mark(s) for s in stats], gains)
+
+
+def _difference_gains(fn, args, kwargs, leaves, outs: list, gen) -> list[tuple[str, int, int, float]]:
+    """Gains of an op without autograd, by central differences along random directions.
+
+    The autograd estimate above is mean((J^T g)^2) over the input's n elements for
+    g ~ N(0, I), whose expectation is ||J||_F^2 / n. For v ~ N(0, I) on the input,
+    E||J v||^2 = ||J||_F^2 too (Hutchinson 1990), and J v = (f(x + h v) - f(x - h v)) / 2h
+    up to O(h^2); h is 1e-3 of the input's RMS, so each element moves by about 1e-3 of
+    its size. One direction per input, like the one cotangent of the autograd estimate.
+    """
+    gains = []
+    for name, leaf, x in leaves:
+        xd = x.detach()
+        v = torch.randn(xd.shape, generator=gen, dtype=torch.float32).to(xd.dtype)
+        h = 1e-3 * max(float(xd.double().pow(2).mean().sqrt()), 1e-6)
+        moved = []
+        for sign in (1.0, -1.0):
+            shifted = (xd + sign * h * v).to(xd.dtype)
+            with torch.no_grad():
+                out = fn(*_swap(args, x, shifted), **_swap(kwargs, x, shifted))
+            flat: list[Any] = []
+            _flatten(out, flat)
+            moved.append(flat)
+        for k, (yp, ym) in enumerate(zip(*moved)):
+            if isinstance(yp, torch.Tensor) and yp.is_floating_point() and isinstance(outs[k], torch.Tensor):
+                jv = (yp.double() - ym.double()) / (2 * h)
+                gains.append((name, leaf, k, float(jv.pow(2).sum()) / max(xd.numel(), 1)))
+    return gains
+
+
+def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    """``obj`` with the tensor ``old`` (by identity) replaced by ``new``."""
+    if obj is old:
+        return new
+    if isinstance(obj, tuple):
+        return tuple(_swap(o, old, new) for o in obj)
+    if isinstance(obj, list):
+        return [_swap(o, old, new) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _swap(v, old, new) for k, v in obj.items()}
+    return obj
 
 
 def _mark(s: Stats) -> Stats:

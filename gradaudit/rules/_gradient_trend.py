@@ -38,7 +38,7 @@ def check(rule, analysis, direction: int) -> Iterator:
                 source=prof.source, layers=len(layers))
     if c.cross is not None:
         node = layers[c.cross]
-        at = grads[c.cross] / prof.late
+        at = grads[c.cross] / prof.late if prof.late > 0 else 0.0  # the last layers' own gradient underflowed
         yield rule.finding(
             f"{head}; layer {c.cross + 1} ('{where(node)}') is the nearest the output past the {c.limit:.0e} limit, "
             f"at {_ratio(at)} {rel} the last layers'; {prof.rate_text} [{GRADIENT_TERM}]",

@@ -347,7 +347,9 @@ def _edges_from(analysis: Analysis, layer: Node, wset: set[str], residual: set[s
 
     Walks users with a state (crossed a norm, crossed a residual add), so each node is
     visited at most four times; an edge is ``norm`` / ``residual`` only if every path has
-    that crossing.
+    that crossing. A walk that has crossed one residual add stops at the next one: past
+    it lies the rest of the residual stream, whose layers the next blocks reach, so a
+    stack of n blocks costs O(n) walks of one block each, not O(n^2).
     """
     graph = analysis.graph
     seen: set[tuple[str, bool, bool]] = set()
@@ -364,6 +366,8 @@ def _edges_from(analysis: Analysis, layer: Node, wset: set[str], residual: set[s
             found[node.name] = (nrm, res) if old is None else (old[0] and nrm, old[1] and res)
             continue
         if node.op == "output":
+            continue
+        if res and node.name in residual:
             continue
         nrm2 = nrm or node.op in NORMS
         res2 = res or node.name in residual
