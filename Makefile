@@ -76,6 +76,7 @@ bench: $(PY_DEPS)
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_meta.py
+	$(PY) benchmarks/accuracy.py
 
 # The generated catalog (rules/, from the rule docstrings) and gallery (reports/, the
 # HTML, SARIF and JSON reports of every example); tests fail when the committed ones are stale.

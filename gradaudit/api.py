@@ -24,6 +24,7 @@ from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import SEVERITY_ORDER, Finding, all_rules, resolve_codes
+from gradaudit.serial import serial
 from gradaudit.state import preserved
 
 
@@ -87,8 +88,10 @@ def audit(
 
     Rules: ``select`` / ``ignore`` take rule codes or prefixes (``GA1``);
     ``per_module_ignores`` maps globs over qualified module names to codes not reported
-    there; ``settings`` holds thresholds (:class:`Settings`). ``input_stats`` gives
-    (mean, std) per input (default N(0, 1) per element). ``target`` and ``input_source``
+    there; ``settings`` holds thresholds (:class:`Settings`). The propagation starts from
+    the example inputs' own statistics (per channel; zeros and constants included);
+    ``input_stats`` overrides them with (mean, std) per input (std 0: a constant).
+    ``target`` and ``input_source``
     label the report.
 
     Returns an :class:`~gradaudit.report.model.AuditReport`: ``.verdict``, ``.ok``,
@@ -245,10 +248,15 @@ def _onnx_model(model: Any) -> Any:
 def analyse(graph: Graph, inputs: Any, input_stats: Any, settings: Settings) -> Analysis:
     """Propagation over ``graph``, plus the evidence about the prediction itself: its
     coverage of the model and, when the model has zero-initialised gates, the same
-    propagation with them opened (:mod:`gradaudit.propagation.gates`). ``input_stats``
-    gives (mean, std) per input, keyed by position or by keyword name (every tensor of a
-    nested input gets them)."""
-    stats_by_name: dict[str, tuple[float, float]] = {}
+    propagation with them opened (:mod:`gradaudit.propagation.gates`). The propagation
+    starts from the example inputs' own statistics (per channel; zeros and constants
+    included); ``input_stats`` overrides them with (mean, std) per input, keyed by
+    position or by keyword name (every tensor of a nested input gets them; std 0: a
+    constant)."""
+    from gradaudit.propagation.inputs import input_statistics
+
+    with serial():  # small tensor work: see gradaudit.serial
+        stats_by_name: dict[str, Any] = input_statistics(graph, inputs)  # the example inputs' own moments
     if input_stats:
         items = input_stats.items() if isinstance(input_stats, dict) else enumerate(input_stats)
         args = graph.input_args or [str(i) for i in range(len(graph.input_names))]
@@ -287,13 +295,14 @@ _STAGE_EVIDENCE = {"static": None, "probe": "probe", "gradcheck": "gradcheck"}
 def run_rules(analysis: Analysis, codes: set[str]) -> list[Finding]:
     """The rule catalog, once, over all the evidence ``analysis`` holds."""
     findings: list[Finding] = []
-    for code, cls in all_rules().items():
-        if code not in codes or cls.stage not in _STAGE_EVIDENCE:
-            continue  # (the "suppression" stage, GA901, runs with the suppressions)
-        needs = _STAGE_EVIDENCE[cls.stage]
-        if needs is not None and analysis.config.get(needs) is None:
-            continue
-        findings.extend(cls().check(analysis))
+    with serial():  # small tensor work: see gradaudit.serial
+        for code, cls in all_rules().items():
+            if code not in codes or cls.stage not in _STAGE_EVIDENCE:
+                continue  # (the "suppression" stage, GA901, runs with the suppressions)
+            needs = _STAGE_EVIDENCE[cls.stage]
+            if needs is not None and analysis.config.get(needs) is None:
+                continue
+            findings.extend(cls().check(analysis))
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, f.node or ""))
     return findings
 

@@ -126,6 +126,21 @@ class _Range(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _MeanStd(click.ParamType):
+    name = "MEAN,STD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            mean, std = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected MEAN,STD (two numbers), got {value!r}", param, ctx)
+        if not std >= 0:
+            self.fail(f"the standard deviation must be >= 0, got {std:g}", param, ctx)
+        return mean, std
+
+
 class _Size(click.ParamType):
     name = "SIZE"
 
@@ -154,6 +169,9 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
               help="dtype of the inputs, e.g. int64 for token ids (default float32), or of one keyword input, "
                    "e.g. attention_mask=int64 (repeatable).")
 @click.option("--input-range", type=_Range(), help="Value range LO,HI of the inputs, e.g. 0,30522 for token ids.")
+@click.option("--input-stats", "input_moments", multiple=True, type=_MeanStd(),
+              help="Mean and std of one floating input, e.g. 0,0 for zeros (repeat per input, in order; "
+                   "default: the example inputs' own statistics).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")
@@ -182,8 +200,8 @@ def _codes(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--update-baseline", is_flag=True, help="Record today's findings in the --baseline file.")
 @click.option("--max-model-size", type=_Size(), default=None,
               help="Largest ONNX model to load: file, external data and folded constants [default: 4GiB].")
-def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, ignore, fail_on, exit_zero,
-          skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
+def check(targets, input_shapes, input_dtype, input_range, input_moments, fmt, output, select, ignore, fail_on,
+          exit_zero, skip_missing, quiet, config_path, debug, probe, draws, inputs_path, dtype, device, gradcheck,
           gradcheck_modules, baseline_path, update_baseline, max_model_size):
     """Audit TARGETs for vanishing / exploding gradients at initialisation.
 
@@ -233,7 +251,7 @@ def check(targets, input_shapes, input_dtype, input_range, fmt, output, select, 
             if not (skip_missing and _no_torch(spec)):
                 try:
                     report = _audit_one(spec, shapes, in_dtype, in_range, select_codes, ignore_codes, settings, options,
-                                        max_model_size)
+                                        dict(enumerate(input_moments)), max_model_size)
                 except GradauditError as exc:
                     from gradaudit.loading import NoModelFound
 
@@ -358,7 +376,7 @@ def _settings(config):
     return Settings(**values, extra=extra)
 
 
-def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, max_model_size=None):
+def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, options, moments=None, max_model_size=None):
     from gradaudit.api import run
     from gradaudit.errors import CaptureError
     from gradaudit.loading import load_target
@@ -375,7 +393,7 @@ def _audit_one(spec, shapes, dtype, value_range, select, ignore, settings, optio
             input_source=input_source,
             select=select,
             ignore=ignore,
-            input_stats=loaded.input_stats or None,
+            input_stats={**loaded.input_stats, **(moments or {})} or None,
             settings=settings,
         )
     except CaptureError as exc:

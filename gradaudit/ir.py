@@ -216,6 +216,39 @@ class Stats:
     averages. Tracking units separately keeps the actual weight draw's heterogeneity
     (a unit whose incoming weights sum to a large value is saturated for every sample)
     that a single Gaussian per tensor would average away.
+
+    Coherence. Elements of one channel are not independent in a real network: a
+    per-sample offset shared by all positions of an image or all tokens of a sequence
+    (an attention output, a broadcast gate, a pooled gradient) survives averages over
+    positions that independent values would not. ``pos`` names the position axes (None:
+    unknown, no coherence tracked); with ``i``, ``j`` two elements of the same channel:
+
+    - ``cov``: Cov(x_i, x_j) for i, j in the same sample (equal on every axis but the
+      position axes), different positions -- the variance of the part of x that is
+      shared by all positions of a sample (a random-effects model, Searle et al. 1992);
+    - ``gs``: E[g_i g_j] for the same pair (gradient, same sample);
+    - ``gx``: E[g_i g_j] for i, j in different samples (a gradient part shared by the
+      whole batch; negative after a batch normalization removed the batch mean).
+
+    Each has a per-channel vector (``ch_cov``, ``ch_gs``, ``ch_gx``) when channels are
+    tracked. Activations of different samples are independent (up to their mean), so no
+    cross-sample activation covariance is needed.
+
+    Rows (the values along the channel axis at one position, what a LayerNorm
+    normalises): ``row_var`` is the variance of a row's mean square (None: that of
+    independent Gaussian channels; 0 after a LayerNorm with uniform gain); ``gdm`` /
+    ``gda`` the gradient power missing along a row's mean and centred directions
+    (:class:`gradaudit.propagation.channels.Grad`).
+
+    Positions differ too: behind a zero-padded convolution border positions collect
+    fewer taps, and through a deep unnormalised stack the interior's variance outgrows
+    theirs. ``prof`` / ``gprof``: the relative E[x^2] / E[g^2] along each position axis
+    (vectors of mean 1, in the order of ``pos``; None when flat). ``ges`` / ``gex``: the
+    gradient's correlation with the value itself (:class:`~gradaudit.propagation.channels.Grad`).
+
+    ``positive``: the values are >= 0 and skewed (a mean of squares, a variance): a Gamma
+    of the same mean and variance describes them better than a Gaussian, which would put
+    mass on negative values (where ``rsqrt`` or ``log`` are undefined).
     """
 
     mean: float
@@ -226,12 +259,37 @@ class Stats:
     ch_mean: Any = None
     ch_m2: Any = None
     ch_g2: Any = None
+    pos: tuple[int, ...] | None = None
+    cov: float = 0.0
+    ch_cov: Any = None
+    gs: float = 0.0
+    ch_gs: Any = None
+    gx: float = 0.0
+    ch_gx: Any = None
+    positive: bool = False
+    row_var: float | None = None
+    gdm: float = 0.0
+    gda: float = 0.0
+    prof: tuple | None = None
+    gprof: tuple | None = None
+    ges: Any = 0.0
+    gex: Any = 0.0
 
     @classmethod
-    def per_channel(cls, axis: int, mean, m2) -> "Stats":
-        """Stats from per-channel mean and second-moment vectors (torch float64)."""
-        m2 = m2.clamp_min(0.0).maximum(mean * mean)
-        return cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2)
+    def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None) -> "Stats":
+        """Stats from per-channel mean, second-moment (and coherent covariance) vectors
+        (torch float64). The covariance is kept within [-var, var] (negative after a
+        normalization removed a batch or group mean)."""
+        import torch
+
+        sq = mean * mean
+        m2 = m2.maximum(sq)
+        s = cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2, pos=pos)
+        if cov is not None and pos is not None:
+            var = m2 - sq
+            cov = torch.minimum(cov.maximum(-var), var)
+            s.ch_cov, s.cov = cov, float(cov.mean())
+        return s
 
     @property
     def has_channels(self) -> bool:
@@ -248,9 +306,28 @@ class Stats:
             torch.full((n,), self.var, dtype=torch.float64),
         )
 
+    def coherent(self, axis: int | None, n: int):
+        """The coherent covariance as a vector over ``n`` channels on ``axis``."""
+        import torch
+
+        if self.ch_cov is not None and self.has_channels and self.axis == axis and self.ch_cov.numel() == n:
+            return self.ch_cov
+        return torch.full((n,), self.cov, dtype=torch.float64)
+
     def scalar(self) -> "Stats":
-        """The same statistics without channel detail."""
-        return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated)
+        """The same statistics without channel detail (the coherent covariance kept).
+
+        The mean's spread over channels becomes variance; it is shared by every
+        position of a sample, so it is coherent too."""
+        cov = self.cov + (self.mean_spread if self.pos is not None else 0.0)
+        return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated, pos=self.pos, cov=cov, positive=self.positive)
+
+    @property
+    def mean_spread(self) -> float:
+        """Variance of the per-channel means around their average (0 without channels)."""
+        if not self.has_channels:
+            return 0.0
+        return max(float((self.ch_mean * self.ch_mean).mean()) - self.mean * self.mean, 0.0)
 
     @property
     def var(self) -> float:

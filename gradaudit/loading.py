@@ -386,8 +386,9 @@ def make_inputs(
     inputs without a range: ids below the first embedding's size, except keyword inputs
     named like masks (all ones) and ``token_type_ids`` (zeros).
 
-    Floating inputs with a range are uniform on it, and the static pass is told their
-    mean (lo+hi)/2 and standard deviation (hi-lo)/sqrt(12). A private generator is used:
+    Floating inputs are N(0, 1), or uniform on the range when one is given, and the
+    static pass is told the distribution they were drawn from (mean 0 and standard
+    deviation 1, or (lo+hi)/2 and (hi-lo)/sqrt(12)), not one draw's statistics. A private generator is used:
     the global RNG state is not touched. Returns a tuple of positional inputs, or an
     :class:`~gradaudit.frontends.signature.ExampleCall` when some are keyword inputs,
     and the (mean, std) per input position or keyword.
@@ -415,6 +416,7 @@ def make_inputs(
         if torch_dtype.is_floating_point:
             if value_range is None:
                 x = torch.randn(tuple(shape), generator=gen).to(torch_dtype)
+                stats[key] = (0.0, 1.0)
             else:
                 lo, hi = value_range
                 x = (torch.rand(tuple(shape), generator=gen) * (hi - lo) + lo).to(torch_dtype)

@@ -81,19 +81,22 @@ def graph_module(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
-def _draw_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
-    """Floating inputs are redrawn N(0, 1) per element (what the audit assumes);
-    integer inputs (token ids) are used as given."""
+def _draw_inputs(inputs: tuple, gen: torch.Generator, redraw: bool = True) -> tuple:
+    """Floating inputs are redrawn N(0, 1) per element (or, with ``redraw=False``, used
+    as given); integer inputs (token ids) are used as given."""
     out = []
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=gen, dtype=x.dtype).requires_grad_(True))
+            x = torch.randn(x.shape, generator=gen, dtype=x.dtype) if redraw else x.detach().clone()
+            out.append(x.requires_grad_(True))
         else:
             out.append(x)
     return tuple(out)
 
 
-def measure(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0) -> dict[str, tuple[float, float]]:
+def measure(
+    model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0, redraw: bool = True
+) -> dict[str, tuple[float, float]]:
     """``{node name: (act_rms, grad_rms)}`` measured with real autograd.
 
     Averages second moments over ``draws`` independent draws of (inputs, g). The model
@@ -102,12 +105,15 @@ def measure(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: 
     afterwards, and gradients are taken with ``torch.autograd.grad`` so no parameter's
     ``.grad`` is touched. Values that do not require grad (``detach``) get a gradient
     RMS of 0. ``leaf`` selects which output of a tuple-valued node (``nn.LSTM``,
-    ``nn.MultiheadAttention``) is reported.
+    ``nn.MultiheadAttention``) is reported. ``redraw=False`` keeps the given floating
+    inputs (only g and dropout masks are drawn).
     """
-    return {k: (v[0], v[1]) for k, v in measure_moments(model, inputs, seed, draws, leaf).items()}
+    return {k: (v[0], v[1]) for k, v in measure_moments(model, inputs, seed, draws, leaf, redraw).items()}
 
 
-def measure_moments(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0) -> dict[str, tuple[float, float, float]]:
+def measure_moments(
+    model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1, leaf: int = 0, redraw: bool = True
+) -> dict[str, tuple[float, float, float]]:
     """Like :func:`measure`, with the mean: ``{node: (act_rms, grad_rms, mean)}``."""
     inputs = inputs if isinstance(inputs, tuple) else (tuple(inputs) if isinstance(inputs, list) else (inputs,))
     sums: dict[str, list[float]] = {}
@@ -116,7 +122,7 @@ def measure_moments(model: nn.Module, inputs: Any, seed: int = 0, draws: int = 1
         for d in range(draws):
             gen = torch.Generator().manual_seed(seed * 1000 + d)
             torch.manual_seed(seed * 1000 + d + 7)  # dropout masks; restored on exit
-            x = _draw_inputs(inputs, gen)
+            x = _draw_inputs(inputs, gen, redraw)
             rec = _Recorder(gm)
             with torch.enable_grad():
                 outputs = rec.run(*x)

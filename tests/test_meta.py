@@ -113,8 +113,9 @@ def test_meta_predictions_match_the_model_materialised_for_real():
     """Per-layer predictions of the meta audit against the same model built on the CPU:
     within the spread of two independent draws of the same init (both are one draw)."""
     torch.manual_seed(3)
-    real = gradaudit.audit(Net(d=128, hidden=256), torch.randn(4, 16))
-    meta = gradaudit.audit(on_meta(lambda: Net(d=128, hidden=256)), torch.randn(4, 16))
+    x = torch.randn(4, 16)  # one batch: the propagation starts from its own statistics
+    real = gradaudit.audit(Net(d=128, hidden=256), x)
+    meta = gradaudit.audit(on_meta(lambda: Net(d=128, hidden=256)), x)
     got, want = _layers(meta), _layers(real)
     assert got.keys() == want.keys() and len(got) == 2 + 6 * 3
     for name in want:

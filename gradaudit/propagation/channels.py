@@ -5,15 +5,181 @@ E[(dL/dy)^2]``) or one of the channel-aware gains below, which map the per-chann
 gradient second moments of an output (a vector over its channel axis) to those of an
 input. :func:`apply_gain` applies any of them; when either side does not track
 channels, the result collapses to the scalar average, which is exact for the mean.
+
+A gradient is carried as :class:`Grad`: its second moment and its two coherent
+covariances (same sample, other position; other sample -- see :class:`gradaudit.ir.Stats`).
+A plain gain maps the three alike, which is exact for maps that act on every position
+and sample the same way (a linear layer, a per-channel scale, a permutation). Ops whose
+map differs for the coherent part (a convolution sums its taps before squaring them, an
+average over positions keeps a coherent gradient whole) use :class:`Split`; ops that mix
+the three (a normalization's projection, an elementwise derivative) use :class:`Tri`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
+
+
+@dataclass
+class Grad:
+    """E[g^2], E[g_i g_j] (same sample, other position) and E[g_i g_j] (other sample),
+    each a float or a per-channel float64 vector.
+
+    ``dm`` and ``da`` (scalars) are the power missing, relative to a gradient independent
+    of the forward values, along two directions of each row (the values along the
+    channel axis at one position): the row's mean direction 1/sqrt(n) and the value's
+    own centred direction. A LayerNorm's backward removes both (dm = da = E[g^2]); the
+    next LayerNorm upstream then has nothing left to remove there. Maps that mix
+    channels make the gradient generic again (0)."""
+
+    g: Any = 0.0
+    s: Any = 0.0
+    x: Any = 0.0
+    dm: float = 0.0
+    da: float = 0.0
+    #: relative E[g^2] along each position axis (mean 1; None: the same everywhere)
+    prof: tuple | None = None
+    #: E[g_i y_i g_j y_j] beyond E[y_i y_j] E[g_i g_j] for two positions of one sample /
+    #: two samples (y the value itself): a ReLU's mask makes g follow y. Set by the
+    #: elementwise backward, read by the normalization that produced y.
+    es: Any = 0.0
+    ex: Any = 0.0
+
+    def __add__(self, other: "Grad") -> "Grad":
+        prof = combine_profiles([(self.prof, _level(self.g)), (other.prof, _level(other.g))])
+        return Grad(
+            self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da, prof,
+            self.es + other.es, self.ex + other.ex,
+        )
+
+    def mean(self) -> "Grad":
+        """Scalar averages over channels."""
+        g, s, x, es, ex = (float(v.mean()) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x, self.es, self.ex))
+        return Grad(g, s, x, self.dm, self.da, self.prof, es, ex)
+
+    def vector(self, n: int) -> "Grad":
+        """The three as vectors over ``n`` channels (scalars broadcast)."""
+        return Grad(_as_vec(self.g, n), _as_vec(self.s, n), _as_vec(self.x, n), self.dm, self.da, self.prof, _as_vec(self.es, n), _as_vec(self.ex, n))
+
+
+def _as_vec(v: Any, n: int) -> torch.Tensor:
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n:
+        return v
+    return torch.full((n,), float(v.mean()) if isinstance(v, torch.Tensor) else float(v), dtype=torch.float64)
+
+
+def _level(v: Any) -> float:
+    return float(v.mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def combine_profiles(parts: list[tuple[tuple | None, float]]) -> tuple | None:
+    """The profile of a sum of independent values: per axis, the average of the parts'
+    profiles weighted by their second moments (a part without one is flat)."""
+    if all(p is None for p, _ in parts):
+        return None
+    shapes = {tuple(v.numel() for v in p) for p, _ in parts if p is not None}
+    if len(shapes) != 1:
+        return None
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        return next(p for p, _ in parts if p is not None)
+    out = []
+    for k, n in enumerate(shapes.pop()):
+        acc = torch.zeros(n, dtype=torch.float64)
+        for p, w in parts:
+            acc = acc + w * (p[k] if p is not None else 1.0)
+        out.append(acc / total)
+    return tuple(out)
+
+
+ZERO = Grad()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Separate gains for the gradient's fluctuating part g - s and its part s shared by
+    the positions of a sample (and x, shared by the batch):
+
+        g_in = f(g - s) + cg(s),   s_in = c(s),   x_in = c(x)     (cg defaults to c)
+
+    A convolution maps g - s through sum_t W_t^2 and a coherent part through its partial
+    tap sums: (average partial sum)^2 for what stays coherent (``c``), average of the
+    squared partial sums for its power (``cg``; they differ at borders). An average over
+    positions keeps coherent parts whole."""
+
+    f: Any
+    c: Any
+    cg: Any = None
+
+
+@dataclass(frozen=True)
+class Tri:
+    """A per-channel linear map of (g, s, x): ``m`` of shape (3, 3) or (C, 3, 3), times
+    ``k`` (a float or a per-channel vector); then, if given, the channel map ``mat``
+    (C_out, C_in) on each of the three, as :class:`Mat` does (a map the same at every
+    position and sample commutes with the component mixing)."""
+
+    m: Any
+    k: Any = 1.0
+    axis: int | None = None
+    mat: Any = None
+    #: a normalization's x_hat projection: (n, p, gamma^2, rho_s, rho_x); the gradient's
+    #: correlation with its own value (``Grad.es``, ``Grad.ex``) adds to E[c^2]
+    #: ((p - 1) es + (n - p) ex) / (n gamma^2), removed like the rest of c
+    excess: tuple | None = None
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """A LayerNorm / RMSNorm backward over rows of n values: dL/dx = (1/sigma) P (gamma *
+    g), P removing the row mean (unless ``rms``) and the x_hat direction. The power it
+    removes per element is (M + C) / n with M = E[<gamma g, 1>^2] / n and C = E[<gamma g,
+    x_hat>^2] / n; for a gradient independent of x each is mean(gamma^2 g); what
+    a previous normalization already removed (``Grad.dm``, ``Grad.da``) is not there to
+    remove again. To first order in gamma's spread and beta:
+
+        M = gbar^2 (g - dm) + var(gamma) g,   C = gbar^2 (g - da) + (var(gamma) + mean(beta^2)) g
+        g_in = k (gamma^2 g - (M + C) / n)   (per channel; k = E[1 / (sigma^2 + eps)])
+
+    and g_in is orthogonal to both directions: dm_in = da_in = mean(g_in). Coherent parts
+    (s, x) scale like g."""
+
+    gamma: torch.Tensor
+    k: float
+    n: float
+    rms: bool
+    beta2: float = 0.0
+    axis: int | None = None
+
+
+@dataclass(frozen=True)
+class Profiled:
+    """A convolution's gain with position profiles: ``gain`` was built with the
+    input's variance profile weighting each tap's count (``forward_counts``, per axis);
+    the backward weights them with the output gradient's profile instead, and gives the
+    input gradient its own profile (:func:`conv_profile`). ``geometry`` per axis:
+    (n_strided, n_dense, k, stride, pad, dil, dense_side of the gradient's input)."""
+
+    gain: Any
+    geometry: tuple
+    forward_total: float
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """``gain`` applied to an operand of a sum that meets a row normalization: its rows'
+    mean direction is the output's, its centred direction shares ``share`` (the squared
+    cosine, its variance's share of the sum's) of the output's, so the gradient keeps dm
+    and share * da of what was removed there."""
+
+    gain: Any
+    share: float
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,10 +192,11 @@ class Diag:
 
 @dataclass(frozen=True)
 class Mat:
-    """Channels mixed: g2_in[c'] = sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in)."""
+    """Channels mixed: g2_in[c'] = scale sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in)."""
 
     m: torch.Tensor
     axis: int | None = None
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,44 +247,189 @@ def _vec(out_g2: float, out_vec: torch.Tensor | None, n: int) -> torch.Tensor:
     return torch.full((n,), float(out_g2), dtype=torch.float64)
 
 
-def apply_gain(
-    gain: Any, out_g2: float, out_vec: torch.Tensor | None, n_in: int | None, in_axis: int | None = None
-) -> float | torch.Tensor:
+def _basic(gain: Any, out: float | torch.Tensor) -> float | torch.Tensor:
+    """One plain gain applied to one per-channel quantity (float or vector)."""
+    vec = out if isinstance(out, torch.Tensor) else None
+    val = float(out.mean()) if vec is not None else float(out)
+    if isinstance(gain, (int, float)):
+        return float(gain) * out
+    if isinstance(gain, (Diag, AtMax)):
+        k = gain.k
+        if isinstance(k, torch.Tensor):
+            return k * _vec(val, vec, k.numel())
+        return float(k) * out
+    if isinstance(gain, Mat):
+        r = gain.m.t() @ _vec(val, vec, gain.m.shape[0]).to(gain.m.dtype)
+        return (r * gain.scale if gain.scale != 1.0 else r).double()
+    if isinstance(gain, Regroup):
+        return out if vec is None else vec.reshape(-1, gain.r).mean(1)
+    if isinstance(gain, Place):
+        v = torch.zeros(gain.n_in, dtype=torch.float64)
+        v[gain.start : gain.stop] = _vec(val, vec, gain.stop - gain.start)
+        return v
+    if isinstance(gain, Take):
+        return out if vec is None else vec[gain.start : gain.stop]
+    raise TypeError(f"unknown gain {gain!r}")  # pragma: no cover - handlers only emit the types above
+
+
+def _axis_of(gain: Any) -> int | None:
+    return getattr(gain, "axis", None)
+
+
+def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = None) -> Grad:
     """Contribution of one output's gradient to one input.
 
     ``n_in`` / ``in_axis`` describe the input's tracked channels (None when it tracks
     none). A gain's ``axis`` names the input axis its vector refers to (None: the
-    input's own channel axis). The result is a vector over the input's channels when
-    both agree, else its scalar average.
+    input's own channel axis). The result holds vectors over the input's channels when
+    both agree, else their scalar averages.
     """
-    if isinstance(gain, (int, float)):
-        return float(gain) * out_g2
-    if isinstance(gain, (Diag, AtMax)):
-        k = gain.k
-        if isinstance(k, torch.Tensor):
-            v = k * _vec(out_g2, out_vec, k.numel())
-        elif out_vec is not None:
-            v = float(k) * out_vec
+    if isinstance(gain, Profiled):
+        factor, prof = profiled_backward(gain, out.prof)
+        res = apply_gain(gain.gain, out, n_in, in_axis)
+        if factor != 1.0:
+            res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor), res.dm, res.da)
+        res.prof = prof
+        return res
+    dm = da = 0.0
+    aligned = isinstance(gain, Aligned)
+    if aligned:
+        dm, da = gain.scale * out.dm, gain.scale * gain.share * out.da
+        gain = gain.gain
+    if isinstance(gain, Split):
+        cg = gain.cg if gain.cg is not None else gain.c
+        if _is_zero(out.s) and _is_zero(out.x):
+            res = Grad(_basic(gain.f, out.g), 0.0, 0.0)
+        elif cg is gain.f and isinstance(gain.f, Mat) and isinstance(gain.c, Mat) and gain.c.m is gain.f.m:
+            # one pass over the shared matrix for the three
+            n = gain.f.m.shape[0]
+            o = out.vector(n)
+            r = gain.f.m.t() @ torch.stack([o.g, o.s, o.x], 1).to(gain.f.m.dtype)
+            res = Grad(r[:, 0] * gain.f.scale, r[:, 1] * gain.c.scale, r[:, 2] * gain.c.scale)
+        elif cg is gain.f:  # the coherent part's power goes the fluctuating part's way
+            res = Grad(_basic(gain.f, out.g), _basic(gain.c, out.s), _basic(gain.c, out.x))
         else:
-            return float(k) * out_g2
-    elif isinstance(gain, Mat):
-        v = gain.m.t() @ _vec(out_g2, out_vec, gain.m.shape[0])
-    elif isinstance(gain, Regroup):
-        if out_vec is None:
-            return out_g2
-        v = out_vec.reshape(-1, gain.r).mean(1)
-    elif isinstance(gain, Place):
-        v = torch.zeros(gain.n_in, dtype=torch.float64)
-        v[gain.start : gain.stop] = _vec(out_g2, out_vec, gain.stop - gain.start)
-    elif isinstance(gain, Take):
-        if out_vec is None:
-            return out_g2
-        v = out_vec[gain.start : gain.stop]
-    else:  # pragma: no cover - handlers only emit the types above
-        raise TypeError(f"unknown gain {gain!r}")
-    if n_in is not None and v.numel() == n_in and (gain.axis is None or gain.axis == in_axis):
-        return v
-    return float(v.mean()) if v.numel() else 0.0
+            res = Grad(_basic(gain.f, out.g - out.s) + _basic(cg, out.s), _basic(gain.c, out.s), _basic(gain.c, out.x))
+        axis = _axis_of(gain.f)
+    elif isinstance(gain, Tri):
+        res, axis = _tri(gain, out), gain.axis
+        if gain.mat is not None:
+            mat = Mat(gain.mat)
+            res = Grad(_basic(mat, res.g), _basic(mat, res.s), _basic(mat, res.x))
+    elif isinstance(gain, RowNorm):
+        res, axis = _row_norm(gain, out), gain.axis
+        dm = da = float(torch.as_tensor(res.g).mean())
+    else:
+        plain = _is_zero(out.s) and _is_zero(out.x)
+        res = Grad(_basic(gain, out.g), 0.0 if plain else _basic(gain, out.s), 0.0 if plain else _basic(gain, out.x))
+        axis = _axis_of(gain)
+        if aligned:
+            pass
+        elif isinstance(gain, (int, float)) or (isinstance(gain, Diag) and not isinstance(gain.k, torch.Tensor)):
+            k = float(gain if isinstance(gain, (int, float)) else gain.k)
+            dm, da = k * out.dm, k * out.da
+        elif isinstance(gain, Diag):  # a per-channel scale keeps the directions' power as far as sqrt(k) is flat
+            k = float(gain.k.clamp_min(0.0).sqrt().mean()) ** 2
+            dm, da = k * out.dm, k * out.da
+    res.dm, res.da = dm, da
+    res.prof = out.prof if not isinstance(gain, (Regroup, Split)) else None
+    vectors = [v for v in (res.g, res.s, res.x) if isinstance(v, torch.Tensor)]
+    if n_in is not None and vectors and all(v.numel() == n_in for v in vectors) and (axis is None or axis == in_axis):
+        return res.vector(n_in)
+    return res.mean()
+
+
+def _scaled(v: Any, k: float) -> Any:
+    return v * k
+
+
+def conv_counts(prof: torch.Tensor | None, geo: tuple) -> tuple[list[float], torch.Tensor]:
+    """Along one axis of a convolution (``geo`` = (n_strided, n_dense, k, stride, pad,
+    dil, dense_side)): for each tap t, the profile-weighted number of positions where it
+    reads a real value, and the profile this gives the other side.
+
+    Going to the strided side (a conv's output, or a transposed conv's input), position
+    o sums taps t reading p = o s + t d - pad: weight prof[p]; going to the dense side
+    (a conv's input), position p collects the o that read it. Flat profiles give the
+    plain counts. The new profile is the tap-summed weight per position, normalised to
+    mean 1 (border positions collect fewer taps)."""
+    per_tap, per_dest = _incidence(*geo)
+    if prof is None or prof.numel() != per_tap.shape[1]:
+        counts, dest = per_tap.sum(1), per_dest.sum(1)
+    else:
+        counts, dest = per_tap @ prof, per_dest @ prof
+    mean = float(dest.mean())
+    return counts.tolist(), (dest / mean if mean > 0 else torch.ones_like(dest))
+
+
+@lru_cache(maxsize=512)
+def _incidence(n_s: int, n_d: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 matrices (k, n_src) and (n_dest, n_src): which source positions each tap and
+    each destination position collects (see :func:`conv_counts`). Cached: read only."""
+    n_src, n_dest = (n_s, n_d) if dense_side else (n_d, n_s)
+    per_tap = torch.zeros(k, n_src, dtype=torch.float64)
+    per_dest = torch.zeros(n_dest, n_src, dtype=torch.float64)
+    for o in range(n_s):
+        for t in range(k):
+            q = o * stride + t * dil - pad
+            if 0 <= q < n_d:
+                src, dst = (o, q) if dense_side else (q, o)
+                per_tap[t, src] += 1.0
+                per_dest[dst, src] += 1.0
+    return per_tap, per_dest
+
+
+def profiled_backward(gain: Profiled, prof: tuple | None) -> tuple[float, tuple | None]:
+    """(factor on the gain, the input gradient's profile) for an output gradient profile."""
+    total, new = 1.0, []
+    for k, geo in enumerate(gain.geometry):
+        counts, dest = conv_counts(prof[k] if prof is not None and k < len(prof) else None, geo)
+        total *= sum(counts)
+        new.append(dest)
+    factor = total / gain.forward_total if gain.forward_total > 0 else 1.0
+    return factor, tuple(new)
+
+
+def _is_zero(v: Any) -> bool:
+    return (not isinstance(v, torch.Tensor) and v == 0.0) or (isinstance(v, torch.Tensor) and v.dim() == 0 and float(v) == 0.0)
+
+
+def _row_norm(gain: RowNorm, out: Grad) -> Grad:
+    n = gain.gamma.numel()
+    o = out.vector(n)
+    gamma2 = gain.gamma * gain.gamma
+    gbar2 = float(gain.gamma.mean()) ** 2
+    var_g = float(gain.gamma.var(unbiased=False)) if n > 1 else 0.0
+    g_mean = float((gamma2 * o.g).mean())
+    ref = float(o.g.mean())
+    m = 0.0 if gain.rms else gbar2 * max(ref - out.dm, 0.0) + var_g * ref
+    c = gbar2 * max(ref - out.da, 0.0) + (var_g + gain.beta2) * ref
+    removed = (m + c) / gain.n
+    keep = max(1.0 - removed / g_mean, 0.0) if g_mean > 0 else 0.0
+    k = gain.k
+    return Grad(k * (gamma2 * o.g - removed).clamp_min(0.0), k * gamma2 * o.s * keep, k * gamma2 * o.x * keep)
+
+
+def _tri(gain: Tri, out: Grad) -> Grad:
+    m = gain.m
+    n = m.shape[0] if m.dim() == 3 else (gain.mat.shape[0] if gain.mat is not None else None)
+    if n is None:
+        n = next((v.numel() for v in (out.g, out.s, out.x) if isinstance(v, torch.Tensor)), None)
+    if n is None and isinstance(gain.k, torch.Tensor):
+        n = gain.k.numel()
+    if n is None:
+        v = torch.tensor([float(out.g), float(out.s), float(out.x)], dtype=torch.float64)
+        r = (m @ v) * float(gain.k)
+        return Grad(float(r[0]), float(r[1]), float(r[2]))
+    o = out.vector(n)
+    v = torch.stack([o.g, o.s, o.x], dim=-1)  # (C, 3)
+    r = (m @ v.unsqueeze(-1)).squeeze(-1) if m.dim() == 3 else v @ m.t()
+    if gain.excess is not None and not (_is_zero(out.es) and _is_zero(out.ex)):
+        nn, p, gamma2, rho_s, rho_x = gain.excess
+        extra = ((p - 1) * o.es + (nn - p) * o.ex) / (nn * gamma2)
+        r = r - torch.stack([extra, rho_s * extra, rho_x * extra], dim=-1)
+    r = r * (gain.k.unsqueeze(-1) if isinstance(gain.k, torch.Tensor) else float(gain.k))
+    return Grad(r[:, 0].clamp_min(0.0), r[:, 1], r[:, 2])
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
@@ -168,3 +480,38 @@ def broadcast_channel_vector(t: torch.Tensor, out_shape: Sequence[int], axis: in
         return None
     vec = t.detach().double().reshape(-1)
     return vec.expand(c).clone() if vec.numel() == 1 else vec
+
+
+def reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair up the axes of two shapes of equal numel into groups whose sizes multiply
+    to the same product (a reshape only merges or splits within a group). Size-1 axes
+    belong to no group. None when the numels differ."""
+    if math.prod(a) != math.prod(b):
+        return None
+    la = [k for k, n in enumerate(a) if n != 1]
+    lb = [k for k, n in enumerate(b) if n != 1]
+    groups, i, j = [], 0, 0
+    while i < len(la) and j < len(lb):
+        ga, gb, pa, pb = [la[i]], [lb[j]], a[la[i]], b[lb[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(la[i])
+                pa *= a[la[i]]
+                i += 1
+            else:
+                gb.append(lb[j])
+                pb *= b[lb[j]]
+                j += 1
+        groups.append((ga, gb))
+    return groups
+
+
+def reshaped_positions(pos: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, ...] | None:
+    """Position axes after a reshape: the output axes of every group made only of input
+    position axes; positions merged with channels or samples are lost."""
+    groups = reshape_groups(in_shape, out_shape)
+    if groups is None:
+        return None
+    out = [k for ga, gb in groups if all(i in pos for i in ga) for k in gb]
+    return tuple(sorted(out)) or None

@@ -29,7 +29,7 @@ import torch
 
 from gradaudit.ir import Node, Ref, Stats, TensorMeta
 from gradaudit.propagation import channels
-from gradaudit.propagation.moments import gaussian_points, max_of_k_weights
+from gradaudit.propagation.moments import gaussian_points, inverse_moment, max_of_k_weights
 
 HANDLERS: dict[str, Callable[["Ctx"], "Effect"]] = {}
 
@@ -126,55 +126,124 @@ class Ctx:
         raise Unhandled("no tensor input")
 
 
-def _stats(mean: float, m2: float) -> Stats:
-    return Stats(mean=float(mean), m2=max(float(m2), float(mean) ** 2))
+def _stats(mean: float, m2: float, pos: tuple[int, ...] | None = None, cov: float = 0.0) -> Stats:
+    s = Stats(mean=float(mean), m2=max(float(m2), float(mean) ** 2))
+    if pos is not None:
+        s.pos, s.cov = pos, min(max(float(cov), -s.var), s.var)
+    return s
 
 
 def _ratio(a: TensorMeta, b: TensorMeta) -> float:
     return a.numel / b.numel if b.numel else 0.0
 
 
+def _positions(meta: TensorMeta, axes) -> int:
+    """Number of positions (product of the sizes of the position axes)."""
+    return math.prod(meta.shape[a] for a in axes) if axes else 1
+
+
 # --------------------------------------------------------------------------- layout
 def _keep(s: Stats) -> Stats:
-    """A copy of ``s`` (channel detail included) for an output with the same values."""
-    if s.has_channels:
-        return Stats.per_channel(s.axis, s.ch_mean, s.ch_m2)
-    return _stats(s.mean, s.m2)
+    """A copy of ``s`` (channel detail, coherence and row statistics included) for an
+    output with the same values."""
+    out = _moved(s, s.axis if s.has_channels else None, 1, s.pos)
+    out.row_var, out.positive, out.prof = s.row_var, s.positive, s.prof
+    return out
 
 
-def _moved(s: Stats, axis: int | None, r: int = 1) -> Stats:
-    """``s`` with its channels now on ``axis`` (each repeated r times), or scalar."""
+def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None = None, cov_to: float = 0.0) -> Stats:
+    """``s`` with its channels now on ``axis`` (each repeated r times) or scalar, its
+    positions on ``pos``; ``cov_to`` in [0, 1] moves the coherent covariance that far
+    toward the variance (copies along position axes)."""
     if axis is None or not s.has_channels:
-        return _stats(s.mean, s.m2)
-    if r == 1:
-        return Stats.per_channel(axis, s.ch_mean, s.ch_m2)
-    return Stats.per_channel(axis, s.ch_mean.repeat_interleave(r), s.ch_m2.repeat_interleave(r))
+        base = s.scalar() if s.has_channels else s
+        cov = base.cov + cov_to * (base.var - base.cov) if pos is not None else 0.0
+        return _stats(s.mean, s.m2, pos, cov)
+    mean, m2 = s.ch_mean, s.ch_m2
+    cov = s.coherent(s.axis, mean.numel()) if pos is not None else None
+    if cov is not None and cov_to:
+        cov = cov + cov_to * ((m2 - mean * mean).clamp_min(0.0) - cov)
+    if r != 1:
+        mean, m2 = mean.repeat_interleave(r), m2.repeat_interleave(r)
+        cov = cov.repeat_interleave(r) if cov is not None else None
+    return Stats.per_channel(axis, mean, m2, cov, pos)
 
 
-def _layout_axis(ctx: Ctx, s: Stats, in_meta: TensorMeta) -> tuple[int | None, int]:
-    """Where the channel axis goes through a permutation or reshape (None: mixed)."""
-    if not s.has_channels:
-        return None, 1
-    op, out_shape, nd = ctx.node.op, ctx.out_meta.shape, len(in_meta.shape)
-    if in_meta.shape == out_shape and op not in ("permute", "transpose", "t", "movedim", "flip", "roll"):
-        return s.axis, 1
-    if op in ("flip", "roll"):
-        return s.axis, 1
+_SAME_LAYOUT = frozenset({"identity", "contiguous", "clone", "to", "alias", "cpu", "cuda", "flip", "roll", "narrow"})
+
+
+def _axis_map(ctx: Ctx, in_meta: TensorMeta) -> Callable[[int], int | None] | None:
+    """Where each input axis goes (None: merged or dropped), for layout ops that move
+    whole axes; None when the op reshapes (see :func:`channels.reshaped_positions`)."""
+    op, nd, out_nd = ctx.node.op, len(in_meta.shape), len(ctx.out_meta.shape)
+    if op in _SAME_LAYOUT or op == "repeat_interleave":
+        return lambda a: a
     if op == "permute":
         dims = ctx.node.args[1:]
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         if "dims" in ctx.node.kwargs:
             dims = ctx.node.kwargs["dims"]
-        return channels.permuted_axis(s.axis, dims, nd), 1
-    if op in ("transpose", "t"):
+        return lambda a: channels.permuted_axis(a, dims, nd)
+    if op in ("transpose", "t", "movedim"):
+        if op == "movedim":
+            src = channels.normalize_axis(ctx.arg(1, "source", 0), nd)
+            dst = channels.normalize_axis(ctx.arg(2, "destination", 0), nd)
+            order = [k for k in range(nd) if k != src]
+            order.insert(dst, src)
+            return lambda a: order.index(a)
         d0, d1 = (ctx.arg(1, "dim0", 0), ctx.arg(2, "dim1", 1)) if op == "transpose" else (0, 1)
         d0, d1 = channels.normalize_axis(d0, nd), channels.normalize_axis(d1, nd)
-        return {d0: d1, d1: d0}.get(s.axis, s.axis), 1
-    if op in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"):
-        found = channels.reshaped_axis(in_meta.shape, s.axis, out_shape)
-        return found if found is not None else (None, 1)
-    return None, 1
+        return lambda a: {d0: d1, d1: d0}.get(a, a)
+    if op == "select":
+        d = channels.normalize_axis(ctx.arg(1, "dim", 0), nd)
+        return lambda a: None if a == d else (a - 1 if a > d else a)
+    if op in ("expand", "repeat", "tile"):
+        return lambda a: a + out_nd - nd
+    return None
+
+
+def _layout_axis(ctx: Ctx, s: Stats, in_meta: TensorMeta) -> tuple[int | None, int]:
+    """Where the channel axis goes through a permutation or reshape (None: mixed)."""
+    if not s.has_channels:
+        return None, 1
+    out_shape = ctx.out_meta.shape
+    moves = _axis_map(ctx, in_meta)
+    if moves is not None:
+        axis = moves(s.axis)
+        if axis is None or out_shape[axis] != in_meta.shape[s.axis]:
+            return None, 1
+        return axis, 1
+    found = channels.reshaped_axis(in_meta.shape, s.axis, out_shape) if ctx.node.op in _RESHAPES else None
+    return found if found is not None else (None, 1)
+
+
+_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+
+
+def _layout_positions(ctx: Ctx, s: Stats, in_meta: TensorMeta) -> tuple[int, ...] | None:
+    """Where the position axes go; size-1 axes and positions mixed into other axes drop."""
+    if s.pos is None:
+        return None
+    out_shape = ctx.out_meta.shape
+    moves = _axis_map(ctx, in_meta)
+    if moves is not None:
+        pos = [moves(a) for a in s.pos]
+        pos = [a for a in pos if a is not None and out_shape[a] > 1]
+        return tuple(sorted(pos)) or None
+    if ctx.node.op in _RESHAPES:
+        return channels.reshaped_positions(s.pos, in_meta.shape, out_shape)
+    return None
+
+
+def _copies_on_positions(ctx: Ctx, in_meta: TensorMeta, pos: tuple[int, ...] | None) -> bool:
+    """Whether an op that copies values (expand, repeat) copies them along position axes only."""
+    if pos is None:
+        return False
+    out_shape, nd = ctx.out_meta.shape, len(ctx.out_meta.shape)
+    in_shape = (1,) * (nd - len(in_meta.shape)) + tuple(in_meta.shape)
+    grown = [a for a in range(nd) if out_shape[a] != in_shape[a]]
+    return bool(grown) and all(a in pos for a in grown)
 
 
 @handles(
@@ -190,20 +259,37 @@ def layout(ctx: Ctx) -> Effect:
     per-element gain is numel(out) / numel(in) (1 for a permutation, r for r copies,
     k/n for a subset of k out of n). Channels are followed through permutations and
     reshapes that keep them intact (``flatten`` after a conv repeats each channel's
-    statistics over its spatial block).
+    statistics over its spatial block), and so are position axes (merged positions stay
+    positions; positions merged into channels are lost).
+
+    Copies along position axes (``expand`` of a per-sample vector over an image) are
+    coherent: two positions share a source with probability q = (r - 1) / (P - 1), so
+    cov_out = cov + q (var - cov); their gradients add coherently: an input receives
+    r (g - s) + r^2 s (:class:`channels.Split`, f = r, c = r^2).
     """
     ref = ctx.first_ref()
     s = ctx.stat(ref)
     in_meta = ctx.meta(ref)
     ratio = _ratio(ctx.out_meta, in_meta)
     axis, r = _layout_axis(ctx, s, in_meta)
-    out = _moved(s, axis, r)
+    pos = _layout_positions(ctx, s, in_meta)
+    copies = ratio > 1 and _copies_on_positions(ctx, in_meta, pos)
+    q = 0.0
+    if copies:
+        p_out = _positions(ctx.out_meta, pos)
+        q = (ratio - 1) / (p_out - 1) if p_out > 1 else 0.0
+    out = _moved(s, axis, r, pos, cov_to=q)
+    if pos is not None and pos == s.pos and all(ctx.out_meta.shape[a] == in_meta.shape[a] for a in pos):
+        out.prof = s.prof
     if axis is None:
         gain: Any = ratio
     elif r == 1:
         gain = channels.Diag(ratio)
     else:
         gain = channels.Regroup(r)
+    if copies:
+        per = (lambda k: channels.Diag(k)) if axis is not None and r == 1 else (lambda k: k)
+        gain = channels.Split(per(ratio), per(ratio * ratio))
     return Effect([out], [(ref.name, 0, 0, gain)])
 
 
@@ -226,7 +312,10 @@ def getitem(ctx: Ctx) -> Effect:
     if isinstance(index, Ref) or (isinstance(index, tuple) and any(isinstance(i, Ref) for i in index)):
         raise Unhandled("indexing with a tensor")
     s = ctx.stat(src)
-    return Effect([_stats(s.mean, s.m2)], [(src.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(src)))])
+    # slicing keeps the layout (same number of axes): positions stay positions
+    pos = s.pos if len(ctx.out_meta.shape) == len(ctx.meta(src).shape) else None
+    base = s.scalar() if s.has_channels else s
+    return Effect([_stats(s.mean, s.m2, pos, base.cov)], [(src.name, 0, 0, _ratio(ctx.out_meta, ctx.meta(src)))])
 
 
 def _leaves(structure: Any):
@@ -253,17 +342,19 @@ def split(ctx: Ctx) -> Effect:
         if meta is None:
             out.append(None)
             continue
+        pos = s.pos if ctx.node.op != "unbind" else None
         if s.has_channels and dim == s.axis and ctx.node.op != "unbind":
             stop = start + meta.shape[dim]
-            out.append(Stats.per_channel(s.axis, s.ch_mean[start:stop], s.ch_m2[start:stop]))
+            cov = s.coherent(s.axis, s.ch_mean.numel())[start:stop] if pos is not None else None
+            out.append(Stats.per_channel(s.axis, s.ch_mean[start:stop], s.ch_m2[start:stop], cov, pos))
             gains.append((ref.name, 0, k, channels.Place(start, stop, in_meta.shape[dim])))
             start = stop
         elif s.has_channels and dim != s.axis:
             axis = s.axis - 1 if ctx.node.op == "unbind" and dim is not None and dim < s.axis else s.axis
-            out.append(_moved(s, axis))
+            out.append(_moved(s, axis, 1, pos))
             gains.append((ref.name, 0, k, channels.Diag(meta.numel / in_meta.numel)))
         else:
-            out.append(_stats(s.mean, s.m2))
+            out.append(_moved(s, None, 1, pos))
             gains.append((ref.name, 0, k, meta.numel / in_meta.numel))
     return Effect(out, gains)
 
@@ -285,8 +376,10 @@ def cat(ctx: Ctx) -> Effect:
     axis = stats[0].axis if all(st.has_channels for st in stats) else None
     if ctx.node.op in ("cat", "concat") and isinstance(dim, int) and axis is not None and all(st.axis == axis for st in stats):
         dim = channels.normalize_axis(dim, nd)
+        pos = _shared_positions(stats)
         if dim == axis:
-            out = Stats.per_channel(axis, torch.cat([st.ch_mean for st in stats]), torch.cat([st.ch_m2 for st in stats]))
+            covs = torch.cat([st.coherent(axis, st.ch_mean.numel()) for st in stats]) if pos is not None else None
+            out = Stats.per_channel(axis, torch.cat([st.ch_mean for st in stats]), torch.cat([st.ch_m2 for st in stats]), covs, pos)
             gains, start = [], 0
             for r, st in zip(refs, stats):
                 stop = start + st.ch_mean.numel()
@@ -297,8 +390,17 @@ def cat(ctx: Ctx) -> Effect:
             w = [ctx.meta(r).numel / total for r in refs]
             cm = sum(wi * st.ch_mean for wi, st in zip(w, stats))
             c2 = sum(wi * st.ch_m2 for wi, st in zip(w, stats))
-            return Effect([Stats.per_channel(axis, cm, c2)], [(r.name, 0, 0, channels.Diag(1.0)) for r in refs])
-    return Effect([_stats(mean, m2)], [(r.name, 0, 0, 1.0) for r in refs])
+            cv = sum(wi * st.coherent(axis, st.ch_mean.numel()) for wi, st in zip(w, stats)) if pos is not None else None
+            return Effect([Stats.per_channel(axis, cm, c2, cv, pos)], [(r.name, 0, 0, channels.Diag(1.0)) for r in refs])
+    pos = _shared_positions(stats) if ctx.node.op in ("cat", "concat") else None
+    cov = sum(st.cov * ctx.meta(r).numel for r, st in zip(refs, stats)) / total if pos is not None else 0.0
+    return Effect([_stats(mean, m2, pos, cov)], [(r.name, 0, 0, 1.0) for r in refs])
+
+
+def _shared_positions(stats: list[Stats]) -> tuple[int, ...] | None:
+    """The position axes of several values, when they all agree."""
+    pos = {st.pos for st in stats}
+    return pos.pop() if len(pos) == 1 else None
 
 
 @handles("detach")
@@ -318,11 +420,17 @@ def pad(ctx: Ctx) -> Effect:
         return layout(ctx)
     c = float(ctx.arg(3, "value", 0.0) or 0.0)
     frac = 1.0 / _ratio(ctx.out_meta, ctx.meta(ref))
-    return Effect([_stats(frac * s.mean + (1 - frac) * c, frac * s.m2 + (1 - frac) * c * c)], [(ref.name, 0, 0, 1.0)])
+    base = s.scalar() if s.has_channels else s
+    out = _stats(frac * s.mean + (1 - frac) * c, frac * s.m2 + (1 - frac) * c * c, s.pos, frac * frac * base.cov)
+    return Effect([out], [(ref.name, 0, 0, 1.0)])
 
 
 # --------------------------------------------------------------------------- dense
-def _dense(x: Stats, in_axis: int, w2: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None, out_axis: int) -> Stats:
+def _dense(
+    x: Stats, in_axis: int, w2: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None, out_axis: int,
+    coherent: torch.Tensor | None = None, pos: tuple[int, ...] | None = None, power: torch.Tensor | None = None,
+    scale: float = 1.0, coherent_scale: float = 1.0,
+) -> Stats:
     """y_c = sum_c' W_cc' x_c' + b_c with independent inputs of per-channel mean mu_c'
     and variance v_c' (He et al. 2015; Glorot & Bengio 2010):
 
@@ -330,20 +438,40 @@ def _dense(x: Stats, in_axis: int, w2: torch.Tensor, wsum: torch.Tensor, bias: t
 
     ``w2`` / ``wsum`` are the (C_out, C_in) matrices of summed squared / plain weights
     (for a conv: over the kernel taps that read real inputs, per output position). The
-    weights are the ones the user actually initialised.
+    weights are the ones the user actually initialised. ``scale`` divides ``w2``,
+    ``wsum`` and ``power`` (a conv's 1 / N_out), ``coherent_scale`` ``coherent``.
+
+    The part s_c' of v_c' shared by all positions of a sample goes through the map the
+    layer applies to a constant input (a conv sums its taps first: (sum_t W_t)^2
+    instead of sum_t W_t^2; a linear layer acts on one position: W^2 itself). ``power``
+    is the average over positions of that map's square, ``coherent`` the square of its
+    average (what stays shared by the positions; they differ at a conv's borders):
+
+        Var[y_c] = sum_c' W2_cc' (v_c' - s_c') + sum_c' Pow_cc' s_c',  s_out = C s
     """
     mean_in, var_in = x.channels(in_axis, w2.shape[1])
-    mean = wsum @ mean_in
+    mean = (wsum @ mean_in) * scale
     if bias is not None:
         mean = mean + bias.detach().double().reshape(-1)
-    var = w2 @ var_in
-    return Stats.per_channel(out_axis, mean, var + mean * mean)
+    cov_out = None
+    if pos is not None and x.pos is not None:
+        cov_in = x.coherent(in_axis, w2.shape[1])
+        if coherent is None:
+            coherent, coherent_scale = w2, scale
+        cov_out = (coherent @ cov_in) * coherent_scale
+        if power is None:
+            var = (w2 @ var_in) * scale
+        else:
+            var = (w2 @ (var_in - cov_in) + power @ cov_in) * scale
+    else:
+        var = (w2 @ var_in) * scale
+    return Stats.per_channel(out_axis, mean, var + mean * mean, cov_out, pos)
 
 
 def _dense_forward(x: Stats, weight: torch.Tensor, bias: torch.Tensor | None) -> Stats:
     """:func:`_dense` for a (C_out, C_in) weight on a tensor without channel detail."""
     w = weight.detach().double()
-    return _dense(x.scalar(), 0, w * w, w, bias, 0).scalar()
+    return _dense(x.scalar(), 0, w * w, w, bias, 0, pos=x.pos).scalar()
 
 
 @handles("linear")
@@ -351,7 +479,10 @@ def linear(ctx: Ctx) -> Effect:
     """Fully connected layer, per output feature (see :func:`_dense`).
 
     Backward: dL/dx_j = sum_i W_ij dL/dy_i, so E[(dL/dx_j)^2] = sum_i W_ij^2
-    E[(dL/dy_i)^2]; with uniform output gradients the gain is ||W||_F^2 / fan_in.
+    E[(dL/dy_i)^2]; with uniform output gradients the gain is ||W||_F^2 / fan_in. The
+    same map acts at every position, so coherent gradient parts go the same way.
+    A linear layer over a position axis (token mixing) mixes positions: coherence is
+    dropped there.
     """
     ref = ctx.arg(0, "input")
     if ctx.node.kind == "call_module":
@@ -364,7 +495,8 @@ def linear(ctx: Ctx) -> Effect:
     w = weight.detach().double()
     w2 = w * w
     in_axis = len(ctx.meta(ref).shape) - 1
-    out = _dense(x, in_axis, w2, w, bias, len(ctx.out_meta.shape) - 1)
+    pos = x.pos if x.pos is not None and in_axis not in x.pos else None
+    out = _dense(x, in_axis, w2, w, bias, len(ctx.out_meta.shape) - 1, pos=pos)
     return Effect([out], [(ref.name, 0, 0, channels.Mat(w2, axis=in_axis))])
 
 
@@ -378,15 +510,90 @@ def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -
     return counts
 
 
-def _tap_weighted(block: torch.Tensor, counts: list[list[int]], power: int) -> torch.Tensor:
-    """sum over taps t of W[:, :, t]^power * prod_d count_d[t_d] -> (C_out, C_in)."""
-    taps = torch.ones((), dtype=block.dtype)
+@lru_cache(maxsize=1024)
+def tap_classes(n_strided: int, n_dense: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> tuple[tuple[int, tuple], ...]:
+    """Positions grouped by the kernel taps that reach them, along one spatial dim:
+    [(number of positions, 0/1 mask over the k taps)].
+
+    On the strided side (a conv's output o), tap t is valid when o*s + t*d - pad reads a
+    real input; on the dense side (a conv's input p), when some output o in range reads
+    p through t. Interior positions share one class; borders make the others."""
+    found: dict[tuple, int] = {}
+    for i in range(n_dense if dense_side else n_strided):
+        if dense_side:
+            mask = tuple(
+                int((i + pad - t * dil) % stride == 0 and 0 <= (i + pad - t * dil) // stride < n_strided) for t in range(k)
+            )
+        else:
+            mask = tuple(int(0 <= i * stride + t * dil - pad < n_dense) for t in range(k))
+        found[mask] = found.get(mask, 0) + 1
+    return tuple((n, m) for m, n in found.items())
+
+
+@lru_cache(maxsize=512)
+def _class_masks(per_dim: tuple[tuple[tuple[int, tuple], ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product of per-dim classes: masks (K, n_classes) over the flattened kernel and
+    counts (n_classes,). Cached: callers must not modify them."""
+    masks, counts = [torch.ones(1)], [1]
+    for classes in per_dim:
+        new_m, new_c = [], []
+        for m, c in zip(masks, counts):
+            for n, dm in classes:
+                new_m.append(torch.outer(m, torch.tensor(dm, dtype=torch.float32)).reshape(-1))
+                new_c.append(c * n)
+        masks, counts = new_m, new_c
+    return torch.stack(masks, 1), torch.tensor(counts, dtype=torch.float64)
+
+
+def _taps(counts: list[list[int]]) -> torch.Tensor:
+    """prod_d count_d[t_d] over the flattened kernel (float32)."""
+    taps = torch.ones(())
     for cnt in counts:
-        taps = torch.outer(taps.reshape(-1), torch.tensor(cnt, dtype=block.dtype))
+        taps = torch.outer(taps.reshape(-1), torch.tensor(cnt, dtype=torch.float32))
+    return taps.reshape(-1)
+
+
+def _tap_weighted(block: torch.Tensor, taps: torch.Tensor, power: int) -> torch.Tensor:
+    """sum over taps t of W[:, :, t]^power * taps[t] -> (C_out, C_in); with ``taps`` of
+    shape (K, m), m such sums at once -> (C_out, C_in, m) (one pass over the weights)."""
     w = block.reshape(block.shape[0] * block.shape[1], -1)
     if power == 2:
         w = w * w
-    return (w @ taps.reshape(-1)).reshape(block.shape[0], block.shape[1]).double()
+    out = w @ taps.to(w.dtype)
+    return out.reshape(block.shape[0], block.shape[1], *taps.shape[1:]).double()
+
+
+#: Convolutions with fewer input channels per group than this get their coherent
+#: part's power from the exact partial tap sums (cheap for them, and it matters: a
+#: depthwise kernel's (sum_t W_t)^2 differs from sum_t W_t^2 channel by channel). With
+#: more, the partial sums' squares average to the tap-wise squares over input channels.
+EXACT_PARTIAL_SUMS = 16
+
+
+def _partial_sum_power(block: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """(C_out, C_in) average over positions of (sum of the taps valid there)^2."""
+    s = block.reshape(block.shape[0] * block.shape[1], -1) @ masks  # (rows, classes)
+    return ((s.double() ** 2) @ counts / n).reshape(block.shape[0], block.shape[1])
+
+
+def _tap_means(blocks: list[torch.Tensor], mean_in: torch.Tensor) -> torch.Tensor:
+    """(C_out, K): the input channel means through each kernel tap, sum_c' W[c, c', t] mu_c'."""
+    rows, start = [], 0
+    for blk in blocks:
+        co, ci = blk.shape[0], blk.shape[1]
+        rows.append(torch.matmul(mean_in[start : start + ci].to(blk.dtype), blk.reshape(co, ci, -1)))
+        start = start + ci if len(blocks) > 1 else start
+    return torch.cat(rows, 0).double()
+
+
+def _mean_map_m2(tap_means: torch.Tensor, bias, masks: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """Per output channel, the average over positions of the squared deterministic part
+    (the input means through the taps valid at each position, plus the bias): border
+    positions see fewer taps, so the mean is not the same everywhere."""
+    per_class = tap_means @ masks.double()  # (C_out, classes)
+    if bias is not None:
+        per_class = per_class + bias.detach().double().reshape(-1, 1)
+    return (per_class**2) @ counts / n
 
 
 def _conv_blocks(weight: torch.Tensor, groups: int, transposed: bool) -> list[torch.Tensor]:
@@ -421,6 +628,17 @@ def conv(ctx: Ctx) -> Effect:
     A transposed convolution is the adjoint of a convolution, so the same sums serve
     with input and output positions exchanged. Groups make the channel matrices
     block-diagonal.
+
+    A part of the input shared by all positions of a sample sees the kernel summed over
+    the taps valid at each position: its power is the average over positions of (that
+    partial sum)^2, and what stays shared by the positions is the square of the average
+    partial sum S_cc' = sum_t W[c,c',t] N_t / N_out; a gradient part shared by all
+    positions maps the same way (sums over input positions). For a depthwise kernel
+    (sum_t W_t)^2 and sum_t W_t^2 differ channel by channel; with many input channels
+    per group their sum over inputs averages to the tap-wise squares, and the shared
+    part goes like the rest. The mean also varies over positions at the borders (fewer
+    taps): its square is averaged over the position classes. Position axes of the
+    output: its spatial axes.
     """
     node = ctx.node
     transposed = node.op.startswith("conv_transpose")
@@ -451,15 +669,72 @@ def conv(ctx: Ctx) -> Effect:
     o_sp, p_sp = (x_sp, y_sp) if transposed else (y_sp, x_sp)
     if zero_pad:
         counts = [valid_taps(p_sp[d], o_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
+        side = [
+            _class_masks(tuple(tap_classes(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d], dense) for d in range(nd)))
+            for dense in (transposed, not transposed)  # (output side, input side)
+        ]
     else:  # reflect / replicate / circular padding: every tap reads a real value
         counts = [[o_sp[d]] * ksize[d] for d in range(nd)]
+        side = [_class_masks(tuple(((sp[d], (1,) * ksize[d]),) for d in range(nd))) for sp in (y_sp, x_sp)]
     blocks = _conv_blocks(weight, groups, transposed)
     n_x, n_y = math.prod(x_sp), math.prod(y_sp)
-    w2 = _block_diag([_tap_weighted(b, counts, 2) for b in blocks])
-    wsum = _block_diag([_tap_weighted(b, counts, 1) for b in blocks])
     axis_in, axis_out = len(x_meta.shape) - nd - 1, len(y_meta.shape) - nd - 1
-    out = _dense(ctx.stat(ref), axis_in, w2 / n_y, wsum / n_y, bias, axis_out)
-    return Effect([out], [(ref.name, 0, 0, channels.Mat(w2 / n_x, axis=axis_in))])
+    pos = tuple(range(axis_out + 1, len(y_meta.shape)))
+    x = ctx.stat(ref)
+    # positions differ in variance (borders of a deep zero-padded stack): each tap's count
+    # of valid positions is weighted by the input's profile, and the output gets its own
+    prof_in = x.prof if x.pos == tuple(range(axis_in + 1, len(x_meta.shape))) else None
+    prof_out, geometry, fwd_total = None, None, 1.0
+    if zero_pad:
+        geo = [(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
+        weighted = [channels.conv_counts(prof_in[d] if prof_in is not None else None, geo[d] + (transposed,)) for d in range(nd)]
+        counts = [c for c, _ in weighted]
+        prof_out = tuple(p for _, p in weighted)
+        fwd_total = math.prod(sum(c) for c in counts)
+        geometry = tuple(g + (not transposed,) for g in geo)
+    c_in = sum(b.shape[1] for b in blocks) if len(blocks) > 1 else blocks[0].shape[1]
+    mean_in, var_in = x.channels(axis_in, c_in)
+    (mask_y, cnt_y), (mask_x, cnt_x) = side
+    taps = _taps(counts)
+    dense = blocks[0].shape[1] >= EXACT_PARTIAL_SUMS
+    w2 = _block_diag([_tap_weighted(b, taps, 2) for b in blocks])
+    tap_means = _tap_means(blocks, mean_in)
+    mean = tap_means @ taps.double() / n_y
+    if bias is not None:
+        mean = mean + bias.detach().double().reshape(-1)
+    if mask_y.shape[1] > 1:  # borders: the mean differs between positions
+        m2_mean = _mean_map_m2(tap_means, bias, mask_y, cnt_y, n_y).maximum(mean * mean)
+    else:
+        m2_mean = mean * mean
+    fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x)
+    wrap = (lambda g: channels.Profiled(g, geometry, fwd_total)) if geometry is not None else (lambda g: g)  # noqa: E731
+    if dense:
+        # many inputs per output: over input channels (sum_t W_t)^2 averages to sum_t
+        # W_t^2 (the shared part's power goes like the rest), and the square of the average
+        # partial sum to sum_t W_t^2 (N_t / N)^2 -- with the taps' energies alike (random
+        # weights), w2 times sum_t N_t^2 / (N sum_t N_t): on small maps, where positions
+        # see different taps, only that much stays shared by them
+        shared = float((taps * taps).sum() / taps.sum())
+        cov = (w2 @ x.coherent(axis_in, c_in)) * (shared / n_y**2) if x.pos is not None else None
+        out = Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos)
+        out.prof = prof_out
+        gain = channels.Split(fluct, channels.Mat(w2, axis=axis_in, scale=shared / n_x**2), fluct)
+        return Effect([out], [(ref.name, 0, 0, wrap(gain))])
+    wsum = _block_diag([_tap_weighted(b, taps, 1) for b in blocks])
+    wsum2 = wsum * wsum
+    power_y = _block_diag([_partial_sum_power(b, mask_y, cnt_y, 1) for b in blocks])
+    power_x = _block_diag([_partial_sum_power(b, mask_x, cnt_x, 1) for b in blocks])
+    cov = None
+    if x.pos is not None:
+        cov_in = x.coherent(axis_in, c_in)
+        cov = (wsum2 @ cov_in) / n_y**2
+        var = (w2 @ (var_in - cov_in) + power_y @ cov_in) / n_y
+    else:
+        var = (w2 @ var_in) / n_y
+    out = Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos)
+    out.prof = prof_out
+    gain = channels.Split(fluct, channels.Mat(wsum2, axis=axis_in, scale=1.0 / n_x**2), channels.Mat(power_x, axis=axis_in, scale=1.0 / n_x))
+    return Effect([out], [(ref.name, 0, 0, wrap(gain))])
 
 
 @handles("embedding")
@@ -470,7 +745,9 @@ def embedding(ctx: Ctx) -> Effect:
     if weight is None:
         raise Unhandled("embedding with a computed table")
     w = weight.detach().double()
-    return Effect([Stats.per_channel(len(ctx.out_meta.shape) - 1, w.mean(0), w.pow(2).mean(0))], [])
+    nd = len(ctx.out_meta.shape)
+    pos = (1,) if nd >= 3 else None  # tokens of a (batch, tokens, features) lookup: independent ids
+    return Effect([Stats.per_channel(nd - 1, w.mean(0), w.pow(2).mean(0), torch.zeros(w.shape[1], dtype=torch.float64), pos)], [])
 
 
 # --------------------------------------------------------------------------- norms
@@ -484,30 +761,90 @@ def _affine(weight, bias, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return g, b
 
 
-def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, keep: float) -> Effect:
+def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None, excess=None) -> Effect:
     """y = gamma * x_hat + beta per channel, and its backward.
 
-    Backward (Ioffe & Szegedy 2015): dL/dx = gamma/sigma * P(dL/dy), where P projects
-    out the directions the statistics were computed along (the mean and x_hat; RMSNorm:
-    x_hat only); over a group of n elements it keeps (n - k)/n of the second moment:
-    E[(dL/dx_c)^2] = gamma_c^2 / (var + eps) * (n - k)/n * E[(dL/dy_c)^2].
+    Backward (Ioffe & Szegedy 2015): dL/dx = gamma / sigma * P(dL/dy), where P projects
+    out the directions the statistics were computed along (the group mean and x_hat;
+    RMSNorm: x_hat only). ``inv_var`` = E[1 / (sigma^2 + eps)] over the distribution of
+    the sample variance (:func:`_sample_variance`); ``tri`` is P's action on the
+    gradient's moments (:func:`_projection`):
+
+        (g, s, x)_in = gamma^2 E[1 / (sigma^2 + eps)] tri @ (g, s, x)_out
     """
     mean = gamma * xhat_mean + beta
     m2 = gamma * gamma * xhat_m2 + 2 * gamma * beta * xhat_mean + beta * beta
-    gain = gamma * gamma * inv_var * keep
-    return Effect([Stats.per_channel(axis, mean, m2)], [(ref.name, 0, 0, channels.Diag(gain, axis=axis))])
+    out = Stats.per_channel(axis, mean, m2, None if cov is None else gamma * gamma * cov, pos)
+    out.prof = prof  # every position is divided by the same sigma
+    gains = [] if tri is None else [(ref.name, 0, 0, channels.Tri(tri, gamma * gamma * inv_var, axis=axis, excess=excess))]
+    return Effect([out], gains)
 
 
-def _keep_fraction(n: float, projected: int) -> float:
-    return max(n - projected, 0) / n if n else 0.0
+def _sample_variance(parts: list[tuple[Any, float]], eps: float) -> tuple[Any, Any]:
+    """E[s^2] and E[1 / (s^2 + eps)] of a sample variance that is a sum of independent
+    scaled chi-squares: ``parts`` = [(E[part], degrees of freedom)]. Satterthwaite's
+    approximation (1946) gives s^2 ~ E[s^2] chi^2_nu / nu with nu = E[s^2]^2 /
+    sum_i E[part_i]^2 / nu_i, and :func:`moments.inverse_moment` the mean of its inverse.
+
+    For n independent values this is nu = n - 1 and E[1 / s^2] = n / ((n - 3) Var): a
+    normalization over a small group (BatchNorm over 2x2 maps of 2 samples: n = 8)
+    divides by a noisy variance, and its backward gain is 1.6x the 1 / Var of its mean."""
+    total = sum(e for e, _ in parts)
+    denom = sum(e * e / torch.as_tensor(nu, dtype=torch.float64).clamp_min(1e-9) for e, nu in parts)
+    total_t = torch.as_tensor(total, dtype=torch.float64).clamp_min(1e-300)
+    nu = total_t * total_t / torch.as_tensor(denom, dtype=torch.float64).clamp_min(1e-300)
+    inv = inverse_moment(nu, eps / total_t) / total_t
+    return total_t, inv
+
+
+def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True) -> torch.Tensor:
+    """How removing the group mean and the x_hat direction acts on a gradient's moments.
+
+    A group of n values holds n / p samples of p positions each (p = 1 for a group of
+    unrelated values). Its gradient has E[g^2] = g, E[g_i g_j] = s in one sample and x
+    across samples; x_hat has within- and cross-sample correlations rho_s, rho_x. The
+    group mean m and c = mean(g x_hat) have (exchangeable values)
+
+        E[m^2] = g / n + (p - 1) s / n + (n - p) x / n
+        E[c^2] = g / n + (p - 1) rho_s s / n + (n - p) rho_x x / n
+
+    and P g = g - m - x_hat c (1 and x_hat are orthogonal: x_hat is centred), so
+
+        g' = g - E[m^2] - E[c^2],   s' = s - E[m^2] - rho_s E[c^2],   x' = x - E[m^2] - rho_x E[c^2].
+
+    Independent values (s = x = 0) keep (n - 2) / n (the usual factor); a gradient shared
+    by all p positions of a sample (after global pooling) loses its batch mean: half of
+    it for 2 samples; one that a previous normalization already centred (x = -E[m^2])
+    loses nothing more. ``rho_s``, ``rho_x`` may be per-channel vectors. Without
+    centring (RMSNorm) only the x_hat direction goes."""
+    rho_s = torch.as_tensor(rho_s, dtype=torch.float64)
+    rho_x = torch.as_tensor(rho_x, dtype=torch.float64)
+    rho_s, rho_x = torch.broadcast_tensors(rho_s, rho_x)
+    one = torch.ones_like(rho_s)
+    mc = torch.stack([one / n, one * (p - 1) / n, one * (n - p) / n], -1) if centred else torch.zeros(*rho_s.shape, 3, dtype=torch.float64)
+    cc = torch.stack([one / n, rho_s * (p - 1) / n, rho_x * (n - p) / n], -1)
+    eye = torch.eye(3, dtype=torch.float64).expand(*rho_s.shape, 3, 3)
+    rows = torch.stack([mc + cc, mc + rho_s.unsqueeze(-1) * cc, mc + rho_x.unsqueeze(-1) * cc], -2)
+    return (eye - rows).clamp_min(-1.0)
+
+
+def _eps(value: Any, default: float = 1e-5) -> float:
+    return float(default if value is None else value)
 
 
 @handles("batch_norm")
 def batch_norm(ctx: Ctx) -> Effect:
     """BatchNorm in training mode: each channel normalised over batch and positions.
 
-    x_hat_c has mean 0 and second moment v_c / (v_c + eps); see :func:`_normalized`
-    (k = 2, n = elements per channel)."""
+    A channel's n values are b samples of p positions: x = mu + a_sample + e with
+    Var(a) = s (the coherent part) and Var(e) = f = v - s. The batch variance is
+    within-sample f chi^2_{b(p-1)} / n plus between-sample (s + f/p) chi^2_{b-1} / b,
+    so E[s^2] = f (p - 1)/p + (s + f/p)(b - 1)/b (:func:`_sample_variance`); the batch
+    mean has variance V = (s + f/p) / b, and x_hat's correlations are rho_s = (s - V) /
+    E[s^2] within a sample and rho_x = -V / E[s^2] across samples. The backward is
+    :func:`_normalized` with :func:`_projection`. With s = 0 and n large this is the
+    classic gamma^2 / Var (n - 2) / n.
+    """
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
     if ctx.node.kind == "call_module":
@@ -515,23 +852,49 @@ def batch_norm(ctx: Ctx) -> Effect:
     else:
         weight, bias = ctx.const(ctx.arg(3, "weight")), ctx.const(ctx.arg(4, "bias"))
         eps = ctx.arg(7, "eps", 1e-5)
+    eps = _eps(eps)
+    x = ctx.stat(ref)
     axis = 1 if len(meta.shape) > 1 else 0
     c = meta.shape[axis]
     n = meta.numel / c
-    _, var = ctx.stat(ref).channels(axis, c)
+    pos = tuple(range(2, len(meta.shape))) or None
+    p = float(_positions(meta, pos)) if pos is not None and x.pos == pos else 1.0
+    b = n / p
+    _, var = x.channels(axis, c)
+    s = x.coherent(axis, c).maximum(-var / (p - 1)).minimum(var) if p > 1 else torch.zeros_like(var)
+    f = var - s
+    between = s + f / p
+    e_s2, inv = _sample_variance([(f * (p - 1) / p, b * (p - 1)), (between * (b - 1) / b, b - 1)], eps)
+    v_mean = between / b
+    rho_s = (s - v_mean) / e_s2
+    rho_x = -v_mean / e_s2
     gamma, beta = _affine(weight, bias, c)
     zero = torch.zeros(c, dtype=torch.float64)
-    return _normalized(ref, axis, gamma, beta, zero, var / (var + eps), 1.0 / (var + eps), _keep_fraction(n, 2))
+    out_pos = pos if p > 1 else (pos if pos is not None else None)
+    cov = (s - v_mean) / (e_s2 + eps) if out_pos is not None else None
+    tri = _projection(n, p, rho_s, rho_x)
+    # a ReLU after the norm makes the gradient follow x_hat (its mask): with a gradient
+    # shared by positions, mean(g x_hat) no longer averages out
+    excess = (n, p, (gamma * gamma).clamp_min(1e-12), rho_s, rho_x)
+    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, x.prof if x.pos == out_pos else None, excess)
 
 
 @handles("layer_norm", "rms_norm")
 def layer_norm(ctx: Ctx) -> Effect:
     """LayerNorm (Ba et al. 2016) / RMSNorm (Zhang & Sennrich 2019) over the last dims.
 
-    Per sample the statistics run over the features, so feature c of x_hat has mean
+    Per sample the statistics run over the n features, so feature c of x_hat has mean
     (mu_c - mu) / sigma and second moment (v_c + (mu_c - mu)^2) / sigma^2, with mu and
     sigma^2 the averages over features (RMSNorm: x_hat_c = x_c / rms, rms^2 = E[x^2]).
-    See :func:`_normalized` (k = 2, or 1 for RMSNorm; n = normalised elements)."""
+    The per-token sigma^2 is a sum of n independent terms, feature c contributing
+    v_c chi^2_1 shifted by (mu_c - mu)^2 (non-central: variance 2 v_c^2 + 4 v_c (mu_c -
+    mu)^2), so :func:`_sample_variance` gives E[1 / (sigma^2 + eps)] -- unless the rows'
+    mean square is known to vary less (``Stats.row_var``: the input is a LayerNorm's
+    output plus a residual branch, Post-LN), then its own variance sets the degrees of
+    freedom. The backward projects out the token's mean and x_hat
+    (:class:`channels.RowNorm`), except what a LayerNorm downstream already removed;
+    the parts of x and of the gradient shared by all positions pass scaled like the rest.
+    """
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
     rms = ctx.node.op == "rms_norm"
@@ -545,41 +908,93 @@ def layer_norm(ctx: Ctx) -> Effect:
         shape = ctx.arg(1, "normalized_shape")
         weight, bias = ctx.const(ctx.arg(2, "weight")), ctx.const(ctx.arg(3, "bias"))
         eps = ctx.arg(4, "eps", 1e-5)
-    if eps is None:
-        eps = torch.finfo(torch.float32).eps
+    eps = _eps(eps, torch.finfo(torch.float32).eps)
     n = math.prod(_tuple(shape, 1))
     x = ctx.stat(ref)
     axis = len(meta.shape) - 1
     c = meta.shape[axis]
     mean_c, var_c = x.channels(axis, c)
+    cov_c = x.coherent(axis, c) if x.pos is not None else None
     if n != c:  # normalised over several dims: no per-feature detail
         mean_c = torch.full((c,), x.mean, dtype=torch.float64)
         var_c = torch.full((c,), x.var, dtype=torch.float64)
+        cov_c = torch.full((c,), x.scalar().cov, dtype=torch.float64) if x.pos is not None else None
     gamma, beta = _affine(weight, bias, c)
-    if rms:
-        ms = float((var_c + mean_c * mean_c).mean()) + eps
-        return _normalized(ref, axis, gamma, beta, mean_c / math.sqrt(ms), (var_c + mean_c**2) / ms, torch.full((c,), 1 / ms, dtype=torch.float64), _keep_fraction(n, 1))
-    mu = float(mean_c.mean())
-    var = float((var_c + (mean_c - mu) ** 2).mean()) + eps
-    return _normalized(ref, axis, gamma, beta, (mean_c - mu) / math.sqrt(var), (var_c + (mean_c - mu) ** 2) / var, torch.full((c,), 1 / var, dtype=torch.float64), _keep_fraction(n, 2))
+    d = mean_c if rms else mean_c - mean_c.mean()
+    e_s2 = float((var_c + d * d).sum() / n)
+    if x.row_var is not None and n == c:  # the rows' mean square is known (a LayerNorm upstream)
+        spread = x.row_var + (0.0 if rms else 2 * float(var_c.sum() / n**2) ** 2)
+        dof = 2 * e_s2 * e_s2 / spread if spread > 0 else math.inf
+    else:
+        dof = _dof(var_c, d)
+    _, inv = _sample_variance([(e_s2, dof)], eps)
+    cov = cov_c / (e_s2 + eps) if cov_c is not None else None
+    effect = _normalized(ref, axis, gamma, beta, d / math.sqrt(e_s2 + eps), (var_c + d * d) / (e_s2 + eps), None, None, cov, x.pos)
+    g2, gb = gamma * gamma, gamma * beta
+    # Var of the output rows' mean square: x_hat is on a sphere (sum x_hat^2 = n, and
+    # sum x_hat = 0 unless RMS), so only gamma's and beta's spread make it random
+    row_var = (2 * float((g2 * g2).sum()) - 2 * float(g2.sum()) ** 2 / n + 4 * float((gb * gb).sum()) - 4 * float(gb.sum()) ** 2 / n) / n**2
+    effect.out[0].row_var = max(row_var, 0.0) if n == c else None
+    gain = channels.RowNorm(gamma, float(inv), float(n), rms, float((beta * beta).mean()), axis=axis)
+    effect.gains = [(ref.name, 0, 0, gain)]
+    return effect
 
 
-def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps: float) -> Effect:
+def _dof(var: torch.Tensor, shift: torch.Tensor) -> float:
+    """Degrees of freedom of sum_c (x_c - shift_c)^2 over independent x_c ~ N(0, v_c)
+    shifted by constants: E = sum (v + d^2), Var = sum (2 v^2 + 4 v d^2)."""
+    e = float((var + shift * shift).sum())
+    v = float((2 * var * var + 4 * var * shift * shift).sum())
+    return e * e * 2 / v if v > 0 else math.inf
+
+
+def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     """Per (sample, group of channels) normalisation: channel c in group G gets x_hat
-    with mean (mu_c - mu_G)/sigma_G and second moment (v_c + (mu_c - mu_G)^2)/sigma_G^2."""
+    with mean (mu_c - mu_G)/sigma_G and second moment (v_c + (mu_c - mu_G)^2)/sigma_G^2.
+
+    A group holds k channels of p positions; its sample variance is within-channel
+    f_c chi^2_{p-1} / n plus the spread of the k channel averages (deterministic (mu_c -
+    mu_G)^2 and random s_c + f_c / p); the group mean removes from each channel the
+    part shared by its positions as BatchNorm removes the batch's (:func:`_projection`
+    with the k channels in the role of samples: a coherent gradient or activation part is
+    removed entirely by InstanceNorm, k = 1)."""
+    eps = _eps(eps)
     meta = ctx.meta(ref)
+    x = ctx.stat(ref)
     c = meta.shape[1]
-    mean_c, var_c = ctx.stat(ref).channels(1, c)
-    n = meta.numel / (meta.shape[0] * groups)
-    mg = mean_c.reshape(groups, -1)
-    vg = var_c.reshape(groups, -1)
-    mu = mg.mean(1, keepdim=True)
-    var = (vg + (mg - mu) ** 2).mean(1, keepdim=True) + eps
-    xm = ((mg - mu) / var.sqrt()).reshape(-1)
-    x2 = ((vg + (mg - mu) ** 2) / var).reshape(-1)
-    inv = (1.0 / var).expand_as(mg).reshape(-1)
+    mean_c, var_c = x.channels(1, c)
+    pos = tuple(range(2, len(meta.shape))) or None
+    p = float(_positions(meta, pos)) if pos is not None else 1.0
+    s_c = x.coherent(1, c).maximum(-var_c / max(p - 1, 1)).minimum(var_c) if (pos is not None and x.pos == pos) else torch.zeros(c, dtype=torch.float64)
+    k = c // groups
+    n = k * p
+    mg, vg, sg = mean_c.reshape(groups, k), var_c.reshape(groups, k), s_c.reshape(groups, k)
+    fg = vg - sg
+    between = sg + fg / p
+    dev = mg - mg.mean(1, keepdim=True)
+    within = (fg * (p - 1) / p).sum(1) / k
+    spread = (dev * dev + between).sum(1) / k * (k - 1) / k if k > 1 else torch.zeros(groups, dtype=torch.float64)
+    nu_spread = _dof_rows(between, dev) * (k - 1) / max(k, 1)
+    e_s2, inv = _sample_variance([(within, k * (p - 1)), (spread, nu_spread.clamp_min(1e-3))], eps)
+    v_mean = between.sum(1, keepdim=True) / (k * k)  # variance of the group mean
+    e_col = e_s2.unsqueeze(1)
+    xm = (dev / (e_col + eps).sqrt()).reshape(-1)
+    x2 = ((vg + dev * dev - v_mean) / (e_col + eps)).clamp_min(0.0).reshape(-1)
+    rho_s = ((sg - v_mean) / e_col).reshape(-1)
+    inv_c = inv.unsqueeze(1).expand(groups, k).reshape(-1)
     gamma, beta = _affine(weight, bias, c)
-    return _normalized(ref, 1, gamma, beta, xm, x2, inv, _keep_fraction(n, 2))
+    cov = ((sg - v_mean) / (e_col + eps)).reshape(-1) if pos is not None else None
+    tri = _projection(n, p, rho_s, torch.zeros_like(rho_s))
+    # the group mean is taken per sample: a gradient part shared across samples stays
+    tri[..., 2, :] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    return _normalized(ref, 1, gamma, beta, xm, x2, inv_c, tri, cov, pos, x.prof if x.pos == pos else None)
+
+
+def _dof_rows(var: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`_dof` per row."""
+    e = (var + shift * shift).sum(1)
+    v = (2 * var * var + 4 * var * shift * shift).sum(1)
+    return torch.where(v > 0, 2 * e * e / v.clamp_min(1e-300), torch.full_like(e, math.inf))
 
 
 @handles("group_norm")
@@ -613,11 +1028,14 @@ def dropout(ctx: Ctx) -> Effect:
     """Inverted dropout in training mode: y = x * m / (1 - p), m ~ Bernoulli(1 - p).
 
     E[y] = E[x], E[y^2] = E[x^2] / (1 - p); the gradient is masked and scaled the same
-    way, gain 1 / (1 - p). Channels keep their own statistics.
+    way, gain 1 / (1 - p). Channels keep their own statistics. Two positions have
+    independent masks (E[m_i m_j] = (1 - p)^2): coherent parts pass unscaled. Channel
+    dropout (``dropout2d``) draws one mask per sample and channel: E[m_i m_j] = 1 - p
+    within a sample, so coherent parts scale by 1 / (1 - p) too.
     """
     p = ctx.attr("p") if ctx.node.kind == "call_module" else ctx.arg(1, "p", 0.5)
-    training = ctx.arg(2, "training", True) if ctx.node.kind != "call_module" else True
-    return _inverted_mask(ctx, p, training)
+    training = ctx.arg(2, "training", True) if ctx.node.kind != "call_module" else ctx.attr("training", True)
+    return _inverted_mask(ctx, p, training, shared="sample-channel" if ctx.node.op != "dropout" else None)
 
 
 @handles("stochastic_depth", "drop_path")
@@ -628,7 +1046,8 @@ def stochastic_depth(ctx: Ctx) -> Effect:
     E[y^2] = E[x^2] / (1 - p), gain 1 / (1 - p) (torchvision's
     ``stochastic_depth(input, p, mode, training)``; timm's ``drop_path(x, drop_prob,
     training, scale_by_keep)``). A sampled estimate would instead drop or keep the whole
-    batch at once and read as 0 or 1.
+    batch at once and read as 0 or 1. One mask per sample is shared by its positions:
+    coherent parts scale like the rest.
     """
     if ctx.node.kind == "call_module":
         p, training = ctx.attr("p", ctx.attr("drop_prob", 0.0)), ctx.attr("training", True)
@@ -636,10 +1055,12 @@ def stochastic_depth(ctx: Ctx) -> Effect:
         p, training = ctx.arg(1, "p", 0.0), ctx.arg(3, "training", True)
     else:
         p, training = ctx.arg(1, "drop_prob", 0.0), ctx.arg(2, "training", False)
-    return _inverted_mask(ctx, float(p), bool(training))
+    return _inverted_mask(ctx, float(p), bool(training), shared="sample")
 
 
-def _inverted_mask(ctx: Ctx, p: float, training: bool) -> Effect:
+def _inverted_mask(ctx: Ctx, p: float, training: bool, shared: str | None = None) -> Effect:
+    """y = x m / (1 - p). ``shared``: one mask per sample and channel, or per sample,
+    instead of one per element."""
     ref = ctx.first_ref()
     x = ctx.stat(ref)
     if not training or p == 0:
@@ -647,11 +1068,23 @@ def _inverted_mask(ctx: Ctx, p: float, training: bool) -> Effect:
     if p >= 1:
         return Effect([_stats(0.0, 0.0)], [(ref.name, 0, 0, 0.0)])
     scale = 1.0 / (1 - p)
+    k_s = scale if shared else 1.0
     if x.has_channels:
-        out = Stats.per_channel(x.axis, x.ch_mean, x.ch_m2 * scale)
+        mu = x.ch_mean
+        cov = (mu * mu + x.coherent(x.axis, mu.numel())) * k_s - mu * mu if x.pos is not None else None
+        out = Stats.per_channel(x.axis, x.ch_mean, x.ch_m2 * scale, cov, x.pos)
     else:
-        out = _stats(x.mean, x.m2 * scale)
-    return Effect([out], [(ref.name, 0, 0, channels.Diag(scale))])
+        out = _stats(x.mean, x.m2 * scale, x.pos, (x.mean**2 + x.cov) * k_s - x.mean**2)
+    if x.row_var is not None and x.has_channels and shared != "sample":
+        # each channel's own mask adds (p / (1 - p)^3) E[x^4] / n^2 to the rows' mean square
+        var = (x.ch_m2 - x.ch_mean**2).clamp_min(0.0)
+        x4 = 3 * var * var + 6 * var * x.ch_mean**2 + x.ch_mean**4
+        out.row_var = x.row_var * scale * scale + p * scale**3 * float(x4.sum()) / x.ch_mean.numel() ** 2
+    elif x.row_var is not None:  # one mask u = m / (1 - p)^2 for the whole row: Var(ms u)
+        out.row_var = (x.row_var + x.m2 * x.m2) * scale**3 - (x.m2 * scale) ** 2
+    out.prof = x.prof
+    tri = torch.diag(torch.tensor([scale, k_s, 1.0], dtype=torch.float64))
+    return Effect([out], [(ref.name, 0, 0, channels.Tri(tri))])
 
 
 # --------------------------------------------------------------------------- pooling
@@ -679,12 +1112,30 @@ def _window(ctx: Ctx, ref: Ref) -> float:
     return float(math.prod(_tuple(ks, nd)))
 
 
-def _pool_channels(ctx: Ctx, ref: Ref) -> tuple[Stats, torch.Tensor, torch.Tensor, int]:
+def _pool_channels(ctx: Ctx, ref: Ref) -> tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor, int, tuple | None]:
+    """(stats, mean, var, coherent covariance per channel, channel axis, output position
+    axes) of a pooling op's input (channels on axis 1, positions after it)."""
     meta = ctx.meta(ref)
     axis = 1 if len(meta.shape) > 2 else 0
     x = ctx.stat(ref)
     mean, var = x.channels(axis, meta.shape[axis])
-    return x, mean, var, axis
+    spatial = tuple(range(axis + 1, len(meta.shape)))
+    cov = x.coherent(axis, meta.shape[axis]).maximum(-var).minimum(var) if x.pos == spatial else torch.zeros_like(var)
+    out_pos = tuple(a for a in spatial if ctx.out_meta.shape[a] > 1) or None
+    return x, mean, var, cov, axis, out_pos
+
+
+def _pooled_gradient(r: float, k: float, p_in: int) -> torch.Tensor:
+    """(g, s, x) map of a pooling backward: each input is in r k windows and receives
+    dL/dy / k from each (r = numel(out) / numel(in); r k = 1 without overlap). Windows'
+    gradients share s, so E[g_in^2] = (r/k) g + (r^2 - r/k) s. Two positions share a
+    window with probability q = (k - 1) / (p_in - 1), else they see different windows:
+    E[g_i g_j] = q E[g_in^2] + (1 - q) r^2 s. Across samples, r^2 x. A global average
+    (k = p_in) makes the gradient identical at every position: s_in = g_in."""
+    q = min(max((k - 1) / (p_in - 1), 0.0), 1.0) if p_in > 1 else 1.0
+    g_row = [r / k, r * r - r / k, 0.0]
+    s_row = [q * g_row[0], q * g_row[1] + (1 - q) * r * r, 0.0]
+    return torch.tensor([g_row, s_row, [0.0, 0.0, r * r]], dtype=torch.float64)
 
 
 @handles("max_pool", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool", "adaptive_max_pool1d", "adaptive_max_pool2d")
@@ -694,80 +1145,132 @@ def max_pool(ctx: Ctx) -> Effect:
     Forward: when the input is a monotone function f of a Gaussian value (ReLU, ...
     after a conv or norm), max f(z_i) = f(max z_i) is integrated exactly under the
     density of the maximum of k Gaussians, k phi(z) Phi(z)^(k-1); otherwise the k
-    inputs are treated as Gaussians with the input's moments.
+    inputs are treated as Gaussians with the input's moments. A part shared by all
+    positions (variance s) shifts the whole window: max(a + e_i) = a + max e_i.
 
     Backward: each window routes its gradient to its arg-max, so the summed squared
     gradient is preserved: gain = numel(out) / numel(in) -- but only arg-max elements
-    receive it, which the engine accounts for upstream (:class:`channels.AtMax`).
+    receive it, which the engine accounts for upstream (:class:`channels.AtMax`). An
+    input is an arg-max with probability r = numel(out) / numel(in), two inputs with
+    probability r^2: a coherent gradient part keeps r of its power and r^2 of its
+    covariance.
     """
     ref = ctx.first_ref()
-    _, mean, var, axis = _pool_channels(ctx, ref)
+    _, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
     k = max(int(round(_window(ctx, ref))), 1)
     exact = ctx.engine.fused_max_moments(ref.name, k)
     if exact is not None:
-        out = Stats.per_channel(axis, *exact) if exact[0].dim() else _stats(float(exact[0]), float(exact[1]))
+        out = Stats.per_channel(axis, *exact, cov, pos) if exact[0].dim() else _stats(float(exact[0]), float(exact[1]), pos, float(cov.mean()))
     else:
         em, em2 = _max_of_normals(k)
-        sd = var.sqrt()
-        out = Stats.per_channel(axis, mean + sd * em, mean * mean + 2 * mean * sd * em + var * em2)
-    return Effect([out], [(ref.name, 0, 0, channels.AtMax(_ratio(ctx.out_meta, ctx.meta(ref)), k, axis=axis))])
+        sd = (var - cov).sqrt()
+        m = mean + sd * em
+        out = Stats.per_channel(axis, m, m * m + cov + (var - cov) * (em2 - em * em), cov, pos)
+    r = _ratio(ctx.out_meta, ctx.meta(ref))
+    at_max = channels.AtMax(r, k, axis=axis)
+    return Effect([out], [(ref.name, 0, 0, channels.Split(at_max, channels.Diag(r * r, axis=axis), at_max))])
 
 
 @handles("avg_pool", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
 def avg_pool(ctx: Ctx) -> Effect:
-    """Mean over windows of k independent elements: E[y_c^2] = mu_c^2 + v_c / k.
+    """Mean over windows of k elements. With a part shared by all positions (variance
+    s_c) and the rest independent, E[y_c^2] = mu_c^2 + s_c + (v_c - s_c) / k: a coherent
+    part is not averaged away (random-effects model).
 
     Backward: every input receives dL/dy / k from each window it belongs to:
-    gain = numel(out) / (k numel(in)).
+    gain = numel(out) / (k numel(in)) for independent gradients; coherent parts by
+    :func:`_pooled_gradient`.
     """
     ref = ctx.first_ref()
-    _, mean, var, axis = _pool_channels(ctx, ref)
+    _, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
     k = _window(ctx, ref)
-    out = Stats.per_channel(axis, mean, mean * mean + var / k)
-    return Effect([out], [(ref.name, 0, 0, channels.Diag(_ratio(ctx.out_meta, ctx.meta(ref)) / k, axis=axis))])
+    in_meta = ctx.meta(ref)
+    p_in = in_meta.numel // (in_meta.shape[0] * in_meta.shape[axis]) if len(in_meta.shape) > 2 else 1
+    out = Stats.per_channel(axis, mean, mean * mean + cov + (var - cov) / k, cov if pos is not None else None, pos)
+    tri = _pooled_gradient(_ratio(ctx.out_meta, in_meta), k, p_in)
+    return Effect([out], [(ref.name, 0, 0, channels.Tri(tri, axis=axis))])
 
 
 # --------------------------------------------------------------------------- reductions
-def _reduction(ctx: Ctx, ref: Ref) -> tuple[float, int | None]:
-    """Elements per output element, and where the input's channel axis ends up."""
+def _reduction(ctx: Ctx, ref: Ref) -> tuple[float, int | None, str, tuple | None]:
+    """Elements per output element, where the input's channel axis ends up, what was
+    reduced (``positions``, ``channels`` or ``other``) and the output's position axes."""
     meta = ctx.meta(ref)
     n = meta.numel / max(ctx.out_meta.numel, 1)
     x = ctx.stat(ref)
-    if not x.has_channels:
-        return n, None
     nd = len(meta.shape)
     dims = ctx.arg(1, "dim", None)
     if dims is None:
-        return n, None
+        return n, None, "other", None
     dims = [channels.normalize_axis(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
-    if x.axis in dims:
-        return n, None
     keepdim = bool(ctx.arg(2, "keepdim", False))
-    return n, x.axis if keepdim else x.axis - sum(1 for d in dims if d < x.axis)
+    moved = (lambda a: a) if keepdim else (lambda a: a - sum(1 for d in dims if d < a))
+    pos = None
+    if x.pos is not None:
+        pos = tuple(moved(a) for a in x.pos if a not in dims and ctx.out_meta.shape[moved(a)] > 1) or None
+    kind = "other"
+    if x.pos is not None and all(d in x.pos for d in dims):
+        kind = "positions"
+    elif x.has_channels and dims == [x.axis]:
+        kind = "channels"
+    if not x.has_channels or x.axis in dims:
+        return n, None, kind, pos
+    return n, moved(x.axis), kind, pos
+
+
+def _reduced(ctx: Ctx, ref: Ref, total: bool) -> Effect:
+    """Mean (``total`` False) or sum of n elements, per channel where tracked.
+
+    Over positions: y = a + mean(e) keeps the coherent part whole, E[y^2] = mu^2 + s +
+    (v - s)/n; the backward gives every position of a sample the same gradient
+    (:func:`_pooled_gradient` with k = n). Over the channel axis: independent channels,
+    Var[y] = mean_c v_c / n with the deterministic spread of the channel means left out,
+    and y keeps mean_c s_c / n of coherence. A sum is n times the mean (gain times n^2).
+    """
+    n, axis, kind, pos = _reduction(ctx, ref)
+    x = ctx.stat(ref)
+    scale = n if total else 1.0
+    in_meta = ctx.meta(ref)
+    if axis is not None:
+        mu, var = x.channels(x.axis, x.ch_mean.numel())
+        cov = x.coherent(x.axis, mu.numel()).maximum(-var).minimum(var) if x.pos is not None else torch.zeros_like(var)
+        if kind == "positions":
+            p_in = _positions(in_meta, x.pos)
+            out_cov = cov if pos is not None else None
+            out = Stats.per_channel(axis, scale * mu, scale * scale * (mu * mu + cov + (var - cov) / n), None if out_cov is None else scale * scale * out_cov, pos)
+            out.positive = x.positive
+            return Effect([out], [(ref.name, 0, 0, channels.Tri(_pooled_gradient(1.0 / n, n, p_in) * scale * scale))])
+        out = Stats.per_channel(axis, scale * mu, scale * scale * (mu * mu + var / n))
+        out.positive = x.positive
+        return Effect([out], [(ref.name, 0, 0, channels.Diag(scale * scale / n**2))])
+    base = x.scalar() if x.has_channels else x
+    if kind == "channels":
+        _, var = x.channels(x.axis, x.ch_mean.numel())
+        v = float(var.mean())
+        cov = float(x.coherent(x.axis, var.numel()).mean()) / n if x.pos is not None else 0.0
+        out = _stats(scale * x.mean, scale * scale * (x.mean**2 + v / n), pos, scale * scale * cov)
+    elif kind == "positions":
+        cov = min(max(base.cov, -base.var), base.var)
+        out = _stats(scale * x.mean, scale * scale * (x.mean**2 + cov + (base.var - cov) / n), pos, scale * scale * cov)
+        out.positive = x.positive
+        return Effect([out], [(ref.name, 0, 0, channels.Tri(_pooled_gradient(1.0 / n, n, _positions(in_meta, x.pos)) * scale * scale))])
+    else:
+        out = _stats(scale * x.mean, scale * scale * (x.mean**2 + x.var / n))
+    out.positive = x.positive
+    return Effect([out], [(ref.name, 0, 0, scale * scale / n**2)])
 
 
 @handles("mean")
 def mean(ctx: Ctx) -> Effect:
-    """Mean of n independent elements: E[y^2] = mu^2 + v/n per channel; gain 1/n^2."""
-    ref = ctx.first_ref()
-    n, axis = _reduction(ctx, ref)
-    x = ctx.stat(ref)
-    if axis is not None:
-        mu, var = x.channels(x.axis, x.ch_mean.numel())
-        return Effect([Stats.per_channel(axis, mu, mu * mu + var / n)], [(ref.name, 0, 0, channels.Diag(1.0 / n**2))])
-    return Effect([_stats(x.mean, x.mean**2 + x.var / n)], [(ref.name, 0, 0, 1.0 / n**2)])
+    """Mean of n elements (see :func:`_reduced`); gain 1/n^2 for independent gradients."""
+    return _reduced(ctx, ctx.first_ref(), total=False)
 
 
 @handles("sum")
 def sum_(ctx: Ctx) -> Effect:
-    """Sum of n independent elements: E[y^2] = n v + n^2 mu^2 per channel; gain 1."""
-    ref = ctx.first_ref()
-    n, axis = _reduction(ctx, ref)
-    x = ctx.stat(ref)
-    if axis is not None:
-        mu, var = x.channels(x.axis, x.ch_mean.numel())
-        return Effect([Stats.per_channel(axis, n * mu, n * var + (n * mu) ** 2)], [(ref.name, 0, 0, channels.Diag(1.0))])
-    return Effect([_stats(n * x.mean, n * x.var + (n * x.mean) ** 2)], [(ref.name, 0, 0, 1.0)])
+    """Sum of n elements (see :func:`_reduced`): E[y^2] = n v + n^2 mu^2 for independent
+    elements; gain 1."""
+    return _reduced(ctx, ctx.first_ref(), total=True)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -776,104 +1279,238 @@ def _numel_gain(ctx: Ctx, ref: Ref) -> float:
     return _ratio(ctx.out_meta, ctx.meta(ref))
 
 
-def _operand(ctx: Ctx, a: Any) -> tuple[Stats, Ref | None]:
-    if isinstance(a, Ref):
-        return ctx.stat(a), a
-    if isinstance(a, (int, float, bool)):
-        return _stats(float(a), float(a) ** 2), None
-    raise Unhandled(f"operand {a!r}")
+@dataclass
+class _Operand:
+    """One input of an elementwise binary op, as vectors over the output's channels (a
+    single entry when the output tracks none), seen in the output's layout.
+
+    ``cov``: its covariance between two positions of one sample in the output (its
+    variance where it is broadcast over the positions); ``cross``: E[x_i x_j] for two
+    samples (its squared mean, or its square when it is a constant); ``r``: copies of
+    each element in the output; ``coherent_copies``: the copies lie along positions."""
+
+    ref: Ref | None
+    mean: torch.Tensor
+    m2: torch.Tensor
+    cov: torch.Tensor
+    cross: torch.Tensor
+    r: float = 1.0
+    coherent_copies: bool = False
+    channelled: bool = False
+
+    @property
+    def pair(self) -> torch.Tensor:
+        """E[x_i x_j] for two positions of one sample."""
+        return self.mean * self.mean + self.cov
 
 
-def _binary_channels(ctx: Ctx, a: Any, b: Any) -> tuple[int, list] | None:
-    """Per-channel (mean, m2) vectors of both operands on a shared channel axis of the
-    output, when at least one carries channels and the other is compatible: same
-    channels, a python number, or a constant varying only along that axis (a bias)."""
+def _broadcast_axes(in_shape: tuple, out_shape: tuple) -> list[int]:
+    nd = len(out_shape)
+    shape = (1,) * (nd - len(in_shape)) + tuple(in_shape)
+    return [k for k in range(nd) if shape[k] == 1 and out_shape[k] > 1]
+
+
+def _operands(ctx: Ctx, items: list[Any]) -> tuple[list[_Operand], int | None, tuple | None]:
+    """Both inputs of a binary op on a shared channel axis of the output (or as single
+    entries), with the output's channel axis and position axes."""
     out_shape = ctx.out_meta.shape
-    sa = ctx.stat(a) if isinstance(a, Ref) else None
-    sb = ctx.stat(b) if isinstance(b, Ref) else None
-    lead = next((s for s, r in ((sa, a), (sb, b)) if s is not None and s.has_channels and ctx.meta(r).shape == out_shape), None)
-    if lead is None:
-        return None
-    axis, c = lead.axis, out_shape[lead.axis]
-    vecs = []
-    for op, s in ((a, sa), (b, sb)):
+    stats = [ctx.stat(op) if isinstance(op, Ref) and ctx.const(op) is None else None for op in items]
+    full = [(s, op) for s, op in zip(stats, items) if s is not None and ctx.meta(op).shape == out_shape]
+    lead = next((s for s, _ in full if s.has_channels), None)
+    axis = lead.axis if lead is not None else None
+    c = out_shape[axis] if axis is not None else 1
+    pos = next((s.pos for s, _ in full if s.pos is not None), None)
+    p_out = _positions(ctx.out_meta, pos)
+    out = []
+    for op, s in zip(items, stats):
         if isinstance(op, (int, float, bool)):
             v = torch.full((c,), float(op), dtype=torch.float64)
-            vecs.append((v, v * v, None))
+            out.append(_Operand(None, v, v * v, torch.zeros_like(v), v * v))
             continue
         if not isinstance(op, Ref):
-            return None
+            raise Unhandled(f"operand {op!r}")
         const = ctx.const(op)
-        if ctx.meta(op).shape == out_shape and s.has_channels and s.axis == axis:
-            vecs.append((s.ch_mean, s.ch_m2, "same"))
-        elif const is not None:
-            v = channels.broadcast_channel_vector(const, out_shape, axis)
-            if v is None:
-                return None
-            vecs.append((v, v * v, "const"))
-        elif ctx.meta(op).shape == out_shape and not s.has_channels:
-            vecs.append((torch.full((c,), s.mean, dtype=torch.float64), torch.full((c,), s.m2, dtype=torch.float64), "same"))
+        if const is not None:
+            v = channels.broadcast_channel_vector(const, out_shape, axis) if axis is not None else None
+            if v is None:  # a constant tensor without channel structure: its own moments
+                cd = const.detach().double()
+                v_mean, v_m2 = float(cd.mean()), float(cd.pow(2).mean())
+                mean_v, m2_v = torch.full((c,), v_mean, dtype=torch.float64), torch.full((c,), v_m2, dtype=torch.float64)
+                out.append(_Operand(op, mean_v, m2_v, torch.zeros_like(mean_v), m2_v, _ratio(ctx.out_meta, ctx.meta(op))))
+            else:
+                out.append(_Operand(op, v, v * v, torch.zeros_like(v), v * v, _ratio(ctx.out_meta, ctx.meta(op)), channelled=True))
+            continue
+        meta = ctx.meta(op)
+        r = _ratio(ctx.out_meta, meta)
+        nd_shift = len(out_shape) - len(meta.shape)
+        channelled = s.has_channels and axis is not None and s.axis + nd_shift == axis and s.ch_mean.numel() == c
+        if channelled:
+            mean_v, var_v = s.ch_mean, (s.ch_m2 - s.ch_mean**2).clamp_min(0.0)
+            cov_v = s.coherent(s.axis, c) if s.pos is not None else torch.zeros(c, dtype=torch.float64)
         else:
-            return None
-    return axis, vecs
+            base = s.scalar() if s.has_channels else s
+            mean_v = torch.full((c,), base.mean, dtype=torch.float64)
+            var_v = torch.full((c,), base.var, dtype=torch.float64)
+            cov_v = torch.full((c,), base.cov if base.pos is not None else 0.0, dtype=torch.float64)
+        grown = _broadcast_axes(meta.shape, out_shape)
+        copies = bool(grown) and pos is not None and all(k in pos for k in grown)
+        if copies:  # copies along positions: coherent over them
+            q = (r - 1) / (p_out - 1) if p_out > 1 else 1.0
+            cov_v = cov_v + min(q, 1.0) * (var_v - cov_v)
+        elif s.pos is None or (meta.shape == out_shape and s.pos != pos):
+            cov_v = torch.zeros_like(cov_v)
+        out.append(_Operand(op, mean_v, var_v + mean_v**2, cov_v.maximum(-var_v).minimum(var_v), mean_v**2, r, copies, channelled))
+    return out, axis, pos
+
+
+def _binary_result(axis: int | None, pos: tuple | None, mean, m2, cov) -> Stats:
+    if axis is not None:
+        return Stats.per_channel(axis, mean, m2, cov if pos is not None else None, pos)
+    return _stats(float(mean), float(m2), pos, float(cov))
+
+
+def _wrap(gain_vec: torch.Tensor, o: _Operand, tri: torch.Tensor | None = None) -> Any:
+    """A per-channel gain as the operand can take it: a vector (Diag / Tri) when it
+    shares the output's channels, else its scalar average."""
+    if tri is not None:
+        if o.channelled:
+            return channels.Tri(tri)
+        return channels.Tri(tri.mean(0) if tri.dim() == 3 else tri)
+    if o.channelled:
+        return channels.Diag(gain_vec)
+    return float(gain_vec.mean())
+
+
+def _summed_copies(o: _Operand, g_fac: torch.Tensor, s_fac: torch.Tensor, x_fac: torch.Tensor) -> Any:
+    """Gain into an operand whose value y = o * h meets dL/dy: per element E[h^2] g,
+    E[h_i h_j] s, E[h_i h_j'] x (``*_fac``). An operand copied r times along positions
+    (a per-sample gate broadcast over an image) collects the sum of its copies:
+    E[(sum_p h_p g_p)^2] = r E[h^2] g + r (r - 1) E[h_p h_p'] s, and r^2 E[h h'] x across
+    samples; other broadcasts add r independent copies."""
+    if o.coherent_copies:
+        r = o.r
+        zero = torch.zeros_like(g_fac)
+        rows = torch.stack(
+            [
+                torch.stack([r * g_fac, r * (r - 1) * s_fac, zero], -1),
+                torch.stack([zero, r * r * s_fac, zero], -1),
+                torch.stack([zero, zero, r * r * x_fac], -1),
+            ],
+            -2,
+        )
+        return _wrap(g_fac, o, rows)
+    if bool(torch.equal(g_fac, s_fac)) and bool(torch.equal(g_fac, x_fac)):
+        return _wrap(g_fac * o.r, o)
+    zero = torch.zeros_like(g_fac)
+    rows = torch.stack(
+        [torch.stack([g_fac, zero, zero], -1), torch.stack([zero, s_fac, zero], -1), torch.stack([zero, zero, x_fac], -1)], -2
+    ) * o.r
+    return _wrap(g_fac, o, rows)
 
 
 @handles("add", "sub", "rsub")
 def add(ctx: Ctx) -> Effect:
     """Sum of independent values (a residual connection): E[(a+b)^2] = E[a^2] + E[b^2]
-    + 2 E[a] E[b], per channel; each input receives the full gradient (times its
-    broadcast count). ``alpha`` scales b."""
+    + 2 E[a] E[b], per channel; the coherent covariances add too. Each input receives
+    the full gradient (times its broadcast count; copies along positions add coherently,
+    see :func:`_summed_copies`). ``alpha`` scales b."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     alpha = float(ctx.node.kwargs.get("alpha", 1.0))
     c = -alpha if ctx.node.op in ("sub", "rsub") else alpha
     if ctx.node.op == "rsub":  # rsub(x, y) = y - alpha * x
         a, b = b, a
-    chan = _binary_channels(ctx, a, b)
-    if chan is not None:
-        axis, ((ma, qa, ka), (mb, qb, kb)) = chan
-        out = Stats.per_channel(axis, ma + c * mb, qa + c * c * qb + 2 * c * ma * mb)
-        gains = []
-        if isinstance(a, Ref):
-            gains.append((a.name, 0, 0, channels.Diag(1.0) if ka == "same" else _numel_gain(ctx, a)))
-        if isinstance(b, Ref):
-            gains.append((b.name, 0, 0, channels.Diag(c * c) if kb == "same" else c * c * _numel_gain(ctx, b)))
-        return Effect([out], gains)
-    sa, ra = _operand(ctx, a)
-    sb, rb = _operand(ctx, b)
-    mean = sa.mean + c * sb.mean
-    m2 = sa.m2 + c * c * sb.m2 + 2 * c * sa.mean * sb.mean
+    (oa, ob), axis, pos = _operands(ctx, [a, b])
+    mean = oa.mean + c * ob.mean
+    m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
+    out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
+    out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
+    rows = _rows(ctx, axis, [(oa, 1.0, a), (ob, c * c, b)])
+    if rows is not None:
+        out.row_var = rows[0]
     gains = []
-    if ra is not None:
-        gains.append((ra.name, 0, 0, _numel_gain(ctx, ra)))
-    if rb is not None:
-        gains.append((rb.name, 0, 0, c * c * _numel_gain(ctx, rb)))
-    return Effect([_stats(mean, m2)], gains)
+    for k, (o, w) in enumerate(((oa, 1.0), (ob, c * c))):
+        if o.ref is not None:
+            one = torch.full_like(o.mean, w)
+            gain = _summed_copies(o, one, one, one)
+            if rows is not None:
+                gain = channels.Aligned(gain, rows[1][k], w)
+            gains.append((o.ref.name, 0, 0, gain))
+    return Effect([out], gains)
+
+
+def _sum_profile(ctx: Ctx, pos: tuple | None, parts: list) -> tuple | None:
+    """The position profile of a sum: its parts' profiles weighted by their variances
+    (:func:`channels.combine_profiles`); parts broadcast over positions are flat."""
+    if pos is None:
+        return None
+    items = []
+    for ref, o, w in parts:
+        st = ctx.stat(ref) if isinstance(ref, Ref) and ctx.const(ref) is None else None
+        prof = st.prof if st is not None and st.pos == pos and ctx.meta(ref).shape == ctx.out_meta.shape else None
+        items.append((prof, w * float((o.m2 - o.mean * o.mean).mean())))
+    return channels.combine_profiles(items)
+
+
+def _row_spread(mean: torch.Tensor, m2: torch.Tensor) -> float:
+    """A row's expected centred mean square: mean_c (v_c + (mu_c - mean mu)^2)."""
+    var = (m2 - mean * mean).clamp_min(0.0)
+    d = mean - mean.mean()
+    return float((var + d * d).mean())
+
+
+def _fresh_row_var(mean: torch.Tensor, m2: torch.Tensor) -> float:
+    """Var of a row's mean square over independent Gaussian channels: sum_c (2 v_c^2 +
+    4 v_c mu_c^2) / n^2."""
+    var = (m2 - mean * mean).clamp_min(0.0)
+    return float((2 * var * var + 4 * var * mean * mean).sum()) / mean.numel() ** 2
+
+
+def _rows(ctx: Ctx, axis: int | None, parts: list) -> tuple[float, list[float]] | None:
+    """For a sum of same-shape values along rows (channel axis last) of which one carries
+    a known row variance (a LayerNorm's output on a residual stream): the sum's row
+    variance, Var(ms(a + c b)) = Var(ms a) + c^4 Var(ms b) + 4 c^2 sum_c (E[a^2] E[b^2] -
+    mu_a^2 mu_b^2) / n^2, and each operand's share of the sum's centred row variance."""
+    out_shape = ctx.out_meta.shape
+    if axis is None or axis != len(out_shape) - 1:
+        return None
+    stats = [ctx.stat(r) if isinstance(r, Ref) and ctx.const(r) is None else None for _, _, r in parts]
+    if not any(s is not None and s.row_var is not None for s in stats):
+        return None
+    if not all(o.channelled and o.r == 1 for o, _, _ in parts):
+        return None
+    n = out_shape[axis]
+    (oa, _, _), (ob, w, _) = parts
+    rv = []
+    for (o, k, _), s in zip(parts, stats):
+        own = s.row_var if s is not None and s.row_var is not None else _fresh_row_var(o.mean, o.m2)
+        rv.append(k * k * own)
+    cross = 4 * w * float((oa.m2 * ob.m2 - oa.mean**2 * ob.mean**2).sum()) / n**2
+    spread_a, spread_b = _row_spread(oa.mean, oa.m2), w * _row_spread(ob.mean, ob.m2)
+    total = spread_a + spread_b
+    shares = [spread_a / total, spread_b / total] if total > 0 else [0.5, 0.5]
+    return sum(rv) + cross, shares
 
 
 @handles("mul")
 def mul(ctx: Ctx) -> Effect:
     """Product of independent values (gating, a per-channel scale): E[(ab)^2] =
-    E[a^2] E[b^2] per channel; dL/da = b dL/dy, so gain(a) = E[b^2] (times a's broadcast
-    count)."""
+    E[a^2] E[b^2] per channel, Cov((ab)_i, (ab)_j) = E[a_i a_j] E[b_i b_j] - (E[a] E[b])^2
+    for two positions of a sample. dL/da = b dL/dy: gain(a) = E[b^2] on the gradient,
+    E[b_i b_j] on its coherent part, E[b]^2 on the part shared across samples (b^2 for a
+    constant b). A per-sample gate broadcast over an image (squeeze-and-excitation)
+    collects sum_p a_p g_p: when g is shared by the positions (behind a global pool) and a
+    has a mean, that is p^2 (mu_a^2 + s_a) times the coherent gradient, not p E[a^2]
+    (:func:`_summed_copies`)."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
-    chan = _binary_channels(ctx, a, b)
-    if chan is not None:
-        axis, ((ma, qa, ka), (mb, qb, kb)) = chan
-        out = Stats.per_channel(axis, ma * mb, qa * qb)
-        gains = []
-        if isinstance(a, Ref):
-            gains.append((a.name, 0, 0, channels.Diag(qb) if ka == "same" else float(qb.mean()) * _numel_gain(ctx, a)))
-        if isinstance(b, Ref):
-            gains.append((b.name, 0, 0, channels.Diag(qa) if kb == "same" else float(qa.mean()) * _numel_gain(ctx, b)))
-        return Effect([out], gains)
-    sa, ra = _operand(ctx, a)
-    sb, rb = _operand(ctx, b)
+    (oa, ob), axis, pos = _operands(ctx, [a, b])
+    mean = oa.mean * ob.mean
+    cov = oa.pair * ob.pair - mean * mean
+    out = _binary_result(axis, pos, mean, oa.m2 * ob.m2, cov)
     gains = []
-    if ra is not None:
-        gains.append((ra.name, 0, 0, sb.m2 * _numel_gain(ctx, ra)))
-    if rb is not None:
-        gains.append((rb.name, 0, 0, sa.m2 * _numel_gain(ctx, rb)))
-    return Effect([_stats(sa.mean * sb.mean, sa.m2 * sb.m2)], gains)
+    for o, other in ((oa, ob), (ob, oa)):
+        if o.ref is not None:
+            gains.append((o.ref.name, 0, 0, _summed_copies(o, other.m2, other.pair, other.cross)))
+    return Effect([out], gains)
 
 
 def _contraction(a: Stats, b: Stats, k: float) -> Stats:
@@ -1001,62 +1638,153 @@ def _log_softmax_sample(mean: float, var: float, n: int) -> tuple[float, float, 
     return float(y.mean()), float(y.pow(2).mean()), float(gain)
 
 
-def attention_stats(q: Stats, k: Stats, v: Stats, d: int, n_q: int, n_k: int, scale: float, causal: bool, dropout_p: float = 0.0) -> dict[str, float]:
-    """Scaled dot-product attention softmax(s q k^T) v at initialisation (Vaswani 2017).
+@dataclass
+class _Heads:
+    """Per-channel statistics of q, k, v along the head dimension (vectors over the
+    model's channels, split into ``heads`` contiguous groups), with the coherent
+    covariance of k and v along the token axis."""
 
-    Logits: Var[l] = s^2 d E[q^2] E[k^2] (and mean s d mu_q mu_k). With P the attention
-    matrix and p2 = E[sum_j P_ij^2]:
+    m2_q: torch.Tensor
+    mean_v: torch.Tensor
+    var_v: torch.Tensor
+    cov_v: torch.Tensor
+    fluct_k: torch.Tensor
+    heads: int
 
-        E[o^2] = p2 Var[v] + mu_v^2
-        gain(v) = (n_q / n_k) p2                 (dL/dv = P^T dL/do)
-        gain(q) = s^2 n_k E[k^2] * d Var[v] jac / n_k^2 ... per element, see code
-        gain(k) = s^2 n_q E[q^2] * d Var[v] jac / n_k^2
 
-    where dL/dP = dL/do V^T has second moment d Var[v] per entry and ``jac`` is the
-    softmax Jacobian norm from :func:`_softmax_sample`.
+def _token_coherence(s: Stats, axis: int | None, n: int, token_axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, var, coherent covariance along ``token_axis``) over n channels."""
+    base = s if axis is not None else s.scalar()
+    mean, var = base.channels(axis if axis is not None else 0, n)
+    if s.pos is not None and token_axis in s.pos:
+        cov = base.coherent(axis, n) if axis is not None else torch.full((n,), base.cov, dtype=torch.float64)
+    else:
+        cov = torch.zeros(n, dtype=torch.float64)
+    return mean, var, cov.maximum(-var).minimum(var)
+
+
+def attention_core(h: _Heads, scale: float, n_q: int, n_k: int, causal: bool, dropout_p: float = 0.0) -> dict[str, Any]:
+    """Scaled dot-product attention softmax(s q k^T) v at initialisation (Vaswani 2017),
+    per channel of the head dimension.
+
+    Logits vary along a row (over keys t) only through k's part that differs between
+    tokens: k_t = mu_k + a + e_t with a shared by the sample's tokens (variance s_k) and
+    e its own (f_k = v_k - s_k); the shared part shifts a whole row, which softmax
+    ignores. So the effective logit variance is s^2 sum_c E[q_c^2] f_k,c (per head).
+    With P the attention matrix and p2 = E[sum_t P_st^2] (:func:`_softmax_sample`):
+
+        o_s = mu_v + a_v + sum_t P_st e_t:   E[o^2] = mu_v^2 + s_v + p2 f_v
+        Cov(o_s, o_s') = s_v + f_v / n_k     (two queries: rows independent, mean 1/n_k)
+
+    Backward, with the output gradient's E[g^2] = g, same-sample covariance s, cross
+    x, and E[P_st P_s't] = 1/n_k^2 for two rows, E[P_st P_st'] = (1 - p2) / (n_k (n_k - 1)):
+
+        g_v = (n_q p2 / n_k) g + n_q (n_q - 1) / n_k^2 s
+        s_v = n_q (1 - p2) / (n_k (n_k - 1)) g + n_q (n_q - 1) / n_k^2 s,   x_v = (n_q / n_k)^2 x
+
+    so a gradient shared by the queries reaches v whole. dL/dP_st = g_s . v_t sees only
+    v's token-specific part (the rest is constant along the row and the softmax
+    Jacobian, whose rows sum to 0, removes it): E[dl^2] = jac / n_k sum_c g_c f_v,c per
+    logit, and
+
+        g_q,c' = s^2 jac f_k,c' sum_c g_c f_v,c,   g_k,c' = s^2 jac (n_q / n_k) E[q_c'^2] sum_c g_c f_v,c
+
+    (per head; k's shared part drops out of dq because sum_t dl_st = 0). Dropout on P
+    scales p2 and dL/dP by 1 / (1 - p).
     """
-    logit_mean = scale * d * q.mean * k.mean
-    logit_var = scale**2 * d * (q.m2 * k.m2 - (q.mean * k.mean) ** 2)
-    st = _softmax_sample(logit_mean, logit_var, n_k, causal_rows=n_q if causal else 0)
     keep = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+    c = h.m2_q.numel()
+    per = c // h.heads
+    f_v = (h.var_v - h.cov_v).clamp_min(0.0)
+    logit_var = scale**2 * float((h.m2_q * h.fluct_k).reshape(h.heads, per).sum(1).mean())
+    st = _softmax_sample(0.0, logit_var, n_k, causal_rows=n_q if causal else 0)
     p2 = st["p2"] * keep
-    out_m2 = p2 * v.var + v.mean**2
-    dp2 = d * v.var * keep  # second moment of dL/dP per entry, per unit g2
-    g_logit = dp2 * st["jac"] / n_k  # per logit entry
+    out_m2 = h.mean_v**2 + h.cov_v + p2 * f_v
+    out_cov = h.cov_v + f_v / n_k
+    pair = n_q * (n_q - 1) / n_k**2
+    tri_v = torch.tensor(
+        [[n_q * p2 / n_k, pair, 0.0], [n_q * (1 - st["p2"]) / (n_k * max(n_k - 1, 1)), pair, 0.0], [0.0, 0.0, (n_q / n_k) ** 2]],
+        dtype=torch.float64,
+    )
+    blocks_q, blocks_k = [], []
+    for i in range(h.heads):
+        sl = slice(i * per, (i + 1) * per)
+        base = scale**2 * st["jac"] * keep
+        blocks_q.append(base * torch.outer(f_v[sl], h.fluct_k[sl]))
+        blocks_k.append(base * (n_q / n_k) * torch.outer(f_v[sl], h.m2_q[sl]))
     return {
         "logit_var": logit_var,
         "logit_std": math.sqrt(max(logit_var, 0.0)),
-        "out_mean": v.mean,
+        "out_mean": h.mean_v,
         "out_m2": out_m2,
-        "gain_v": n_q / n_k * p2,
-        "gain_q": scale**2 * n_k * k.m2 * g_logit,
-        "gain_k": scale**2 * n_q * q.m2 * g_logit,
+        "out_cov": out_cov,
+        "tri_v": tri_v,
+        "mat_q": torch.block_diag(*blocks_q),
+        "mat_k": torch.block_diag(*blocks_k),
         "p2": st["p2"],
         "entropy_ratio": st["p2"] * n_k,
     }
 
 
+_ONLY_TOTAL = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def _public(st: dict) -> dict:
+    """The attention summary rules read (no tensors)."""
+    return {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+
+
 @handles("scaled_dot_product_attention")
 def sdpa(ctx: Ctx) -> Effect:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)."""
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale):
+    :func:`attention_core` over the head dimension (the last axis), tokens on the axis
+    before it."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     if ctx.arg(3, "attn_mask") is not None:
         raise Unhandled("explicit attention mask")
-    mq, mk = ctx.meta(q), ctx.meta(k)
+    mq, mk, mv = ctx.meta(q), ctx.meta(k), ctx.meta(v)
     d = mq.shape[-1]
     scale = ctx.arg(6, "scale", None)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     causal = bool(ctx.arg(5, "is_causal", False))
     dropout_p = float(ctx.arg(4, "dropout_p", 0.0) or 0.0)
-    st = attention_stats(ctx.stat(q), ctx.stat(k), ctx.stat(v), d, mq.shape[-2], mk.shape[-2], scale, causal, dropout_p)
-    gains = [(q.name, 0, 0, st["gain_q"]), (k.name, 0, 0, st["gain_k"]), (v.name, 0, 0, st["gain_v"])]
-    return Effect([_stats(st["out_mean"], st["out_m2"])], gains, info={"attention": st, "scale": scale, "head_dim": d})
+    sq, sk, sv = ctx.stat(q), ctx.stat(k), ctx.stat(v)
+    dv = mv.shape[-1]
+    ax = lambda s, m: len(m.shape) - 1 if s.has_channels and s.axis == len(m.shape) - 1 else None  # noqa: E731
+    mean_q, var_q, _ = _token_coherence(sq, ax(sq, mq), d, len(mq.shape) - 2)
+    _, var_k, cov_k = _token_coherence(sk, ax(sk, mk), d, len(mk.shape) - 2)
+    mean_v, var_v, cov_v = _token_coherence(sv, ax(sv, mv), dv, len(mv.shape) - 2)
+    h = _Heads(mean_q**2 + var_q, mean_v, var_v, cov_v, (var_k - cov_k).clamp_min(0.0), 1)
+    if dv != d:
+        raise Unhandled("value head size differs from the query's")
+    st = attention_core(h, scale, mq.shape[-2], mk.shape[-2], causal, dropout_p)
+    pos = (len(ctx.out_meta.shape) - 2,)
+    out_axis = len(ctx.out_meta.shape) - 1 if ax(sv, mv) is not None else None
+    if out_axis is not None:
+        out = Stats.per_channel(out_axis, st["out_mean"], st["out_m2"], st["out_cov"], pos)
+    else:
+        out = _stats(float(st["out_mean"].mean()), float(st["out_m2"].mean()), pos, float(st["out_cov"].mean()))
+    gains = [
+        (q.name, 0, 0, _head_gain(_ONLY_TOTAL, st["mat_q"], ax(sq, mq))),
+        (k.name, 0, 0, _head_gain(_ONLY_TOTAL, st["mat_k"], ax(sk, mk))),
+        (v.name, 0, 0, channels.Tri(st["tri_v"], axis=ax(sv, mv)) if ax(sv, mv) is not None else channels.Tri(st["tri_v"])),
+    ]
+    return Effect([out], gains, info={"attention": _public(st), "scale": scale, "head_dim": d})
+
+
+def _head_gain(tri: torch.Tensor, mat: torch.Tensor, axis: int | None) -> Any:
+    """A q/k gain over the head channels, or its scalar sum when channels are not tracked
+    (each input channel then collects the row sums of ``mat``, averaged)."""
+    if axis is not None:
+        return channels.Tri(tri, axis=axis, mat=mat)
+    return channels.Tri(tri, float(mat.sum(0).mean()))
 
 
 @handles("multihead_attention")
 def multihead_attention(ctx: Ctx) -> Effect:
     """nn.MultiheadAttention: in-projections, per-head SDPA with scale 1/sqrt(d_head),
-    out-projection. Composes :func:`_dense_forward` and :func:`attention_stats`."""
+    out-projection. Composes :func:`_dense` per channel and :func:`attention_core`; the
+    gains chain the projections' squared weights around the core's maps."""
     m = ctx.node.fn
     if not getattr(m, "_qkv_same_embed_dim", True) or m.bias_k is not None:
         raise Unhandled("separate q/k/v projection weights or bias_k")
@@ -1064,32 +1792,43 @@ def multihead_attention(ctx: Ctx) -> Effect:
         raise Unhandled("attention masks")
     causal = bool(ctx.node.kwargs.get("is_causal", False))
     q_ref, k_ref, v_ref = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    e, h = m.embed_dim, m.num_heads
-    d = e // h
-    w = ctx.param("in_proj_weight")
+    e, heads = m.embed_dim, m.num_heads
+    d = e // heads
+    w = ctx.param("in_proj_weight").double()
     b = ctx.param("in_proj_bias")
     ws = w.split(e, 0)
-    bs = b.split(e, 0) if b is not None else (None, None, None)
-    ins = [ctx.stat(r) for r in (q_ref, k_ref, v_ref)]
-    proj = [_dense_forward(s, wi, bi) for s, wi, bi in zip(ins, ws, bs)]
+    bs = b.double().split(e, 0) if b is not None else (None, None, None)
     seq_dim = 1 if m.batch_first else 0
+    feat = len(ctx.meta(q_ref).shape) - 1
+    token = (seq_dim,)
+    proj = []
+    for r, wi, bi in zip((q_ref, k_ref, v_ref), ws, bs):
+        s = ctx.stat(r)
+        x = s if s.pos == token or s.pos is None else Stats(mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2)
+        if x.pos is None:
+            x = Stats(mean=x.mean, m2=x.m2, axis=x.axis, ch_mean=x.ch_mean, ch_m2=x.ch_m2, pos=token)
+        proj.append(_dense(x, feat, wi * wi, wi, bi, feat, pos=token))
     n_q, n_k = ctx.meta(q_ref).shape[seq_dim], ctx.meta(k_ref).shape[seq_dim]
     scale = 1.0 / math.sqrt(d)
-    st = attention_stats(proj[0], proj[1], proj[2], d, n_q, n_k, scale, causal, m.dropout)
-    attn = _stats(st["out_mean"], st["out_m2"])
-    ow, ob = ctx.param("out_proj.weight"), ctx.param("out_proj.bias")
-    out = _dense_forward(attn, ow, ob)
-    g_out = float(ow.double().pow(2).sum()) / e  # into the attention output
-    in_gain = [float(wi.double().pow(2).sum()) / e for wi in ws]
+    pq, pk, pv = proj
+    mean_v, var_v = pv.channels(feat, e)
+    _, var_k = pk.channels(feat, e)
+    h = _Heads(pq.ch_m2, mean_v, var_v, pv.coherent(feat, e), (var_k - pk.coherent(feat, e)).clamp_min(0.0), heads)
+    st = attention_core(h, scale, n_q, n_k, causal, m.dropout)
+    attn = Stats.per_channel(feat, st["out_mean"], st["out_m2"], st["out_cov"], token)
+    ow, ob = ctx.param("out_proj.weight").double(), ctx.param("out_proj.bias")
+    out = _dense(attn, feat, ow * ow, ow, ob, feat, pos=token)
+    m_o = ow * ow
+    w2 = [wi * wi for wi in ws]
     gains = [
-        (q_ref.name, 0, 0, g_out * st["gain_q"] * in_gain[0]),
-        (k_ref.name, 0, 0, g_out * st["gain_k"] * in_gain[1]),
-        (v_ref.name, 0, 0, g_out * st["gain_v"] * in_gain[2]),
+        (q_ref.name, 0, 0, channels.Tri(_ONLY_TOTAL, axis=feat, mat=m_o @ st["mat_q"] @ w2[0])),
+        (k_ref.name, 0, 0, channels.Tri(_ONLY_TOTAL, axis=feat, mat=m_o @ st["mat_k"] @ w2[1])),
+        (v_ref.name, 0, 0, channels.Tri(st["tri_v"], axis=feat, mat=m_o @ w2[2])),
     ]
     outs: list[Stats | None] = [out]
     if len(ctx.node.outputs) > 1:
         outs.append(_stats(1.0 / n_k, st["p2"] / n_k) if ctx.node.outputs[1] is not None else None)
-    return Effect(outs, gains, info={"attention": st, "scale": scale, "head_dim": d})
+    return Effect(outs, gains, info={"attention": _public(st), "scale": scale, "head_dim": d})
 
 
 # --------------------------------------------------------------------------- linear maps

@@ -64,7 +64,9 @@ def estimate(node: Node, engine) -> Effect:
     for y in outs:
         if isinstance(y, torch.Tensor) and y.is_floating_point():
             yd = y.detach().double()
-            stats.append(Stats(mean=float(yd.mean()), m2=float(yd.pow(2).mean()), estimated=True))
+            st = Stats(mean=float(yd.mean()), m2=float(yd.pow(2).mean()), estimated=True)
+            st.positive = bool((yd >= 0).all()) and st.var > 0  # a variance, a norm: never below 0
+            stats.append(st)
         else:
             stats.append(None)
     if not getattr(node.fn, "autograd", True):
@@ -130,7 +132,7 @@ def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
 
 def _mark(s: Stats) -> Stats:
     out = _stats(s.mean, s.m2)
-    out.estimated = True
+    out.estimated, out.positive = True, s.positive
     return out
 
 

@@ -1,0 +1,79 @@
+"""The quadrature building blocks against closed forms.
+
+- Mehler's formula (:func:`coherent_moment`): the arc-cosine kernels of Cho & Saul
+  (2009) give E[relu(u) relu(v)] and E[1(u>0) 1(v>0)] for unit Gaussians with
+  correlation rho in closed form.
+- :func:`inverse_moment`: E[1 / (chi^2_nu / nu)] = nu / (nu - 2) (inverse chi-square
+  mean), and E[1 / (y + e)] -> 1 / (1 + e) for large nu.
+- :func:`gamma_points`: the Gamma's mean, variance and E[1/y] = 1 / (theta (k - 1)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradaudit.propagation.moments import (
+    channel_points,
+    coherent_moment,
+    gamma_points,
+    gaussian_points,
+    hermite_coefficients,
+    inverse_moment,
+)
+
+
+def _relu_kernel(rho: float) -> float:
+    """Cov(relu(u), relu(v)) for unit Gaussians with correlation rho (Cho & Saul 2009)."""
+    return (math.sqrt(1 - rho * rho) + (math.pi - math.acos(rho)) * rho) / (2 * math.pi) - 1 / (2 * math.pi)
+
+
+def _step_kernel(rho: float) -> float:
+    """Cov(1(u>0), 1(v>0)) = (pi - arccos rho) / (2 pi) - 1/4 (the same paper, n = 0)."""
+    return (math.pi - math.acos(rho)) / (2 * math.pi) - 0.25
+
+
+@pytest.mark.parametrize("channels", [False, True], ids=["scalar-grid", "channel-grid"])
+@pytest.mark.parametrize("rho", [-0.5, -0.1, 0.0, 0.3, 0.7, 0.95, 0.99, 1.0])
+def test_mehler_matches_arc_cosine_kernels(rho, channels):
+    x, w = channel_points(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)) if channels else gaussian_points(0.0, 1.0)
+    for f, kernel, tol in ((torch.relu, _relu_kernel, 1e-3), (lambda t: (t > 0).to(t.dtype), _step_kernel, 0.025)):
+        y = f(x)
+        wc = w.unsqueeze(1) if y.dim() == 2 else w
+        var = float((wc * y.double() ** 2).sum(0).reshape(-1)[0] - (wc * y.double()).sum(0).reshape(-1)[0] ** 2)
+        coef = hermite_coefficients(y, channels)
+        rho_t = torch.tensor([rho], dtype=torch.float64) if channels else rho
+        got = float(coherent_moment(coef, torch.tensor([var], dtype=torch.float64) if channels else var, rho_t).reshape(-1)[0])
+        want = kernel(rho)
+        # relative to the variance (0.34 for relu, 0.25 for the step)
+        assert abs(got - want) <= tol * var, f"rho={rho}: Mehler {got:.6f}, closed form {want:.6f}"
+
+
+@pytest.mark.parametrize("nu", [4.0, 7.0, 20.0, 60.0, 500.0])
+def test_inverse_moment_is_the_inverse_chi_square_mean(nu):
+    got = float(inverse_moment(torch.tensor(nu), torch.tensor(0.0)))
+    assert got == pytest.approx(nu / (nu - 2), rel=2e-3)
+
+
+def test_inverse_moment_with_eps_and_large_groups():
+    assert float(inverse_moment(torch.tensor(1e6), torch.tensor(0.5))) == pytest.approx(1 / 1.5, rel=1e-5)
+    # a tiny group is bounded by eps, not infinite
+    assert math.isfinite(float(inverse_moment(torch.tensor(1.0), torch.tensor(1e-6))))
+
+
+@pytest.mark.parametrize("k", [0.7, 2.0, 5.0, 40.0, 5000.0])
+@pytest.mark.parametrize("channels", [False, True], ids=["scalar-grid", "channel-grid"])
+def test_gamma_points_moments(k, channels):
+    mean, var = 3.0, 9.0 / k
+    if channels:
+        x, w = gamma_points(torch.tensor([mean], dtype=torch.float64), torch.tensor([var], dtype=torch.float64), True)
+        x, w = x[:, 0].double(), w
+    else:
+        x, w = gamma_points(mean, var, False)
+    assert bool((x > 0).all())
+    assert float((w * x).sum()) == pytest.approx(mean, rel=1e-4)
+    assert float((w * x * x).sum() - (w * x).sum() ** 2) == pytest.approx(var, rel=2e-3)
+    if k > 2.5:  # E[1/y] = 1 / (theta (k - 1)), theta = var / mean
+        assert float((w / x).sum()) == pytest.approx(1 / ((var / mean) * (k - 1)), rel=1e-3)
