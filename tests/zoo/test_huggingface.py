@@ -66,10 +66,26 @@ def case(name: str):
     return build(), inputs
 
 
+#: Models whose static prediction is not complete yet, each with the op it stops at and
+#: the measured reason: their test asserts that the audit says so (verdict
+#: ``incomplete``, GA001 naming that op), never a verdict it cannot back.
+INCOMPLETE = {
+    # T5 passes its relative position bias plus the padding mask as one additive
+    # ``attn_mask``; the fused attention handler has no model of a non-constant mask, the
+    # op is estimated by sampling, and the mask's finfo.min entries make the estimate NaN
+    "t5": "scaled_dot_product_attention",
+}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_huggingface_model(name):
     # the model is no local of this frame: a failure's traceback must not keep it alive
-    check(audit_zoo(f"huggingface/{name}", *case(name)))
+    result = audit_zoo(f"huggingface/{name}", *case(name))
+    if name in INCOMPLETE:
+        assert result.verdict == "incomplete", result.line()
+        assert any(e.startswith("GA001") and f"({INCOMPLETE[name]})" in e for e in result.errors), result.errors
+        return
+    check(result)
 
 
 def test_inputs_are_inferred_from_the_config():
