@@ -5,7 +5,9 @@ the probe ran, else predicted, with closed gates opened) of one quantity, the la
 gradient G_l of :mod:`gradaudit.propagation.depth`, by one figure: its change from the
 last weight layer to the first, estimated from the medians of the last and the first
 quarter of the layers (:attr:`~gradaudit.rules.helpers.GradientProfile.change_decades`). The message's first
-clause quotes that figure, and is also the report's headline.
+clause quotes that figure, and is also the report's headline. Judged on the profile with
+closed gates opened (a what-if: every zero/small-initialised gate at unit gain at once),
+a change past the limit is a warning, not an error.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from gradaudit.rules.helpers import GRADIENT_NAME, GRADIENT_TERM, factor_text, gradient_crossing, where
+from gradaudit.rules.helpers import GRADIENT_NAME, GRADIENT_TERM, OPENED, factor_text, gradient_crossing, where
 
 _WORDS = {-1: ("falls", "of"), +1: ("grows", "times")}
 
@@ -39,12 +41,18 @@ def check(rule, analysis, direction: int) -> Iterator:
     if c.cross is not None:
         node = layers[c.cross]
         at = grads[c.cross] / prof.late if prof.late > 0 else 0.0  # the last layers' own gradient underflowed
+        # the opened profile is a what-if (every closed gate at unit gain at once), not the
+        # model at step 0: past the limit there it warns
+        what_if = prof.source == OPENED
         yield rule.finding(
             f"{head}; layer {c.cross + 1} ('{where(node)}') is the nearest the output past the {c.limit:.0e} limit, "
-            f"at {_ratio(at)} {rel} the last layers'; {prof.rate_text} [{GRADIENT_TERM}]",
+            f"at {_ratio(at)} {rel} the last layers'; {prof.rate_text}"
+            + ("; a warning, not an error: the gates open gradually in training, not all at once" if what_if else "")
+            + f" [{GRADIENT_TERM}]",
             node=node,
             fix=c.fix,
             layer_index=c.cross + 1,
+            severity="warning" if what_if else None,
             **data,
         )
     else:

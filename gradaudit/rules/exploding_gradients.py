@@ -37,7 +37,8 @@ class ExplodingGradients(Rule):
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or
     small-initialised gates that a design closes on purpose (a zero head, layer scale,
-    adaLN-Zero, Fixup; see GA205) are judged opened.
+    adaLN-Zero, Fixup; see GA205) are judged opened: a what-if with every gate at unit
+    gain at once, so past the limit there the finding is a warning, not an error.
 
     ## Why is this bad?
     The first layers get updates orders of magnitude larger than the last: any learning

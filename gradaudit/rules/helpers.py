@@ -451,6 +451,10 @@ def parent(qualname: str | None) -> str | None:
 
 
 
+#: The source of a profile predicted with the closed gates opened.
+OPENED = "predicted with closed gates opened"
+
+
 @dataclass
 class GradientProfile:
     """The layer gradient G_l (:func:`gradaudit.propagation.depth.layer_gradient`) of each
@@ -458,7 +462,7 @@ class GradientProfile:
 
     layers: list
     grads: list[float]
-    #: "predicted", "measured" (the probe ran) or "predicted with closed gates opened"
+    #: "predicted", "measured" (the probe ran) or :data:`OPENED`
     source: str
 
     @property
@@ -682,7 +686,7 @@ def gradient_profile(
             return _checked(GradientProfile(layers, grads, "measured"))
     source, basis = "predicted", analysis
     if analysis.gates and analysis.opened is not None:
-        source, basis = "predicted with closed gates opened", analysis.opened
+        source, basis = OPENED, analysis.opened
     stats = [basis.stat(n.name) for n in layers]
     if any(s is None for s in stats):
         return None

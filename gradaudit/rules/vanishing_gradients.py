@@ -32,7 +32,8 @@ class VanishingGradients(Rule):
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or
     small-initialised gates that a design closes on purpose (a zero head, layer scale,
-    adaLN-Zero, Fixup; see GA205) are judged opened.
+    adaLN-Zero, Fixup; see GA205) are judged opened: a what-if with every gate at unit
+    gain at once, so past the limit there the finding is a warning, not an error.
 
     ## Why is this bad?
     The first layers receive almost no gradient: they barely move, so a deep model

@@ -173,3 +173,30 @@ def test_deep_model_with_zero_head_gets_no_vanishing_error():
     assert not [f for f in report.findings if f.severity == "error"]
     assert [f.rule for f in report.findings if f.rule == "GA205"] == ["GA205"]
     assert report.judged[0] == "predicted with closed gates opened"
+
+
+def _growing_mlp(zero_head: bool) -> nn.Sequential:
+    """12 ReLU layers at twice He's standard deviation: the gradient grows ~2x per layer
+    toward the input."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())]
+    for m in layers[::2]:
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        m.weight.data.mul_(2.0)
+    head = nn.Linear(64, 10)
+    if zero_head:
+        nn.init.zeros_(head.weight)
+    return nn.Sequential(*layers, head)
+
+
+def test_past_the_limit_with_gates_opened_is_a_warning():
+    """The same growth is an error on the open model and a warning when only the what-if
+    with the zero head opened shows it (the gates open gradually, not all at once)."""
+    x = (torch.randn(8, 64),)
+    (open_finding,) = [f for f in gradaudit.audit(_growing_mlp(False), x).findings if f.rule == "GA102"]
+    assert open_finding.severity == "error" and open_finding.data["decades"] >= 3
+    report = gradaudit.audit(_growing_mlp(True), x)
+    (gated,) = [f for f in report.findings if f.rule == "GA102"]
+    assert gated.severity == "warning" and gated.data["source"] == "predicted with closed gates opened"
+    assert gated.data["decades"] >= 3 and "not all at once" in gated.message
+    assert not [f for f in report.findings if f.severity == "error"]
