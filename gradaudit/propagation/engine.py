@@ -584,7 +584,11 @@ class Engine:
             effect = self.effects.get(node.name)
             if effect is None:
                 continue
-            for src, in_leaf, out_leaf, gain in effect.gains:
+            # each gain is read once, here: handing it back now keeps the analysis (and
+            # whatever runs after it, the probe and a second propagation with gates
+            # opened) from holding every layer's channel-gain matrices at once
+            gains, effect.gains = effect.gains, []
+            for src, in_leaf, out_leaf, gain in gains:
                 out = stats[out_leaf] if out_leaf < len(stats) else None
                 if out is None:
                     continue
