@@ -1,8 +1,10 @@
 """Every classification model of ``torchvision.models``, audited at default init.
 
 Inputs are 2 x 3 x 64 x 64 except where the architecture needs more (measured: the
-constructor or the forward raises below these sizes): ``inception_v3`` needs at least
-75 x 75 (its stem shrinks 64 to an empty map), ``maxvit_t`` 224 x 224 (its blocks
+constructor or the forward raises below these sizes): ``inception_v3`` 299 x 299 (in
+training mode its auxiliary classifier pools the 17 x 17 map of ``Mixed_6e`` with a 5 x 5
+window, stride 3, then applies a 5 x 5 convolution: any smaller input leaves that
+convolution a map under 5 x 5), ``maxvit_t`` 224 x 224 (its blocks
 partition the map into 7 x 7 windows at every stage). The ViTs are built for 64 x 64
 with their ``image_size`` argument.
 """
@@ -24,7 +26,7 @@ from harness import audit_zoo, check  # noqa: E402
 pytestmark = [pytest.mark.zoo, pytest.mark.usefixtures("one_thread")]
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
-SIZE = {"inception_v3": 75, "maxvit_t": 224}
+SIZE = {"inception_v3": 299, "maxvit_t": 224}
 
 
 def test_every_classification_model_is_listed():
