@@ -6,7 +6,8 @@ training mode its auxiliary classifier pools the 17 x 17 map of ``Mixed_6e`` wit
 window, stride 3, then applies a 5 x 5 convolution: any smaller input leaves that
 convolution a map under 5 x 5), ``maxvit_t`` 224 x 224 (its blocks
 partition the map into 7 x 7 windows at every stage). The ViTs are built for 64 x 64
-with their ``image_size`` argument.
+with their ``image_size`` argument (``vit_h_14`` for 56 x 56: its 14 x 14 patches must
+divide the image).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from harness import audit_zoo, check  # noqa: E402
 pytestmark = [pytest.mark.zoo, pytest.mark.usefixtures("one_thread")]
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
-SIZE = {"inception_v3": 299, "maxvit_t": 224}
+SIZE = {"inception_v3": 299, "maxvit_t": 224, "vit_h_14": 56}
 
 
 def test_every_classification_model_is_listed():
@@ -35,7 +36,7 @@ def test_every_classification_model_is_listed():
 
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    kwargs = {"image_size": 64} if name.startswith("vit_") else {}
+    kwargs = {"image_size": SIZE.get(name, 64)} if name.startswith("vit_") else {}
     return torchvision.models.get_model(name, **kwargs)
 
 
