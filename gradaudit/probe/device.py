@@ -66,3 +66,17 @@ class on_device:
             if self.fork is not None:
                 self.fork.__exit__(None, None, None)
         return False
+
+
+def seed_draw(seed: int, device: str):
+    """Seed one probe draw: the RNGs the model's own random ops read (dropout: the CPU
+    generator, and the CUDA ones on a CUDA device), and a private generator on ``device``
+    for the draw's cotangents, returned. The CPU generator is seeded directly:
+    ``torch.manual_seed`` also seeds every lazily initialised backend, which costs
+    milliseconds per call. The caller restores the RNG states afterwards."""
+    import torch
+
+    torch.default_generator.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator(device=device).manual_seed(seed)

@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 from gradaudit.errors import CaptureError
+from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
-
 
 def _leaves_of(model) -> dict:
     """{module: qualified name} of the layers (the fx frontend's leaf modules)."""
@@ -131,10 +131,7 @@ class ModuleRunner:
 
         rec = DrawRecord()
         started = time.perf_counter()
-        torch.default_generator.manual_seed(seed)
-        if device.startswith("cuda"):
-            torch.cuda.manual_seed_all(seed)
-        gen = torch.Generator(device=device).manual_seed(seed)
+        gen = seed_draw(seed, device)
         leaves: list = []
         params = [p for p in self.all_params if p.requires_grad]
 

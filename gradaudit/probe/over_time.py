@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gradaudit.probe.device import seed_draw
+
 
 def measure(model, analysis, call, *, draws: int, device: str, seed: int) -> dict[str, Any]:
     """``{node: Curve}`` for every over-time prediction of ``analysis`` (empty when there
@@ -42,8 +44,7 @@ def measure(model, analysis, call, *, draws: int, device: str, seed: int) -> dic
     wanted = {calls[name]: record for record in predictions for name in (record.nodes or [record.node])}
     sums: dict[str, Any] = {}
     for d in range(draws):
-        torch.default_generator.manual_seed(seed + d)
-        gen = torch.Generator(device=device).manual_seed(seed + d)
+        gen = seed_draw(seed + d, device)
         for key, sq in _one_draw(model, wanted, call, device, gen).items():
             sums[key] = sq if key not in sums else sums[key] + sq
     out = {}

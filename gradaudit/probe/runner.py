@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gradaudit.errors import CaptureError
+from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
 from gradaudit.probe.nonfinite import check_forward, first_backward
 from gradaudit.probe.recording import (
@@ -155,12 +156,7 @@ class Runner:
 
         rec = DrawRecord()
         started = time.perf_counter()
-        # the CPU generator directly: torch.manual_seed also seeds every lazily
-        # initialised backend, which costs milliseconds per call
-        torch.default_generator.manual_seed(seed)
-        if device.startswith("cuda"):
-            torch.cuda.manual_seed_all(seed)
-        gen = torch.Generator(device=device).manual_seed(seed)
+        gen = seed_draw(seed, device)
         from gradaudit.frontends.signature import map_tensors
 
         input_leaves = []
