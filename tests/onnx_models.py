@@ -143,14 +143,13 @@ def autograd_norms(model: nn.Module, inputs: tuple, draws: int = 256, seed: int 
 
 
 def layer_params(model: nn.Module, module: str) -> list[str]:
-    """The torch parameter names behind a layer the ONNX frontend named ``module``: the
-    module's own, or ``<module>_weight``/``_bias`` (nn.MultiheadAttention's packed
-    in-projection, which ONNX shows as a layer of its own)."""
-    params = dict(model.named_parameters())
+    """The torch parameter names behind a layer named ``module``: all the module's, its
+    children's included (nn.MultiheadAttention's out-projection), as the probes count
+    them; none for a name that is no module."""
     mods = dict(model.named_modules())
-    if module in mods:
-        return [f"{module}.{n}" if module else n for n, _ in mods[module].named_parameters(recurse=False)]
-    return [n for n in (f"{module}_weight", f"{module}_bias") if n in params]
+    if module not in mods:
+        return []
+    return [f"{module}.{n}" if module else n for n, _ in mods[module].named_parameters()]
 
 
 def within(a: float, b: float, rel: float) -> bool:

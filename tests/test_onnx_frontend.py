@@ -149,6 +149,8 @@ CASES = {
     "Upsample": lambda: case("Upsample", {"x": normal(1, 2, 3, 4)}, {"mode": "nearest"},
                              consts={"sc": np.array([1, 1, 2, 3], np.float32)}, opset=9, ir_op="interpolate"),
     "Einsum": lambda: case("Einsum", {"a": normal(2, 3, 4), "b": normal(2, 4, 5)}, {"equation": "bij,bjk->bik"}),
+    "Attention": lambda: case("Attention", {"q": normal(2, 3, 5, 4), "k": normal(2, 3, 5, 4), "v": normal(2, 3, 5, 4)},
+                              {"is_causal": 1, "scale": 0.3}, opset=23, ir_op="scaled_dot_product_attention"),
     "RNN": lambda: _recurrent("RNN", 1, activations=["Relu"]),
     "LSTM": lambda: _recurrent("LSTM", 4, direction="bidirectional"),
     "GRU": lambda: _recurrent("GRU", 3, linear_before_reset=1),

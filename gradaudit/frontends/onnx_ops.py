@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from gradaudit.errors import CaptureError
@@ -32,6 +33,18 @@ from gradaudit.frontends.onnx import OnnxGraph, dtype_name, location_of, scope_o
 from gradaudit.ir import Node, Ref, TensorMeta
 
 MAPPERS: dict[str, Callable[["Builder", Any], None]] = {}
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Nodes mapped as one by ``mapper(builder, node)`` at the pattern's mapping node:
+    ``reads`` are the tensors it reads, ``inner`` the indices of the nodes it stands for,
+    whose outputs nothing else reads (skipped). ``mapper`` never falls back: the pattern
+    is checked whole before it is planned."""
+
+    mapper: Callable[["Builder", Any], None]
+    reads: tuple[str, ...]
+    inner: frozenset[int]
 
 
 class Fallback(Exception):
@@ -87,6 +100,7 @@ class Builder:
     # -- building ------------------------------------------------------------------
     def build(self) -> OnnxGraph:
         graph = self.proto.graph
+        fused = self._plan()
         inputs: list[str] = []
         for info in graph.input:
             name = self._unique(_identifier(info.name))
@@ -97,11 +111,14 @@ class Builder:
             if i in self.skip:
                 continue
             self.index, self.current = i, node
-            for t in node.input:
+            plan = fused.get(i)
+            for t in plan.reads if plan is not None else node.input:
                 if t and t not in self.produced and t not in self.consts:
                     raise CaptureError(f"{self.model.label}: node '{node.name or node.op_type}' reads '{t}', "
                                        "which no node, input or initializer defines")
             mapper = MAPPERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if plan is not None:
+                mapper = plan.mapper
             if node.op_type in _SAME_SHAPE and node.output and self.shape(node.output[0]) is None:
                 # shape inference may stop at ops it lacks a function for (GroupNormalization-21)
                 self.shapes[node.output[0]] = self.shapes.get(node.input[0], (None, 0))
@@ -130,6 +147,17 @@ class Builder:
             shapes=self.shapes,
             facts=self.facts,
         )
+
+    def _plan(self) -> dict[int, "Fused"]:
+        """The patterns mapped as one node (:class:`Fused`), by the index of the node that
+        maps them (attention: :func:`gradaudit.frontends.onnx_attention.find`); their
+        inner nodes go to ``skip``."""
+        from gradaudit.frontends import onnx_attention
+
+        plan = onnx_attention.find(self)
+        for f in plan.values():
+            self.skip |= f.inner
+        return plan
 
     def _mark(self) -> tuple:
         """Where the building stands: what :meth:`_rollback` returns to. Mappers only add
@@ -267,15 +295,19 @@ class Builder:
         module: Any = None,
         params: dict[str, str] | None = None,
         suffix: str = "",
+        at: int | None = None,
+        layer: str | None = None,
     ) -> str:
-        """One IR node for the current ONNX node. ``tensors`` are the ONNX outputs it
-        stands for (default: the first output; ``[]`` for an intermediate node, then
-        ``metas`` gives its outputs); ``module`` a torch module makes it a
-        ``call_module`` node whose ``params`` map its parameter names to ONNX tensors."""
-        node = self.current
+        """One IR node for the current ONNX node (or the one at index ``at``, whose name,
+        scope and source line it takes). ``tensors`` are the ONNX outputs it stands for
+        (default: the first output; ``[]`` for an intermediate node, then ``metas`` gives
+        its outputs); ``module`` a torch module makes it a ``call_module`` node whose
+        ``params`` map its parameter names to ONNX tensors, named ``layer`` (default:
+        after its weight, :meth:`_layer_name`)."""
+        node = self.current if at is None else self.proto.graph.node[at]
         tensors = [node.output[0]] if tensors is None else tensors
         metas = metas if metas is not None else [self.meta(t) if t else None for t in tensors]
-        base = node.name or f"{node.op_type}_{self.index}"
+        base = node.name or f"{node.op_type}_{self.index if at is None else at}"
         name = self._unique(_identifier(base + suffix))
         qual, cls = scope_of(node)
         ir = Node(name=name, op=op, kind="call_function", args=args, kwargs=kwargs or {}, fn=fn,
@@ -287,9 +319,9 @@ class Builder:
             ir.fn = module
             ir.module_type = type(module).__name__
             ir.params = dict(module.named_parameters())
-            ir.module = self._layer_name(node, params or {}, qual)
+            ir.module = layer or self._layer_name(node, params or {}, qual)
             self.params_of[name] = dict(params or {})
-        elif qual is not None and self._leaf_call(qual, cls):
+        elif qual is not None and self._leaf_call(node, qual, cls):
             ir.module, ir.module_type = qual, cls
         self.nodes.append(ir)
         if len(tensors) == 1 and len(metas) == 1:
@@ -325,13 +357,13 @@ class Builder:
             return weight
         return node.name or node.output[0]
 
-    def _leaf_call(self, qual: str, cls: str | None) -> bool:
+    def _leaf_call(self, node, qual: str, cls: str | None) -> bool:
         """Whether a scope is a call of a parameterless torch module (``nn.ReLU``), so
         its node carries that module's name as torch.fx would: the dynamo exporter names
         the class; for the TorchScript exporter, a scope holding a single node."""
         if cls is not None:
             return cls in _TORCH_LEAVES
-        meta = {p.key for p in self.current.metadata_props}
+        meta = {p.key for p in node.metadata_props}
         return "pkg.torch.onnx.name_scopes" not in meta and self.scope_counts.get(qual) == 1
 
     def module(self, cls, *args, **kwargs):
@@ -656,6 +688,21 @@ def gemm(b: Builder, node) -> None:
     """alpha * A' B' + beta * C with a constant B: ``nn.Linear`` (transA as a transpose)."""
     import torch
 
+    x = b.ref(node.input[0])
+    if b.attrs(node).get("transA", 0):
+        in_meta = b.meta(node.input[0])
+        flipped = TensorMeta(tuple(reversed(in_meta.shape)), in_meta.dtype) if in_meta else None
+        x = Ref(b.emit("permute", torch.permute, (x, (1, 0)), tensors=[], metas=[flipped], suffix="/transA"))
+    weight, bias, bias_name = gemm_parts(b, node)
+    module = _linear_module(b, weight, bias)
+    params = b.attach(module, weight=(node.input[1], weight), bias=(bias_name, bias))
+    b.emit("linear", module, (x,), module=module, params=params)
+
+
+def gemm_parts(b: Builder, node):
+    """A ``Gemm``'s weight as ``nn.Linear`` stores it (alpha folded in) and its bias (beta
+    folded in): (weight, bias or None, bias tensor name or None); :class:`Fallback` for a
+    computed B or C."""
     a = b.attrs(node)
     w = node.input[1]
     if b.const(w) is None or b.const(w).ndim != 2 or node.input[0] in b.consts:
@@ -673,14 +720,7 @@ def gemm(b: Builder, node) -> None:
             raise Fallback("Gemm with a computed or 2-d C")
         bias = b.tensor(node.input[2]).reshape(-1).expand(weight.shape[0]) * beta
         bias_name = node.input[2]
-    x = b.ref(node.input[0])
-    if a.get("transA", 0):
-        in_meta = b.meta(node.input[0])
-        flipped = TensorMeta(tuple(reversed(in_meta.shape)), in_meta.dtype) if in_meta else None
-        x = Ref(b.emit("permute", torch.permute, (x, (1, 0)), tensors=[], metas=[flipped], suffix="/transA"))
-    module = _linear_module(b, weight, bias)
-    params = b.attach(module, weight=(w, weight), bias=(bias_name, bias))
-    b.emit("linear", module, (x,), module=module, params=params)
+    return weight, bias, bias_name
 
 
 def _pads(b: Builder, node, a: dict, nd: int, kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
@@ -1205,14 +1245,20 @@ def dropout(b: Builder, node) -> None:
 
     if len(node.output) > 1 and b.used(node.output[1]):
         raise Fallback("dropout mask used")
-    if b.opset < 12:
-        p = float(b.attrs(node).get("ratio", 0.5))
-    else:
-        p = b.scalar(node.input[1]) if len(node.input) > 1 and node.input[1] else 0.5
-        if p is None:
-            raise Fallback("computed ratio")
-    b.emit("dropout", F.dropout, (b.ref(node.input[0]), float(p), True), tensors=[node.output[0]],
+    p = dropout_ratio(b, node)
+    if p is None:
+        raise Fallback("computed ratio")
+    b.emit("dropout", F.dropout, (b.ref(node.input[0]), p, True), tensors=[node.output[0]],
            metas=[b.meta(node.output[0])])
+
+
+def dropout_ratio(b: Builder, node) -> float | None:
+    """A ``Dropout`` node's ratio (an attribute before opset 12, then an input), None
+    when it is computed at run time."""
+    if b.opset < 12:
+        return float(b.attrs(node).get("ratio", 0.5))
+    p = b.scalar(node.input[1]) if len(node.input) > 1 and node.input[1] else 0.5
+    return None if p is None else float(p)
 
 
 @maps("Resize", "Upsample")
@@ -1245,6 +1291,15 @@ def einsum(b: Builder, node) -> None:
 
     eq = b.attrs(node)["equation"]
     b.emit("einsum", torch.einsum, (eq, *[b.ref(t) for t in node.input]))
+
+
+@maps("Attention")
+def attention(b: Builder, node) -> None:
+    """Opset 23's ``Attention`` as ``scaled_dot_product_attention``
+    (:func:`gradaudit.frontends.onnx_attention.attention_op`)."""
+    from gradaudit.frontends import onnx_attention
+
+    onnx_attention.attention_op(b, node)
 
 
 # --------------------------------------------------------------------------- recurrent

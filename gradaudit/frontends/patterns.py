@@ -135,13 +135,21 @@ def _match(graph: Graph, y: Node, memo: dict):
     d = graph[q.name].shape[-1] if graph[q.name].shape else None
     if d is None:
         return None
-    kwargs = {"attn_mask": None, "dropout_p": dropout_p, "is_causal": True}
-    if not math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6):
-        kwargs["scale"] = scale
+    kwargs = sdpa_kwargs(scale, d, True, dropout_p)
     new = Node(name=y.name, op="scaled_dot_product_attention", kind="call_function", fn=F.scaled_dot_product_attention,
                args=(q, k, v), kwargs=kwargs, outputs=y.outputs, structure=y.structure, module=y.module,
                module_type=y.module_type, location=masked.location or y.location)
     return new, set(chain)
+
+
+def sdpa_kwargs(scale: float, d: int, causal: bool, dropout_p: float = 0.0) -> dict[str, Any]:
+    """The keyword arguments of ``F.scaled_dot_product_attention(q, k, v, ...)`` for an
+    attention recognised from its parts: no explicit mask, the scale only when it is
+    not the default 1/sqrt(d) (d the head size), as the call would be written."""
+    kwargs: dict[str, Any] = {"attn_mask": None, "dropout_p": float(dropout_p), "is_causal": bool(causal)}
+    if not math.isclose(scale, 1.0 / math.sqrt(d), rel_tol=1e-6):
+        kwargs["scale"] = float(scale)
+    return kwargs
 
 
 def _dim(d: Any, nd: int) -> int:
@@ -236,4 +244,4 @@ def _drop_mask(graph: Graph, node: Node, memo: dict, scale: float | None = None)
     return float(keep), chain + [node.name], row
 
 
-__all__ = ["fuse_masked_attention", "fuse_drop_path", "constant"]
+__all__ = ["fuse_masked_attention", "fuse_drop_path", "constant", "sdpa_kwargs"]
