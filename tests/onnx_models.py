@@ -58,6 +58,38 @@ def save(model, path: Path) -> Path:
     return path
 
 
+def run_ir(graph, inputs: list) -> dict:
+    """Compute the IR graph with its own callables (what the propagation evaluates):
+    ``{ONNX output name: value}``."""
+    from gradaudit.ir import callable_of, map_refs
+
+    env: dict = {}
+    feed = iter(inputs)
+    for n in graph.nodes:
+        if n.op == "input":
+            env[n.name] = next(feed)
+        elif n.op == "param":
+            env[n.name] = n.params["value"]
+        elif n.op != "output":
+            args = map_refs(n.args, lambda r: env[r.name])
+            kwargs = map_refs(n.kwargs, lambda r: env[r.name])
+            with torch.no_grad():
+                env[n.name] = callable_of(n)(*args, **kwargs)
+    return {graph.tensor_of.get(n): env[n] for n in graph.output_refs}
+
+
+def run_ort(model, inputs: dict) -> dict:
+    """The model's outputs by onnxruntime, ``{name: array}`` (no graph optimisations:
+    training-mode BatchNorm stays as it is)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, inputs)))
+
+
 def export(model: nn.Module, inputs: tuple, path: Path, dynamo: bool = False) -> Path:
     """``torch.onnx.export`` in training mode (BatchNorm kept as trained); the dynamo
     exporter without its optimizer, which folds BatchNorm into convolutions."""

@@ -21,8 +21,7 @@ from onnx import TensorProto as T, helper  # noqa: E402
 import gradaudit  # noqa: E402
 from gradaudit.frontends import onnx as frontend, onnx_load  # noqa: E402
 from gradaudit.frontends.onnx_ops import MAPPERS, OrtNode  # noqa: E402
-from gradaudit.ir import callable_of, map_refs  # noqa: E402
-from onnx_models import make_model, save, tensor  # noqa: E402
+from onnx_models import make_model, run_ir, run_ort, save, tensor  # noqa: E402
 
 # they pass on the oldest supported torch too (no torchvision needed)
 pytestmark = [pytest.mark.oldest, pytest.mark.usefixtures("one_thread")]
@@ -170,31 +169,6 @@ def test_every_mapped_op_has_a_case():
     assert set(MAPPERS) == set(CASES)
 
 
-def _run_ir(graph, inputs: list):
-    """Compute the IR graph with its own callables (what the propagation evaluates)."""
-    env: dict = {}
-    feed = iter(inputs)
-    for n in graph.nodes:
-        if n.op == "input":
-            env[n.name] = next(feed)
-        elif n.op == "param":
-            env[n.name] = n.params["value"]
-        elif n.op != "output":
-            args = map_refs(n.args, lambda r: env[r.name])
-            kwargs = map_refs(n.kwargs, lambda r: env[r.name])
-            with torch.no_grad():
-                env[n.name] = callable_of(n)(*args, **kwargs)
-    return {graph.tensor_of.get(n): env[n] for n in graph.output_refs}
-
-
-def _ort(model, inputs: dict) -> dict:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # training-mode BN
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, inputs)))
-
-
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_mapping_computes_what_onnxruntime_computes(op, tmp_path):
     model, inputs, ir_op = CASES[op]()
@@ -204,8 +178,8 @@ def test_mapping_computes_what_onnxruntime_computes(op, tmp_path):
     computed = [n for n in graph.nodes if n.op not in ("input", "param", "output")]
     assert computed and not any(isinstance(n.fn, OrtNode) for n in computed), [n.op for n in computed]
     assert any(n.op == (ir_op or op.lower()) for n in computed), [n.op for n in computed]
-    got = _run_ir(graph, list(tensors))
-    want = _ort(model, inputs)
+    got = run_ir(graph, list(tensors))
+    want = run_ort(model, inputs)
     assert set(got) == {k for k in want if k in got} and got
     for name, value in got.items():
         np.testing.assert_allclose(np.asarray(value, dtype=np.float64), want[name].astype(np.float64),

@@ -356,6 +356,16 @@ def scope_of(node) -> tuple[str | None, str | None]:
     return qual or None, None
 
 
+def torch_op_of(node) -> str | None:
+    """The ATen op the dynamo exporter records a node came from
+    (``aten.scaled_dot_product_attention``, without the overload), None when it recorded none."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    classes = _literal_list(meta.get("pkg.torch.onnx.class_hierarchy"))
+    if not classes or not classes[-1].startswith("aten."):
+        return None
+    return classes[-1].rsplit(".", 1)[0] if classes[-1].count(".") >= 2 else classes[-1]
+
+
 def _literal_list(text: str | None) -> list | None:
     if not text:
         return None
@@ -396,4 +406,4 @@ def tensor_meta(onnx, shapes: dict, name: str) -> TensorMeta | None:
     return TensorMeta(shape=shape, dtype=dtype_name(onnx, elem))
 
 
-__all__ = ["capture", "OnnxGraph", "scope_of", "location_of", "Node", "Ref"]
+__all__ = ["capture", "OnnxGraph", "scope_of", "location_of", "torch_op_of", "Node", "Ref"]

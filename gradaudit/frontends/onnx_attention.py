@@ -1,8 +1,9 @@
-"""Attention written out in ONNX nodes, recognised and mapped onto the IR's one
-``scaled_dot_product_attention`` node.
+"""Attention written out in ONNX nodes, recognised and mapped onto the IR node the torch
+captures record for it: ``scaled_dot_product_attention`` (or, around it,
+``nn.MultiheadAttention``'s ``multihead_attention``: :mod:`gradaudit.frontends.onnx_mha`).
 
-The torch exporters write ``F.scaled_dot_product_attention`` (and
-``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, which call it) as
+The torch exporters write ``F.scaled_dot_product_attention`` (which
+``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) as
 
     Y = MatMul(P, V)                                   the attention output
     P = Softmax(S, axis=-1)                            [-> Dropout(ratio)]
@@ -12,17 +13,25 @@ The torch exporters write ``F.scaled_dot_product_attention`` (and
     Q' = Q [-> Mul(., a) | Div(., 1/a)]                (the scale folded into q and k:
     K' = K^T [-> Mul(., b) | Div(., 1/b)]               a = b = sqrt(s))
 
-and so do hand-written attentions (``softmax(q @ k.transpose(-2, -1) / sqrt(d)) @
-v``, nanoGPT's ``masked_fill(mask == 0, -inf)``). Both exporters appear in
-each part: the TorchScript exporter scales q and k by sqrt(s) (``Mul`` by a
-``Sqrt`` of the scale), writes K^T as one ``Transpose`` (whose permutation may
-include the head split's: ``perm=[0, 2, 3, 1]`` from (B, L, H, d)), a causal mask as
-a constant added to the logits, a boolean mask also as the NaN guard ``Where(IsNaN(P),
-0, P)`` after the softmax; the dynamo exporter writes K^T as ``Reshape`` to (B * H, L,
-d), ``Transpose(perm=[0, 2, 1])``, ``Reshape`` back; hand-written code scales the
-logits (``Mul``/``Div`` after the first MatMul) and masks them with ``Where``. Any
+and hand-written attention looks the same (``softmax(q @ k.transpose(-2, -1) /
+sqrt(d)) @ v``; nanoGPT's ``masked_fill(mask == 0, -inf)`` is a ``Where``). The
+spellings differ by exporter: the TorchScript exporter scales q and k by sqrt(s) (a
+``Mul`` by a ``Sqrt`` of the scale), writes K^T as one ``Transpose`` (whose
+permutation may include the head split's: ``perm=[0, 2, 3, 1]`` from (B, L, H, d)), a
+mask as a constant added to the logits, a boolean mask also as the NaN guard
+``Where(IsNaN(P), 0, P)`` after the softmax; the dynamo exporter writes K^T as
+``Reshape`` to (B * H, L, d), ``Transpose(perm=[0, 2, 1])``, ``Reshape`` back, and at
+opset 23 and later may write one ``Attention`` node (:func:`attention_op`);
+hand-written code scales the logits (``Mul``/``Div`` after the first MatMul). Any
 number of scalar ``Mul``/``Div`` by constants on q, on K^T (before or after its
 transpose) and on the logits multiply into the scale.
+
+What is fused is what the torch captures fuse, so that an exported model gets the
+prediction its torch capture gets: ``F.scaled_dot_product_attention`` (recognised by
+the exporters' spelling: the scale split over q and k, or the dynamo exporter's record
+of the call) and any attention with the causal mask (the torch captures fuse a
+hand-written one, :func:`gradaudit.frontends.patterns.fuse_masked_attention`). A
+hand-written attention without a mask stays op by op, as torch.fx sees it.
 
 Recognised only when the match is exact, else the nodes stay as they are and the
 propagation follows them one by one:
@@ -33,11 +42,11 @@ propagation follows them one by one:
   q, k, v have static shapes with the same leading (batch, head) axes, and v's head
   size is q's (what the IR's attention handler models);
 - the mask is a constant (parameters and shapes only; the graph has been folded) that
-  allows every key (``"none"``) or is the causal lower triangle (``is_causal=True``),
-  as :func:`gradaudit.frontends.aten.plain_mask` decides for the torch captures; a
-  masked position must be filled with -inf (or the float type's lowest value). A
-  padding mask computed from an input, or an additive bias (ALiBi, relative
-  positions), is not fused;
+  allows every key or is the causal lower triangle (``is_causal=True``), as
+  :func:`gradaudit.frontends.aten.plain_mask` decides for the torch captures; a masked
+  position must be filled with -inf (or the float type's lowest value). A padding mask
+  computed from an input, or an additive bias (ALiBi, relative positions), is not
+  fused (the IR's handler models no explicit mask);
 - the dropout's ratio is a constant and its mask output unused.
 
 The fused node has the arguments a torch capture records for
@@ -47,10 +56,6 @@ scale only when it is not the default 1/sqrt(d)), and the name, scope and source
 of the ONNX node that computes Y. When K^T is one ``Transpose`` of a tensor other than
 K (the head split folded in), K is that tensor under the ``Transpose``'s permutation
 with the last two axes swapped back: an IR ``permute`` node named after it.
-
-The opset-23 ``Attention`` op (:func:`attention_op`) maps onto the same node when its
-inputs are 4-d (B, H, L, d), q, k and v have as many heads, it has no past key/value,
-no softcap and a mask as above.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradaudit.frontends.onnx import torch_op_of
 
 #: Ops whose output only rescales their input by a constant scalar.
 _SCALING = frozenset({"Mul", "Div"})
@@ -81,6 +88,9 @@ class Match:
     key_perm: tuple[int, ...] | None = None
     key_node: int | None = None
     inner: set[int] = field(default_factory=set)
+    #: Written as the exporters write ``F.scaled_dot_product_attention``: the scale split
+    #: over q and k, or the dynamo exporter's record of the call.
+    called: bool = False
 
 
 class _NoMatch(Exception):
@@ -88,9 +98,10 @@ class _NoMatch(Exception):
 
 
 def find(b) -> dict:
-    """Every attention in the builder's (folded) graph, as
-    :class:`~gradaudit.frontends.onnx_ops.Fused` plans by the index of its output
-    MatMul node; the inner nodes of different matches never overlap."""
+    """Every attention in the builder's (folded) graph that is fused (module
+    docstring), as :class:`~gradaudit.frontends.onnx_ops.Fused` plans by the index of
+    the node that maps it (the output MatMul; the module's last node for
+    ``nn.MultiheadAttention``); the nodes of different plans never overlap."""
     from gradaudit.frontends import onnx_mha
     from gradaudit.frontends.onnx_ops import Fused
 
@@ -105,8 +116,13 @@ def find(b) -> dict:
             m = _Matcher(b, producer).match(i)
         except _NoMatch:
             continue
-        at, plan = onnx_mha.match(b, producer, m) or (i, Fused(functools.partial(emit, m), (m.q, m.k, m.v),
-                                                                 frozenset(m.inner)))
+        found_mha = onnx_mha.match(b, producer, m)
+        if found_mha is not None:
+            at, plan = found_mha
+        elif m.causal or m.called:
+            at, plan = i, Fused(functools.partial(emit, m), (m.q, m.k, m.v), frozenset(m.inner))
+        else:
+            continue  # attention written by hand without a mask: op by op, as the torch captures see it
         if not ((plan.inner | {at}) & taken):
             found[at] = plan
             taken |= plan.inner | {at}
@@ -158,13 +174,16 @@ class _Matcher:
         scale_q, q = self.scaling(q_scaled)
         scale_k, kt = self.scaling(kt_scaled)
         k, perm, key_node = self.untranspose(kt)
+        k_root = k
         scale_k2, k = self.scaling(k)  # a scalar commutes with the transpose
         scale *= scale_q * scale_k * scale_k2
+        split = q != q_scaled and (kt != kt_scaled or k != k_root)
         self.check_users(out)
         self.check_shapes(q, k, v, perm)
         if not (math.isfinite(scale) and scale > 0):
             raise _NoMatch
-        return Match(out, q, k, v, scale, causal, dropout_p, perm, key_node, set(self.inner))
+        called = split or any("scaled_dot_product" in (torch_op_of(self.nodes[i]) or "") for i in self.inner)
+        return Match(out, q, k, v, scale, causal, dropout_p, perm, key_node, set(self.inner), called)
 
     # -- the parts, from the output back ------------------------------------------
     def probabilities(self, p: str) -> tuple[str, float]:
@@ -357,9 +376,11 @@ def emit(m: Match, b, node) -> str:
 
 
 def attention_op(b, node) -> None:
-    """The opset-23 ``Attention`` node as ``scaled_dot_product_attention`` (module
-    docstring); :class:`~gradaudit.frontends.onnx_ops.Fallback` for the variants the
-    IR's handler does not model."""
+    """The opset-23 ``Attention`` node as ``scaled_dot_product_attention``: with 4-d
+    inputs (B, H, L, d), as many heads in q, k and v, no past key/value, no softcap, and
+    no mask or a constant one as in the module docstring;
+    :class:`~gradaudit.frontends.onnx_ops.Fallback` (onnxruntime runs the node) for the
+    other variants."""
     import numpy as np
     import torch
     import torch.nn.functional as F

@@ -189,40 +189,38 @@ class _Recogniser:
 
     # -- the output side -----------------------------------------------------------
     def out_projection(self, sy, seq: int, batch: int, heads: int, d: int, e: int):
-        """Y's heads merged, then ``Gemm`` + ``Reshape`` back to (L, B, E) or ``MatMul``
-        [+ ``Add``] on (L, B, E): (layout nodes, output O, the projection's nodes, its
-        (weight name, nn.Linear weight), its (bias name, bias) or (None, None))."""
+        """Y's heads merged to (L * B, E) or (L, B, E), then the out-projection
+        (:meth:`projection`): (layout nodes, output O, the projection's nodes, its
+        (weight name, weight), its (bias name, bias))."""
         import numpy as np
 
-        b = self.b
-        t = self.nodes[self.core.output].output[0]
-        y = t
+        y = t = self.nodes[self.core.output].output[0]
         chain: set[int] = set()
         while True:
-            users = b.consumers.get(t, [])
-            if len(users) != 1 or t in b.outputs:
+            user = self.single_user(t)
+            if user is None:
                 raise _NoMatch
-            node = self.nodes[users[0]]
+            j, node = user
             if node.op_type not in LAYOUT or not _default_domain(node) or len(node.output) != 1:
                 break
-            if node.input[0] != t or any(x and x not in b.consts for x in node.input[1:]):
+            if node.input[0] != t or any(x and x not in self.b.consts for x in node.input[1:]):
                 raise _NoMatch
-            chain.add(users[0])
+            chain.add(j)
             t = node.output[0]
-        j = users[0]
-        merged = b.shape(t)
-        if merged not in ((seq * batch, e), (seq, batch, e)) or node.input[0] != t:
+        merged = self.b.shape(t)
+        if not chain or merged not in ((seq * batch, e), (seq, batch, e)) or node.input[0] != t:
             raise _NoMatch
-        got = _run(b, chain, y, np.arange(math.prod(sy), dtype=np.int64).reshape(sy), [t]) if chain else None
+        got = _run(self.b, chain, y, np.arange(math.prod(sy), dtype=np.int64).reshape(sy), [t])
         l_, b_, h_, j_ = np.ix_(range(seq), range(batch), range(heads), range(d))
-        want = ((b_ * heads + h_) * seq + l_) * d + j_
+        want = ((b_ * heads + h_) * seq + l_) * d + j_  # Y's element at (l, b, h * d + j)
         if got is None or not np.array_equal(got[0].reshape(-1), want.reshape(-1)):
             raise _NoMatch
         return (chain, *self.projection(j, node, merged, seq, batch, e))
 
     def projection(self, j: int, node, merged: tuple[int, ...], seq: int, batch: int, e: int):
-        """The out-projection at node ``j``: (output O, its nodes, (weight name, weight),
-        (bias name, bias)), weights as ``nn.Linear`` holds them."""
+        """The out-projection at node ``j`` (``Gemm``, or ``MatMul`` [+ ``Add``] by
+        constants; on (L * B, E) followed by a ``Reshape`` to (L, B, E)): (output O, its
+        nodes, (weight name, weight), (bias name, bias)), as ``nn.Linear`` holds them."""
         from gradaudit.frontends.onnx_ops import Fallback, gemm_parts
 
         b = self.b
@@ -232,28 +230,39 @@ class _Recogniser:
                 weight, bias, bias_name = gemm_parts(b, node)
             except Fallback:
                 raise _NoMatch from None
-            if b.attrs(node).get("transA", 0) or tuple(weight.shape) != (e, e):
+            if b.attrs(node).get("transA", 0):
                 raise _NoMatch
-            users = b.consumers.get(node.output[0], [])
-            back = self.nodes[users[0]] if len(users) == 1 else None
-            if back is None or back.op_type != "Reshape" or node.output[0] in b.outputs \
-                    or b.shape(back.output[0]) != (seq, batch, e):
+            out = node.output[0]
+        elif node.op_type == "MatMul" and _default_domain(node) and b.const(node.input[1]) is not None:
+            weight, bias, bias_name = b.tensor(node.input[1]).t(), None, None
+            out = node.output[0]
+            add = self.single_user(out)
+            other = [t for t in add[1].input if t != out] if add is not None else []
+            if add is not None and add[1].op_type == "Add" and _default_domain(add[1]) and len(other) == 1 \
+                    and other[0] in b.consts and b.const(other[0]).size == e:
+                bias_name, bias = other[0], b.tensor(other[0]).reshape(-1)
+                nodes.add(add[0])
+                out = add[1].output[0]
+        else:
+            raise _NoMatch
+        if tuple(weight.shape) != (e, e):
+            raise _NoMatch
+        if len(merged) == 2:
+            back = self.single_user(out)
+            if back is None or back[1].op_type != "Reshape" or not _default_domain(back[1]):
                 raise _NoMatch
-            return back.output[0], nodes | {users[0]}, (node.input[1], weight), (bias_name, bias)
-        if node.op_type != "MatMul" or not _default_domain(node) or len(merged) != 3:
+            nodes.add(back[0])
+            out = back[1].output[0]
+        if b.shape(out) != (seq, batch, e):
             raise _NoMatch
-        wv = b.const(node.input[1])
-        if wv is None or wv.shape != (e, e):
-            raise _NoMatch
-        out, users = node.output[0], b.consumers.get(node.output[0], [])
-        if len(users) == 1 and out not in b.outputs:
-            add = self.nodes[users[0]]
-            other = [t for t in add.input if t != out]
-            if add.op_type == "Add" and _default_domain(add) and len(other) == 1 and other[0] in b.consts \
-                    and b.const(other[0]).size == e and b.shape(add.output[0]) == (seq, batch, e):
-                bias = b.tensor(other[0]).reshape(-1)
-                return add.output[0], nodes | {users[0]}, (node.input[1], b.tensor(node.input[1]).t()), (other[0], bias)
-        return out, nodes, (node.input[1], b.tensor(node.input[1]).t()), (None, None)
+        return out, nodes, (node.input[1], weight), (bias_name, bias)
+
+    def single_user(self, t: str):
+        """(index, node) of the one node reading ``t``, when ``t`` is no graph output."""
+        users = self.b.consumers.get(t, [])
+        if len(users) != 1 or t in self.b.outputs:
+            return None
+        return users[0], self.nodes[users[0]]
 
     # -- checks and names ------------------------------------------------------------
     def check_users(self, inner: set[int], out: str) -> None:

@@ -714,12 +714,12 @@ def _shape_of(graph, tensor: str) -> tuple | None:
 
 
 def _to_double(model, onnx) -> None:
-    """Every float32 tensor, input, output, constant and cast of ``model`` in float64."""
+    """Every float32 tensor, input, output, typed value, constant and cast of ``model`` in float64."""
     from onnx import numpy_helper
 
     f, d = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
     g = model.graph
-    for info in list(g.input) + list(g.output):
+    for info in list(g.input) + list(g.output) + list(g.value_info):  # the dynamo exporter types its weights
         if info.type.tensor_type.elem_type == f:
             info.type.tensor_type.elem_type = d
     for k, t in enumerate(g.initializer):
