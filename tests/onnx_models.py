@@ -90,15 +90,16 @@ def run_ort(model, inputs: dict) -> dict:
     return dict(zip(names, session.run(None, inputs)))
 
 
-def export(model: nn.Module, inputs: tuple, path: Path, dynamo: bool = False) -> Path:
+def export(model: nn.Module, inputs: tuple, path: Path, dynamo: bool = False, opset: int | None = None) -> Path:
     """``torch.onnx.export`` in training mode (BatchNorm kept as trained); the dynamo
-    exporter without its optimizer, which folds BatchNorm into convolutions."""
+    exporter without its optimizer, which folds BatchNorm into convolutions (``opset``:
+    its opset, default the exporter's)."""
     model = copy.deepcopy(model).train()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         if dynamo:
             torch.onnx.export(model, inputs, str(path), dynamo=True, training=torch.onnx.TrainingMode.TRAINING,
-                              optimize=False)
+                              optimize=False, **({"opset_version": opset} if opset else {}))
         else:
             torch.onnx.export(model, inputs, str(path), dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
                               do_constant_folding=False)
@@ -182,6 +183,17 @@ def layer_params(model: nn.Module, module: str) -> list[str]:
     if module not in mods:
         return []
     return [f"{module}.{n}" if module else n for n, _ in mods[module].named_parameters()]
+
+
+def by_call(layers) -> dict:
+    """``{(module, k): layer}`` for the k-th call of each module in a report's layers."""
+    out: dict = {}
+    for layer in layers:
+        k = 0
+        while (layer.module, k) in out:
+            k += 1
+        out[(layer.module, k)] = layer
+    return out
 
 
 def within(a: float, b: float, rel: float) -> bool:

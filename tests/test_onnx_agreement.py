@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "rules"))
 
 import gradaudit  # noqa: E402
 import rulemodels as rm  # noqa: E402
-from onnx_models import autograd_norms, dynamo_available, export, layer_params, within  # noqa: E402
+from onnx_models import autograd_norms, by_call, dynamo_available, export, layer_params, within  # noqa: E402
 from probe_models import load_example, small_models  # noqa: E402
 
 # they pass on the oldest supported torch too (no torchvision needed)
@@ -104,17 +104,6 @@ def exported(tmp_path_factory):
     return get
 
 
-def _by_call(layers) -> dict:
-    """``{(module, k): layer}`` for the k-th call of each module."""
-    out: dict = {}
-    for layer in layers:
-        k = 0
-        while (layer.module, k) in out:
-            k += 1
-        out[(layer.module, k)] = layer
-    return out
-
-
 @pytest.mark.parametrize("name, dynamo", CASES)
 def test_static_prediction_matches_fx(exported, name, dynamo):
     model, inputs, path = exported(name, dynamo)
@@ -123,7 +112,7 @@ def test_static_prediction_matches_fx(exported, name, dynamo):
     assert onnx_report.frontend == "onnx"
     # every op is mapped; recurrent layers have no handler in either frontend
     assert {e["op"] for e in onnx_report.estimated_ops} == {e["op"] for e in fx_report.estimated_ops}
-    fx_layers, onnx_layers = _by_call(fx_report.layers), _by_call(onnx_report.layers)
+    fx_layers, onnx_layers = by_call(fx_report.layers), by_call(onnx_report.layers)
     assert [layer.op for layer in onnx_layers.values()] == [layer.op for layer in fx_layers.values()]
     worst = 0.0
     for key, layer in fx_layers.items():
@@ -151,7 +140,7 @@ def test_probe_gradient_norms_match_autograd(exported, name):
     report = gradaudit.audit(str(path), inputs, probe=True, draws=2)
     oracle = autograd_norms(model, inputs, draws=64 if name == "resnet18" else 256)
     pairs = []
-    for key, layer in _by_call(report.layers).items():
+    for key, layer in by_call(report.layers).items():
         if layer.measured is None:
             continue
         want = oracle["grad"].get(key)

@@ -310,3 +310,22 @@ def test_erf_gelu_pattern_fuses_into_one_activation(tmp_path):
     analysis = propagate(graph)
     x_name = graph.input_names[0]
     assert math.isclose(analysis.stat(x_name).grad_rms ** 2, 0.45585, rel_tol=2e-3)
+
+
+def test_constant_sequences_fold_into_weights(tmp_path):
+    """The dynamo exporter splits nn.MultiheadAttention's packed weight with
+    SplitToSequence / SequenceAt: both fold, and the pieces are the layers' weights."""
+    w = normal(8, 6)
+    nodes = [helper.make_node("SplitToSequence", ["w", "two"], ["seq"], axis=1),
+             helper.make_node("SequenceAt", ["seq", "i0"], ["w0"]), helper.make_node("SequenceAt", ["seq", "i1"], ["w1"]),
+             helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("MatMul", ["x", "w1"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    consts = [tensor("w", w), tensor("two", np.array(3, np.int64)), tensor("i0", np.array(0, np.int64)),
+              tensor("i1", np.array(1, np.int64))]
+    model = make_model(nodes, [("x", T.FLOAT, [5, 8])], [("y", T.FLOAT, [5, 3])], consts)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    graph = frontend.capture(onnx_load.load(str(save(model, tmp_path / "seq.onnx"))), (x,))
+    linears = [n for n in graph.nodes if n.op == "linear"]
+    assert len(linears) == 2 and not any(isinstance(n.fn, OrtNode) for n in graph.nodes)
+    assert [n.op_type for n in graph.folded.graph.node] == ["MatMul", "MatMul", "Add"]
+    np.testing.assert_allclose(run_ir(graph, [x])["y"].numpy(), x.numpy() @ w[:, :3] + x.numpy() @ w[:, 3:], rtol=1e-5)

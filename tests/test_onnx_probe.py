@@ -153,3 +153,22 @@ def test_html_report_has_the_torch_reports_sections(cli, tmp_path, probe):
     result = cli("check", str(path), "--format", "html", *(["--probe"] if probe else []))
     assert result.exit_code in (0, 1) and re.findall(r'<section[^>]*id="([\w-]+)"', result.stdout) == sections[1]
     assert ("measured" in result.stdout.lower()) == probe
+
+
+def test_float64_probe_retypes_the_dynamo_exporters_value_info(tmp_path):
+    """The dynamo exporter types its weights in value_info; the float64 probe retypes
+    them with everything else (else onnxruntime refuses a LayerNormalization fed float64
+    activations and float32 weights)."""
+    from onnx_models import autograd_norms, by_call, dynamo_available, within
+
+    if not dynamo_available():
+        pytest.skip("needs onnxscript")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    x = (torch.randn(8, 16),)
+    path = export(model, x, tmp_path / "dy.onnx", dynamo=True)
+    assert any(v.name == "1.weight" for v in onnx.load(str(path)).graph.value_info)
+    report = gradaudit.audit(str(path), x, probe=True, draws=2)
+    oracle = autograd_norms(model, x, draws=256)
+    for key, layer in by_call(report.layers).items():
+        assert within(layer.measured.grad_rms, math.sqrt(oracle["grad"][key]), 0.2), key

@@ -187,6 +187,7 @@ def _fold(model: OnnxModel, proto, shapes: dict, onnx) -> tuple[dict[str, Any], 
     folded: set[int] = set()
     origin: dict[str, str] = {}
     opsets = list(proto.opset_import)
+    seqs: dict[str, list] = {}  # constant sequences (SplitToSequence of a weight), never initializers
     for i, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
             continue
@@ -204,7 +205,7 @@ def _fold(model: OnnxModel, proto, shapes: dict, onnx) -> tuple[dict[str, Any], 
             origin[node.output[0]] = origin.get(names[0], names[0])
             folded.add(i)
             continue
-        if not all(n in consts for n in names):
+        if not all(n in consts or n in seqs for n in names):
             continue
         size = _output_bytes(node, shapes, consts, np)
         if size is not None and used + size > budget:
@@ -212,8 +213,12 @@ def _fold(model: OnnxModel, proto, shapes: dict, onnx) -> tuple[dict[str, Any], 
                 f"{model.label}: node '{node.name or node.output[0]}' ({node.op_type}) would materialise "
                 f"{human_bytes(size)} of constants, over the {human_bytes(budget)} limit (--max-model-size)"
             )
-        values = _evaluate(node, consts, opsets, onnx)
+        values = _evaluate(node, consts, seqs, opsets, onnx)
         if values is None:
+            continue
+        if any(isinstance(v, (list, tuple)) for v in values):  # folded once nothing else reads it
+            seqs.update({name: [np.asarray(a) for a in v] for name, v in zip(node.output, values) if name})
+            used += sum(a.nbytes for name in node.output if name for a in seqs[name])
             continue
         for name, v in zip(node.output, values):
             if name:
@@ -225,6 +230,15 @@ def _fold(model: OnnxModel, proto, shapes: dict, onnx) -> tuple[dict[str, Any], 
         if node.op_type in _SAME_VALUES and names:
             origin[node.output[0]] = origin.get(names[0], names[0])
         folded.add(i)
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, set()).add(i)
+    outputs = {o.name for o in graph.output}
+    for i, node in enumerate(graph.node):
+        made = [name for name in node.output if name]
+        if made and all(name in seqs and name not in outputs and readers.get(name, set()) <= folded for name in made):
+            folded.add(i)
     return consts, folded, origin
 
 
@@ -275,21 +289,28 @@ def _expanded_shape(node, consts: dict, np) -> tuple[int, ...] | None:
     return None
 
 
-def _evaluate(node, consts: dict, opsets, onnx) -> list | None:
-    """One node through onnx's reference evaluator; None when it cannot evaluate it."""
+def _evaluate(node, consts: dict, seqs: dict, opsets, onnx) -> list | None:
+    """One node through onnx's reference evaluator (``seqs``: the constant sequences);
+    None when it cannot evaluate it."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
-    inputs = []
+    inputs, feeds = [], {}
     for n in dict.fromkeys(x for x in node.input if x):
+        if n in seqs:
+            elem = helper.np_dtype_to_tensor_dtype(seqs[n][0].dtype) if seqs[n] else onnx.TensorProto.FLOAT
+            inputs.append(helper.make_tensor_sequence_value_info(n, elem, None))
+            feeds[n] = seqs[n]
+            continue
         v = consts[n]
         inputs.append(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
+        feeds[n] = v
     outputs = [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n]
     graph = helper.make_graph([node], "fold", inputs, outputs)
     m = helper.make_model(graph, opset_imports=opsets)
     m.ir_version = min(m.ir_version, onnx.IR_VERSION)
     try:
-        result = ReferenceEvaluator(m).run(None, {i.name: consts[i.name] for i in inputs})
+        result = ReferenceEvaluator(m).run(None, feeds)
     except Exception:  # an op the reference evaluator lacks or rejects: keep it as a node
         return None
     return list(result)
