@@ -154,6 +154,20 @@ class _Matcher:
             return None
         return i, node
 
+    def need(self, tensor: str, op_types: tuple[str, ...]) -> tuple[int, Any]:
+        """:meth:`take`, or :class:`_NoMatch`."""
+        got = self.take(tensor, op_types)
+        if got is None:
+            raise _NoMatch
+        return got
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The static shape of ``tensor`` (at least 2-d), or :class:`_NoMatch`."""
+        shape = self.b.shape(tensor)
+        if shape is None or len(shape) < 2:
+            raise _NoMatch
+        return shape
+
     def add(self, i: int) -> None:
         self.inner.add(i)
 
@@ -166,11 +180,9 @@ class _Matcher:
         s, dropout_p = self.probabilities(p)
         scores, causal = self.mask(s)
         scale, qk = self.scaling(scores)
-        got = self.take(qk, ("MatMul",))
-        if got is None:
-            raise _NoMatch
-        self.add(got[0])
-        q_scaled, kt_scaled = got[1].input[0], got[1].input[1]
+        i, qk_node = self.need(qk, ("MatMul",))
+        self.add(i)
+        q_scaled, kt_scaled = qk_node.input[0], qk_node.input[1]
         scale_q, q = self.scaling(q_scaled)
         scale_k, kt = self.scaling(kt_scaled)
         k, perm, key_node = self.untranspose(kt)
@@ -210,13 +222,8 @@ class _Matcher:
             self.add(i)
             dropout_p = ratio
             p = node.input[0]
-        got = self.take(p, ("Softmax",))
-        if got is None:
-            raise _NoMatch
-        i, sm = got
-        shape = b.shape(sm.input[0])
-        if shape is None or len(shape) < 2:
-            raise _NoMatch
+        i, sm = self.need(p, ("Softmax",))
+        shape = self.shape(sm.input[0])
         axis = int(b.attrs(sm).get("axis", -1 if b.opset >= 13 else 1)) % len(shape)
         if axis != len(shape) - 1:
             raise _NoMatch
@@ -226,9 +233,6 @@ class _Matcher:
     def mask(self, s: str) -> tuple[str, bool]:
         """S = L + M, Where(C, -inf, L), Where(C, L, -inf) or L: (L, causal)."""
         import numpy as np
-        import torch
-
-        from gradaudit.frontends.aten import plain_mask
 
         b = self.b
         got = self.take(s, ("Add", "Where"))
@@ -243,7 +247,7 @@ class _Matcher:
             m = np.asarray(b.consts[consts[0]])
             if m.dtype.kind != "f":
                 raise _NoMatch
-            kind = plain_mask(torch.from_numpy(m.astype(np.float32)))
+            kind = mask_kind(m)
         else:
             cond, a, c = node.input
             cv = b.consts.get(cond)
@@ -255,7 +259,7 @@ class _Matcher:
                 allowed, scores = np.asarray(cv), a
             else:
                 raise _NoMatch
-            kind = plain_mask(torch.from_numpy(np.ascontiguousarray(allowed)))
+            kind = mask_kind(allowed)
         if kind is None:
             raise _NoMatch
         self.add(i)
@@ -286,13 +290,8 @@ class _Matcher:
         """K from K^T: (k tensor, the permutation that gives k from it or None when it is
         k itself, the ``Transpose`` node index it replaces)."""
         b = self.b
-        got = self.take(kt, ("Transpose", "Reshape"))
-        if got is None:
-            raise _NoMatch
-        i, node = got
-        shape = b.shape(node.input[0])
-        if shape is None or len(shape) < 2:
-            raise _NoMatch
+        i, node = self.need(kt, ("Transpose", "Reshape"))
+        shape = self.shape(node.input[0])
         if node.op_type == "Transpose":
             perm = list(b.attrs(node).get("perm", reversed(range(len(shape)))))
             if len(perm) < 2:
@@ -346,6 +345,18 @@ class _Matcher:
             raise _NoMatch
 
 
+def mask_kind(mask) -> str | None:
+    """:func:`gradaudit.frontends.aten.plain_mask` of a constant boolean (allowed
+    positions) or additive mask (numpy): ``"none"``, ``"causal"`` or None."""
+    import numpy as np
+    import torch
+
+    from gradaudit.frontends.aten import plain_mask
+
+    mask = np.ascontiguousarray(mask)
+    return plain_mask(torch.from_numpy(mask if mask.dtype == np.bool_ else mask.astype(np.float32)))
+
+
 def _fill(b, name: str) -> bool:
     """Whether constant ``name`` is a masked position's fill: -inf, or the lowest value
     of float32 or below (what ``plain_mask`` reads as masked)."""
@@ -381,11 +392,8 @@ def attention_op(b, node) -> None:
     no mask or a constant one as in the module docstring;
     :class:`~gradaudit.frontends.onnx_ops.Fallback` (onnxruntime runs the node) for the
     other variants."""
-    import numpy as np
-    import torch
     import torch.nn.functional as F
 
-    from gradaudit.frontends.aten import plain_mask
     from gradaudit.frontends.onnx_ops import Fallback
     from gradaudit.frontends.patterns import sdpa_kwargs
 
@@ -407,9 +415,7 @@ def attention_op(b, node) -> None:
         mv = b.const(mask)
         if mv is None or causal:
             raise Fallback("computed mask")
-        mv = np.asarray(mv)
-        mt = torch.from_numpy(np.ascontiguousarray(mv if mv.dtype == np.bool_ else mv.astype(np.float32)))
-        kind = plain_mask(mt)
+        kind = mask_kind(mv)
         if kind is None:
             raise Fallback("a mask other than none or causal")
         causal = kind == "causal"
