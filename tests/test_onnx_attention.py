@@ -399,3 +399,20 @@ def test_multihead_attention_with_a_mask_or_two_inputs_fuses_its_core(cross, dyn
     want = run_ort(onnx_model, {i.name: t.numpy() for i, t in zip(onnx_model.graph.input, x)})
     for name, value in run_ir(graph, list(x)).items():
         np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_pattern_that_cannot_be_mapped_is_a_capture_error_naming_the_node(tmp_path, monkeypatch):
+    """Its nodes are already skipped, so it cannot fall back to onnxruntime: one clear
+    error naming the node, never a traceback from a half-built graph."""
+    from gradaudit.errors import CaptureError
+    from gradaudit.frontends import onnx_attention
+    from gradaudit.frontends.onnx_ops import Fallback
+
+    def refuse(m, b, node):
+        raise Fallback("no static shape for q")
+
+    monkeypatch.setattr(onnx_attention, "emit", refuse)
+    path, x = _attention_graph(tmp_path)
+    node_name = onnx.load(str(path)).graph.node[-1].name or "MatMul"
+    with pytest.raises(CaptureError, match=f"node '{node_name}'.*could not be mapped .no static shape for q."):
+        _capture(path, x)

@@ -130,8 +130,11 @@ class Builder:
                 missing = [t for t in node.output if t and self.used(t) and t not in self.produced]
                 if missing:
                     raise Fallback(f"output {missing[0]} not mapped")
-            except Fallback:
+            except Fallback as exc:
                 self._rollback(mark)
+                if plan is not None:  # its inner nodes are gone: nothing to fall back on
+                    raise CaptureError(f"{self.model.label}: node '{node.name or node.op_type}': the pattern "
+                                       f"recognised there could not be mapped ({exc})") from None
                 self.unmapped(node)
         outs = [self.value(o.name) for o in graph.output]
         refs = [o for o in outs if isinstance(o, Ref)]
