@@ -4,8 +4,10 @@ exported to ONNX (TorchScript exporter, training mode, the example's 2x3x224x224
 It prints, as medians over repeats: the whole command (a fresh process: imports, loading,
 the static audit, the probe), the probe stage alone (``probe_seconds`` of the report), the
 probe's number of onnxruntime runs, and one plain onnxruntime forward of the same file,
-so the probe's cost reads as a number of forwards. Target: the whole command under 30 s
-on 2 cores. Nothing is asserted.
+so the probe's cost reads as a number of forwards; then each repeat's time and the
+machine's load average before and after (on a shared machine the medians are only
+comparable at a similar load). Target: the whole command under 30 s on 2 cores. Nothing
+is asserted.
 
     python benchmarks/bench_onnx_probe.py [--repeats N] [--threads N]
 """
@@ -67,6 +69,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "resnet18.onnx")
         (x,) = export(path)
@@ -88,6 +91,8 @@ def main() -> None:
     print(f"  probe stage                  {p:8.1f} s   ({statistics.median(runs)} runs, "
           f"{p / forward:.0f} forwards' worth)")
     print(f"  gradaudit check --probe      {w:8.1f} s   target < {TARGET:.0f} s: {'met' if w < TARGET else 'NOT met'}")
+    print(f"  each repeat: {', '.join(f'{t:.1f} s' for t in whole)} (probe stage {', '.join(f'{t:.1f}' for t in probe)}); "
+          f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
 if __name__ == "__main__":
