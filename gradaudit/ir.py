@@ -246,6 +246,12 @@ class Stats:
     (vectors of mean 1, in the order of ``pos``; None when flat). ``ges`` / ``gex``: the
     gradient's correlation with the value itself (:class:`~gradaudit.propagation.channels.Grad`).
 
+    ``row_spread``: E[mean_c (x_c - xbar)^2] along the channel axis ``axis``, xbar the
+    mean of one row (one position of one sample) -- what a softmax over the channels
+    sees, blind to the part all channels of a row share
+    (:mod:`gradaudit.propagation.rows`). None: not tracked (channels independent); else a
+    ``rows.Spread`` that computes it on first use (:meth:`spread`, :meth:`equal_rows`).
+
     ``positive``: the values are >= 0 and skewed (a mean of squares, a variance): a Gamma
     of the same mean and variance describes them better than a Gaussian, which would put
     mass on negative values (where ``rsqrt`` or ``log`` are undefined).
@@ -274,6 +280,7 @@ class Stats:
     gprof: tuple | None = None
     ges: Any = 0.0
     gex: Any = 0.0
+    row_spread: Any = None
 
     @classmethod
     def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None) -> "Stats":
@@ -290,6 +297,14 @@ class Stats:
             cov = torch.minimum(cov.maximum(-var), var)
             s.ch_cov, s.cov = cov, float(cov.mean())
         return s
+
+    def spread(self) -> float | None:
+        """``row_spread``'s value (None: not tracked)."""
+        return self.row_spread.value() if self.row_spread is not None else None
+
+    def equal_rows(self) -> bool:
+        """Whether every channel of a row holds the same value (a spread of 0)."""
+        return self.row_spread is not None and self.row_spread.is_zero()
 
     @property
     def has_channels(self) -> bool:

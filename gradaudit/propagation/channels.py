@@ -128,6 +128,9 @@ class Tri:
     k: Any = 1.0
     axis: int | None = None
     mat: Any = None
+    #: the map keeps every row's sum (an average over positions): a gradient's missing
+    #: row-mean power (``Grad.dm``) stays missing, in proportion
+    rows_kept: bool = False
     #: a normalization's x_hat projection: (n, p, gamma^2, rho_s, rho_x); the gradient's
     #: correlation with its own value (``Grad.es``, ``Grad.ex``) adds to E[c^2]
     #: ((p - 1) es + (n - p) ex) / (n gamma^2), removed like the rest of c
@@ -192,11 +195,25 @@ class Diag:
 
 @dataclass(frozen=True)
 class Mat:
-    """Channels mixed: g2_in[c'] = scale sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in)."""
+    """Channels mixed: g2_in[c'] = scale sum_c M[c, c'] g2_out[c], M of shape (C_out, C_in).
+
+    ``centred`` (a zero-argument callable, or None) gives the same matrix built from the
+    weight minus the mean of its rows: the map of a gradient whose rows sum to zero
+    (``Grad.dm``; :mod:`gradaudit.propagation.rows`)."""
 
     m: torch.Tensor
     axis: int | None = None
     scale: float = 1.0
+    centred: Any = None
+
+
+@dataclass(frozen=True)
+class RowSumZero:
+    """``gain``, whose result sums to zero along each row of the channel axis (a softmax's
+    backward over its channels): the row's mean direction carries no power (``Grad.dm``
+    = E[g^2])."""
+
+    gain: Any
 
 
 @dataclass(frozen=True)
@@ -291,6 +308,12 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor), res.dm, res.da)
         res.prof = prof
         return res
+    if isinstance(gain, RowSumZero):
+        res = apply_gain(gain.gain, out, n_in, in_axis)
+        res.dm, res.da = _level(res.g), 0.0
+        return res
+    if out.dm > 0:
+        gain = _for_centred_rows(gain, min(out.dm / max(_level(out.g), 1e-300), 1.0))
     dm = da = 0.0
     aligned = isinstance(gain, Aligned)
     if aligned:
@@ -316,6 +339,8 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         if gain.mat is not None:
             mat = Mat(gain.mat)
             res = Grad(_basic(mat, res.g), _basic(mat, res.s), _basic(mat, res.x))
+        if gain.rows_kept and out.dm > 0:
+            dm = out.dm / max(_level(out.g), 1e-300) * _level(res.g)
     elif isinstance(gain, RowNorm):
         res, axis = _row_norm(gain, out), gain.axis
         dm = da = float(torch.as_tensor(res.g).mean())
@@ -337,6 +362,18 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
     if n_in is not None and vectors and all(v.numel() == n_in for v in vectors) and (axis is None or axis == in_axis):
         return res.vector(n_in)
     return res.mean()
+
+
+def _for_centred_rows(gain: Any, f: float) -> Any:
+    """``gain`` for a gradient missing the fraction ``f`` of its power along each row's
+    mean direction: a :class:`Mat` that knows its centred matrix maps it through
+    (1 - f) M + f M_centred (:mod:`gradaudit.propagation.rows`); other gains unchanged."""
+    if isinstance(gain, Mat) and gain.centred is not None:
+        return Mat((1.0 - f) * gain.m.double() + f * gain.centred(), gain.axis, gain.scale)
+    if isinstance(gain, Split) and isinstance(gain.f, Mat) and gain.f.centred is not None:
+        f_map = _for_centred_rows(gain.f, f)
+        return Split(f_map, gain.c, f_map if gain.cg is gain.f else gain.cg)
+    return gain
 
 
 def _scaled(v: Any, k: float) -> Any:

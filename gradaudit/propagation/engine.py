@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
-from gradaudit.propagation import montecarlo, over_time
+from gradaudit.propagation import montecarlo, over_time, rows
 from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
 from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
 from gradaudit.serial import serial
@@ -435,6 +435,8 @@ class Engine:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
         out.positive = out.var > 0 and bool((y >= 0).all())
+        if not any(self.graph[m].params for m in self.groups[root]):  # the same function on every channel
+            out.row_spread = rows.kept_if_equal(rs, out.axis)
         out.prof = _elementwise_profile(rs, out) if out.pos == rs.pos else None
         self.stats[node.name] = [out]
 
@@ -517,7 +519,8 @@ class Engine:
             # one activation: E[(dL/dx)^2] = E[phi'(x)^2] E[(dL/dy)^2], phi' moments from the forward
             d2, ds, dx, align = self.single_d2[root]
             g = ext[members[0]]
-            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof, align * g.s, align * g.x))
+            dirs = _directions(d2, dx, g, self._equal_rows(root, members[0]))
+            acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *dirs, g.prof, align * g.s, align * g.x))
             return
         exits = [m for m in members if float(torch.as_tensor(ext[m].g).mean()) > 0]
         x, w = self._points(root)
@@ -547,11 +550,19 @@ class Engine:
                         g_plain = g_plain - p.value.g
                         e_max = self._cols(root, (max_w[p.window] * d * d).sum(0))
                         total = total + Grad(e_max * p.value.g, 0.0, 0.0, prof=g.prof)
-                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *_directions(d2, dx, g), g.prof, align * g.s, align * g.x)
+                    dirs = _directions(d2, dx, g, self._equal_rows(root, o))
+                    total = total + Grad(d2 * g_plain, ds * g.s, dx * g.x, *dirs, g.prof, align * g.s, align * g.x)
             if target == root:
                 acc.setdefault((root, 0), []).append(total)
             else:
                 _store_grad(self.stats[target][0], total)
+
+    def _equal_rows(self, root: str, member: str) -> bool:
+        """Whether every channel of a row holds the same value at ``root`` and at
+        ``member`` (:mod:`~gradaudit.propagation.rows`): a derivative between them is then
+        the same along the row."""
+        rs, ms = self.leaf_stats(root), self.stats[member][0]
+        return rs.axis is not None and rs.axis == ms.axis and rs.equal_rows() and ms.equal_rows()
 
     def _grad_of(self, name: str) -> Grad:
         return grad_of(self.stats[name][0])
@@ -646,12 +657,16 @@ def _same_positions(graph: Graph, src: str, in_leaf: int, node: Node, out_leaf: 
     return ma is not None and mb is not None and all(ma.shape[k] == mb.shape[k] for k in a.pos if k < len(ma.shape) and k < len(mb.shape))
 
 
-def _directions(d2, d1sq, g: Grad) -> tuple[float, float]:
+def _directions(d2, d1sq, g: Grad, equal_rows: bool = False) -> tuple[float, float]:
     """dm, da through multiplication by a derivative d: kept (times d^2) when d is a
-    constant (a scale, a sign), lost when it varies (a mask mixes the directions)."""
+    constant (a scale, a sign), lost when it varies (a mask mixes the directions). A
+    derivative that varies only from row to row (every channel of a row holds the same
+    value) keeps the row-mean direction dm: a row summing to zero still does."""
     d2m, d1m = float(torch.as_tensor(d2).mean()), float(torch.as_tensor(d1sq).mean())
     if d2m > 0 and abs(d2m - d1m) <= 1e-9 * d2m:
         return d2m * g.dm, d2m * g.da
+    if equal_rows and d2m > 0:
+        return d2m * g.dm, 0.0
     return 0.0, 0.0
 
 
@@ -698,7 +713,7 @@ def _store_grad(s: Stats, total: Grad) -> None:
 def _copy(s: Stats) -> Stats:
     return Stats(
         mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2, pos=s.pos, cov=s.cov, ch_cov=s.ch_cov,
-        positive=s.positive, row_var=s.row_var, prof=s.prof,
+        positive=s.positive, row_var=s.row_var, prof=s.prof, row_spread=s.row_spread,
     )
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, Callable
 
 import torch
 
 from gradaudit.ir import Node, Ref, Stats, TensorMeta
-from gradaudit.propagation import channels
+from gradaudit.propagation import channels, rows
 from gradaudit.propagation.moments import gaussian_points, inverse_moment, max_of_k_weights
 
 HANDLERS: dict[str, Callable[["Ctx"], "Effect"]] = {}
@@ -478,8 +478,12 @@ def _dense_forward(x: Stats, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def linear(ctx: Ctx) -> Effect:
     """Fully connected layer, per output feature (see :func:`_dense`).
 
+    Inputs whose channels all hold the same value (a spread of 0,
+    :mod:`gradaudit.propagation.rows`) add up coherently: Var[y_i] = (sum_j W_ij)^2 Var[x].
+
     Backward: dL/dx_j = sum_i W_ij dL/dy_i, so E[(dL/dx_j)^2] = sum_i W_ij^2
-    E[(dL/dy_i)^2]; with uniform output gradients the gain is ||W||_F^2 / fan_in. The
+    E[(dL/dy_i)^2]; with uniform output gradients the gain is ||W||_F^2 / fan_in.
+    A gradient whose rows sum to zero goes through the centred weight instead. The
     same map acts at every position, so coherent gradient parts go the same way.
     A linear layer over a position axis (token mixing) mixes positions: coherence is
     dropped there.
@@ -496,8 +500,14 @@ def linear(ctx: Ctx) -> Effect:
     w2 = w * w
     in_axis = len(ctx.meta(ref).shape) - 1
     pos = x.pos if x.pos is not None and in_axis not in x.pos else None
-    out = _dense(x, in_axis, w2, w, bias, len(ctx.out_meta.shape) - 1, pos=pos)
-    return Effect([out], [(ref.name, 0, 0, channels.Mat(w2, axis=in_axis))])
+    # inputs whose channels all hold the same value c: y_i = (sum_j W_ij) c, Var[y_i] =
+    # (sum_j W_ij)^2 Var[c] -- the matrix W_ij sum_j W_ij has those row sums
+    w2_fwd = w * w.sum(1, keepdim=True) if x.axis == in_axis and x.equal_rows() else w2
+    out = _dense(x, in_axis, w2_fwd, w, bias, len(ctx.out_meta.shape) - 1, pos=pos)
+    var_in = x.channels(in_axis, w.shape[1])[1]
+    out.row_spread = rows.dense(weight, bias, var_in, out.ch_mean)
+    centred = cache(lambda: rows.centred(weight).pow(2))
+    return Effect([out], [(ref.name, 0, 0, channels.Mat(w2, axis=in_axis, centred=centred))])
 
 
 def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -> list[int]:
@@ -578,12 +588,12 @@ def _partial_sum_power(block: torch.Tensor, masks: torch.Tensor, counts: torch.T
 
 def _tap_means(blocks: list[torch.Tensor], mean_in: torch.Tensor) -> torch.Tensor:
     """(C_out, K): the input channel means through each kernel tap, sum_c' W[c, c', t] mu_c'."""
-    rows, start = [], 0
+    per_group, start = [], 0
     for blk in blocks:
         co, ci = blk.shape[0], blk.shape[1]
-        rows.append(torch.matmul(mean_in[start : start + ci].to(blk.dtype), blk.reshape(co, ci, -1)))
+        per_group.append(torch.matmul(mean_in[start : start + ci].to(blk.dtype), blk.reshape(co, ci, -1)))
         start = start + ci if len(blocks) > 1 else start
-    return torch.cat(rows, 0).double()
+    return torch.cat(per_group, 0).double()
 
 
 def _mean_map_m2(tap_means: torch.Tensor, bias, masks: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
@@ -706,7 +716,14 @@ def conv(ctx: Ctx) -> Effect:
         m2_mean = _mean_map_m2(tap_means, bias, mask_y, cnt_y, n_y).maximum(mean * mean)
     else:
         m2_mean = mean * mean
-    fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x)
+    one_group = len(blocks) == 1
+    centred = cache(lambda: _tap_weighted(rows.centred(blocks[0]), taps, 2)) if one_group else None
+    fluct = channels.Mat(w2, axis=axis_in, scale=1.0 / n_x, centred=centred)
+
+    def with_spread(out: Stats) -> Stats:
+        if one_group:
+            out.row_spread = rows.dense(blocks[0], bias, var_in, out.ch_mean, taps, n_y)
+        return out
     wrap = (lambda g: channels.Profiled(g, geometry, fwd_total)) if geometry is not None else (lambda g: g)  # noqa: E731
     if dense:
         # many inputs per output: over input channels (sum_t W_t)^2 averages to sum_t
@@ -716,7 +733,7 @@ def conv(ctx: Ctx) -> Effect:
         # see different taps, only that much stays shared by them
         shared = float((taps * taps).sum() / taps.sum())
         cov = (w2 @ x.coherent(axis_in, c_in)) * (shared / n_y**2) if x.pos is not None else None
-        out = Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos)
+        out = with_spread(Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos))
         out.prof = prof_out
         gain = channels.Split(fluct, channels.Mat(w2, axis=axis_in, scale=shared / n_x**2), fluct)
         return Effect([out], [(ref.name, 0, 0, wrap(gain))])
@@ -731,7 +748,7 @@ def conv(ctx: Ctx) -> Effect:
         var = (w2 @ (var_in - cov_in) + power_y @ cov_in) / n_y
     else:
         var = (w2 @ var_in) / n_y
-    out = Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos)
+    out = with_spread(Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos))
     out.prof = prof_out
     gain = channels.Split(fluct, channels.Mat(wsum2, axis=axis_in, scale=1.0 / n_x**2), channels.Mat(power_x, axis=axis_in, scale=1.0 / n_x))
     return Effect([out], [(ref.name, 0, 0, wrap(gain))])
@@ -1156,7 +1173,7 @@ def max_pool(ctx: Ctx) -> Effect:
     covariance.
     """
     ref = ctx.first_ref()
-    _, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
+    x, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
     k = max(int(round(_window(ctx, ref))), 1)
     exact = ctx.engine.fused_max_moments(ref.name, k)
     if exact is not None:
@@ -1166,6 +1183,7 @@ def max_pool(ctx: Ctx) -> Effect:
         sd = (var - cov).sqrt()
         m = mean + sd * em
         out = Stats.per_channel(axis, m, m * m + cov + (var - cov) * (em2 - em * em), cov, pos)
+    out.row_spread = rows.kept_if_equal(x, axis)
     r = _ratio(ctx.out_meta, ctx.meta(ref))
     at_max = channels.AtMax(r, k, axis=axis)
     return Effect([out], [(ref.name, 0, 0, channels.Split(at_max, channels.Diag(r * r, axis=axis), at_max))])
@@ -1179,16 +1197,19 @@ def avg_pool(ctx: Ctx) -> Effect:
 
     Backward: every input receives dL/dy / k from each window it belongs to:
     gain = numel(out) / (k numel(in)) for independent gradients; coherent parts by
-    :func:`_pooled_gradient`.
+    :func:`_pooled_gradient`. Every channel of a position gets its share from the same
+    windows, so a gradient whose rows sum to zero keeps doing so
+    (:mod:`gradaudit.propagation.rows`).
     """
     ref = ctx.first_ref()
-    _, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
+    x, mean, var, cov, axis, pos = _pool_channels(ctx, ref)
     k = _window(ctx, ref)
     in_meta = ctx.meta(ref)
     p_in = in_meta.numel // (in_meta.shape[0] * in_meta.shape[axis]) if len(in_meta.shape) > 2 else 1
     out = Stats.per_channel(axis, mean, mean * mean + cov + (var - cov) / k, cov if pos is not None else None, pos)
+    out.row_spread = rows.kept_if_equal(x, axis)
     tri = _pooled_gradient(_ratio(ctx.out_meta, in_meta), k, p_in)
-    return Effect([out], [(ref.name, 0, 0, channels.Tri(tri, axis=axis))])
+    return Effect([out], [(ref.name, 0, 0, channels.Tri(tri, axis=axis, rows_kept=True))])
 
 
 # --------------------------------------------------------------------------- reductions
@@ -1611,6 +1632,13 @@ def softmax(ctx: Ctx) -> Effect:
     dL/ds_i = p_i (g_i - sum_j p_j g_j), so E[(dL/ds)^2] = g2 * jac / n per element.
     LogSoftmax: y = s - logsumexp(s); dL/ds = g - p sum g, gain 1 - 2 E[p] + E[sum p^2]
     and E[y^2] by the same sample.
+
+    Over the channel axis of a row whose spread is tracked
+    (:mod:`gradaudit.propagation.rows`), the logits are drawn with that spread instead:
+    a part shared by the whole row changes nothing (n / (n - 1) turns the spread around
+    the row's own mean back into the variance of n iid draws). The softmax's backward
+    then sums to zero along the row (dm = E[g^2]); so does LogSoftmax's, g - p sum g,
+    only when sum g = 0, which a cotangent independent of the values is not.
     """
     ref = ctx.first_ref()
     x = ctx.stat(ref)
@@ -1620,11 +1648,16 @@ def softmax(ctx: Ctx) -> Effect:
         dim = -1
     n = meta.shape[dim]
     mean, var = (x.mean, x.var) if ctx.node.op != "softmin" else (-x.mean, x.var)
+    over_rows = x.axis is not None and x.axis == dim % len(meta.shape)
+    spread = x.spread() if over_rows and n > 1 else None
+    if spread is not None:
+        mean, var = 0.0, spread * n / (n - 1)
     if ctx.node.op == "log_softmax":
         ls = _log_softmax_sample(round(mean, 9), round(var, 9), n)
         return Effect([_stats(ls[0], ls[1])], [(ref.name, 0, 0, ls[2])])
     st = _softmax_sample(mean, var, n)
-    return Effect([_stats(st["p_mean"], st["p_m2"])], [(ref.name, 0, 0, st["jac"] / n)])
+    gain = st["jac"] / n
+    return Effect([_stats(st["p_mean"], st["p_m2"])], [(ref.name, 0, 0, channels.RowSumZero(gain) if over_rows else gain)])
 
 
 @lru_cache(maxsize=128)
