@@ -8,9 +8,13 @@
    nodes) or whose output only depends on static shapes (``Shape``, ``Size``) is
    evaluated once with onnx's reference evaluator. Weights stored as
    ``ConstantOfShape``, casts and reshapes of initializers, shape arithmetic: all
-   become plain constants. What they may materialise is capped (``max_bytes``).
+   become plain constants. A constant sequence (the dynamo exporter's
+   ``SplitToSequence`` of a packed weight) feeds the nodes that read it (``SequenceAt``)
+   and goes once none but folded nodes read it. What they may materialise is capped
+   (``max_bytes``).
 3. Shape inference runs again on the folded graph, then every remaining node is mapped
-   by :mod:`gradaudit.frontends.onnx_ops` onto IR nodes: parameterized ops become
+   by :mod:`gradaudit.frontends.onnx_ops` onto IR nodes (attention written out in nodes
+   first recognised as one, :mod:`gradaudit.frontends.onnx_attention`): parameterized ops become
    ``call_module`` nodes of the torch module they correspond to (``Conv`` ->
    ``nn.Conv2d`` holding the file's weights, ``Gemm`` -> ``nn.Linear`` ...), the rest
    ``call_function`` nodes of the equivalent torch function, so the propagation

@@ -17,7 +17,10 @@ emits IR nodes with the argument conventions the propagation handlers read:
   as the torch graph does.
 
 A mapper raises :class:`Fallback` for a variant it does not map; the node then runs as
-it is through onnxruntime (:class:`OrtNode`), and the propagation estimates it.
+it is through onnxruntime (:class:`OrtNode`), and the propagation estimates it. A
+pattern of several nodes that the torch captures see as one op (attention:
+:mod:`gradaudit.frontends.onnx_attention`) is planned before the walk and mapped as one
+(:class:`Fused`).
 """
 
 from __future__ import annotations
