@@ -73,25 +73,26 @@ def _predicted_and_measured(model: nn.Module, inputs: tuple) -> dict[str, tuple[
     return out
 
 
+@pytest.mark.parametrize("seed", [0, 7, 17])
 @pytest.mark.parametrize(
-    "model, inputs, head, below",
+    "model, shape, head, below",
     [
-        (ConstantMLP, (torch.randn(32, 64),), "c", ["a", "b"]),
-        (ConstantSqueezeTail, (torch.randn(4, 3, 8, 8),), "classifier", ["features"]),
+        (ConstantMLP, (32, 64), "c", ["a", "b"]),
+        (ConstantSqueezeTail, (4, 3, 8, 8), "classifier", ["features"]),
     ],
     ids=["linear-head", "conv-head-pooled"],
 )
-def test_equal_rows_under_a_softmax_pass_back_nothing_below_the_head(model, inputs, head, below):
-    torch.manual_seed(0)
-    stats = _predicted_and_measured(model(), inputs)
+def test_equal_rows_under_a_softmax_pass_back_nothing_below_the_head(model, shape, head, below, seed):
+    torch.manual_seed(seed)
+    stats = _predicted_and_measured(model(), (torch.randn(*shape),))
     act, grad, real_act, real_grad = stats[head]
     # the head's gradient is the uniform softmax's: within 2x of real autograd
     assert real_grad > 0 and abs(math.log10(grad / real_grad)) < TWO_X, (grad, real_grad)
     for name in below:
         _, grad_below, _, real_below = stats[name]
-        # real autograd: float32 rounding residue only; the prediction: exactly 0
+        # what is left is rounding: float32's in real autograd, float64's in the prediction
         assert real_below < 1e-5 * real_grad, (name, real_below, real_grad)
-        assert grad_below == 0.0, (name, grad_below)
+        assert grad_below < 1e-9 * grad, (name, grad_below, grad)
 
 
 def test_equal_rows_add_up_coherently_in_the_forward():
