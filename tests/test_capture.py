@@ -439,3 +439,50 @@ def test_input_hint_only_where_inputs_are_the_cause(inferred, write, cli):
     result = cli("check", "net.py", cwd=write("x", "").parent)
     assert result.exit_code == 2
     assert ("pass --input-shape" in result.output) is inferred, result.output
+
+
+def _drop_path_as_timm_writes_it(x, drop_prob: float, training: bool):
+    """timm.layers.drop_path, which torch.fx traces into (it is not wrapped)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1 - drop_prob
+    random_tensor = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    random_tensor.div_(keep)
+    return x * random_tensor
+
+
+class DropPathBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        for fc in self.fcs:
+            x = x + _drop_path_as_timm_writes_it(torch.tanh(fc(x)), 0.3, self.training)
+        return x
+
+
+def test_uninitialised_memory_is_not_read(monkeypatch):
+    """``x.new_empty(shape).bernoulli_(keep)``: the value of ``new_empty`` is whatever the
+    allocator returns (NaN on some machines). The capture makes it a constant of zeros and
+    spells the whole in-place DropPath as the stochastic depth it is, so an allocator
+    that returns NaN changes nothing."""
+    torch.manual_seed(0)
+    model, inputs = DropPathBlocks(), (torch.randn(16, 32),)
+    graph = chain.capture(model, inputs)
+    assert [n.op for n in graph].count("stochastic_depth") == 4
+    assert not {"new_empty", "bernoulli", "div"} & {n.op for n in graph}
+    clean = gradaudit.audit(model, inputs)
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: real_new_empty(self, *a, **k).fill_(float("nan")))
+    report = gradaudit.audit(model, inputs)
+    assert report.verdict != "incomplete" and not report.coverage.gaps
+    assert [(l.node, l.predicted.act_rms, l.predicted.grad_rms) for l in report.layers] == [
+        (l.node, l.predicted.act_rms, l.predicted.grad_rms) for l in clean.layers
+    ]
+    monkeypatch.undo()
+    measured = measure_modules(model, inputs, draws=32)
+    for layer in report.layers:
+        act, grad = measured[(layer.module, 0)]
+        assert abs(math.log10(layer.predicted.act_rms / act)) < math.log10(2), (layer.module, layer.predicted, act)
+        assert abs(math.log10(layer.predicted.grad_rms / grad)) < math.log10(2), (layer.module, layer.predicted, grad)

@@ -47,14 +47,11 @@ from gradaudit.frontends import aten
 from gradaudit.frontends.fx import (_Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, module_params,
                                     user_location)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
+from gradaudit.frontends.patterns import UNINITIALISED
 from gradaudit.frontends.signature import ExampleCall, has_tensor
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs, map_refs, renumber, structure_leaves
 from gradaudit.probe.inputs import first_line
 
-#: Ops whose value is uninitialised memory: only their shape and dtype mean anything
-#: (the code fills them next, as DropPath's ``x.new_empty(shape).bernoulli_(keep)``), so
-#: they become constant zeros of that shape.
-UNINITIALISED = frozenset({"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"})
 _PREFIX = "model"
 
 

@@ -35,7 +35,8 @@ from torch.overrides import TorchFunctionMode
 
 from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import aten
-from gradaudit.frontends.export import UNINITIALISED, leaf_modules, training_mode
+from gradaudit.frontends.export import leaf_modules, training_mode
+from gradaudit.frontends.patterns import UNINITIALISED
 from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
                                     flatten_meta, module_params, normalise_name)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs

@@ -167,6 +167,32 @@ def _unmask(graph: Graph, node: Node, memo: dict):
     return None, None
 
 
+#: Ops whose value is uninitialised memory: only their shape and dtype mean anything
+#: (the code fills them next, as DropPath's ``x.new_empty(shape).bernoulli_(keep)``).
+UNINITIALISED = frozenset({"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"})
+
+
+def fill_uninitialised(graph: Graph) -> Graph:
+    """Each ``empty``-like node becomes a constant of zeros of its shape and dtype.
+
+    Its value is whatever the allocator returns -- NaN or 1e38 on one machine, zeros on
+    another -- and the code overwrites it in place (``bernoulli_``, ``fill_``, ``copy_``);
+    read as it is, it would make the audit depend on the machine's memory."""
+    nodes, changed = [], False
+    for node in graph:
+        meta = node.outputs[0] if len(node.outputs) == 1 else None
+        if node.op in UNINITIALISED and node.kind != "get_attr" and meta is not None:
+            value = torch.zeros(meta.shape, dtype=getattr(torch, meta.dtype))
+            node = Node(name=node.name, op="param", kind="get_attr", params={"value": value}, outputs=[meta],
+                        module=node.module, module_type=node.module_type, location=node.location)
+            changed = True
+        nodes.append(node)
+    if not changed:
+        return graph
+    return Graph(nodes=nodes, frontend=graph.frontend, input_names=graph.input_names, output_refs=graph.output_refs,
+                 input_args=graph.input_args, notes=graph.notes, program=graph.program)
+
+
 def _drop_rows(x: torch.Tensor, p: float, mode: str = "row", training: bool = True) -> torch.Tensor:
     """Stochastic depth as torchvision and timm compute it: ``x * mask / (1 - p)`` with one
     Bernoulli(1 - p) draw per sample (``row``) or per batch."""
@@ -200,10 +226,15 @@ def fuse_drop_path(graph: Graph) -> Graph:
             found = _drop_mask(graph, graph[m.name], memo, float(outer.args[1]) if outer is not None else None)
             if found is None or graph[x.name].shape != node.shape:
                 continue
-            keep, chain, row = found
+            keep, chain, row, in_place = found
             if outer is not None:
                 chain, node = [node.name, *chain], outer
-            if not all(_only_user(graph, a, b) for a, b in zip(chain, [node.name] + chain)):
+            # the mask's nodes feed nothing else (an in-place division: the mask feeds it and the product)
+            users_ok = [_only_user(graph, a, b) for a, b in zip(chain, [node.name] + chain)]
+            if in_place is not None:
+                users_ok[-1] = True
+                chain = [*chain, in_place]
+            if not all(users_ok):
                 continue
             replace[node.name] = Node(
                 name=node.name, op="stochastic_depth", kind="call_function", fn=_drop_rows,
@@ -221,11 +252,19 @@ def fuse_drop_path(graph: Graph) -> Graph:
 
 def _drop_mask(graph: Graph, node: Node, memo: dict, scale: float | None = None):
     """(keep, [mask nodes], per-sample) of ``bernoulli(c, keep) / keep`` with ``c`` a
-    constant (``scale``: the division already found after the product), or None."""
+    constant (``scale``: the division already found after the product), or None. The
+    division may be in place, as timm's ``drop_path`` writes it (``random_tensor =
+    x.new_empty(shape).bernoulli_(keep); random_tensor.div_(keep); x * random_tensor``):
+    the product then reads the Bernoulli node, whose other user is the unused ``div_``."""
     chain: list[str] = []
     if scale is None and node.op == "div" and len(node.args) == 2 and isinstance(node.args[0], Ref) and isinstance(node.args[1], (int, float)):
         scale, chain = float(node.args[1]), [node.name]
         node = graph[node.args[0].name]
+    in_place = None
+    if scale is None and node.op == "bernoulli":
+        divs = [u for u in graph.users(node.name) if _divides_in_place(graph, u, node.name)]
+        if len(divs) == 1 and len(graph.users(node.name)) == 2:
+            scale, in_place = float(divs[0].args[1]), divs[0].name
     if node.op != "bernoulli" or not node.args or constant(graph, node.args[0], memo) is None:
         return None
     keep = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
@@ -233,7 +272,17 @@ def _drop_mask(graph: Graph, node: Node, memo: dict, scale: float | None = None)
         return None
     shape = node.shape or ()
     row = len(shape) >= 1 and all(d == 1 for d in shape[1:])
-    return float(keep), chain + [node.name], row
+    return float(keep), chain + [node.name], row, in_place
 
 
-__all__ = ["fuse_masked_attention", "fuse_drop_path", "constant"]
+def _divides_in_place(graph: Graph, node: Node, source: str) -> bool:
+    """Whether ``node`` is ``source.div_(number)`` and nothing reads its result."""
+    name = getattr(node.fn, "__name__", "") or ""
+    return (
+        node.op == "div" and name.endswith("_") and len(node.args) == 2 and isinstance(node.args[0], Ref)
+        and node.args[0].name == source and isinstance(node.args[1], (int, float))
+        and not graph.users(node.name) and node.name not in graph.output_refs
+    )
+
+
+__all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "constant", "UNINITIALISED"]
