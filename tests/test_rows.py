@@ -155,3 +155,29 @@ def test_rows_equal_exactly_after_centring():
 
 def test_untracked_rows_stay_untracked():
     assert Stats(mean=0.0, m2=1.0).spread() is None and not Stats(mean=0.0, m2=1.0).equal_rows()
+
+
+class ConstantIntoRMSNorm(nn.Module):
+    """An equal-rows layer (random biases: its rows are not equal) normalised by an
+    RMSNorm, whose backward removes only the x_hat direction, not the row mean: the
+    gradient below the layer, w_j sum_i g_i, is not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(64, 64)
+        self.a = nn.Linear(64, 64)
+        nn.init.constant_(self.a.weight, 0.02)
+        nn.init.normal_(self.a.bias)
+        self.norm = nn.RMSNorm(64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.norm(self.a(self.b(x))))
+
+
+def test_an_rmsnorm_keeps_the_row_mean_of_its_gradient():
+    torch.manual_seed(0)
+    stats = _predicted_and_measured(ConstantIntoRMSNorm(), (torch.randn(32, 64),))
+    act, grad, real_act, real_grad = stats["b"]
+    assert real_grad > 1e-3 * stats["head"][3], (real_grad, stats["head"])
+    assert abs(math.log10(grad / real_grad)) < TWO_X, (grad, real_grad)
