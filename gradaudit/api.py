@@ -332,7 +332,8 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
             )
         )
     grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
-    from gradaudit.rules.helpers import followed_by_norm, gradient_profile
+    from gradaudit.rules.evidence.profiles import gradient_profile
+    from gradaudit.rules.evidence.structure import followed_by_norm
 
     prof = gradient_profile(analysis)
     return AuditReport(

@@ -41,7 +41,7 @@ from gradaudit.frontends.export import capture as capture_export  # noqa: E402
 from gradaudit.frontends.fx import trace  # noqa: E402
 from gradaudit.frontends.patterns import fuse_drop_path, fuse_masked_attention  # noqa: E402
 from gradaudit.propagation.engine import propagate  # noqa: E402
-from gradaudit.propagation.handlers import HANDLERS  # noqa: E402
+from gradaudit.propagation.ops.base import HANDLERS  # noqa: E402
 
 EXACT = 0.10
 APPROX = 0.25

@@ -149,7 +149,7 @@ class RowNorm:
         M = gbar^2 (g - dm) + var(gamma) g,   C = gbar^2 (g - da) + (var(gamma) + mean(beta^2)) g
         g_in = k (gamma^2 g - (M + C) / n)   (per channel; k = E[1 / (sigma^2 + eps)])
 
-    and g_in is orthogonal to both directions: dm_in = da_in = mean(g_in). Coherent parts
+    and g_in is orthogonal to both directions: dm_in = da_in = mean(g_in) (RMSNorm: to x_hat only, dm_in = 0). Coherent parts
     (s, x) scale like g."""
 
     gamma: torch.Tensor
@@ -343,7 +343,8 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             dm = out.dm / max(_level(out.g), 1e-300) * _level(res.g)
     elif isinstance(gain, RowNorm):
         res, axis = _row_norm(gain, out), gain.axis
-        dm = da = float(torch.as_tensor(res.g).mean())
+        da = float(torch.as_tensor(res.g).mean())
+        dm = 0.0 if gain.rms else da  # RMSNorm keeps the row mean
     else:
         plain = _is_zero(out.s) and _is_zero(out.x)
         res = Grad(_basic(gain, out.g), 0.0 if plain else _basic(gain, out.s), 0.0 if plain else _basic(gain, out.x))

@@ -45,7 +45,7 @@ import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo, over_time, rows
-from gradaudit.propagation.handlers import HANDLERS, Ctx, Effect, Unhandled, _stats
+from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
 from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
 from gradaudit.serial import serial
 from gradaudit.propagation.moments import (
@@ -430,7 +430,7 @@ class Engine:
         if y.dim() == 2:
             out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)
         else:
-            out = _stats(float(mean), float(m2))
+            out = make_stats(float(mean), float(m2))
             if cov is not None:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gradaudit.ir import callable_of, Node, Ref, Stats, map_refs
-from gradaudit.propagation.handlers import Effect, _stats
+from gradaudit.propagation.ops.base import Effect, make_stats
 
 SEED = 1234
 
@@ -131,7 +131,7 @@ def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
 
 
 def _mark(s: Stats) -> Stats:
-    out = _stats(s.mean, s.m2)
+    out = make_stats(s.mean, s.m2)
     out.estimated, out.positive = True, s.positive
     return out
 

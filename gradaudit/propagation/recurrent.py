@@ -70,8 +70,8 @@ import torch
 
 from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
-from gradaudit.propagation.handlers import Ctx, Effect, Unhandled, _stats, handles
 from gradaudit.propagation.moments import channel_points
+from gradaudit.propagation.ops.base import Ctx, Effect, Unhandled, handles, make_stats
 
 #: Gates per family, in torch's row order of the stacked weights, and their nonlinearity.
 GATES = {
@@ -617,9 +617,9 @@ def recurrent_module(ctx: Ctx) -> Effect:
     means, m2s, hn, cn = output_stats(stack)
     out_axis = len(ctx.out_meta.shape) - 1
     outs: list[Stats | None] = [Stats.per_channel(out_axis, means, m2s)]
-    outs.append(_stats(sum(a for a, _ in hn) / len(hn), sum(b for _, b in hn) / len(hn)))
+    outs.append(make_stats(sum(a for a, _ in hn) / len(hn), sum(b for _, b in hn) / len(hn)))
     if cn:
-        outs.append(_stats(sum(a for a, _ in cn) / len(cn), sum(b for _, b in cn) / len(cn)))
+        outs.append(make_stats(sum(a for a, _ in cn) / len(cn), sum(b for _, b in cn) / len(cn)))
     gains = []
     xg, h0g, c0g = info["x_gain"], info["h0_gain"], info["c0_gain"]
     n_out = len(outs)

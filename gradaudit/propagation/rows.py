@@ -29,7 +29,7 @@ W^T g = (W - 1 wbar^T)^T g when 1^T g = 0, so
 
     E[(dL/dx_j)^2] = sum_i (W_ij - wbar_j)^2 E[g_i^2]
 
--- exactly 0 below a layer with equal rows, as real autograd gives. A gradient with a
+-- 0 below a layer with equal rows (up to rounding), as real autograd gives. A gradient with a
 fraction f = dm / E[g^2] of that power missing mixes the two maps: (1 - f) W^2 + f Wc^2.
 
 The weights are centred as (W - W_0) - mean_i (W - W_0), W_0 the first row: the same

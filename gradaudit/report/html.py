@@ -100,7 +100,7 @@ def _user_units(v: float) -> str:
 
 def _groups(report: AuditReport) -> list[dict]:
     from gradaudit.rules.base import all_rules
-    from gradaudit.rules.helpers import module_expr
+    from gradaudit.rules.evidence.text import module_expr
 
     rules = all_rules()
     out = []

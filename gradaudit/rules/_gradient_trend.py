@@ -1,10 +1,11 @@
 """Shared check of GA101 vanishing-gradients and GA102 exploding-gradients (not a rule itself).
 
-Both judge one profile (:func:`gradaudit.rules.helpers.gradient_profile`: measured when
-the probe ran, else predicted, with closed gates opened) of one quantity, the layer
-gradient G_l of :mod:`gradaudit.propagation.depth`, by one figure: its change from the
-last weight layer to the first, estimated from the medians of the last and the first
-quarter of the layers (:attr:`~gradaudit.rules.helpers.GradientProfile.change_decades`). The message's first
+Both judge one profile (:func:`gradaudit.rules.evidence.profiles.gradient_profile`:
+measured when the probe ran, else predicted, with closed gates opened) of one quantity,
+the layer gradient G_l of :mod:`gradaudit.propagation.depth`, by one figure: its change
+from the last weight layer to the first, estimated from the medians of the last and the
+first quarter of the layers
+(:attr:`~gradaudit.rules.evidence.profiles.GradientProfile.change_decades`). The message's first
 clause quotes that figure, and is also the report's headline. Judged on the profile with
 closed gates opened (a what-if: every zero/small-initialised gate at unit gain at once),
 a change past the limit is a warning, not an error.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from gradaudit.rules.helpers import GRADIENT_NAME, GRADIENT_TERM, OPENED, factor_text, gradient_crossing, where
+from gradaudit.rules.evidence.crossings import gradient_crossing
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, GRADIENT_TERM, OPENED
+from gradaudit.rules.evidence.text import factor_text, where
 
 _WORDS = {-1: ("falls", "of"), +1: ("grows", "times")}
 

@@ -7,17 +7,12 @@ from typing import Iterator
 
 from gradaudit.propagation.coverage import finite_stats
 from gradaudit.propagation.depth import layer_gradient
-from gradaudit.rules.helpers import (
-    GRADIENT_NAME,
-    RELU_FAMILY,
-    fmt,
-    init_fix,
-    layer_inits,
-    log10_ratio,
-    longest_chain,
-    times,
-    where,
-)
+from gradaudit.rules.evidence.fixes import init_fix
+from gradaudit.rules.evidence.inits import layer_inits
+from gradaudit.rules.evidence.ops import RELU_FAMILY
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, log10_ratio
+from gradaudit.rules.evidence.structure import longest_chain
+from gradaudit.rules.evidence.text import fmt, times, where
 
 
 #: Layers a mis-scaled gain must compound over to matter: inside one residual branch

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import activation_crossing, culprit_fix, fmt, where
+from gradaudit.rules.evidence.crossings import activation_crossing
+from gradaudit.rules.evidence.fixes import culprit_fix
+from gradaudit.rules.evidence.text import fmt, where
 
 #: Largest finite float16 value.
 FLOAT16_MAX = 65504.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import activation_crossing, factor_text, fmt, where
+from gradaudit.rules.evidence.crossings import activation_crossing
+from gradaudit.rules.evidence.text import factor_text, fmt, where
 
 
 @register

@@ -151,13 +151,14 @@ _LOADED = False
 
 
 def all_rules() -> dict[str, type[Rule]]:
-    """Import every rule module once and return the registry sorted by code."""
+    """Import every rule module once and return the registry sorted by code (subpackages
+    such as :mod:`gradaudit.rules.evidence` hold no rules and are skipped)."""
     global _LOADED
     if not _LOADED:
         import gradaudit.rules as pkg
 
         for info in pkgutil.iter_modules(pkg.__path__):
-            if info.name != "base" and not info.name.startswith("_"):
+            if not info.ispkg and info.name != "base" and not info.name.startswith("_"):
                 importlib.import_module(f"{pkg.__name__}.{info.name}")
         _LOADED = True
     return dict(sorted(REGISTRY.items()))

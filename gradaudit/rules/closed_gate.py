@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import graph_node, name_list, where
+from gradaudit.rules.evidence.structure import graph_node
+from gradaudit.rules.evidence.text import name_list, where
 
 _WHAT = {
     "zero-weight": "its weights are all zero",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import DEGENERATE_SAMPLES, listing, norm_samples, where
+from gradaudit.rules.evidence.normalization import DEGENERATE_SAMPLES, norm_samples
+from gradaudit.rules.evidence.text import listing, where
 
 #: Fewer values than this per statistic make a normalization's statistics noisy.
 FEW_SAMPLES = 8

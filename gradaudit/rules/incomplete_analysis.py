@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import name_list
+from gradaudit.rules.evidence.text import name_list
 
 
 @register

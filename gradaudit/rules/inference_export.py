@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import NORMS, is_residual_add
+from gradaudit.rules.evidence.ops import NORMS
+from gradaudit.rules.evidence.structure import is_residual_add
 
 #: The export call that keeps BatchNorm as it trains.
 EXPORT_FIX = (

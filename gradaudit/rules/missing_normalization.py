@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import GRADIENT_NAME, add_norm_fix, fmt, layer_grad, longest_chain, next_activation, where
+from gradaudit.rules.evidence.fixes import add_norm_fix
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, layer_grad
+from gradaudit.rules.evidence.structure import longest_chain, next_activation
+from gradaudit.rules.evidence.text import fmt, where
 
 
 @register

@@ -5,15 +5,9 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import (
-    GRADIENT_NAME,
-    followed_by_norm,
-    layer_grad,
-    longest_chain,
-    module_expr,
-    structure,
-    where,
-)
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, layer_grad
+from gradaudit.rules.evidence.structure import followed_by_norm, longest_chain, structure
+from gradaudit.rules.evidence.text import module_expr, where
 
 
 @register

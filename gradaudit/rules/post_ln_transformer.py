@@ -5,16 +5,11 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import (
-    GRADIENT_NAME,
-    TRANSPARENT,
-    features,
-    fmt,
-    is_residual_add,
-    layer_grad,
-    module_expr,
-    parent,
-)
+from gradaudit.rules.evidence.fixes import features
+from gradaudit.rules.evidence.ops import TRANSPARENT
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, layer_grad
+from gradaudit.rules.evidence.structure import is_residual_add
+from gradaudit.rules.evidence.text import fmt, module_expr, parent
 
 _LN = frozenset({"layer_norm", "rms_norm"})
 

@@ -6,7 +6,8 @@ import math
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import graph_node, listing, where
+from gradaudit.rules.evidence.structure import graph_node
+from gradaudit.rules.evidence.text import listing, where
 
 
 @register

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import param_expr, recurrent_time, recurrent_weights, where
+from gradaudit.rules.evidence.recurrent import recurrent_time, recurrent_weights
+from gradaudit.rules.evidence.text import param_expr, where
 
 #: Relative margin above 1/gamma before reporting (an orthogonal matrix has sigma = 1 up
 #: to rounding).

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import param_expr, recurrent_kind, recurrent_time, recurrent_weights, where
+from gradaudit.rules.evidence.recurrent import recurrent_kind, recurrent_time, recurrent_weights
+from gradaudit.rules.evidence.text import param_expr, where
 
 
 @register

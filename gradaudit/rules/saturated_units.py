@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import listing, where
+from gradaudit.rules.evidence.text import listing, where
 
 
 @register

@@ -6,19 +6,12 @@ import math
 from typing import Callable, Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import (
-    GRADIENT_NAME,
-    SATURATING,
-    add_norm_fix,
-    factor_text,
-    fmt,
-    layer_grad,
-    layer_inits,
-    longest_chain,
-    next_activation,
-    swap_activation_fix,
-    where,
-)
+from gradaudit.rules.evidence.fixes import add_norm_fix, swap_activation_fix
+from gradaudit.rules.evidence.inits import layer_inits
+from gradaudit.rules.evidence.ops import SATURATING
+from gradaudit.rules.evidence.profiles import GRADIENT_NAME, layer_grad
+from gradaudit.rules.evidence.structure import longest_chain, next_activation
+from gradaudit.rules.evidence.text import factor_text, fmt, where
 
 
 def sigmoid_prime(u: float) -> float:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import TRANSPARENT, fmt, init_fix, is_residual_add, layer_inits, structure, where
+from gradaudit.rules.evidence.fixes import init_fix
+from gradaudit.rules.evidence.inits import layer_inits
+from gradaudit.rules.evidence.ops import TRANSPARENT
+from gradaudit.rules.evidence.structure import is_residual_add, structure
+from gradaudit.rules.evidence.text import fmt, where
 
 
 @register

@@ -6,7 +6,9 @@ import math
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import LOGIT_PATH, TRANSPARENT, fmt, module_expr, where
+from gradaudit.rules.evidence.attention import LOGIT_PATH
+from gradaudit.rules.evidence.ops import TRANSPARENT
+from gradaudit.rules.evidence.text import fmt, module_expr, where
 _SCALING = frozenset({"div", "mul"})
 
 

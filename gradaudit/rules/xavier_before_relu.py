@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
-from gradaudit.rules.helpers import RELU_FAMILY, fmt, init_fix, layer_inits, longest_chain, structure, where
+from gradaudit.rules.evidence.fixes import init_fix
+from gradaudit.rules.evidence.inits import layer_inits
+from gradaudit.rules.evidence.ops import RELU_FAMILY
+from gradaudit.rules.evidence.structure import longest_chain, structure
+from gradaudit.rules.evidence.text import fmt, where
 
 
 @register

@@ -2,6 +2,7 @@
 
 import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 
@@ -52,6 +53,17 @@ def test_one_rule_per_module(code):
         c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, Rule) and c is not Rule and c.__module__ == module.__name__
     ]
     assert rules_here == [RULES[code]]
+
+
+def test_every_rule_module_holds_a_rule():
+    """Each public module directly in gradaudit/rules is a rule; its subpackages
+    (:mod:`gradaudit.rules.evidence`) hold none."""
+    import gradaudit.rules as pkg
+
+    found = {i.name: i.ispkg for i in pkgutil.iter_modules(pkg.__path__) if i.name != "base" and not i.name.startswith("_")}
+    assert "evidence" in found and found["evidence"]
+    modules = {f"{pkg.__name__}.{name}" for name, is_pkg in found.items() if not is_pkg}
+    assert {cls.__module__ for cls in RULES.values()} == modules
 
 
 def test_codes_and_names_unique():

@@ -50,7 +50,7 @@ def test_functional_leaky_relu_slope_sets_the_needed_gain():
 
     from gradaudit.frontends.fx import trace
     from gradaudit.propagation.engine import propagate
-    from gradaudit.rules.helpers import leaky_slope, needed_gain
+    from gradaudit.rules.evidence.inits import leaky_slope, needed_gain
 
     class Net(torch.nn.Module):
         def __init__(self):

@@ -61,7 +61,7 @@ def test_global_average_pool_is_not_vanishing(init, expect):
     works with agrees with the real one within a factor 2."""
     from rulemodels import cifar_cnn, weight_grad_per_input
 
-    from gradaudit.rules.helpers import gradient_profile
+    from gradaudit.rules.evidence.profiles import gradient_profile
 
     model = cifar_cnn(init)
     x = torch.randn(2, 3, 32, 32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from numbers import Real
 
-from gradaudit.propagation.handlers import Ctx, Effect, Unhandled, _stats, handles
+from gradaudit.propagation.ops.base import Ctx, Effect, Unhandled, handles, make_stats
 
 #: Position of ``fill_value`` in the call's arguments, per op (zeros and ones have none).
 _FILL_AT = {"full_like": 1, "new_full": 2}
@@ -28,4 +28,4 @@ def constant(ctx: Ctx) -> Effect:
         c = ctx.arg(_FILL_AT[op], "fill_value")
         if not isinstance(c, Real):
             raise Unhandled("a fill value that is not a number")
-    return Effect([_stats(float(c), float(c) ** 2)], [])
+    return Effect([make_stats(float(c), float(c) ** 2)], [])

@@ -1,0 +1,207 @@
+"""Graph structure the rules share, computed once per analysis: the activation and the
+normalization after a layer, residual adds, and chains of weight layers.
+
+- *residual add*: an ``add``/``sub`` of two tensors where one operand is an ancestor of
+  the other and a weight layer lies between them (``x + f(x)``). ``tok_emb + pos_emb``
+  or ``x + x.mean()`` are not residual.
+- *chain*: weight layers in execution order where each feeds the next (through
+  activations, dropout, layout ops, pooling ...). A chain is *plain* when no
+  normalization op and no residual add lies between consecutive layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gradaudit.rules.evidence.ops import NORMS, TRANSPARENT
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradaudit.ir import Node
+    from gradaudit.propagation.engine import Analysis
+
+
+def graph_node(analysis: Analysis, name: str) -> Node | None:
+    """The node of ``analysis.graph`` called ``name``, or None when the graph has none
+    (a probe may report a node the captured graph does not hold)."""
+    try:
+        return analysis.graph[name]
+    except KeyError:
+        return None
+
+
+def next_activation_node(analysis: Analysis, node: Node) -> tuple[str | None, Node | None]:
+    """The activation applied to ``node``'s output (looking through layout ops, dropout and
+    normalization), with its node; ``(None, None)`` when a linear map follows."""
+    from gradaudit.propagation.engine import ACTIVATIONS
+
+    for user in analysis.next_nodes(node, TRANSPARENT | NORMS):
+        if user.op in ACTIVATIONS:
+            return user.op, user
+    return None, None
+
+
+def next_activation(analysis: Analysis, node: Node) -> str | None:
+    """The activation op applied to ``node``'s output, looking through norms/dropout."""
+    return next_activation_node(analysis, node)[0]
+
+
+def followed_by_norm(analysis: Analysis, node: Node) -> bool:
+    """Whether a normalization op rescales ``node``'s output before the next weight layer
+    (directly, or after its activation / dropout / layout ops)."""
+    from gradaudit.propagation.engine import ACTIVATIONS
+
+    return any(u.op in NORMS for u in analysis.next_nodes(node, TRANSPARENT | ACTIVATIONS))
+
+
+@dataclass
+class Edge:
+    src: str
+    dst: str
+    norm: bool  # every path between them crosses a normalization op
+    residual: bool  # every path between them crosses a residual add
+
+
+@dataclass
+class Structure:
+    """Facts about the graph computed once per analysis."""
+
+    weight_layers: list
+    index: dict[str, int]
+    residual_adds: set[str]
+    edges: dict[str, list[Edge]] = field(default_factory=dict)
+    wdepth: dict[str, int] = field(default_factory=dict)
+    inits: dict | None = None  # layer_inits(), filled on first use
+
+
+_CACHE: dict[int, tuple[object, Structure]] = {}
+
+
+def structure(analysis: Analysis) -> Structure:
+    """Residual adds and layer-to-layer edges of ``analysis.graph`` (cached)."""
+    key = id(analysis)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is analysis:
+        return hit[1]
+    st = _build_structure(analysis)
+    if len(_CACHE) > 16:
+        _CACHE.clear()
+    _CACHE[key] = (analysis, st)
+    return st
+
+
+def _build_structure(analysis: Analysis) -> Structure:
+    graph = analysis.graph
+    # layers without predicted statistics (an op that could not be estimated) are looked
+    # through like any other op, so every chain layer has statistics
+    wl = [n for n in analysis.weight_layers() if analysis.stat(n.name) is not None]
+    wset = {n.name for n in wl}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    anc: dict[str, int] = {}
+    wdepth: dict[str, int] = {}
+    for n in graph.nodes:
+        a = 0
+        d = 0
+        for src in n.inputs:
+            a |= anc[src] | (1 << order[src])
+            d = max(d, wdepth[src])
+        anc[n.name] = a
+        wdepth[n.name] = d + (1 if n.name in wset else 0)
+    residual: set[str] = set()
+    for n in graph.nodes:
+        if n.op not in ("add", "sub") or len(n.inputs) < 2:
+            continue
+        a, b = n.inputs[0], n.inputs[1]
+        related = (anc[b] >> order[a]) & 1 or (anc[a] >> order[b]) & 1
+        if related and wdepth[a] != wdepth[b]:
+            residual.add(n.name)
+    st = Structure(wl, {n.name: i for i, n in enumerate(wl)}, residual, wdepth=wdepth)
+    for layer in wl:
+        st.edges[layer.name] = _edges_from(analysis, layer, wset, residual)
+    return st
+
+
+def _edges_from(analysis: Analysis, layer: Node, wset: set[str], residual: set[str]) -> list[Edge]:
+    """Weight layers reached from ``layer`` without passing another weight layer.
+
+    Walks users with a state (crossed a norm, crossed a residual add), so each node is
+    visited at most four times; an edge is ``norm`` / ``residual`` only if every path has
+    that crossing. A walk that has crossed one residual add stops at the next one: past
+    it lies the rest of the residual stream, whose layers the next blocks reach, so a
+    stack of n blocks costs O(n) walks of one block each, not O(n^2).
+    """
+    graph = analysis.graph
+    seen: set[tuple[str, bool, bool]] = set()
+    found: dict[str, tuple[bool, bool]] = {}
+    stack = [(u, False, False) for u in graph.users(layer.name)]
+    while stack:
+        node, nrm, res = stack.pop()
+        key = (node.name, nrm, res)
+        if key in seen:
+            continue
+        seen.add(key)
+        if node.name in wset:
+            old = found.get(node.name)
+            found[node.name] = (nrm, res) if old is None else (old[0] and nrm, old[1] and res)
+            continue
+        if node.op == "output":
+            continue
+        if res and node.name in residual:
+            continue
+        nrm2 = nrm or node.op in NORMS
+        res2 = res or node.name in residual
+        for u in graph.users(node.name):
+            stack.append((u, nrm2, res2))
+    return [Edge(layer.name, dst, n, r) for dst, (n, r) in found.items()]
+
+
+def longest_chain(
+    analysis: Analysis,
+    *,
+    allow_norm: bool,
+    allow_residual: bool,
+    keep: Callable[[Node], bool] | None = None,
+    link: Callable[[Node, Node], bool] | None = None,
+) -> list:
+    """The longest sequence of weight layers, each feeding the next, whose edges cross
+    no normalization (unless ``allow_norm``) and no residual add (unless
+    ``allow_residual``), and whose layers all satisfy ``keep`` (and consecutive pairs
+    ``link``). Longest path in a DAG by dynamic programming in execution order.
+    """
+    st = structure(analysis)
+    best: dict[str, tuple[int, str | None]] = {}
+    by_name = {n.name: n for n in st.weight_layers}
+    for n in st.weight_layers:
+        if keep is not None and not keep(n):
+            continue
+        best.setdefault(n.name, (1, None))
+        length = best[n.name][0]
+        for e in st.edges.get(n.name, []):
+            if (e.norm and not allow_norm) or (e.residual and not allow_residual):
+                continue
+            dst = by_name[e.dst]
+            if keep is not None and not keep(dst):
+                continue
+            if link is not None and not link(n, dst):
+                continue
+            if best.get(e.dst, (0, None))[0] < length + 1:
+                best[e.dst] = (length + 1, n.name)
+    if not best:
+        return []
+    end = max(best, key=lambda k: (best[k][0], -st.index[k]))
+    chain = []
+    cur: str | None = end
+    while cur is not None:
+        chain.append(by_name[cur])
+        cur = best[cur][1]
+    return chain[::-1]
+
+
+def has_successor(analysis: Analysis, node: Node) -> bool:
+    """Whether ``node``'s output feeds another weight layer (a hidden layer)."""
+    return bool(structure(analysis).edges.get(node.name))
+
+
+def is_residual_add(analysis: Analysis, node: Node) -> bool:
+    return node.name in structure(analysis).residual_adds
