@@ -42,8 +42,9 @@ MAPPERS: dict[str, Callable[["Builder", Any], None]] = {}
 class Fused:
     """Nodes mapped as one by ``mapper(builder, node)`` at the pattern's mapping node:
     ``reads`` are the tensors it reads, ``inner`` the indices of the nodes it stands for,
-    whose outputs nothing else reads (skipped). ``mapper`` never falls back: the pattern
-    is checked whole before it is planned."""
+    whose outputs nothing else reads (skipped). The pattern is checked whole before it is
+    planned: its inner nodes are gone, so a ``mapper`` that falls back all the same is a
+    :class:`~gradaudit.errors.CaptureError` naming the node."""
 
     mapper: Callable[["Builder", Any], None]
     reads: tuple[str, ...]
