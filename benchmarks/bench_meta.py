@@ -9,9 +9,11 @@ process's peak resident set after each:
    block, shared by the repeated decoder layers);
 3. capture (the frontend chain) on one sequence of ``--seq`` token ids;
 4. propagation + rules + report, only when the propagation's own memory fits
-   ``--budget-gb`` and the memory available: it holds, for every dense layer, float64 (C_out x C_in) matrices
-   of squared weights (8 bytes per weight, per layer, shared draws or not), so that
-   estimate is printed instead when it does not.
+   ``--budget-gb`` and the memory available: it holds, for every dense layer under
+   :data:`gradaudit.propagation.ops.chunked.CHUNKED_ABOVE` weights, a float64 (C_out x
+   C_in) matrix of squared weights (8 bytes per weight, per layer, shared draws or not;
+   bigger layers keep only the weight), so that estimate is printed instead when it
+   does not.
 
 A reduced-depth run of a configuration is the full audit at a depth that fits. A stage
 whose memory the machine does not have available now is reported and not run.
@@ -59,7 +61,6 @@ _CHILD = textwrap.dedent("""
     with torch.device("meta"):
         model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kwargs))
     params = sum(p.numel() for p in model.parameters())
-    dense = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     report("build on meta", t0, params=params)
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     layers = len(model.model.layers)
@@ -81,7 +82,8 @@ _CHILD = textwrap.dedent("""
     t0 = time.perf_counter()
     graph = capture(shadow, inputs)
     report("capture", t0, frontend=graph.frontend, nodes=len(graph.nodes))
-    need = dense * 8
+    from gradaudit.propagation.ops import chunked
+    need = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and p.numel() < chunked.CHUNKED_ABOVE) * 8
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
     if need > min(budget, available - 2**30):
         print(json.dumps({"stage": "propagation", "skipped": need / 2**30}), flush=True)

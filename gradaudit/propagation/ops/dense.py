@@ -10,6 +10,7 @@ import torch
 
 from gradaudit.ir import Stats
 from gradaudit.propagation import channels, rows
+from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import Ctx, Effect, Unhandled, as_tuple, handles
 
 
@@ -83,13 +84,15 @@ def linear(ctx: Ctx) -> Effect:
         if weight is None:
             raise Unhandled("linear with a computed weight")
     x = ctx.stat(ref)
-    w = weight.detach().double()
-    w2 = w * w
+    w, w2 = chunked.weights(weight)
     in_axis = len(ctx.meta(ref).shape) - 1
     pos = x.pos if x.pos is not None and in_axis not in x.pos else None
-    # inputs whose channels all hold the same value c: y_i = (sum_j W_ij) c, Var[y_i] =
-    # (sum_j W_ij)^2 Var[c] -- the matrix W_ij sum_j W_ij has those row sums
-    w2_fwd = w * w.sum(1, keepdim=True) if x.axis == in_axis and x.equal_rows() else w2
+    w2_fwd = w2
+    if x.axis == in_axis and x.equal_rows():
+        # inputs whose channels all hold the same value c: y_i = (sum_j W_ij) c, Var[y_i] =
+        # (sum_j W_ij)^2 Var[c] -- the matrix W_ij sum_j W_ij has those row sums
+        wd = w.double()
+        w2_fwd = wd * wd.sum(1, keepdim=True)
     out = dense_stats(x, in_axis, w2_fwd, w, bias, len(ctx.out_meta.shape) - 1, pos=pos)
     var_in = x.channels(in_axis, w.shape[1])[1]
     out.row_spread = rows.dense(weight, bias, var_in, out.ch_mean)

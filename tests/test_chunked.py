@@ -1,0 +1,50 @@
+"""Weights too big to copy (gradaudit/propagation/ops/chunked.py): the products formed
+block by block equal those of the whole float64 matrix, and a whole analysis does not
+change when every Linear layer takes that path."""
+
+from __future__ import annotations
+
+import os
+import runpy
+
+import pytest
+import torch
+
+from gradaudit.api import Settings, analyse, capture
+from gradaudit.propagation.ops import chunked
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("columns", [None, 3])
+def test_products_equal_the_whole_matrix(monkeypatch, squared, transposed, columns):
+    monkeypatch.setattr(chunked, "BLOCK", 100)  # blocks of 2 rows of 50: many blocks
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 50, generator=gen)
+    lazy = chunked.Chunked(weight, squared)
+    whole = weight.double() ** 2 if squared else weight.double()
+    if transposed:
+        lazy, whole = lazy.t(), whole.t()
+    other = torch.randn(whole.shape[1], *(() if columns is None else (columns,)), generator=gen, dtype=torch.float64)
+    assert lazy.shape == whole.shape and lazy.dtype == torch.float64
+    torch.testing.assert_close(lazy @ other, whole @ other, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lazy.double(), whole, rtol=0, atol=0)
+
+
+def test_an_analysis_is_the_same_with_every_linear_layer_chunked(monkeypatch):
+    ns = runpy.run_path(os.path.join(ROOT, "examples", "transformer_preln.py"))
+    torch.manual_seed(0)
+    model, inputs = ns["PreLNEncoder"](), ns["example_inputs"]
+    graph = capture(model, inputs)
+    plain = analyse(graph, inputs, None, Settings())
+    monkeypatch.setattr(chunked, "CHUNKED_ABOVE", 1)
+    monkeypatch.setattr(chunked, "BLOCK", 1000)
+    lazy = analyse(graph, inputs, None, Settings())
+    layers = plain.layers()
+    assert any(n.op == "linear" for n in layers)
+    for node in layers:
+        a, b = plain.stat(node.name), lazy.stat(node.name)
+        assert a.act_rms == pytest.approx(b.act_rms, rel=1e-9), node.name
+        assert a.grad_rms == pytest.approx(b.grad_rms, rel=1e-9), node.name
