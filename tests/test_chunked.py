@@ -33,6 +33,14 @@ def test_products_equal_the_whole_matrix(monkeypatch, squared, transposed, colum
     torch.testing.assert_close(lazy.double(), whole, rtol=0, atol=0)
 
 
+def test_column_moments(monkeypatch):
+    monkeypatch.setattr(chunked, "BLOCK", 64)
+    weight = torch.randn(101, 16, generator=torch.Generator().manual_seed(1))
+    mean, m2 = chunked.column_moments(weight)
+    torch.testing.assert_close(mean, weight.double().mean(0), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(m2, weight.double().pow(2).mean(0), rtol=1e-12, atol=1e-15)
+
+
 def test_an_analysis_is_the_same_with_every_linear_layer_chunked(monkeypatch):
     ns = runpy.run_path(os.path.join(ROOT, "examples", "transformer_preln.py"))
     torch.manual_seed(0)

@@ -302,3 +302,42 @@ def test_stand_in_of_a_deep_70b_shaped_stack_costs_one_block():
     assert out["storages"] == 7  # one layer's 7 projections, shared by all 40
     assert out["params"] > 3e9  # 3.4 GB of float32 parameters if allocated
     assert out["grew"] < out["params"] / 10
+
+
+_AUDIT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import gradaudit
+    from gradaudit.frontends.signature import ExampleCall
+    cfg = LlamaConfig(num_hidden_layers=int(sys.argv[1]), hidden_size=int(sys.argv[2]),
+                      intermediate_size=int(sys.argv[3]), num_attention_heads=64, num_key_value_heads=8,
+                      vocab_size=int(sys.argv[4]))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report = gradaudit.audit(model, ExampleCall.of({"input_ids": torch.zeros(1, 32, dtype=torch.int64)}))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"grew": (after - before) * 1024, "params": params, "verdict": report.verdict,
+                      "layers": sum(1 for layer in report.layers if layer.depth is not None),
+                      "predicted": all(layer.predicted is not None for layer in report.layers if layer.depth is not None),
+                      "on_meta": all(p.is_meta for p in model.parameters())}))
+""")
+
+
+def test_whole_static_audit_of_a_deep_70b_shaped_stack_stays_far_below_its_size():
+    """The whole static audit (stand-in, capture, propagation, rules) of the stack above:
+    40 decoder layers of Llama-2-70B's attention shape at a quarter of its width. Its
+    peak memory is a fraction of the parameters' (the stand-in holds one layer, the
+    propagation no float64 copy of a large weight: propagation/ops/chunked.py), and
+    every weight layer gets statistics. The full 70B shape is in benchmarks/bench_meta.py."""
+    pytest.importorskip("transformers")
+    done = subprocess.run([sys.executable, "-c", _AUDIT, "40", "2048", "2867", "8000"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["params"] > 4e9  # 4.5 GB of float32 parameters if allocated
+    assert out["layers"] == 40 * 7 + 2 and out["predicted"]  # 7 projections a layer, embedding, head
+    assert out["verdict"] != "incomplete"
+    assert out["on_meta"]
+    assert out["grew"] < out["params"] / 3, out

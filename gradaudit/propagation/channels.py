@@ -149,8 +149,8 @@ class RowNorm:
         M = gbar^2 (g - dm) + var(gamma) g,   C = gbar^2 (g - da) + (var(gamma) + mean(beta^2)) g
         g_in = k (gamma^2 g - (M + C) / n)   (per channel; k = E[1 / (sigma^2 + eps)])
 
-    and g_in is orthogonal to both directions: dm_in = da_in = mean(g_in) (RMSNorm: to x_hat only, dm_in = 0). Coherent parts
-    (s, x) scale like g."""
+    and g_in is orthogonal to both directions: dm_in = da_in = mean(g_in) (RMSNorm: to
+    x_hat only, dm_in = 0). Coherent parts (s, x) scale like g."""
 
     gamma: torch.Tensor
     k: float

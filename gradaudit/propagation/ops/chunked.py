@@ -66,6 +66,19 @@ class Chunked:
         return self if dtype == torch.float64 else self.double().to(dtype)
 
 
+def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, mean square) of each column of a 2-d weight over its rows, in float64,
+    from blocks of rows (an embedding table's 262M weights stay uncopied)."""
+    w = weight.detach()
+    total, squares = torch.zeros(w.shape[1], dtype=torch.float64), torch.zeros(w.shape[1], dtype=torch.float64)
+    step = max(1, BLOCK // max(w.shape[1], 1))
+    for start in range(0, w.shape[0], step):
+        block = w[start : start + step].double()
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+    return total / w.shape[0], squares / w.shape[0]
+
+
 def weights(weight: torch.Tensor) -> tuple[torch.Tensor | Chunked, torch.Tensor | Chunked]:
     """(W, W^2) in float64: tensors, or :class:`Chunked` from :data:`CHUNKED_ABOVE` weights on."""
     if weight.numel() >= CHUNKED_ABOVE:

@@ -347,7 +347,7 @@ def embedding(ctx: Ctx) -> Effect:
     weight = ctx.param("weight") if ctx.node.kind == "call_module" else ctx.const(ctx.arg(1, "weight"))
     if weight is None:
         raise Unhandled("embedding with a computed table")
-    w = weight.detach().double()
+    mean, m2 = chunked.column_moments(weight)
     nd = len(ctx.out_meta.shape)
     pos = (1,) if nd >= 3 else None  # tokens of a (batch, tokens, features) lookup: independent ids
-    return Effect([Stats.per_channel(nd - 1, w.mean(0), w.pow(2).mean(0), torch.zeros(w.shape[1], dtype=torch.float64), pos)], [])
+    return Effect([Stats.per_channel(nd - 1, mean, m2, torch.zeros_like(mean), pos)], [])
