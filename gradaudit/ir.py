@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 
+#: The ``module_type`` of a functional layer named after the parameter it reads (``x @
+#: self.W``: the layer is ``W``), not after the parameter's owner.
+PARAMETER_LAYER = "nn.Parameter"
+
 @dataclass(frozen=True)
 class Location:
     """The user's source line that created a node."""

@@ -56,3 +56,53 @@ def test_an_analysis_is_the_same_with_every_linear_layer_chunked(monkeypatch):
         a, b = plain.stat(node.name), lazy.stat(node.name)
         assert a.act_rms == pytest.approx(b.act_rms, rel=1e-9), node.name
         assert a.grad_rms == pytest.approx(b.grad_rms, rel=1e-9), node.name
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (3, 4, 5, 6), (11,)])
+def test_moments_of_all_entries(monkeypatch, shape):
+    monkeypatch.setattr(chunked, "BLOCK", 64)
+    value = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    mean, m2 = chunked.moments(value)
+    assert mean == pytest.approx(float(value.double().mean()), rel=1e-12)
+    assert m2 == pytest.approx(float(value.double().pow(2).mean()), rel=1e-12)
+    value.view(-1)[-1] = float("inf")
+    assert chunked.moments(value) is None
+    value.view(-1)[-1] = float("nan")
+    assert chunked.moments(value) is None
+
+
+class _Tied(torch.nn.Module):
+    """Three layers that read one weight (as the stand-in's decoder layers do)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        for w in self.weight:
+            x = torch.relu(torch.nn.functional.linear(x, w))
+        return x
+
+
+def test_a_weight_read_by_several_layers_is_read_once(monkeypatch):
+    """Layers sharing one weight tensor cost one pass over it, with the statistics that
+    separate copies of the same values get."""
+    base = torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
+    shared, separate = _Tied([base] * 3), _Tied([base.clone() for _ in range(3)])
+    shared.weight, separate.weight = torch.nn.ParameterList(shared.weight), torch.nn.ParameterList(separate.weight)
+    inputs = torch.randn(4, 8)
+    calls = []
+    real = chunked.moments
+    monkeypatch.setattr(chunked, "moments", lambda v: calls.append(v.data_ptr()) or real(v))
+    results = []
+    for model in (shared, separate):
+        calls.clear()
+        graph = capture(model, inputs)
+        results.append(analyse(graph, inputs, None, Settings()))
+        distinct = {p.data_ptr() for p in model.parameters()}
+        assert sorted(set(calls)) == sorted(distinct) and len(calls) == len(distinct)
+    a, b = results
+    assert len(a.layers()) == len(b.layers()) == 3
+    for x, y in zip(a.layers(), b.layers()):
+        assert a.stat(x.name).act_rms == b.stat(y.name).act_rms
+        assert a.stat(x.name).grad_rms == b.stat(y.name).grad_rms

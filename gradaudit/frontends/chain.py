@@ -58,9 +58,10 @@ def capture(model: Any, inputs: Any, frontends: tuple[str, ...] | None = None) -
         except CaptureError as exc:
             failures.append((name, exc))
             continue
-        from gradaudit.frontends.patterns import fill_uninitialised, fuse_drop_path, fuse_masked_attention
+        from gradaudit.frontends.patterns import (fill_uninitialised, functional_layers, fuse_drop_path,
+                                                  fuse_masked_attention)
 
-        graph = fuse_drop_path(fuse_masked_attention(fill_uninitialised(graph)))
+        graph = functional_layers(fuse_drop_path(fuse_masked_attention(fill_uninitialised(graph))))
         graph.notes[:0] = [f"{name} failed: {exc}" for name, exc in failures]
         return graph
     if not failures:

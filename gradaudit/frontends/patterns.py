@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradaudit.ir import Graph, Node, Ref, map_refs
+from gradaudit.ir import PARAMETER_LAYER, Graph, Node, Ref, map_refs
 from gradaudit.frontends.aten import plain_mask
 
 
@@ -294,3 +294,82 @@ def _divides_in_place(graph: Graph, node: Node, source: str) -> bool:
 
 
 __all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "constant", "UNINITIALISED", "sdpa_kwargs"]
+
+
+#: Functional ops that are weight layers when they read a trainable parameter as their
+#: weight: op -> (index, keyword) of the weight and of the bias among the arguments.
+FUNCTIONAL_LAYERS = {
+    "linear": ((1, "weight"), (2, "bias")),
+    **{conv: ((1, "weight"), (2, "bias")) for conv in ("conv", "conv1d", "conv2d", "conv3d", "conv_transpose",
+                                                        "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
+    "embedding": ((1, "weight"), None),
+}
+#: The op a module call of the same layer has (``F.conv2d`` -> ``conv``, as ``nn.Conv2d``).
+_LAYER_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv_transpose",
+             "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose"}
+#: Products of two operands, one of which may be a parameter: ``x @ self.W``,
+#: ``torch.einsum("bi,ij->bj", x, self.W)``.
+PRODUCTS = frozenset({"matmul", "mm", "einsum"})
+#: Ops that only lay a parameter out again (``self.W.t()``) on the way to a product.
+_RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape"})
+
+
+def _argument(node: Node, where: tuple[int, str] | None) -> Any:
+    if where is None:
+        return None
+    index, keyword = where
+    return node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
+
+
+def _parameter(graph: Graph, ref: Any, through: frozenset = frozenset()) -> tuple[str, torch.Tensor] | None:
+    """(qualified name, tensor) of the trainable parameter that ``ref`` reads, directly or
+    through the layout ops in ``through``."""
+    while isinstance(ref, Ref):
+        node = graph[ref.name]
+        if node.op == "param":
+            value = node.params.get("value")
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                return node.module or node.name, value
+            return None
+        if node.op not in through or not node.args:
+            return None
+        ref = node.args[0]
+    return None
+
+
+def functional_layers(graph: Graph) -> Graph:
+    """A functional op that multiplies by a trainable parameter is a weight layer, as the
+    module call would be: ``F.linear(x, self.weight, self.bias)`` in a hand-written
+    layer, ``F.conv2d``, ``F.embedding``, and ``x @ self.W`` or a two-operand einsum with a
+    2-d parameter (also through ``.t()`` or a transpose). The node keeps its op and arguments; it gets the parameters it reads as
+    ``params`` (``weight``, ``bias``), and a module name: the weight's owner (``blocks.3``
+    for ``blocks.3.weight``) or, when the weight is not named ``weight``, the weight's own
+    qualified name; ``F.conv2d`` takes the op of ``nn.Conv2d``, ``conv``. Without this, a network written with ``F.linear`` had no layers and
+    passed as healthy whatever its depth."""
+    for node in graph.nodes:
+        if node.kind not in ("call_function", "call_method") or node.params:
+            continue
+        found = None
+        if node.op in FUNCTIONAL_LAYERS:
+            weight_at, bias_at = FUNCTIONAL_LAYERS[node.op]
+            found = _parameter(graph, _argument(node, weight_at))
+            bias = _parameter(graph, _argument(node, bias_at)) if found is not None else None
+        elif node.op in PRODUCTS and len(node.args) >= 2:
+            given = list(node.args[1:] if node.op == "einsum" else node.args[:2])
+            if len(given) == 1 and isinstance(given[0], (list, tuple)):  # einsum(eq, [a, b])
+                given = list(given[0])
+            operands = [_parameter(graph, a, _RELAYOUT) for a in given] if len(given) == 2 else [None]
+            if sum(o is not None for o in operands) == 1:
+                found = next(o for o in operands if o is not None)
+                found = found if found[1].dim() == 2 else None
+            bias = None
+        if found is None:
+            continue
+        name, weight = found
+        functional, node.op = node.op, _LAYER_OP.get(node.op, node.op)
+        node.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias[1]}
+        if node.module is None:
+            owned = name.endswith(".weight")
+            node.module = name[: -len(".weight")] if owned else name
+            node.module_type = f"F.{functional}" if owned else PARAMETER_LAYER
+    return graph

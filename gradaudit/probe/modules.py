@@ -26,6 +26,7 @@ from typing import Any
 from gradaudit.errors import CaptureError
 from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
+from gradaudit.probe.runner import layer_parameters
 
 def _leaves_of(model) -> dict:
     """{module: qualified name} of the layers (the fx frontend's leaf modules)."""
@@ -106,7 +107,7 @@ class ModuleRunner:
             self.points[(q, k)] = n.name
             self.nodes.append(n)
         self.all_params = list(model.parameters())
-        self.layer_params = {name: list(ir_graph[name].fn.parameters()) if ir_graph[name].fn is not None else [] for name in layers}
+        self.layer_params = {name: layer_parameters(ir_graph[name]) for name in layers}
         self.conv_fed = {n.name for n in self.nodes if _after_conv(ir_graph, n)}
 
     def _ir_node(self, name: str):

@@ -53,19 +53,30 @@ def leaves(val: Any, out: list) -> None:
         out.append(val)
 
 
+#: Below this 2-norm the squares of float32 entries underflow (2^-126 ~ 1.2e-38): such
+#: a norm is computed again in float64, so a vanishing gradient of 1e-30 is measured as
+#: 1e-30 and not as exactly 0.
+TINY = 1e-18
+
+
 def sumsq(t):
     """The 2-norm of ``t`` as a 0-dim tensor (square it for the sum of squares),
-    accumulated in float32 at least (float64 for float64 input)."""
+    accumulated in float32 at least (float64 for float64 input, and below :data:`TINY`)."""
     import torch
 
     d = t.detach()
     if d.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.vector_norm(d, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(d, 2)
+        norm = torch.linalg.vector_norm(d, 2, dtype=torch.float32)
+    else:
+        norm = torch.linalg.vector_norm(d, 2)
+    if d.dtype != torch.float64 and d.numel() and float(norm) < TINY:
+        return torch.linalg.vector_norm(d.double(), 2)
+    return norm
 
 
 def sums_of_squares(tensors: list) -> list[float]:
-    """Sum of squares of each tensor, with one fused norm kernel when available."""
+    """Sum of squares of each tensor, with one fused norm kernel when available (norms
+    below :data:`TINY` again in float64)."""
     import torch
 
     if not tensors:
@@ -76,7 +87,11 @@ def sums_of_squares(tensors: list) -> list[float]:
         )
     except (AttributeError, RuntimeError):
         norms = [sumsq(t) for t in tensors]
-    return [v * v for v in torch.stack(list(norms)).double().tolist()]
+    values = torch.stack(list(norms)).double().tolist()
+    for i, (v, t) in enumerate(zip(values, tensors)):
+        if v < TINY and t.dtype != torch.float64 and t.numel():
+            values[i] = float(torch.linalg.vector_norm(t.detach().double(), 2))
+    return [v * v for v in values]
 
 
 def absmax(tensors: list) -> float:

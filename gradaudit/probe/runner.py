@@ -48,6 +48,17 @@ def graph_module(model):
     return fx.GraphModule(tracer.root, graph)
 
 
+def layer_parameters(node, module=None) -> list:
+    """The parameters whose gradients are a layer's weight gradient: those of the module
+    it calls, or for a functional layer (``F.linear(x, self.weight)``) the ones it reads."""
+    import torch.nn as nn
+
+    if node is not None and node.kind != "call_module":
+        return [p for p in node.params.values() if isinstance(p, nn.Parameter)]
+    module = module if module is not None else getattr(node, "fn", None)
+    return list(module.parameters()) if isinstance(module, nn.Module) else []
+
+
 def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, grads, layer_params: dict,
                 zeros: bool, with_loss: bool = False) -> None:
     """Turn one draw's observations into second moments: each layer's output (``pending``:
@@ -119,7 +130,7 @@ class Runner:
         self.layer_params: dict[str, list] = {}
         for node_name, mod_name in layers.items():
             mod = self.modules.get(mod_name) if mod_name is not None else None
-            self.layer_params[node_name] = list(mod.parameters()) if mod is not None else []
+            self.layer_params[node_name] = layer_parameters(self.ir_node(node_name), mod)
 
     def ir_op(self, name: str) -> str | None:
         node = self.ir_node(name)

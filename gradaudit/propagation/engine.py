@@ -45,6 +45,8 @@ import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
 from gradaudit.propagation import montecarlo, over_time, rows
+from gradaudit.frontends.patterns import PRODUCTS
+from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
 from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
 from gradaudit.serial import serial
@@ -128,8 +130,10 @@ class Analysis:
         return s[leaf] if s and leaf < len(s) else None
 
     def layers(self) -> list[Node]:
-        """Calls of modules that own parameters, in execution order."""
-        return [n for n in self.graph if n.kind == "call_module" and n.params]
+        """Calls of modules that own parameters, and functional ops that multiply by a
+        parameter (:func:`gradaudit.frontends.patterns.functional_layers`), in execution
+        order."""
+        return [n for n in self.graph if n.params and n.kind in ("call_module", "call_function", "call_method")]
 
     def weight_layers(self) -> list[Node]:
         """The layers that count for depth: linear, conv, attention, recurrent, ... (an
@@ -139,7 +143,8 @@ class Analysis:
         return [
             n
             for n in self.layers()
-            if (n.op in WEIGHT_OPS or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values())))
+            if (n.op in WEIGHT_OPS or n.op in PRODUCTS
+                or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values())))
             and n.name not in steps
         ]
 
@@ -185,6 +190,7 @@ class Engine:
         self._rho_cache: dict[str, torch.Tensor | None] = {}
         # root -> (channel -> distinct law index or None, the laws' means, variances)
         self._inv: dict[str, tuple] = {}
+        self._moment_cache: dict[tuple, tuple[float, float] | None] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -218,11 +224,8 @@ class Engine:
             # relative position before its bucket masks it) has no moments: it gets none,
             # and the ops that read it see its values (an attention's mask) or stop there
             v = node.params.get("value")
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and bool(torch.isfinite(v).all()):
-                vd = v.detach().double()
-                self.stats[node.name] = [Stats(mean=float(vd.mean()), m2=float(vd.pow(2).mean()))]
-            else:
-                self.stats[node.name] = [None]
+            found = self._moments(v) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() else None
+            self.stats[node.name] = [None if found is None else Stats(mean=found[0], m2=found[1])]
             return
         if node.op == "output":
             return
@@ -250,6 +253,18 @@ class Engine:
         effect = self._apply_handler(node)
         self.effects[node.name] = effect
         self.stats[node.name] = list(effect.out) + [None] * (len(node.outputs) - len(effect.out))
+
+    def _moments(self, value: torch.Tensor) -> tuple[float, float] | None:
+        """:func:`chunked.moments` of a constant, once per distinct tensor: the decoder
+        layers of a meta model's stand-in all read the same weights."""
+        try:
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+                   value.dtype, value._version)
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+            return chunked.moments(value)
+        if key not in self._moment_cache:
+            self._moment_cache[key] = chunked.moments(value)
+        return self._moment_cache[key]
 
     def _input_missing(self, node: Node) -> bool:
         """Whether a floating tensor input of ``node`` has no statistics."""

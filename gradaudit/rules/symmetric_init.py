@@ -9,7 +9,7 @@ from gradaudit.rules.evidence.fixes import init_fix
 from gradaudit.rules.evidence.inits import layer_inits
 from gradaudit.rules.evidence.ops import TRANSPARENT
 from gradaudit.rules.evidence.structure import is_residual_add, structure
-from gradaudit.rules.evidence.text import fmt, where
+from gradaudit.rules.evidence.text import fmt, weight_name, where
 
 
 @register
@@ -89,7 +89,7 @@ class SymmetricInit(Rule):
                     "(plus the bias) and only differences downstream can pull the units apart"
                 )
             yield self.finding(
-                f"all {li.fan_out} rows of {where(node)}.weight are {what}: {tail}",
+                f"all {li.fan_out} rows of {weight_name(node)} are {what}: {tail}",
                 node=node,
                 fix=init_fix(analysis, node),
                 severity="error" if permanent else "warning",

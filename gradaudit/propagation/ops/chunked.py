@@ -8,18 +8,24 @@ model 514 GiB. From :data:`CHUNKED_ABOVE` weights on, the handler keeps the weig
 itself (which a meta model's stand-in shares between identical blocks,
 :mod:`gradaudit.frontends.meta`) and forms each product from blocks of rows converted to
 float64 when it is needed: the same sums, in the same precision, without the copy.
+
+The blocks are small (:data:`BLOCK`: 2 MB in float64, so a block stays in the CPU's
+cache between its conversion, its square and its product) and converted into one
+buffer reused from block to block: a fresh 32 MB block per step spent most of its time
+faulting pages in (8.5 ns per weight against 0.6 ns, measured on a 7168 x 2048 weight).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 
 #: Weights with at least this many elements (4M: 32 MB in float64) are never copied.
 CHUNKED_ABOVE = 1 << 22
-#: Elements per block of rows (32 MB in float64).
-BLOCK = 1 << 22
+#: Elements per block of rows (2 MB in float64: it stays in cache).
+BLOCK = 1 << 18
 
 
 class Chunked:
@@ -41,20 +47,17 @@ class Chunked:
     def t(self) -> "Chunked":
         return Chunked(self.weight, self.squared, not self.transposed)
 
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        step = max(1, BLOCK // max(self.weight.shape[1], 1))
-        for start in range(0, self.weight.shape[0], step):
-            block = self.weight[start : start + step].double()
-            yield start, block * block if self.squared else block
-
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         other = other.double()
+        rows, cols = self.weight.shape
         if not self.transposed:
-            return torch.cat([block @ other for _, block in self._blocks()])
-        total = None
-        for start, block in self._blocks():
-            part = block.t() @ other[start : start + block.shape[0]]
-            total = part if total is None else total + part
+            out = torch.empty((rows, *other.shape[1:]), dtype=torch.float64)
+            for start, block in row_blocks(self.weight, self.squared):
+                torch.matmul(block, other, out=out[start : start + block.shape[0]])
+            return out
+        total = torch.zeros((cols, *other.shape[1:]), dtype=torch.float64)
+        for start, block in row_blocks(self.weight, self.squared):
+            total += block.t() @ other[start : start + block.shape[0]]
         return total
 
     def double(self) -> torch.Tensor:
@@ -66,17 +69,44 @@ class Chunked:
         return self if dtype == torch.float64 else self.double().to(dtype)
 
 
+def row_blocks(weight: torch.Tensor, squared: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float64 block of rows of the 2-d ``weight``, squared if asked) for
+    consecutive blocks of about :data:`BLOCK` elements. Every block is a view of one
+    buffer that the next step overwrites: use it before asking for the next."""
+    w = weight.detach()
+    step = max(1, BLOCK // max(w.shape[1], 1))
+    buffer = torch.empty((min(step, w.shape[0]), w.shape[1]), dtype=torch.float64)
+    for start in range(0, w.shape[0], step):
+        source = w[start : start + step]
+        block = buffer[: source.shape[0]]
+        block.copy_(source)
+        if squared:
+            block.mul_(block)
+        yield start, block
+
+
 def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, mean square) of each column of a 2-d weight over its rows, in float64,
     from blocks of rows (an embedding table's 262M weights stay uncopied)."""
-    w = weight.detach()
-    total, squares = torch.zeros(w.shape[1], dtype=torch.float64), torch.zeros(w.shape[1], dtype=torch.float64)
-    step = max(1, BLOCK // max(w.shape[1], 1))
-    for start in range(0, w.shape[0], step):
-        block = w[start : start + step].double()
+    total, squares = torch.zeros(weight.shape[1], dtype=torch.float64), torch.zeros(weight.shape[1], dtype=torch.float64)
+    for _, block in row_blocks(weight):
         total += block.sum(0)
-        squares += (block * block).sum(0)
-    return total / w.shape[0], squares / w.shape[0]
+        squares += block.mul_(block).sum(0)
+    return total / weight.shape[0], squares / weight.shape[0]
+
+
+def moments(tensor: torch.Tensor) -> tuple[float, float] | None:
+    """(mean, mean square) of all entries in float64, or None when one is not finite,
+    from blocks (a 235M-weight Linear is never copied whole)."""
+    flat = tensor.detach().reshape(-1, 1) if tensor.dim() != 2 else tensor.detach()
+    total = squares = 0.0
+    for _, block in row_blocks(flat):
+        total += float(block.sum())
+        squares += float(block.mul_(block).sum())
+    if not (math.isfinite(total) and math.isfinite(squares)):
+        return None
+    n = max(tensor.numel(), 1)
+    return total / n, squares / n
 
 
 def weights(weight: torch.Tensor) -> tuple[torch.Tensor | Chunked, torch.Tensor | Chunked]:

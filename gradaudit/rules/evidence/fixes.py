@@ -10,7 +10,7 @@ from gradaudit.rules.evidence.inits import init_mismatch, layer_inits, leaky_slo
 from gradaudit.rules.evidence.ops import RELU_FAMILY, SATURATING
 from gradaudit.rules.evidence.profiles import layer_grad
 from gradaudit.rules.evidence.structure import has_successor, next_activation, next_activation_node
-from gradaudit.rules.evidence.text import module_expr
+from gradaudit.rules.evidence.text import module_expr, weight_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def init_fix(analysis: Analysis, node: Node) -> str:
     """The init line that keeps this layer's gain at what the next activation needs."""
     act, act_node = next_activation_node(analysis, node)
-    target = f"{module_expr(node.module)}.weight" if node.module else "layer.weight"
+    target = module_expr(weight_name(node)) if node.module else "layer.weight"
     if act == "leaky_relu":
         return f"nn.init.kaiming_normal_({target}, a={leaky_slope(act_node):g}, nonlinearity='leaky_relu')"
     if act in RELU_FAMILY:

@@ -26,6 +26,18 @@ def where(node: Node) -> str:
     return node.module if node.module else node.name
 
 
+def weight_name(node: Node) -> str:
+    """The qualified name of a layer's weight: ``<module>.weight``, or for a functional
+    layer that reads a parameter not named ``weight`` (``x @ self.W``), the parameter's
+    own name, which is then the layer's name
+    (:func:`gradaudit.frontends.patterns.functional_layers`)."""
+    from gradaudit.ir import PARAMETER_LAYER
+
+    if node.module_type == PARAMETER_LAYER:
+        return where(node)
+    return f"{where(node)}.weight"
+
+
 def listing(items: list[str], limit: int = 6) -> str:
     """``a, b, c and 4 more``: the items a finding lists, the first ``limit`` in full."""
     shown = ", ".join(items[:limit])
