@@ -57,7 +57,8 @@ class Weights(nn.Module):
     def forward(self, x):
         for w in self.w:
             y = {"linear": lambda: F.linear(x, w), "matmul": lambda: x @ w, "matmul_t": lambda: x @ w.t(),
-                 "mm": lambda: torch.mm(x, w), "einsum": lambda: torch.einsum("bi,ij->bj", x, w)}[self.form]()
+                 "mm": lambda: torch.mm(x, w), "einsum": lambda: torch.einsum("bi,ij->bj", x, w),
+                 "addmm": lambda: torch.addmm(torch.zeros(WIDTH), x, w)}[self.form]()
             x = self.act(y)
         return x
 
@@ -88,7 +89,7 @@ class OwnEmbedding(nn.Module):
 
 def _builders():
     yield "own-linear", OwnLayers, lambda: torch.randn(8, WIDTH), DEPTH
-    for form in ("linear", "matmul", "matmul_t", "mm", "einsum"):
+    for form in ("linear", "matmul", "matmul_t", "mm", "einsum", "addmm"):
         yield f"weights-{form}", (lambda form=form: Weights(form)), lambda: torch.randn(8, WIDTH), DEPTH
     yield "conv2d", OwnConv, lambda: torch.randn(2, 3, 8, 8), 6
     yield "embedding", OwnEmbedding, lambda: torch.randint(0, 100, (4, 5)), 2

@@ -308,8 +308,9 @@ FUNCTIONAL_LAYERS = {
 _LAYER_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv_transpose",
              "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose"}
 #: Products of two operands, one of which may be a parameter: ``x @ self.W``,
+#: ``torch.addmm(self.b, x, self.W)`` (GPT-2's ``Conv1D``),
 #: ``torch.einsum("bi,ij->bj", x, self.W)``.
-PRODUCTS = frozenset({"matmul", "mm", "einsum"})
+PRODUCTS = frozenset({"matmul", "mm", "addmm", "einsum"})
 #: Ops that only lay a parameter out again (``self.W.t()``) on the way to a product.
 _RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape"})
 
@@ -355,7 +356,7 @@ def functional_layers(graph: Graph) -> Graph:
             found = _parameter(graph, _argument(node, weight_at))
             bias = _parameter(graph, _argument(node, bias_at)) if found is not None else None
         elif node.op in PRODUCTS and len(node.args) >= 2:
-            given = list(node.args[1:] if node.op == "einsum" else node.args[:2])
+            given = list(node.args[1:] if node.op == "einsum" else node.args[1:3] if node.op == "addmm" else node.args[:2])
             if len(given) == 1 and isinstance(given[0], (list, tuple)):  # einsum(eq, [a, b])
                 given = list(given[0])
             operands = [_parameter(graph, a, _RELAYOUT) for a in given] if len(given) == 2 else [None]
