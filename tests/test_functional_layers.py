@@ -63,6 +63,22 @@ class Weights(nn.Module):
         return x
 
 
+class WeightNormed(nn.Module):
+    """Hand-written weight norm, w = g v / ||v|| per row (Salimans & Kingma 2016): the
+    weight is computed from two parameters."""
+
+    def __init__(self, act=torch.sigmoid, gain: float = 0.35) -> None:
+        super().__init__()
+        self.v = nn.ParameterList(nn.Parameter(torch.randn(WIDTH, WIDTH)) for _ in range(DEPTH))
+        self.g = nn.ParameterList(nn.Parameter(torch.full((WIDTH, 1), gain)) for _ in range(DEPTH))
+        self.act = act
+
+    def forward(self, x):
+        for v, g in zip(self.v, self.g):
+            x = self.act(F.linear(x, g * v / v.norm(dim=1, keepdim=True)))
+        return x
+
+
 class OwnConv(nn.Module):
     def __init__(self, depth: int = 6, channels: int = 8) -> None:
         super().__init__()
@@ -91,6 +107,7 @@ def _builders():
     yield "own-linear", OwnLayers, lambda: torch.randn(8, WIDTH), DEPTH
     for form in ("linear", "matmul", "matmul_t", "mm", "einsum", "addmm"):
         yield f"weights-{form}", (lambda form=form: Weights(form)), lambda: torch.randn(8, WIDTH), DEPTH
+    yield "weight-norm", WeightNormed, lambda: torch.randn(8, WIDTH), DEPTH
     yield "conv2d", OwnConv, lambda: torch.randn(2, 3, 8, 8), 6
     yield "embedding", OwnEmbedding, lambda: torch.randint(0, 100, (4, 5)), 2
 
@@ -119,6 +136,8 @@ def test_functional_layers_agree_with_autograd(build, make_x, layers):
         model = OwnLayers(torch.relu, math.sqrt(2 / WIDTH))
     elif build in (OwnConv, OwnEmbedding):
         model = build()
+    elif build is WeightNormed:
+        model = WeightNormed(torch.relu, math.sqrt(2))
     else:
         model = build()
         model.act = torch.relu
@@ -136,15 +155,17 @@ def test_functional_layers_agree_with_autograd(build, make_x, layers):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export", "hooks"])
-@pytest.mark.parametrize("build", [OwnLayers, lambda: Weights("linear"), lambda: Weights("matmul")],
-                         ids=["own-linear", "weights-linear", "weights-matmul"])
-def test_a_deep_sigmoid_network_of_functional_layers_is_never_healthy(monkeypatch, frontend, build):
+@pytest.mark.parametrize("form", ["own-linear", "weights-linear", "weights-matmul", "weights-matmul_t", "weight-norm"])
+def test_a_deep_sigmoid_network_of_functional_layers_is_never_healthy(monkeypatch, frontend, form):
     """12 sigmoid layers at std 0.05: the gradient falls about 10x per layer (the same
-    network of nn.Linear is called vanishing), whichever frontend captures it."""
+    network of nn.Linear is called vanishing), whichever frontend captures it, and also
+    where torch.export or the module hooks fold a weight computed from parameters (a
+    transpose, a weight norm) into a constant."""
     from gradaudit.frontends import chain
 
     monkeypatch.setattr(chain, "FRONTENDS", tuple(f for f in chain.FRONTENDS if f[0] == frontend))
     torch.manual_seed(0)
+    build = {"own-linear": OwnLayers, "weight-norm": WeightNormed}.get(form) or (lambda: Weights(form.split("-")[1]))
     report = gradaudit.audit(build(), torch.randn(8, WIDTH))
     assert report.verdict == "vanishing"
     assert len(report.layers) == DEPTH

@@ -47,7 +47,7 @@ from gradaudit.frontends import aten
 from gradaudit.frontends.fx import (_Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, module_params,
                                     user_location)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
-from gradaudit.frontends.patterns import UNINITIALISED
+from gradaudit.frontends.patterns import SOURCE, UNINITIALISED
 from gradaudit.frontends.signature import ExampleCall, has_tensor
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs, map_refs, renumber, structure_leaves
 from gradaudit.probe.inputs import first_line
@@ -178,6 +178,8 @@ class _Builder:
         self.names: set[str] = set()
         self.rename: dict[str, str] = {}
         self.values: dict[str, Any] = {}  # node -> its value when known ahead of time
+        # node -> the trainable parameters its folded value is computed from
+        self.sources: dict[str, dict[str, torch.Tensor]] = {}
         self.constants: dict[str, Any] = {}  # node -> a Python value that replaces it
         self.inputs: list[str] = []
         self.input_args: list[str] = []
@@ -245,6 +247,8 @@ class _Builder:
                     node.params = {"value": value}
                     node.outputs = [_tensor_meta(value)]
                     self.values[n.name] = value
+                    if isinstance(value, nn.Parameter) and value.requires_grad:
+                        self.sources[n.name] = {node.module or n.name: value}
                 self.add(node)
             elif kind == InputKind.USER_INPUT and n.name in given:
                 path, value = given[n.name]
@@ -463,9 +467,12 @@ class _Builder:
         return Ref(name)
 
     def _constant_node(self, name: str, value: torch.Tensor, location: Location | None = None) -> None:
-        """A value known ahead of time: a ``param`` node holding it."""
+        """A value known ahead of time: a ``param`` node holding it, and the trainable
+        parameters it is computed from (a transposed or normalised weight) under
+        :data:`~gradaudit.frontends.patterns.SOURCE`."""
         self.values[name] = value
-        self.add(Node(name=name, op="param", kind="get_attr", params={"value": value}, outputs=[_tensor_meta(value)],
+        params = {"value": value, **{f"{SOURCE}{q}": p for q, p in self.sources.get(name, {}).items()}}
+        self.add(Node(name=name, op="param", kind="get_attr", params=params, outputs=[_tensor_meta(value)],
                       location=location))
 
     def _fold(self, n: torch.fx.Node, packet: str) -> bool:
@@ -494,6 +501,9 @@ class _Builder:
                 result = target(*torch.fx.node.map_aggregate(n.args, value), **torch.fx.node.map_aggregate(n.kwargs, value))
         except Exception:  # cannot run on the real values: propagate it instead
             return False
+        sources = {q: p for a in n.all_input_nodes for q, p in self.sources.get(a.name, {}).items()}
+        if sources:
+            self.sources[n.name] = sources
         if isinstance(result, torch.Tensor):
             self._constant_node(n.name, result, stack_location(n.meta.get("stack_trace")))
         elif has_tensor(result):

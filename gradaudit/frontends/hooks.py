@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import aten
 from gradaudit.frontends.export import leaf_modules, training_mode
-from gradaudit.frontends.patterns import UNINITIALISED
+from gradaudit.frontends.patterns import SOURCE, UNINITIALISED
 from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
                                     flatten_meta, module_params, normalise_name)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
@@ -172,6 +172,21 @@ class _Builder:
         name, path = found
         return Ref(self.leaf_ref(name, path) if path else name)
 
+    def sources(self, args: Any) -> dict[str, torch.Tensor]:
+        """The trainable parameters that the constants among ``args`` come from, under
+        :data:`~gradaudit.frontends.patterns.SOURCE` (a weight transposed or normalised
+        in the forward stays the parameters' weight)."""
+        found: dict[str, torch.Tensor] = {}
+        for ref in iter_refs(args):
+            node = self.by_name.get(ref.name)
+            if node is None or node.op != "param":
+                continue
+            value = node.params.get("value")
+            if isinstance(value, nn.Parameter) and value.requires_grad:
+                found[f"{SOURCE}{node.module or node.name}"] = value
+            found.update({k: v for k, v in node.params.items() if k.startswith(SOURCE)})
+        return found
+
     def leaf_ref(self, name: str, path: tuple) -> str:
         """A getitem chain from a tuple-valued node down to one of its leaves."""
         if (name, path) in self.leaf_refs:
@@ -226,7 +241,8 @@ class _Builder:
             return
         if not self.depends((a, k)):  # depends on no floating input: a constant of the graph
             if isinstance(out, torch.Tensor):
-                self.add(Node(name=self.fresh(op), op="param", kind="get_attr", params={"value": out.detach().clone()},
+                params = {"value": out.detach().clone(), **self.sources((a, k))}
+                self.add(Node(name=self.fresh(op), op="param", kind="get_attr", params=params,
                               outputs=[_tensor_meta(out)], location=self.location()), out, variable=False)
             else:  # a tuple of constants: each item becomes a constant where it is used
                 for t in _tensors(out):

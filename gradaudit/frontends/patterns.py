@@ -311,6 +311,9 @@ _LAYER_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpo
 #: ``torch.addmm(self.b, x, self.W)`` (GPT-2's ``Conv1D``),
 #: ``torch.einsum("bi,ij->bj", x, self.W)``.
 PRODUCTS = frozenset({"matmul", "mm", "addmm", "einsum"})
+#: The key prefix, in a functional layer's ``params``, of the parameters its weight is
+#: computed from (``weight`` is then the computed value).
+SOURCE = "from:"
 #: Ops that only lay a parameter out again (``self.W.t()``) on the way to a product.
 _RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape"})
 
@@ -322,15 +325,20 @@ def _argument(node: Node, where: tuple[int, str] | None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
 
 
-def _parameter(graph: Graph, ref: Any, through: frozenset = frozenset()) -> tuple[str, torch.Tensor] | None:
-    """(qualified name, tensor) of the trainable parameter that ``ref`` reads, directly or
-    through the layout ops in ``through``."""
+def _parameter(graph: Graph, ref: Any, through: frozenset = frozenset()) -> tuple[str, torch.Tensor, dict] | None:
+    """(qualified name, tensor, {}) of the trainable parameter that ``ref`` reads,
+    directly or through the layout ops in ``through``; for a constant that a frontend
+    computed from parameters (``torch.export`` folds ``self.W.t()``), (the first
+    parameter's name, the constant, {name: parameter})."""
     while isinstance(ref, Ref):
         node = graph[ref.name]
         if node.op == "param":
             value = node.params.get("value")
             if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-                return node.module or node.name, value
+                return node.module or node.name, value, {}
+            sources = {k[len(SOURCE):]: p for k, p in node.params.items() if k.startswith(SOURCE)}
+            if sources and isinstance(value, torch.Tensor):
+                return min(sources), value, sources
             return None
         if node.op not in through or not node.args:
             return None
@@ -338,15 +346,48 @@ def _parameter(graph: Graph, ref: Any, through: frozenset = frozenset()) -> tupl
     return None
 
 
+def _computed_weight(graph: Graph, ref: Any, memo: dict) -> tuple[str, torch.Tensor, dict] | None:
+    """(name, value, {qualified name: parameter}) of a weight computed from trainable
+    parameters alone (``F.conv2d(x, standardize(self.weight))``, a hand-written weight
+    norm), named after its first parameter."""
+    if not isinstance(ref, Ref) or graph[ref.name].op == "param":
+        return None
+    value = constant(graph, ref, memo)
+    if value is None:
+        return None
+    sources: dict[str, torch.Tensor] = {}
+    todo, seen = [ref.name], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = graph[name]
+        v = node.params.get("value") if node.op == "param" else None
+        if isinstance(v, torch.nn.Parameter) and v.requires_grad:
+            sources[node.module or node.name] = v
+        todo.extend(r.name for r in _refs(node))
+    if not sources:
+        return None
+    return min(sources), value.detach(), sources
+
+
 def functional_layers(graph: Graph) -> Graph:
     """A functional op that multiplies by a trainable parameter is a weight layer, as the
     module call would be: ``F.linear(x, self.weight, self.bias)`` in a hand-written
     layer, ``F.conv2d``, ``F.embedding``, and ``x @ self.W`` or a two-operand einsum with a
-    2-d parameter (also through ``.t()`` or a transpose). The node keeps its op and arguments; it gets the parameters it reads as
-    ``params`` (``weight``, ``bias``), and a module name: the weight's owner (``blocks.3``
+    2-d parameter (also through ``.t()`` or a transpose), and a linear, conv or embedding
+    whose weight is computed from parameters alone (weight standardization, a hand-written
+    weight norm).
+
+    The node keeps its op and arguments. It gets the parameters it reads as ``params``
+    (``weight``, ``bias``; a computed weight's value as ``weight`` and the parameters it
+    comes from under :data:`SOURCE`), and a module name: the weight's owner (``blocks.3``
     for ``blocks.3.weight``) or, when the weight is not named ``weight``, the weight's own
-    qualified name; ``F.conv2d`` takes the op of ``nn.Conv2d``, ``conv``. Without this, a network written with ``F.linear`` had no layers and
-    passed as healthy whatever its depth."""
+    qualified name; ``F.conv2d`` takes the op of ``nn.Conv2d``, ``conv``. Without this, a
+    network written with ``F.linear`` had no layers and passed as healthy whatever its
+    depth."""
+    memo: dict = {}
     for node in graph.nodes:
         if node.kind not in ("call_function", "call_method") or node.params:
             continue
@@ -354,6 +395,8 @@ def functional_layers(graph: Graph) -> Graph:
         if node.op in FUNCTIONAL_LAYERS:
             weight_at, bias_at = FUNCTIONAL_LAYERS[node.op]
             found = _parameter(graph, _argument(node, weight_at))
+            if found is None:
+                found = _computed_weight(graph, _argument(node, weight_at), memo)
             bias = _parameter(graph, _argument(node, bias_at)) if found is not None else None
         elif node.op in PRODUCTS and len(node.args) >= 2:
             given = list(node.args[1:] if node.op == "einsum" else node.args[1:3] if node.op == "addmm" else node.args[:2])
@@ -366,9 +409,10 @@ def functional_layers(graph: Graph) -> Graph:
             bias = None
         if found is None:
             continue
-        name, weight = found
+        name, weight, sources = found
         functional, node.op = node.op, _LAYER_OP.get(node.op, node.op)
         node.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias[1]}
+        node.params.update({f"{SOURCE}{q}": p for q, p in sources.items()})
         if node.module is None:
             owned = name.endswith(".weight")
             node.module = name[: -len(".weight")] if owned else name

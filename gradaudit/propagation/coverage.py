@@ -95,17 +95,15 @@ def finite_stats(s: Stats | None) -> bool:
 
 
 def parameter_layers(analysis: Analysis) -> list[Node]:
-    """Every node that owns or reads a trainable parameter, in execution order: calls of
-    modules owning parameters, and functional ops reading an ``nn.Parameter``
-    (``F.linear(x, self.weight)``)."""
+    """Every node that owns or reads a trainable parameter, in execution order: the
+    analysis's layers (calls of modules owning parameters, functional layers, whose weight
+    may be computed from parameters), and every other op reading an ``nn.Parameter``."""
     import torch.nn as nn
 
     graph = analysis.graph
-    out: dict[str, Node] = {}
+    out: dict[str, Node] = {n.name: n for n in analysis.layers()}
     for n in graph:
-        if n.kind == "call_module" and n.params:
-            out[n.name] = n
-        elif n.op == "param" and isinstance(n.params.get("value"), nn.Parameter):
+        if n.op == "param" and isinstance(n.params.get("value"), nn.Parameter):
             for user in graph.users(n.name):
                 if user.op not in ("output", "param"):
                     out.setdefault(user.name, user)

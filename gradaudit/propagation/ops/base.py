@@ -86,6 +86,15 @@ class Ctx:
                 return node.params.get("value")
         return None
 
+    def layer_tensor(self, name: str, index: int) -> torch.Tensor | None:
+        """A layer's ``weight`` or ``bias``: the module's parameter, or a functional op's
+        argument ``index`` when it is a constant, else the value it is computed from
+        parameters as (:func:`gradaudit.frontends.patterns.functional_layers` keeps it)."""
+        if self.node.kind == "call_module":
+            return self.param(name)
+        value = self.const(self.arg(index, name))
+        return value if value is not None else self.param(name)
+
     def param(self, name: str) -> torch.Tensor | None:
         p = self.node.params.get(name)
         return p.detach() if p is not None else None

@@ -77,12 +77,9 @@ def linear(ctx: Ctx) -> Effect:
     dropped there.
     """
     ref = ctx.arg(0, "input")
-    if ctx.node.kind == "call_module":
-        weight, bias = ctx.param("weight"), ctx.param("bias")
-    else:
-        weight, bias = ctx.const(ctx.arg(1, "weight")), ctx.const(ctx.arg(2, "bias"))
-        if weight is None:
-            raise Unhandled("linear with a computed weight")
+    weight, bias = ctx.layer_tensor("weight", 1), ctx.layer_tensor("bias", 2)
+    if weight is None:
+        raise Unhandled("linear with a computed weight")
     x = ctx.stat(ref)
     w, w2 = chunked.weights(weight)
     in_axis = len(ctx.meta(ref).shape) - 1
@@ -247,7 +244,7 @@ def conv(ctx: Ctx) -> Effect:
         stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
         zero_pad = getattr(m, "padding_mode", "zeros") == "zeros"
     else:
-        weight, bias = ctx.const(ctx.arg(1, "weight")), ctx.const(ctx.arg(2, "bias"))
+        weight, bias = ctx.layer_tensor("weight", 1), ctx.layer_tensor("bias", 2)
         if weight is None:
             raise Unhandled("convolution with a computed weight")
         stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
@@ -344,7 +341,7 @@ def conv(ctx: Ctx) -> Effect:
 def embedding(ctx: Ctx) -> Effect:
     """Lookup of rows of W: each output feature c has the statistics of column W[:, c]
     (ids uniform over the table)."""
-    weight = ctx.param("weight") if ctx.node.kind == "call_module" else ctx.const(ctx.arg(1, "weight"))
+    weight = ctx.layer_tensor("weight", 1)
     if weight is None:
         raise Unhandled("embedding with a computed table")
     mean, m2 = chunked.column_moments(weight)
