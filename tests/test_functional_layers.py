@@ -172,13 +172,22 @@ def test_a_deep_sigmoid_network_of_functional_layers_is_never_healthy(monkeypatc
     assert "GA101" in {f.rule for f in report.findings}
 
 
-def test_the_probe_measures_functional_layers_and_their_weight_gradients():
-    """The probe's measured gradient at the first layer is 1e-13-small and finite, not 0,
-    and agrees with the prediction within 2x; the weight gradients are those of the
-    parameters each layer reads."""
+@pytest.mark.parametrize("frontend", ["fx", "export", "hooks"])
+@pytest.mark.parametrize("build", [lambda: Weights("linear"), OwnLayers, lambda: Weights("matmul")],
+                         ids=["weights-linear", "own-linear", "weights-matmul"])
+def test_the_probe_measures_functional_layers_and_their_weight_gradients(monkeypatch, frontend, build):
+    """Whichever frontend captured the model (the fx replay, or the model's own forward
+    watched through the calls that read each parameter), every functional layer is
+    measured; the first layer's gradient is 1e-13-small and finite, not 0, and agrees
+    with the prediction within 2x; the weight gradients are those of the parameters each
+    layer reads."""
+    from gradaudit.frontends import chain
+
+    monkeypatch.setattr(chain, "FRONTENDS", tuple(f for f in chain.FRONTENDS if f[0] == frontend))
     torch.manual_seed(0)
-    model = Weights("linear")
-    report = gradaudit.audit(model, torch.randn(8, WIDTH), probe=True)
+    report = gradaudit.audit(build(), torch.randn(8, WIDTH), probe=True)
+    assert report.frontend == frontend
+    assert len(report.layers) == DEPTH and all(layer.measured is not None for layer in report.layers)
     first, last = report.layers[0], report.layers[-1]
     assert first.measured.grad_rms < 1e-8 * last.measured.grad_rms
     assert first.measured.grad_rms > 0

@@ -384,7 +384,8 @@ def functional_layers(graph: Graph) -> Graph:
     (``weight``, ``bias``; a computed weight's value as ``weight`` and the parameters it
     comes from under :data:`SOURCE`), and a module name: the weight's owner (``blocks.3``
     for ``blocks.3.weight``) or, when the weight is not named ``weight``, the weight's own
-    qualified name; ``F.conv2d`` takes the op of ``nn.Conv2d``, ``conv``. Without this, a
+    qualified name (a computed weight keeps the enclosing module's name when the frontend
+    gave one); ``F.conv2d`` takes the op of ``nn.Conv2d``, ``conv``. Without this, a
     network written with ``F.linear`` had no layers and passed as healthy whatever its
     depth."""
     memo: dict = {}
@@ -413,7 +414,7 @@ def functional_layers(graph: Graph) -> Graph:
         functional, node.op = node.op, _LAYER_OP.get(node.op, node.op)
         node.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias[1]}
         node.params.update({f"{SOURCE}{q}": p for q, p in sources.items()})
-        if node.module is None:
+        if node.module is None or not sources:  # named after the weight read as it is
             owned = name.endswith(".weight")
             node.module = name[: -len(".weight")] if owned else name
             node.module_type = f"F.{functional}" if owned else PARAMETER_LAYER

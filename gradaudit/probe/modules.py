@@ -79,6 +79,39 @@ def module_graph(model, call):
     return Graph(nodes=nodes, frontend="none")
 
 
+#: The functions through which a functional layer multiplies by its weight.
+_LAYER_CALLS = frozenset({
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "embedding",
+    "matmul", "mm", "addmm", "einsum", "__matmul__", "__rmatmul__",
+})
+
+
+def _functional_calls(functional: dict[int, list[str]], observe) -> Any:
+    """A torch function mode that hands each output of a call reading one of the
+    parameters in ``functional`` (``id(parameter)`` -> layer node names, in execution
+    order) to ``observe(node name, output)``: the n-th such call is the n-th node."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    seen: dict[int, int] = {}
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", None) in _LAYER_CALLS:
+                for a in tree_leaves((args, kwargs or {})):
+                    names = functional.get(id(a))
+                    if names:
+                        k = seen.get(id(a), 0)
+                        seen[id(a)] = k + 1
+                        if k < len(names):
+                            observe(names[k], out)
+                        break
+            return out
+
+    return Calls()
+
+
 class ModuleRunner:
     """Runs ``model(*args, **kwargs)`` and observes the calls of its layers.
 
@@ -108,6 +141,15 @@ class ModuleRunner:
             self.nodes.append(n)
         self.all_params = list(model.parameters())
         self.layer_params = {name: layer_parameters(ir_graph[name]) for name in layers}
+        # functional layers reading a parameter as it is (F.linear(x, self.weight), x @ W):
+        # id(parameter) -> their node names in execution order, seen through the calls
+        # that read it (a weight computed from parameters is not seen: left unmeasured)
+        self.functional: dict[int, list[str]] = {}
+        for name in layers:
+            n = ir_graph[name]
+            weight = n.params.get("weight")
+            if n.kind != "call_module" and any(p is weight for p in self.layer_params[name]):
+                self.functional.setdefault(id(weight), []).append(name)
         self.conv_fed = {n.name for n in self.nodes if _after_conv(ir_graph, n)}
 
     def _ir_node(self, name: str):
@@ -196,17 +238,27 @@ class ModuleRunner:
                 if out0.requires_grad and not check_all:
                     hooks.append(out0.register_hook(_grab(grad_slots, name, zeros)))
 
+        def observe_layer(name, out):
+            if name not in self.layers or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return
+            pending.append((name, _sumsq(out), out.numel()))
+            if out.requires_grad:
+                grab = _order(backward_order, name, grad_slots, zeros) if check_all else _grab(grad_slots, name, zeros)
+                hooks.append(out.register_hook(grab))
+
         handles = []
         for mod in self.leaves:
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post))
+        calls = _functional_calls(self.functional, observe_layer) if self.functional else contextlib.nullcontext()
         ctx = torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         grads: Any = []
         outs: list = []
         try:
             with torch.enable_grad(), ctx:
                 try:
-                    outputs = live(self.model)
+                    with calls:
+                        outputs = live(self.model)
                 except Exception as exc:
                     if rec.first_forward is not None:  # non-finite values made a later op fail
                         rec.finite = False
