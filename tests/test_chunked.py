@@ -106,3 +106,20 @@ def test_a_weight_read_by_several_layers_is_read_once(monkeypatch):
     for x, y in zip(a.layers(), b.layers()):
         assert a.stat(x.name).act_rms == b.stat(y.name).act_rms
         assert a.stat(x.name).grad_rms == b.stat(y.name).grad_rms
+
+
+def test_products_in_one_pass(monkeypatch):
+    """W @ v and W^2 @ C from one pass over the blocks equal the whole matrix's products;
+    the two views of one weight pair up, other combinations do not."""
+    monkeypatch.setattr(chunked, "BLOCK", 100)
+    monkeypatch.setattr(chunked, "CHUNKED_ABOVE", 1)
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(37, 50, generator=gen)
+    w, w2 = chunked.weights(weight.clone().requires_grad_(True))
+    assert chunked.pair(w, w2) and not chunked.pair(w2, w) and not chunked.pair(w.t(), w2.t())
+    assert not chunked.pair(w, chunked.Chunked(weight.clone(), True))
+    v = torch.randn(50, generator=gen, dtype=torch.float64)
+    cols = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    plain, squared = chunked.products(w.weight, v, cols)
+    torch.testing.assert_close(plain, weight.double() @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(squared, weight.double().pow(2) @ cols, rtol=1e-12, atol=1e-12)

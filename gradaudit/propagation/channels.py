@@ -347,7 +347,13 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         dm = 0.0 if gain.rms else da  # RMSNorm keeps the row mean
     else:
         plain = _is_zero(out.s) and _is_zero(out.x)
-        res = Grad(_basic(gain, out.g), 0.0 if plain else _basic(gain, out.s), 0.0 if plain else _basic(gain, out.x))
+        if not plain and isinstance(gain, Mat):  # one pass over the matrix for the three
+            o = out.vector(gain.m.shape[0])
+            r = gain.m.t() @ torch.stack([o.g, o.s, o.x], 1).to(gain.m.dtype)
+            r = (r * gain.scale if gain.scale != 1.0 else r).double()
+            res = Grad(r[:, 0], r[:, 1], r[:, 2])
+        else:
+            res = Grad(_basic(gain, out.g), 0.0 if plain else _basic(gain, out.s), 0.0 if plain else _basic(gain, out.x))
         axis = _axis_of(gain)
         if aligned:
             pass

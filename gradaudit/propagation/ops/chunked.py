@@ -37,7 +37,8 @@ class Chunked:
     dtype = torch.float64
 
     def __init__(self, weight: torch.Tensor, squared: bool, transposed: bool = False) -> None:
-        self.weight, self.squared, self.transposed = weight.detach(), squared, transposed
+        self.weight = weight.detach() if weight.requires_grad else weight  # views share it: see :func:`pair`
+        self.squared, self.transposed = squared, transposed
 
     @property
     def shape(self) -> torch.Size:
@@ -57,7 +58,9 @@ class Chunked:
             return out
         total = torch.zeros((cols, *other.shape[1:]), dtype=torch.float64)
         for start, block in row_blocks(self.weight, self.squared):
-            total += block.t() @ other[start : start + block.shape[0]]
+            part = other[start : start + block.shape[0]]
+            # (part^T @ block)^T: the block stays contiguous for BLAS
+            total += part @ block if part.dim() == 1 else (part.t() @ block).t()
         return total
 
     def double(self) -> torch.Tensor:
@@ -67,6 +70,25 @@ class Chunked:
 
     def to(self, dtype: torch.dtype) -> "Chunked | torch.Tensor":
         return self if dtype == torch.float64 else self.double().to(dtype)
+
+
+def pair(plain: "Chunked | torch.Tensor", squared: "Chunked | torch.Tensor") -> bool:
+    """Whether ``plain`` and ``squared`` are the W and W^2 views of one chunked weight
+    (then :func:`products` forms both products in one pass over it)."""
+    return (isinstance(plain, Chunked) and isinstance(squared, Chunked) and plain.weight is squared.weight
+            and not plain.squared and squared.squared and not plain.transposed and not squared.transposed)
+
+
+def products(weight: torch.Tensor, vector: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W @ vector, W^2 @ columns) in float64 from one pass over the blocks of W."""
+    vector, columns = vector.double(), columns.double()
+    plain = torch.empty(weight.shape[0], dtype=torch.float64)
+    squared = torch.empty((weight.shape[0], *columns.shape[1:]), dtype=torch.float64)
+    for start, block in row_blocks(weight):
+        stop = start + block.shape[0]
+        torch.matmul(block, vector, out=plain[start:stop])
+        torch.matmul(block.mul_(block), columns, out=squared[start:stop])
+    return plain, squared
 
 
 def row_blocks(weight: torch.Tensor, squared: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
@@ -112,6 +134,7 @@ def moments(tensor: torch.Tensor) -> tuple[float, float] | None:
 def weights(weight: torch.Tensor) -> tuple[torch.Tensor | Chunked, torch.Tensor | Chunked]:
     """(W, W^2) in float64: tensors, or :class:`Chunked` from :data:`CHUNKED_ABOVE` weights on."""
     if weight.numel() >= CHUNKED_ABOVE:
+        weight = weight.detach()  # one tensor for both views (see :func:`pair`)
         return Chunked(weight, False), Chunked(weight, True)
     w = weight.detach().double()
     return w, w * w

@@ -38,6 +38,15 @@ def dense_stats(
         Var[y_c] = sum_c' W2_cc' (v_c' - s_c') + sum_c' Pow_cc' s_c',  s_out = C s
     """
     mean_in, var_in = x.channels(in_axis, w2.shape[1])
+    if chunked.pair(wsum, w2) and power is None and coherent is None:  # one pass over a big weight
+        cov_in = x.coherent(in_axis, w2.shape[1]) if pos is not None and x.pos is not None else None
+        columns = torch.stack([var_in.double()] + ([cov_in.double()] if cov_in is not None else []), 1)
+        mean, sq = chunked.products(w2.weight, mean_in, columns)
+        mean = mean * scale
+        if bias is not None:
+            mean = mean + bias.detach().double().reshape(-1)
+        cov_out = sq[:, 1] * scale if cov_in is not None else None
+        return Stats.per_channel(out_axis, mean, sq[:, 0] * scale + mean * mean, cov_out, pos)
     mean = (wsum @ mean_in) * scale
     if bias is not None:
         mean = mean + bias.detach().double().reshape(-1)
