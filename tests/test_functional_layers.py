@@ -215,3 +215,47 @@ def test_tiny_norms_do_not_underflow(dtype):
     expected = 20 * float(t[0].double())
     assert float(sumsq(t)) == pytest.approx(expected, rel=1e-6)
     assert sums_of_squares([t])[0] == pytest.approx(expected**2, rel=1e-6)
+
+
+class LoRA(nn.Module):
+    """LoRA written by hand (Hu et al. 2021): y = W x + (alpha / r) B A x with B = 0, as a
+    functional layer with its adapters (``functional``) or as three nn.Linear."""
+
+    def __init__(self, functional: bool, d: int = 32, r: int = 4) -> None:
+        super().__init__()
+        self.functional = functional
+        self.base = nn.Linear(d, d)
+        nn.init.kaiming_normal_(self.base.weight, nonlinearity="relu")
+        self.A, self.B = nn.Linear(d, r, bias=False), nn.Linear(r, d, bias=False)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x):
+        if self.functional:
+            return F.linear(x, self.base.weight, self.base.bias) + (x @ self.A.weight.t() @ self.B.weight.t()) * 2.0
+        return self.base(x) + self.B(self.A(x)) * 2.0
+
+
+class LoRANet(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LoRA(functional) for _ in range(6))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+def test_a_hand_written_lora_is_judged_as_the_module_one():
+    """The zero-initialised B of each adapter is a closed gate (GA205) in both forms; the
+    findings are the same rules at the same severities, and no vanishing verdict."""
+    reports = []
+    for functional in (False, True):
+        torch.manual_seed(0)
+        reports.append(gradaudit.audit(LoRANet(functional), torch.randn(8, 32)))
+    modules, functional = reports
+    assert sorted((f.rule, f.severity) for f in functional.findings) == sorted((f.rule, f.severity) for f in modules.findings)
+    (gate,) = [f for f in functional.findings if f.rule == "GA205"]
+    assert all(f"'layers.{i}.B'" in gate.message for i in range(6))
+    assert functional.verdict == modules.verdict != "vanishing"

@@ -293,9 +293,6 @@ def _divides_in_place(graph: Graph, node: Node, source: str) -> bool:
     )
 
 
-__all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "constant", "UNINITIALISED", "sdpa_kwargs"]
-
-
 #: Functional ops that are weight layers when they read a trainable parameter as their
 #: weight: op -> (index, keyword) of the weight and of the bias among the arguments.
 FUNCTIONAL_LAYERS = {
@@ -419,3 +416,7 @@ def functional_layers(graph: Graph) -> Graph:
             node.module = name[: -len(".weight")] if owned else name
             node.module_type = f"F.{functional}" if owned else PARAMETER_LAYER
     return graph
+
+
+__all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "functional_layers", "constant",
+           "UNINITIALISED", "FUNCTIONAL_LAYERS", "PRODUCTS", "SOURCE", "sdpa_kwargs"]

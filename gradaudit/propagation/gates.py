@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradaudit.frontends.patterns import PRODUCTS
+
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Graph
     from gradaudit.propagation.engine import Analysis
@@ -124,6 +126,13 @@ def find(analysis: Analysis) -> list[Gate]:
             if (isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() and _all_zero(w)
                     and _feeds_a_combination(graph, n.name)):
                 gates.append(Gate(n.name, None, "weight", "zero-weight", 0.0, n.module))
+        elif n.kind != "get_attr" and n.params and (n.op in _WEIGHT_OPS or n.op in PRODUCTS):
+            # a functional layer (a hand-written LoRA's ``x @ self.B.t()`` with B = 0)
+            w = n.params.get("weight")
+            p = _weight_node(graph, n, w)
+            if (p is not None and isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() and _all_zero(w)
+                    and _feeds_a_combination(graph, n.name)):
+                gates.append(Gate(n.name, p.name, p.module or p.name, "zero-weight", 0.0, n.module))
         elif n.kind == "call_module" and n.op in _NORM_OPS:
             w = n.params.get("weight")
             if (isinstance(w, torch.Tensor) and w.numel() and _max_abs(w) <= SMALL_SCALE
@@ -134,6 +143,22 @@ def find(analysis: Analysis) -> list[Gate]:
             if gate is not None:
                 gates.append(gate)
     return gates
+
+
+def _weight_node(graph: Graph, node: Node, weight) -> Node | None:
+    """The ``param`` node holding ``weight`` that a functional layer reads, looking
+    through layout ops (``self.B.t()``)."""
+    from gradaudit.ir import iter_refs
+
+    for ref in iter_refs((node.args, node.kwargs)):
+        src = graph[ref.name]
+        while src.op in _LAYOUT or src.op == "t":
+            if not src.args or not hasattr(src.args[0], "name"):
+                break
+            src = graph[src.args[0].name]
+        if src.op == "param" and src.params.get("value") is weight:
+            return src
+    return None
 
 
 def _param_gate(graph: Graph, p: Node) -> Gate | None:
