@@ -56,12 +56,12 @@ class Chunked:
             for start, block in row_blocks(self.weight, self.squared):
                 torch.matmul(block, other, out=out[start : start + block.shape[0]])
             return out
-        total = torch.zeros((cols, *other.shape[1:]), dtype=torch.float64)
+        # (other^T W)^T accumulated in place, row-major: the blocks stay contiguous for BLAS
+        columns = other.reshape(rows, -1)
+        total = torch.zeros((columns.shape[1], cols), dtype=torch.float64)
         for start, block in row_blocks(self.weight, self.squared):
-            part = other[start : start + block.shape[0]]
-            # (part^T @ block)^T: the block stays contiguous for BLAS
-            total += part @ block if part.dim() == 1 else (part.t() @ block).t()
-        return total
+            total.addmm_(columns[start : start + block.shape[0]].t(), block)
+        return total[0] if other.dim() == 1 else total.t()
 
     def double(self) -> torch.Tensor:
         w = self.weight.double()
