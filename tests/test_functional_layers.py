@@ -58,7 +58,9 @@ class Weights(nn.Module):
         for w in self.w:
             y = {"linear": lambda: F.linear(x, w), "matmul": lambda: x @ w, "matmul_t": lambda: x @ w.t(),
                  "mm": lambda: torch.mm(x, w), "einsum": lambda: torch.einsum("bi,ij->bj", x, w),
-                 "addmm": lambda: torch.addmm(torch.zeros(WIDTH), x, w)}[self.form]()
+                 "addmm": lambda: torch.addmm(torch.zeros(WIDTH), x, w),
+                 "bmm": lambda: torch.bmm(x.unsqueeze(1), w.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1))[:, 0],
+                 }[self.form]()
             x = self.act(y)
         return x
 
@@ -105,7 +107,7 @@ class OwnEmbedding(nn.Module):
 
 def _builders():
     yield "own-linear", OwnLayers, lambda: torch.randn(8, WIDTH), DEPTH
-    for form in ("linear", "matmul", "matmul_t", "mm", "einsum", "addmm"):
+    for form in ("linear", "matmul", "matmul_t", "mm", "einsum", "addmm", "bmm"):
         yield f"weights-{form}", (lambda form=form: Weights(form)), lambda: torch.randn(8, WIDTH), DEPTH
     yield "weight-norm", WeightNormed, lambda: torch.randn(8, WIDTH), DEPTH
     yield "conv2d", OwnConv, lambda: torch.randn(2, 3, 8, 8), 6

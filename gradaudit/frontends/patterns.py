@@ -312,7 +312,8 @@ PRODUCTS = frozenset({"matmul", "mm", "addmm", "einsum"})
 #: computed from (``weight`` is then the computed value).
 SOURCE = "from:"
 #: Ops that only lay a parameter out again (``self.W.t()``) on the way to a product.
-_RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape"})
+_RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape", "expand", "unsqueeze", "to",
+                       "type_as"})
 
 
 def _argument(node: Node, where: tuple[int, str] | None) -> Any:
@@ -373,7 +374,7 @@ def functional_layers(graph: Graph) -> Graph:
     """A functional op that multiplies by a trainable parameter is a weight layer, as the
     module call would be: ``F.linear(x, self.weight, self.bias)`` in a hand-written
     layer, ``F.conv2d``, ``F.embedding``, and ``x @ self.W`` or a two-operand einsum with a
-    2-d parameter (also through ``.t()`` or a transpose), and a linear, conv or embedding
+    2-d parameter (also through ``.t()``, a transpose, ``expand`` or a cast), and a linear, conv or embedding
     whose weight is computed from parameters alone (weight standardization, a hand-written
     weight norm).
 
