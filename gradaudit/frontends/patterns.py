@@ -312,7 +312,7 @@ PRODUCTS = frozenset({"matmul", "mm", "addmm", "einsum"})
 #: computed from (``weight`` is then the computed value).
 SOURCE = "from:"
 #: Ops that only lay a parameter out again (``self.W.t()``) on the way to a product.
-_RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape", "expand", "unsqueeze", "to",
+RELAYOUT = frozenset({"t", "transpose", "permute", "contiguous", "view", "reshape", "expand", "unsqueeze", "to",
                        "type_as"})
 
 
@@ -323,24 +323,32 @@ def _argument(node: Node, where: tuple[int, str] | None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
 
 
+def parameter_node(graph: Graph, ref: Any, through: frozenset = frozenset()) -> Node | None:
+    """The ``param`` node that ``ref`` reads, directly or through the ops in ``through``."""
+    while isinstance(ref, Ref):
+        node = graph[ref.name]
+        if node.op == "param":
+            return node
+        if node.op not in through or not node.args:
+            return None
+        ref = node.args[0]
+    return None
+
+
 def _parameter(graph: Graph, ref: Any, through: frozenset = frozenset()) -> tuple[str, torch.Tensor, dict] | None:
     """(qualified name, tensor, {}) of the trainable parameter that ``ref`` reads,
     directly or through the layout ops in ``through``; for a constant that a frontend
     computed from parameters (``torch.export`` folds ``self.W.t()``), (the first
     parameter's name, the constant, {name: parameter})."""
-    while isinstance(ref, Ref):
-        node = graph[ref.name]
-        if node.op == "param":
-            value = node.params.get("value")
-            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-                return node.module or node.name, value, {}
-            sources = {k[len(SOURCE):]: p for k, p in node.params.items() if k.startswith(SOURCE)}
-            if sources and isinstance(value, torch.Tensor):
-                return min(sources), value, sources
-            return None
-        if node.op not in through or not node.args:
-            return None
-        ref = node.args[0]
+    node = parameter_node(graph, ref, through)
+    if node is None:
+        return None
+    value = node.params.get("value")
+    if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+        return node.module or node.name, value, {}
+    sources = {k[len(SOURCE):]: p for k, p in node.params.items() if k.startswith(SOURCE)}
+    if sources and isinstance(value, torch.Tensor):
+        return min(sources), value, sources
     return None
 
 
@@ -401,7 +409,7 @@ def functional_layers(graph: Graph) -> Graph:
             given = list(node.args[1:] if node.op == "einsum" else node.args[1:3] if node.op == "addmm" else node.args[:2])
             if len(given) == 1 and isinstance(given[0], (list, tuple)):  # einsum(eq, [a, b])
                 given = list(given[0])
-            operands = [_parameter(graph, a, _RELAYOUT) for a in given] if len(given) == 2 else [None]
+            operands = [_parameter(graph, a, RELAYOUT) for a in given] if len(given) == 2 else [None]
             if sum(o is not None for o in operands) == 1:
                 found = next(o for o in operands if o is not None)
                 found = found if found[1].dim() == 2 else None
@@ -420,4 +428,4 @@ def functional_layers(graph: Graph) -> Graph:
 
 
 __all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "functional_layers", "constant",
-           "UNINITIALISED", "FUNCTIONAL_LAYERS", "PRODUCTS", "SOURCE", "sdpa_kwargs"]
+           "parameter_node", "UNINITIALISED", "FUNCTIONAL_LAYERS", "PRODUCTS", "RELAYOUT", "SOURCE", "sdpa_kwargs"]

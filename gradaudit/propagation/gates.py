@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradaudit.frontends.patterns import PRODUCTS
+from gradaudit.frontends.patterns import PRODUCTS, RELAYOUT, parameter_node
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Graph
@@ -151,12 +151,8 @@ def _weight_node(graph: Graph, node: Node, weight) -> Node | None:
     from gradaudit.ir import iter_refs
 
     for ref in iter_refs((node.args, node.kwargs)):
-        src = graph[ref.name]
-        while src.op in _LAYOUT or src.op == "t":
-            if not src.args or not hasattr(src.args[0], "name"):
-                break
-            src = graph[src.args[0].name]
-        if src.op == "param" and src.params.get("value") is weight:
+        src = parameter_node(graph, ref, RELAYOUT)
+        if src is not None and src.params.get("value") is weight:
             return src
     return None
 
