@@ -481,6 +481,27 @@ for _name in TORCHVISION:
     zoo(f"torchvision/{_name}", "torchvision")(_torchvision(_name))
 
 
+# ---- class-token vision transformers (timm's code and init: class token std 1e-6,
+# position embedding std 0.02, the head on token 0 or on the patch tokens' mean)
+def _timm_vit(depth: int, pool: str, distilled: bool = False):
+    def build():
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        kind = VisionTransformerDistilled if distilled else VisionTransformer
+        model = kind(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, num_classes=10, global_pool=pool)
+        return model.train(), (torch.randn(8, 3, 32, 32),)
+
+    return build
+
+
+zoo("vision-transformer/vit d64 L12 class token", "vision-transformer")(_timm_vit(12, "token"))
+zoo("vision-transformer/vit d64 L24 class token", "vision-transformer")(_timm_vit(24, "token"))
+zoo("vision-transformer/vit d64 L12 mean of patch tokens", "vision-transformer")(_timm_vit(12, "avg"))
+zoo("vision-transformer/deit d64 L12 class + distillation tokens", "vision-transformer")(_timm_vit(12, "token", distilled=True))
+
+
 # --------------------------------------------------------------------------- measuring
 def predict(model: nn.Module, inputs: tuple):
     """The static audit's layer records (what a user's report shows)."""

@@ -158,6 +158,10 @@ class RowNorm:
     rms: bool
     beta2: float = 0.0
     axis: int | None = None
+    #: per position (flattened over the position axes), E[1 / (sigma_p^2 + eps)] / k when
+    #: the rows' variance differs between positions (``Stats.prof``); None: the same
+    pos_k: torch.Tensor | None = None
+    pos_sizes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,36 @@ class Profiled:
     gain: Any
     geometry: tuple
     forward_total: float
+
+
+@dataclass(frozen=True)
+class PositionMap:
+    """``gain`` for an op that moves values along position axes (``cat`` of a class token
+    and patch tokens, ``x[:, 0]``): the input gradient's profile, and the share of the
+    level it gets, follow from the output gradient's profile (Grad.prof) on the positions
+    the input reaches.
+
+    ``maps`` has one entry per position axis of the input, in order: ``(out_k, index)``
+    with ``out_k`` the axis's place in the output's profile (None: the output dropped
+    it) and ``index`` the positions (a long tensor; None: the same positions). With
+    ``gather`` the input's position i is the output's position index[i] (a piece of a
+    ``cat``): g_in[i] = g_out[index[i]], so the level scales by mean_i prof_out[index[i]]
+    and the profile is prof_out[index] over that mean. Otherwise (indexing) the output's
+    position o reads the input's index[o]: the input's profile collects sum_{o ->
+    i} prof_out[o] (``gain`` carries the level, numel(out) / numel(in)), 0 elsewhere."""
+
+    gain: Any
+    sizes: tuple
+    maps: tuple
+    gather: bool = False
+
+
+@dataclass(frozen=True)
+class Flat:
+    """``gain``, after which the gradient is the same at every position whatever its
+    profile was: attention's keys and values collect the gradient of every query."""
+
+    gain: Any
 
 
 @dataclass(frozen=True)
@@ -308,6 +342,17 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor), res.dm, res.da)
         res.prof = prof
         return res
+    if isinstance(gain, PositionMap):
+        factor, prof = mapped_profile(gain, out.prof)
+        res = apply_gain(gain.gain, out, n_in, in_axis)
+        if factor != 1.0:
+            res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor), res.dm * factor, res.da * factor)
+        res.prof = prof
+        return res
+    if isinstance(gain, Flat):
+        res = apply_gain(gain.gain, out, n_in, in_axis)
+        res.prof = None
+        return res
     if isinstance(gain, RowSumZero):
         res = apply_gain(gain.gain, out, n_in, in_axis)
         res.dm, res.da = _level(res.g), 0.0
@@ -343,8 +388,14 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             dm = out.dm / max(_level(out.g), 1e-300) * _level(res.g)
     elif isinstance(gain, RowNorm):
         res, axis = _row_norm(gain, out), gain.axis
+        prof = out.prof
+        if gain.pos_k is not None:
+            factor, prof = weighted_positions(gain.pos_k, gain.pos_sizes, out.prof)
+            res = Grad(_scaled(res.g, factor), _scaled(res.s, factor), _scaled(res.x, factor))
         da = float(torch.as_tensor(res.g).mean())
         dm = 0.0 if gain.rms else da  # RMSNorm keeps the row mean
+        res.dm, res.da, res.prof = dm, da, prof
+        return _on_channels(res, n_in, axis, in_axis)
     else:
         plain = _is_zero(out.s) and _is_zero(out.x)
         if not plain and isinstance(gain, Mat):  # one pass over the matrix for the three
@@ -365,10 +416,83 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             dm, da = k * out.dm, k * out.da
     res.dm, res.da = dm, da
     res.prof = out.prof if not isinstance(gain, (Regroup, Split)) else None
+    return _on_channels(res, n_in, axis, in_axis)
+
+
+def _on_channels(res: Grad, n_in: int | None, axis: int | None, in_axis: int | None) -> Grad:
+    """``res`` as vectors over the input's channels when they match, else scalar averages."""
     vectors = [v for v in (res.g, res.s, res.x) if isinstance(v, torch.Tensor)]
     if n_in is not None and vectors and all(v.numel() == n_in for v in vectors) and (axis is None or axis == in_axis):
         return res.vector(n_in)
     return res.mean()
+
+
+def sets_profile(gain: Any) -> bool:
+    """Whether ``gain`` gives the input gradient its own position profile (the input's
+    positions differ from the output's)."""
+    return isinstance(gain, (Profiled, PositionMap))
+
+
+def outer_profile(prof: tuple | None, sizes: Sequence[int]) -> torch.Tensor:
+    """The per-position relative value (flattened over the position axes) of a separable
+    profile: the product of its axes' vectors (ones when flat)."""
+    total = torch.ones((), dtype=torch.float64)
+    usable = prof is not None and len(prof) == len(sizes) and all(v.numel() == n for v, n in zip(prof, sizes))
+    for k, n in enumerate(sizes):
+        axis = prof[k] if usable else torch.ones(n, dtype=torch.float64)
+        total = torch.outer(total.reshape(-1), axis.double()).reshape(-1)
+    return total
+
+
+def marginal_profile(weights: torch.Tensor, sizes: Sequence[int]) -> tuple | None:
+    """Per-axis profiles (mean 1) of per-position weights: each axis's vector is the
+    average over the other axes (the separable description keeps the marginals)."""
+    w = weights.reshape(*sizes) if sizes else weights
+    out = []
+    for k in range(len(sizes)):
+        other = [d for d in range(len(sizes)) if d != k]
+        v = w.mean(dim=other) if other else w
+        level = float(v.mean())
+        out.append(v / level if level > 0 else torch.ones_like(v))
+    return tuple(out) or None
+
+
+def weighted_positions(pos_k: torch.Tensor, sizes: Sequence[int], prof: tuple | None) -> tuple[float, tuple | None]:
+    """(factor on the level, the new profile) of a gradient with profile ``prof`` scaled
+    position by position by ``pos_k`` (mean over positions of prof_p k_p; the profile
+    of prof_p k_p)."""
+    w = outer_profile(prof, sizes) * pos_k
+    factor = float(w.mean())
+    if factor <= 0:
+        return 0.0, None
+    return factor, marginal_profile(w / factor, sizes)
+
+
+def mapped_profile(gain: PositionMap, prof: tuple | None) -> tuple[float, tuple | None]:
+    """(factor on the level, the input gradient's profile) through a :class:`PositionMap`."""
+    kept = [m[0] for m in gain.maps if m[0] is not None]
+    n_out = max(kept) + 1 if kept else 0
+    have = prof is not None and len(prof) == n_out
+    factor, new = 1.0, []
+    for size, (out_k, index) in zip(gain.sizes, gain.maps):
+        along = prof[out_k].double() if have and out_k is not None else None
+        if index is None:
+            new.append(along if along is not None and along.numel() == size else torch.ones(size, dtype=torch.float64))
+            continue
+        if along is None or along.numel() != (index.numel() if not gain.gather else along.numel()):
+            along = torch.ones(index.numel() if not gain.gather else int(index.max()) + 1, dtype=torch.float64)
+        if gain.gather:
+            v = along[index]
+            level = float(v.mean())
+            factor *= level
+            new.append(v / level if level > 0 else torch.ones_like(v))
+        else:
+            v = torch.zeros(size, dtype=torch.float64).index_add_(0, index, along)
+            level = float(v.mean())
+            new.append(v / level if level > 0 else torch.ones_like(v))
+    if all(bool(torch.all(v == 1.0)) for v in new):
+        return factor, None
+    return factor, tuple(new)
 
 
 def _for_centred_rows(gain: Any, f: float) -> Any:

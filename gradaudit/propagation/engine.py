@@ -33,6 +33,10 @@ overestimates the gradient's growth toward the input, block after block: about 0
 decades per block over 128 values (8x8 maps of 2 samples; 0.5 decades at the stem of
 64 blocks) and 0.03-0.05 per block over 8 (2x2 maps of 2 samples: the last stage of
 RegNet-400MF and ResNet-50 fed 64x64 images, 0.4-0.65 decades at their stems).
+Positions are described by one profile per position axis (``Stats.prof``: a class
+token's small stream beside the patch tokens, the gradient that a head on token 0
+puts there); what reaches two positions from one source (one gradient read at two
+tokens) is taken as independent there, so their coherent part is not tracked.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from gradaudit.propagation import montecarlo, over_time, rows
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
-from gradaudit.propagation.channels import AtMax, Grad, Profiled, Split, apply_gain
+from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain, sets_profile
 from gradaudit.serial import serial
 from gradaudit.propagation.moments import (
     channel_points,
@@ -623,7 +627,7 @@ class Engine:
                     continue
                 n_in = src_stats.ch_mean.numel() if src_stats.has_channels else None
                 part = apply_gain(gain, grad_of(out), n_in, src_stats.axis)
-                if not isinstance(gain, Profiled) and not _same_positions(self.graph, src, in_leaf, node, out_leaf, src_stats, out):
+                if not sets_profile(gain) and not _same_positions(self.graph, src, in_leaf, node, out_leaf, src_stats, out):
                     part.prof = None
                 at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
                 if at_max and src in self.roots:

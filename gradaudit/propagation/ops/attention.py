@@ -225,10 +225,18 @@ def sdpa(ctx: Ctx) -> Effect:
         out = make_stats(float(st["out_mean"].mean()), float(st["out_m2"].mean()), pos, float(st["out_cov"].mean()))
     gains = [
         (q.name, 0, 0, _head_gain(_ONLY_TOTAL, st["mat_q"], ax(sq, mq))),
-        (k.name, 0, 0, _head_gain(_ONLY_TOTAL, st["mat_k"], ax(sk, mk))),
-        (v.name, 0, 0, channels.Tri(st["tri_v"], axis=ax(sv, mv)) if ax(sv, mv) is not None else channels.Tri(st["tri_v"])),
+        (k.name, 0, 0, _keys(_head_gain(_ONLY_TOTAL, st["mat_k"], ax(sk, mk)), causal)),
+        (v.name, 0, 0, _keys(channels.Tri(st["tri_v"], axis=ax(sv, mv)) if ax(sv, mv) is not None else channels.Tri(st["tri_v"]), causal)),
     ]
     return Effect([out], gains, info={"attention": _public(st), "scale": scale, "head_dim": d})
+
+
+def _keys(gain: Any, causal: bool) -> Any:
+    """The gain into keys or values: each key collects the gradient of every query that
+    reads it, so whatever profile the queries' gradient had over positions (a class
+    token's head reads one query), the keys' is flat. Under a causal mask key t is read
+    by the queries after it only: the profile is left as it was (unresolved)."""
+    return gain if causal else channels.Flat(gain)
 
 
 def _head_gain(tri: torch.Tensor, mat: torch.Tensor, axis: int | None) -> Any:
@@ -281,8 +289,8 @@ def multihead_attention(ctx: Ctx) -> Effect:
     w2 = [wi * wi for wi in ws]
     gains = [
         (q_ref.name, 0, 0, channels.Tri(_ONLY_TOTAL, axis=feat, mat=m_o @ st["mat_q"] @ w2[0])),
-        (k_ref.name, 0, 0, channels.Tri(_ONLY_TOTAL, axis=feat, mat=m_o @ st["mat_k"] @ w2[1])),
-        (v_ref.name, 0, 0, channels.Tri(st["tri_v"], axis=feat, mat=m_o @ w2[2])),
+        (k_ref.name, 0, 0, _keys(channels.Tri(_ONLY_TOTAL, axis=feat, mat=m_o @ st["mat_k"] @ w2[1]), causal)),
+        (v_ref.name, 0, 0, _keys(channels.Tri(st["tri_v"], axis=feat, mat=m_o @ w2[2]), causal)),
     ]
     outs: list[Stats | None] = [out]
     if len(ctx.node.outputs) > 1:

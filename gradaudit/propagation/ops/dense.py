@@ -100,6 +100,8 @@ def linear(ctx: Ctx) -> Effect:
         wd = w.double()
         w2_fwd = wd * wd.sum(1, keepdim=True)
     out = dense_stats(x, in_axis, w2_fwd, w, bias, len(ctx.out_meta.shape) - 1, pos=pos)
+    if pos is not None and pos == x.pos:  # the same map at every position: relative variances stay
+        out.prof = x.prof
     var_in = x.channels(in_axis, w.shape[1])[1]
     out.row_spread = rows.dense(weight, bias, var_in, out.ch_mean)
     centred = cache(lambda: rows.centred(weight).pow(2))

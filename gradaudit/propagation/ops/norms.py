@@ -191,15 +191,48 @@ def layer_norm(ctx: Ctx) -> Effect:
         dof = _dof(var_c, d)
     _, inv = _sample_variance([(e_s2, dof)], eps)
     cov = cov_c / (e_s2 + eps) if cov_c is not None else None
-    effect = _normalized(ref, axis, gamma, beta, d / math.sqrt(e_s2 + eps), (var_c + d * d) / (e_s2 + eps), None, None, cov, x.pos)
+    xhat_mean, xhat_m2 = d / math.sqrt(e_s2 + eps), (var_c + d * d) / (e_s2 + eps)
+    per_pos = _position_variances(x, meta, axis, float(var_c.sum() / n), float((d * d).sum() / n))
+    pos_k = None
+    if per_pos is not None:
+        rel, e_p = per_pos
+        _, inv_p = _sample_variance([(e_p, dof)], eps)
+        pos_k = inv_p / inv
+        xhat_mean = d * float((e_p + eps).rsqrt().mean())
+        xhat_m2 = var_c * float((rel / (e_p + eps)).mean()) + d * d * float((1.0 / (e_p + eps)).mean())
+    effect = _normalized(ref, axis, gamma, beta, xhat_mean, xhat_m2, None, None, cov, x.pos)
     g2, gb = gamma * gamma, gamma * beta
     # Var of the output rows' mean square: x_hat is on a sphere (sum x_hat^2 = n, and
     # sum x_hat = 0 unless RMS), so only gamma's and beta's spread make it random
     row_var = (2 * float((g2 * g2).sum()) - 2 * float(g2.sum()) ** 2 / n + 4 * float((gb * gb).sum()) - 4 * float(gb.sum()) ** 2 / n) / n**2
     effect.out[0].row_var = max(row_var, 0.0) if n == c else None
-    gain = channels.RowNorm(gamma, float(inv), float(n), rms, float((beta * beta).mean()), axis=axis)
+    sizes = tuple(meta.shape[a] for a in x.pos) if pos_k is not None else ()
+    gain = channels.RowNorm(gamma, float(inv), float(n), rms, float((beta * beta).mean()), axis=axis, pos_k=pos_k, pos_sizes=sizes)
     effect.gains = [(ref.name, 0, 0, gain)]
     return effect
+
+
+#: Position profiles are resolved position by position up to this many positions.
+MAX_PROFILE_POSITIONS = 1 << 20
+
+
+def _position_variances(x: Stats, meta, axis: int, var: float, dev: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a row normalization of an input whose variance differs between positions
+    (``Stats.prof``: a class token beside patch tokens, border pixels): the relative
+    variance per position (flattened over the position axes) and the rows' expected
+    mean square there, var * rel_p + dev (``dev``: the channel means' spread, the same at
+    every position). None when the positions are alike or not tracked.
+
+    Each position is divided by its own sigma_p, so the backward gain there is
+    E[1 / (sigma_p^2 + eps)] (:func:`_sample_variance` per position): a position whose
+    rows are 5x smaller passes a 5x larger gradient power."""
+    if x.prof is None or x.pos is None or axis in x.pos:
+        return None
+    sizes = [meta.shape[a] for a in x.pos]
+    if math.prod(sizes) > MAX_PROFILE_POSITIONS:
+        return None
+    rel = channels.outer_profile(x.prof, sizes)
+    return rel, var * rel + dev
 
 
 def _dof(var: torch.Tensor, shift: torch.Tensor) -> float:
