@@ -234,9 +234,14 @@ class Stats:
     - ``gx``: E[g_i g_j] for i, j in different samples (a gradient part shared by the
       whole batch; negative after a batch normalization removed the batch mean).
 
-    Each has a per-channel vector (``ch_cov``, ``ch_gs``, ``ch_gx``) when channels are
-    tracked. Activations of different samples are independent (up to their mean), so no
-    cross-sample activation covariance is needed.
+    - ``xcov``: Cov(x_i, x_j) for i, j in different samples of one batch -- a part shared
+      by the whole batch. Independent inputs have none; a batch normalization creates a
+      negative one (each channel's batch sums to 0), which the ReLUs, convolutions and
+      residual sums after it carry to the next batch normalization, whose batch mean
+      then varies less than independent values' would (E[s^2] = var - Var(batch mean)).
+
+    Each has a per-channel vector (``ch_cov``, ``ch_gs``, ``ch_gx``, ``ch_xcov``) when
+    channels are tracked.
 
     Rows (the values along the channel axis at one position, what a LayerNorm
     normalises): ``row_var`` is the variance of a row's mean square (None: that of
@@ -276,6 +281,8 @@ class Stats:
     ch_gs: Any = None
     gx: float = 0.0
     ch_gx: Any = None
+    xcov: float = 0.0
+    ch_xcov: Any = None
     positive: bool = False
     row_var: float | None = None
     gdm: float = 0.0
@@ -287,19 +294,22 @@ class Stats:
     row_spread: Any = None
 
     @classmethod
-    def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None) -> "Stats":
+    def per_channel(cls, axis: int, mean, m2, cov=None, pos: tuple[int, ...] | None = None, xcov=None) -> "Stats":
         """Stats from per-channel mean, second-moment (and coherent covariance) vectors
-        (torch float64). The covariance is kept within [-var, var] (negative after a
+        (torch float64). The covariances are kept within [-var, var] (negative after a
         normalization removed a batch or group mean)."""
         import torch
 
         sq = mean * mean
         m2 = m2.maximum(sq)
         s = cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2, pos=pos)
+        var = m2 - sq
         if cov is not None and pos is not None:
-            var = m2 - sq
             cov = torch.minimum(cov.maximum(-var), var)
             s.ch_cov, s.cov = cov, float(cov.mean())
+        if xcov is not None:
+            xcov = torch.minimum(xcov.maximum(-var), var)
+            s.ch_xcov, s.xcov = xcov, float(xcov.mean())
         return s
 
     def spread(self) -> float | None:
@@ -333,13 +343,21 @@ class Stats:
             return self.ch_cov
         return torch.full((n,), self.cov, dtype=torch.float64)
 
+    def cross(self, axis: int | None, n: int):
+        """The cross-sample covariance as a vector over ``n`` channels on ``axis``."""
+        import torch
+
+        if self.ch_xcov is not None and self.has_channels and self.axis == axis and self.ch_xcov.numel() == n:
+            return self.ch_xcov
+        return torch.full((n,), self.xcov, dtype=torch.float64)
+
     def scalar(self) -> "Stats":
-        """The same statistics without channel detail (the coherent covariance kept).
+        """The same statistics without channel detail (the coherent covariances kept).
 
         The mean's spread over channels becomes variance; it is shared by every
         position of a sample, so it is coherent too."""
         cov = self.cov + (self.mean_spread if self.pos is not None else 0.0)
-        return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated, pos=self.pos, cov=cov, positive=self.positive)
+        return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated, pos=self.pos, cov=cov, positive=self.positive, xcov=self.xcov)
 
     @property
     def mean_spread(self) -> float:

@@ -139,6 +139,34 @@ def test_batchnorm_over_small_groups_and_depthwise_kernels():
     assert_agrees(SmallMaps(), (torch.randn(2, 3, 4, 4),))
 
 
+class BatchNormChain(nn.Module):
+    """1x1 convolution -> BatchNorm -> ReLU, 16 times, on 2x2 maps of 2 samples (ResNet's
+    last stage fed 64x64 images), with or without the residual sum. Each BatchNorm
+    makes its channels' batch sums 0; the next one's batch mean then varies less than
+    independent values' would, so its variance is larger and its backward gain smaller
+    (``Stats.xcov``). Without it the gradient came out 0.16 decades high at p90 (0.24 with
+    the residual sums)."""
+
+    def __init__(self, residual: bool, layers: int = 16, c: int = 256) -> None:
+        super().__init__()
+        self.residual = residual
+        self.convs = nn.ModuleList([nn.Conv2d(c, c, 1, bias=False) for _ in range(layers)])
+        self.norms = nn.ModuleList([nn.BatchNorm2d(c) for _ in range(layers)])
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            y = norm(conv(x))
+            x = torch.relu(y + x) if self.residual else torch.relu(y)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_batchnorm_behind_batchnorm_on_2x2_maps(residual):
+    torch.manual_seed(0)
+    assert_agrees(BatchNormChain(residual), (torch.randn(2, 256, 2, 2),), draws=8)
+
+
 # --------------------------------------------------------------------------- squeeze-and-excitation
 class SE(nn.Module):
     """x * sigmoid(W2 silu(W1 mean(x))): a gate per sample and channel (Hu et al. 2018)."""

@@ -29,10 +29,11 @@ independent draw. Layers that are deep copies of one layer start with the same w
 the same Jacobian then repeats block after block, its leading directions compound, and
 in a 24-block Post-LN stack the gradient near the input is predicted up to 2 decades
 below the measured one (Pre-LN: 0.3 decades at p90). BatchNorm over small groups
-overestimates the gradient's growth toward the input, block after block: about 0.009
-decades per block over 128 values (8x8 maps of 2 samples; 0.5 decades at the stem of
-64 blocks) and 0.03-0.05 per block over 8 (2x2 maps of 2 samples: the last stage of
-RegNet-400MF and ResNet-50 fed 64x64 images, 0.4-0.65 decades at their stems).
+overestimates the gradient's growth toward the input, block after block: 0.38 decades
+at p90 over 64 blocks on 8x8 maps of 2 samples, and about 0.03 per bottleneck block over
+8 values (2x2 maps of 2 samples: the last stage of RegNet-400MF and ResNet-50 fed 64x64
+images), where the part of the batch mean that the earlier BatchNorms removed
+(``Stats.xcov``) is only partly followed through the ReLUs and residual sums.
 Positions are described by one profile per position axis (``Stats.prof``: a class
 token's small stream beside the patch tokens, the gradient that a head on token 0
 puts there); what reaches two positions from one source (one gradient read at two
@@ -191,7 +192,7 @@ class Engine:
         self.estimates: list[Estimate] = []
         # root -> (E[phi'^2], E[phi'_i phi'_j] same sample, E[phi']^2) of its lone member
         self.single_d2: dict[str, tuple] = {}
-        self._rho_cache: dict[str, torch.Tensor | None] = {}
+        self._rho_cache: dict[tuple[str, bool], torch.Tensor | None] = {}
         # root -> (channel -> distinct law index or None, the laws' means, variances)
         self._inv: dict[str, tuple] = {}
         self._moment_cache: dict[tuple, tuple[float, float] | None] = {}
@@ -446,10 +447,11 @@ class Engine:
         rs = self.leaf_stats(root)
         mean, m2 = self._cols(root, _expect(w, y)), self._cols(root, _expect(w, _square(y)))
         cov = self._coherent(root, mean, m2, y)
+        xcov = self._coherent(root, mean, m2, y, cross=True)
         if y.dim() == 2:
-            out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos)
+            out = Stats.per_channel(rs.axis, mean, m2, cov, rs.pos, xcov)
         else:
-            out = make_stats(float(mean), float(m2))
+            out = make_stats(float(mean), float(m2), xcov=float(xcov) if xcov is not None else 0.0)
             if cov is not None:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
@@ -459,49 +461,56 @@ class Engine:
         out.prof = _elementwise_profile(rs, out) if out.pos == rs.pos else None
         self.stats[node.name] = [out]
 
-    def _rho(self, root: str) -> torch.Tensor | None:
-        """The root's coherent correlation cov / var (a vector with channels), or None
-        when it has no coherent part."""
-        if root not in self._rho_cache:
-            self._rho_cache[root] = self._compute_rho(root)
-        return self._rho_cache[root]
+    def _rho(self, root: str, cross: bool = False) -> torch.Tensor | None:
+        """The root's coherent correlation cov / var (``cross``: across samples, xcov /
+        var; a vector with channels), or None when it has no such part."""
+        key = (root, cross)
+        if key not in self._rho_cache:
+            self._rho_cache[key] = self._compute_rho(root, cross)
+        return self._rho_cache[key]
 
-    def _compute_rho(self, root: str) -> torch.Tensor | None:
+    def _compute_rho(self, root: str, cross: bool) -> torch.Tensor | None:
         rs = self.leaf_stats(root)
-        if rs.pos is None or _skewed(rs):
+        if (rs.pos is None and not cross) or _skewed(rs):
             return None
         if rs.has_channels:
             _, var = rs.channels(rs.axis, rs.ch_mean.numel())
-            cov = rs.coherent(rs.axis, var.numel())
+            cov = rs.cross(rs.axis, var.numel()) if cross else rs.coherent(rs.axis, var.numel())
         else:
-            var, cov = torch.tensor(rs.var, dtype=torch.float64), torch.tensor(rs.cov, dtype=torch.float64)
+            var = torch.tensor(rs.var, dtype=torch.float64)
+            cov = torch.tensor(rs.xcov if cross else rs.cov, dtype=torch.float64)
         if not bool((cov != 0).any()):
             return None
         return torch.where(var > 0, cov / var.clamp_min(1e-300), torch.zeros_like(var)).clamp(-1.0, 1.0)
 
-    def _coherent(self, root: str, mean, m2, y: torch.Tensor):
-        """Cov(f(x_i), f(x_j)) of a fused value y = f(root) (Mehler), or None."""
+    def _coherent(self, root: str, mean, m2, y: torch.Tensor, cross: bool = False):
+        """Cov(f(x_i), f(x_j)) of a fused value y = f(root) (Mehler) for two positions of a
+        sample (``cross``: two samples), or None."""
         rs = self.leaf_stats(root)
-        if rs.pos is None:
+        if rs.pos is None and not cross:
             return None
-        rho = self._rho(root)
+        rho = self._rho(root, cross)
         if rho is None:
-            return torch.zeros_like(mean)
+            return None if cross else torch.zeros_like(mean)
         if _weak(rho):  # first order of Mehler's series: a_1^2 rho
             return self._cols(root, hermite_coefficients(y, y.dim() == 2, 1)[1]) ** 2 * rho
         coef = self._cols(root, hermite_coefficients(y, y.dim() == 2))
         return coherent_moment(coef, (m2 - mean * mean).clamp_min(0.0), rho)
 
     def _derivative_moments(self, root: str, w: torch.Tensor, d: torch.Tensor) -> tuple:
-        """(E[d^2], E[d_i d_j] for two positions of a sample, E[d]^2) of a derivative d on
-        the root's nodes: the gains of a gradient's total, coherent and batch-shared parts."""
+        """(E[d^2], E[d_i d_j] for two positions of a sample, for two samples) of a
+        derivative d on the root's nodes: the gains of a gradient's total, coherent and
+        batch-shared parts (E[d]^2 when the root's values are not correlated there)."""
         d2 = self._cols(root, _expect(w, _square(d)))
         d1 = self._cols(root, _expect(w, d))
-        rho = self._rho(root)
-        if rho is None or _weak(rho):  # the derivative's own coherence is second order then
-            return d2, d1 * d1, d1 * d1
-        coef = self._cols(root, hermite_coefficients(d, d.dim() == 2))
-        return d2, d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho), d1 * d1
+        out, coef = [d2, d1 * d1, d1 * d1], None
+        for k, rho in ((1, self._rho(root)), (2, self._rho(root, cross=True))):
+            if rho is None or _weak(rho):  # the derivative's own coherence is second order then
+                continue
+            if coef is None:
+                coef = self._cols(root, hermite_coefficients(d, d.dim() == 2))
+            out[k] = d1 * d1 + coherent_moment(coef, (d2 - d1 * d1).clamp_min(0.0), rho)
+        return tuple(out)
 
     def _value_alignment(self, root: str, w: torch.Tensor, d: torch.Tensor, x: torch.Tensor):
         """E[d x]^2 - E[x]^2 E[d]^2 for the root's values x and a derivative d on its
@@ -732,7 +741,7 @@ def _store_grad(s: Stats, total: Grad) -> None:
 def _copy(s: Stats) -> Stats:
     return Stats(
         mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2, pos=s.pos, cov=s.cov, ch_cov=s.ch_cov,
-        positive=s.positive, row_var=s.row_var, prof=s.prof, row_spread=s.row_spread,
+        xcov=s.xcov, ch_xcov=s.ch_xcov, positive=s.positive, row_var=s.row_var, prof=s.prof, row_spread=s.row_spread,
     )
 
 

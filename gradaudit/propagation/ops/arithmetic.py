@@ -162,6 +162,7 @@ def add(ctx: Ctx) -> Effect:
     mean = oa.mean + c * ob.mean
     m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
     out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
+    _set_cross(out, _cross(ctx, a, axis, oa) + c * c * _cross(ctx, b, axis, ob))
     out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
     rows = _rows(ctx, axis, [(oa, 1.0, a), (ob, c * c, b)])
     if rows is not None:
@@ -175,6 +176,31 @@ def add(ctx: Ctx) -> Effect:
                 gain = channels.Aligned(gain, rows[1][k], w)
             gains.append((o.ref.name, 0, 0, gain))
     return Effect([out], gains)
+
+
+def _cross(ctx: Ctx, ref: Any, axis: int | None, o: _Operand) -> torch.Tensor:
+    """An operand's cross-sample covariance (``Stats.xcov``) per output channel (0 for
+    constants: the same value in every sample has no variance to share)."""
+    zero = torch.zeros_like(o.mean)
+    if not isinstance(ref, Ref) or ctx.const(ref) is not None:
+        return zero
+    s = ctx.stat(ref)
+    if s.xcov == 0.0 and s.ch_xcov is None:
+        return zero
+    if o.channelled:
+        return s.cross(s.axis, o.mean.numel())
+    return zero + (s.scalar().xcov if s.has_channels else s.xcov)
+
+
+def _set_cross(out: Stats, xcov: torch.Tensor) -> None:
+    if not bool((xcov != 0).any()):
+        return
+    if out.has_channels and xcov.numel() == out.ch_mean.numel():
+        var = (out.ch_m2 - out.ch_mean**2).clamp_min(0.0)
+        xcov = torch.minimum(xcov.maximum(-var), var)
+        out.ch_xcov, out.xcov = xcov, float(xcov.mean())
+    else:
+        out.xcov = min(max(float(xcov.mean()), -out.var), out.var)
 
 
 def _sum_profile(ctx: Ctx, pos: tuple | None, parts: list) -> tuple | None:

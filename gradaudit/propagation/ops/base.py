@@ -116,12 +116,14 @@ class Ctx:
         raise Unhandled("no tensor input")
 
 
-def make_stats(mean: float, m2: float, pos: tuple[int, ...] | None = None, cov: float = 0.0) -> Stats:
+def make_stats(mean: float, m2: float, pos: tuple[int, ...] | None = None, cov: float = 0.0, xcov: float = 0.0) -> Stats:
     """Statistics of mean ``mean`` and second moment ``m2`` (at least mean^2); with position
-    axes ``pos``, the covariance ``cov`` shared by the positions, clipped to [-var, var]."""
+    axes ``pos``, the covariance ``cov`` shared by the positions; ``xcov`` shared by the
+    samples; both clipped to [-var, var]."""
     s = Stats(mean=float(mean), m2=max(float(m2), float(mean) ** 2))
     if pos is not None:
         s.pos, s.cov = pos, min(max(float(cov), -s.var), s.var)
+    s.xcov = min(max(float(xcov), -s.var), s.var)
     return s
 
 

@@ -38,6 +38,9 @@ def dense_stats(
         Var[y_c] = sum_c' W2_cc' (v_c' - s_c') + sum_c' Pow_cc' s_c',  s_out = C s
     """
     mean_in, var_in = x.channels(in_axis, w2.shape[1])
+    xcov = None
+    if x.xcov != 0.0 and not chunked.pair(wsum, w2):
+        xcov = ((coherent if coherent is not None else w2) @ x.cross(in_axis, w2.shape[1])) * (coherent_scale if coherent is not None else scale)
     if chunked.pair(wsum, w2) and power is None and coherent is None:  # one pass over a big weight
         cov_in = x.coherent(in_axis, w2.shape[1]) if pos is not None and x.pos is not None else None
         columns = torch.stack([var_in.double()] + ([cov_in.double()] if cov_in is not None else []), 1)
@@ -62,7 +65,7 @@ def dense_stats(
             var = (w2 @ (var_in - cov_in) + power @ cov_in) * scale
     else:
         var = (w2 @ var_in) * scale
-    return Stats.per_channel(out_axis, mean, var + mean * mean, cov_out, pos)
+    return Stats.per_channel(out_axis, mean, var + mean * mean, cov_out, pos, xcov)
 
 
 def _dense_forward(x: Stats, weight: torch.Tensor, bias: torch.Tensor | None) -> Stats:
@@ -327,7 +330,8 @@ def conv(ctx: Ctx) -> Effect:
         # see different taps, only that much stays shared by them
         shared = float((taps * taps).sum() / taps.sum())
         cov = (w2 @ x.coherent(axis_in, c_in)) * (shared / n_y**2) if x.pos is not None else None
-        out = with_spread(Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos))
+        xcov = (w2 @ x.cross(axis_in, c_in)) * (shared / n_y**2) if x.xcov != 0.0 else None
+        out = with_spread(Stats.per_channel(axis_out, mean, (w2 @ var_in) / n_y + m2_mean, cov, pos, xcov))
         out.prof = prof_out
         gain = channels.Split(fluct, channels.Mat(w2, axis=axis_in, scale=shared / n_x**2), fluct)
         return Effect([out], [(ref.name, 0, 0, wrap(gain))])
@@ -342,7 +346,8 @@ def conv(ctx: Ctx) -> Effect:
         var = (w2 @ (var_in - cov_in) + power_y @ cov_in) / n_y
     else:
         var = (w2 @ var_in) / n_y
-    out = with_spread(Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos))
+    xcov = (wsum2 @ x.cross(axis_in, c_in)) / n_y**2 if x.xcov != 0.0 else None
+    out = with_spread(Stats.per_channel(axis_out, mean, var + m2_mean, cov, pos, xcov))
     out.prof = prof_out
     gain = channels.Split(fluct, channels.Mat(wsum2, axis=axis_in, scale=1.0 / n_x**2), channels.Mat(power_x, axis=axis_in, scale=1.0 / n_x))
     return Effect([out], [(ref.name, 0, 0, wrap(gain))])

@@ -28,15 +28,17 @@ def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None =
     if axis is None or not s.has_channels:
         base = s.scalar() if s.has_channels else s
         cov = base.cov + cov_to * (base.var - base.cov) if pos is not None else 0.0
-        return make_stats(s.mean, s.m2, pos, cov)
+        return make_stats(s.mean, s.m2, pos, cov, base.xcov)
     mean, m2 = s.ch_mean, s.ch_m2
     cov = s.coherent(s.axis, mean.numel()) if pos is not None else None
+    xcov = s.cross(s.axis, mean.numel()) if s.ch_xcov is not None else None
     if cov is not None and cov_to:
         cov = cov + cov_to * ((m2 - mean * mean).clamp_min(0.0) - cov)
     if r != 1:
         mean, m2 = mean.repeat_interleave(r), m2.repeat_interleave(r)
         cov = cov.repeat_interleave(r) if cov is not None else None
-    return Stats.per_channel(axis, mean, m2, cov, pos)
+        xcov = xcov.repeat_interleave(r) if xcov is not None else None
+    return Stats.per_channel(axis, mean, m2, cov, pos, xcov)
 
 
 _SAME_LAYOUT = frozenset({"identity", "contiguous", "clone", "to", "alias", "cpu", "cuda", "flip", "roll", "narrow"})

@@ -23,7 +23,7 @@ def _affine(weight, bias, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return g, b
 
 
-def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None, excess=None) -> Effect:
+def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, tri, cov=None, pos=None, prof=None, excess=None, xcov=None) -> Effect:
     """y = gamma * x_hat + beta per channel, and its backward.
 
     Backward (Ioffe & Szegedy 2015): dL/dx = gamma / sigma * P(dL/dy), where P projects
@@ -36,7 +36,7 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     """
     mean = gamma * xhat_mean + beta
     m2 = gamma * gamma * xhat_m2 + 2 * gamma * beta * xhat_mean + beta * beta
-    out = Stats.per_channel(axis, mean, m2, None if cov is None else gamma * gamma * cov, pos)
+    out = Stats.per_channel(axis, mean, m2, None if cov is None else gamma * gamma * cov, pos, None if xcov is None else gamma * gamma * xcov)
     out.prof = prof  # every position is divided by the same sigma
     gains = [] if tri is None else [(ref.name, 0, 0, channels.Tri(tri, gamma * gamma * inv_var, axis=axis, excess=excess))]
     return Effect([out], gains)
@@ -99,13 +99,17 @@ def batch_norm(ctx: Ctx) -> Effect:
     """BatchNorm in training mode: each channel normalised over batch and positions.
 
     A channel's n values are b samples of p positions: x = mu + a_sample + e with
-    Var(a) = s (the coherent part) and Var(e) = f = v - s. The batch variance is
-    within-sample f chi^2_{b(p-1)} / n plus between-sample (s + f/p) chi^2_{b-1} / b,
-    so E[s^2] = f (p - 1)/p + (s + f/p)(b - 1)/b (:func:`_sample_variance`); the batch
-    mean has variance V = (s + f/p) / b, and x_hat's correlations are rho_s = (s - V) /
-    E[s^2] within a sample and rho_x = -V / E[s^2] across samples. The backward is
-    :func:`_normalized` with :func:`_projection`. With s = 0 and n large this is the
-    classic gamma^2 / Var (n - 2) / n.
+    Var(a) = s (the coherent part) and Var(e) = f = v - s; two samples' values share
+    the covariance c (``Stats.xcov``: negative behind an earlier batch normalization,
+    whose batch sums were 0). A sample's mean has variance s + f/p and covariance c with
+    another's, so the batch variance is within-sample f chi^2_{b(p-1)} / n plus
+    between-sample (s + f/p - c) chi^2_{b-1} / b: E[s^2] = f (p - 1)/p + (s + f/p -
+    c)(b - 1)/b (:func:`_sample_variance`; equivalently v - Var(batch mean)). The batch
+    mean has variance V = (s + f/p) / b + c (b - 1) / b, and x_hat's correlations are
+    rho_s = (s - V) / E[s^2] within a sample and rho_x = (c - V) / E[s^2] across samples
+    (the output's coherent and cross-sample covariances). The backward is
+    :func:`_normalized` with :func:`_projection`. With s = c = 0 and n large this is
+    the classic gamma^2 / Var (n - 2) / n.
     """
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
@@ -126,10 +130,11 @@ def batch_norm(ctx: Ctx) -> Effect:
     s = x.coherent(axis, c).maximum(-var / (p - 1)).minimum(var) if p > 1 else torch.zeros_like(var)
     f = var - s
     between = s + f / p
-    e_s2, inv = _sample_variance([(f * (p - 1) / p, b * (p - 1)), (between * (b - 1) / b, b - 1)], eps)
-    v_mean = between / b
+    cross = x.cross(axis, c).maximum(-between / max(b - 1, 1)).minimum(between) if b > 1 else torch.zeros_like(var)
+    e_s2, inv = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps)
+    v_mean = between / b + cross * (b - 1) / b
     rho_s = (s - v_mean) / e_s2
-    rho_x = -v_mean / e_s2
+    rho_x = (cross - v_mean) / e_s2
     gamma, beta = _affine(weight, bias, c)
     zero = torch.zeros(c, dtype=torch.float64)
     out_pos = pos if p > 1 else (pos if pos is not None else None)
@@ -138,7 +143,8 @@ def batch_norm(ctx: Ctx) -> Effect:
     # a ReLU after the norm makes the gradient follow x_hat (its mask): with a gradient
     # shared by positions, mean(g x_hat) no longer averages out
     excess = (n, p, (gamma * gamma).clamp_min(1e-12), rho_s, rho_x)
-    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, x.prof if x.pos == out_pos else None, excess)
+    prof = x.prof if x.pos == out_pos else None
+    return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, prof, excess, (cross - v_mean) / (e_s2 + eps))
 
 
 @handles("layer_norm", "rms_norm")

@@ -47,6 +47,19 @@ def _pool_channels(ctx: Ctx, ref: Ref) -> tuple[Stats, torch.Tensor, torch.Tenso
     return x, mean, var, cov, axis, out_pos
 
 
+def _keep_cross(out: Stats, x: Stats, axis: int, n: int) -> None:
+    """A part shared by the whole batch shifts every window alike: a pooled value keeps
+    the input's cross-sample covariance (``Stats.xcov``)."""
+    if x.xcov == 0.0:
+        return
+    var = (out.ch_m2 - out.ch_mean**2).clamp_min(0.0) if out.has_channels else None
+    if var is not None:
+        xcov = torch.minimum(x.cross(axis, n).maximum(-var), var)
+        out.ch_xcov, out.xcov = xcov, float(xcov.mean())
+    else:
+        out.xcov = min(max(x.xcov, -out.var), out.var)
+
+
 def pooled_gradient(r: float, k: float, p_in: int) -> torch.Tensor:
     """(g, s, x) map of a pooling backward: each input is in r k windows and receives
     dL/dy / k from each (r = numel(out) / numel(in); r k = 1 without overlap). Windows'
@@ -89,6 +102,7 @@ def max_pool(ctx: Ctx) -> Effect:
         m = mean + sd * em
         out = Stats.per_channel(axis, m, m * m + cov + (var - cov) * (em2 - em * em), cov, pos)
     out.row_spread = rows.kept_if_equal(x, axis)
+    _keep_cross(out, x, axis, ctx.meta(ref).shape[axis])
     r = numel_ratio(ctx.out_meta, ctx.meta(ref))
     at_max = channels.AtMax(r, k, axis=axis)
     return Effect([out], [(ref.name, 0, 0, channels.Split(at_max, channels.Diag(r * r, axis=axis), at_max))])
@@ -113,5 +127,6 @@ def avg_pool(ctx: Ctx) -> Effect:
     p_in = in_meta.numel // (in_meta.shape[0] * in_meta.shape[axis]) if len(in_meta.shape) > 2 else 1
     out = Stats.per_channel(axis, mean, mean * mean + cov + (var - cov) / k, cov if pos is not None else None, pos)
     out.row_spread = rows.kept_if_equal(x, axis)
+    _keep_cross(out, x, axis, in_meta.shape[axis])
     tri = pooled_gradient(numel_ratio(ctx.out_meta, in_meta), k, p_in)
     return Effect([out], [(ref.name, 0, 0, channels.Tri(tri, axis=axis, rows_kept=True))])

@@ -55,7 +55,8 @@ def _reduced(ctx: Ctx, ref: Ref, total: bool) -> Effect:
         if kind == "positions":
             p_in = position_count(in_meta, x.pos)
             out_cov = cov if pos is not None else None
-            out = Stats.per_channel(axis, scale * mu, scale * scale * (mu * mu + cov + (var - cov) / n), None if out_cov is None else scale * scale * out_cov, pos)
+            xcov = scale * scale * x.cross(x.axis, mu.numel()) if x.xcov != 0.0 else None
+            out = Stats.per_channel(axis, scale * mu, scale * scale * (mu * mu + cov + (var - cov) / n), None if out_cov is None else scale * scale * out_cov, pos, xcov)
             out.positive = x.positive
             return Effect([out], [(ref.name, 0, 0, channels.Tri(pooled_gradient(1.0 / n, n, p_in) * scale * scale))])
         out = Stats.per_channel(axis, scale * mu, scale * scale * (mu * mu + var / n))
@@ -69,7 +70,7 @@ def _reduced(ctx: Ctx, ref: Ref, total: bool) -> Effect:
         out = make_stats(scale * x.mean, scale * scale * (x.mean**2 + v / n), pos, scale * scale * cov)
     elif kind == "positions":
         cov = min(max(base.cov, -base.var), base.var)
-        out = make_stats(scale * x.mean, scale * scale * (x.mean**2 + cov + (base.var - cov) / n), pos, scale * scale * cov)
+        out = make_stats(scale * x.mean, scale * scale * (x.mean**2 + cov + (base.var - cov) / n), pos, scale * scale * cov, scale * scale * base.xcov)
         out.positive = x.positive
         return Effect([out], [(ref.name, 0, 0, channels.Tri(pooled_gradient(1.0 / n, n, position_count(in_meta, x.pos)) * scale * scale))])
     else:
