@@ -283,6 +283,10 @@ class Stats:
     ch_gx: Any = None
     xcov: float = 0.0
     ch_xcov: Any = None
+    #: third central moment E[(x - mu)^3] (``ch_k3`` per channel): a ReLU's output is
+    #: skewed, and so is a residual sum that adds one to a Gaussian branch
+    k3: float = 0.0
+    ch_k3: Any = None
     positive: bool = False
     row_var: float | None = None
     gdm: float = 0.0
@@ -343,6 +347,14 @@ class Stats:
             return self.ch_cov
         return torch.full((n,), self.cov, dtype=torch.float64)
 
+    def third(self, axis: int | None, n: int):
+        """The third central moment as a vector over ``n`` channels on ``axis``."""
+        import torch
+
+        if self.ch_k3 is not None and self.has_channels and self.axis == axis and self.ch_k3.numel() == n:
+            return self.ch_k3
+        return torch.full((n,), self.k3, dtype=torch.float64)
+
     def cross(self, axis: int | None, n: int):
         """The cross-sample covariance as a vector over ``n`` channels on ``axis``."""
         import torch
@@ -358,6 +370,13 @@ class Stats:
         position of a sample, so it is coherent too."""
         cov = self.cov + (self.mean_spread if self.pos is not None else 0.0)
         return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated, pos=self.pos, cov=cov, positive=self.positive, xcov=self.xcov)
+
+    def set_third(self, k3) -> None:
+        """Set the third central moment (a per-channel vector when channels are tracked)."""
+        if self.has_channels and hasattr(k3, "numel") and k3.numel() == self.ch_mean.numel():
+            self.ch_k3, self.k3 = k3, float(k3.mean())
+        else:
+            self.k3 = float(k3.mean()) if hasattr(k3, "mean") else float(k3)
 
     @property
     def mean_spread(self) -> float:

@@ -62,6 +62,7 @@ from gradaudit.propagation.moments import (
     gaussian_points,
     hermite_coefficients,
     max_of_k_weights,
+    skewed_points,
 )
 
 #: Activation ops (the rules treat these as a network's nonlinearity).
@@ -361,6 +362,8 @@ class Engine:
             mean, var = self._distinct(root)
         if _skewed(rs):
             x, w = gamma_points(mean, var, True) if rs.has_channels else gamma_points(rs.mean, rs.var, False)
+        elif _asymmetric(rs):
+            x, w = skewed_points(*((mean, var, self._cols_k3(root)) if rs.has_channels else (rs.mean, rs.var, rs.k3)), rs.has_channels)
         elif rs.has_channels:
             x, w = channel_points(mean, var)
         else:
@@ -379,7 +382,7 @@ class Engine:
             rs = self.leaf_stats(root)
             mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
             inv = None
-            if DISTINCT_TOL > 0 and not any(self.graph[m].params for m in self.groups.get(root, [])):
+            if DISTINCT_TOL > 0 and not any(self.graph[m].params for m in self.groups.get(root, [])) and not _asymmetric(rs):
                 std = var.clamp_min(0.0).sqrt()
                 unit = DISTINCT_TOL * max(float((mean * mean + var).mean().sqrt()), 1e-300)
                 k1, k2 = torch.round(mean / unit), torch.round(std / unit)
@@ -398,6 +401,12 @@ class Engine:
                 self._inv[root] = (inv, mean_u, var_u)
         _, mean, var = self._inv[root]
         return mean, var
+
+    def _cols_k3(self, root: str) -> torch.Tensor:
+        """The third central moments of the root's columns (an asymmetric root shares none:
+        :meth:`_distinct`)."""
+        rs = self.leaf_stats(root)
+        return rs.third(rs.axis, rs.ch_mean.numel())
 
     def _cols(self, root: str, t):
         """A per-column result (last dim U) of :meth:`_points` spread to the C channels."""
@@ -445,7 +454,9 @@ class Engine:
                 self.single_d2[root] = (*self._derivative_moments(root, w, d), align)
         y = y.detach()
         rs = self.leaf_stats(root)
-        mean, m2 = self._cols(root, _expect(w, y)), self._cols(root, _expect(w, _square(y)))
+        mean_u = _expect(w, y)
+        mean, m2 = self._cols(root, mean_u), self._cols(root, _expect(w, _square(y)))
+        third = self._cols(root, _expect(w, (y.double() - mean_u) ** 3))
         cov = self._coherent(root, mean, m2, y)
         xcov = self._coherent(root, mean, m2, y, cross=True)
         if y.dim() == 2:
@@ -454,6 +465,7 @@ class Engine:
             out = make_stats(float(mean), float(m2), xcov=float(xcov) if xcov is not None else 0.0)
             if cov is not None:
                 out.pos, out.cov = rs.pos, min(max(float(cov), -out.var), out.var)
+        out.set_third(third)
         # a square, an abs, an exp: values >= 0 on every node are described as positive
         out.positive = out.var > 0 and bool((y >= 0).all())
         if not any(self.graph[m].params for m in self.groups[root]):  # the same function on every channel
@@ -704,6 +716,24 @@ def _weak(rho: torch.Tensor) -> bool:
     return float(rho.abs().max()) < 0.02
 
 
+#: Skewness |E[(x - mu)^3]| / sd^3 from which a root is integrated under a shifted Gamma
+#: with its skewness (:func:`~gradaudit.propagation.moments.skewed_points`).
+SKEW_MIN = 0.05
+
+
+def _asymmetric(s: Stats) -> bool:
+    """A value whose skewness is large enough to change what a function of it does (a
+    ReLU of a residual sum that adds a ReLU's output to a Gaussian branch: the Gaussian of
+    the same mean and variance puts 6-10% less variance through the ReLU)."""
+    if s.k3 == 0.0 and s.ch_k3 is None:
+        return False
+    if s.has_channels:
+        _, var = s.channels(s.axis, s.ch_mean.numel())
+        k3 = s.third(s.axis, var.numel())
+        return bool((k3.abs() > SKEW_MIN * var.clamp_min(1e-300) ** 1.5).any())
+    return abs(s.k3) > SKEW_MIN * max(s.var, 1e-300) ** 1.5
+
+
 def _skewed(s: Stats) -> bool:
     """A positive value whose Gaussian with the same moments would reach below 0 within
     the quadrature range (10 standard deviations): integrated under a Gamma instead."""
@@ -741,7 +771,7 @@ def _store_grad(s: Stats, total: Grad) -> None:
 def _copy(s: Stats) -> Stats:
     return Stats(
         mean=s.mean, m2=s.m2, axis=s.axis, ch_mean=s.ch_mean, ch_m2=s.ch_m2, pos=s.pos, cov=s.cov, ch_cov=s.ch_cov,
-        xcov=s.xcov, ch_xcov=s.ch_xcov, positive=s.positive, row_var=s.row_var, prof=s.prof, row_spread=s.row_spread,
+        xcov=s.xcov, ch_xcov=s.ch_xcov, k3=s.k3, ch_k3=s.ch_k3, positive=s.positive, row_var=s.row_var, prof=s.prof, row_spread=s.row_spread,
     )
 
 

@@ -162,7 +162,9 @@ def add(ctx: Ctx) -> Effect:
     mean = oa.mean + c * ob.mean
     m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
     out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
-    _set_cross(out, _cross(ctx, a, axis, oa) + c * c * _cross(ctx, b, axis, ob))
+    _set_cross(out, _cross(ctx, a, oa) + c * c * _cross(ctx, b, ob))
+    # third cumulants of independent terms add (a ReLU's output on the residual path)
+    out.set_third(_cross(ctx, a, oa, third=True) + c**3 * _cross(ctx, b, ob, third=True))
     out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
     rows = _rows(ctx, axis, [(oa, 1.0, a), (ob, c * c, b)])
     if rows is not None:
@@ -178,17 +180,21 @@ def add(ctx: Ctx) -> Effect:
     return Effect([out], gains)
 
 
-def _cross(ctx: Ctx, ref: Any, axis: int | None, o: _Operand) -> torch.Tensor:
-    """An operand's cross-sample covariance (``Stats.xcov``) per output channel (0 for
-    constants: the same value in every sample has no variance to share)."""
+def _cross(ctx: Ctx, ref: Any, o: _Operand, third: bool = False) -> torch.Tensor:
+    """An operand's cross-sample covariance (``Stats.xcov``; ``third``: its third central
+    moment) per output channel (0 for constants: the same value in every sample has no
+    variance to share). A broadcast operand (a per-sample gate) has no third moment here."""
     zero = torch.zeros_like(o.mean)
     if not isinstance(ref, Ref) or ctx.const(ref) is not None:
         return zero
     s = ctx.stat(ref)
-    if s.xcov == 0.0 and s.ch_xcov is None:
+    scalar, vector = (s.k3, s.ch_k3) if third else (s.xcov, s.ch_xcov)
+    if scalar == 0.0 and vector is None:
         return zero
-    if o.channelled:
-        return s.cross(s.axis, o.mean.numel())
+    if o.channelled and (not third or o.r == 1):
+        return s.third(s.axis, o.mean.numel()) if third else s.cross(s.axis, o.mean.numel())
+    if third:
+        return zero + (scalar if o.r == 1 else 0.0)
     return zero + (s.scalar().xcov if s.has_channels else s.xcov)
 
 

@@ -21,6 +21,18 @@ def copy_stats(s: Stats) -> Stats:
     return out
 
 
+def _keep_third(out: Stats, s: Stats, r: int = 1) -> None:
+    """The same values moved: the same third moments (channels repeated r times)."""
+    if s.k3 == 0.0 and s.ch_k3 is None:
+        return
+    if out.has_channels and s.ch_k3 is not None:
+        k3 = s.ch_k3.repeat_interleave(r) if r != 1 else s.ch_k3
+        if k3.numel() == out.ch_mean.numel():
+            out.set_third(k3)
+            return
+    out.k3 = s.k3
+
+
 def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None = None, cov_to: float = 0.0) -> Stats:
     """``s`` with its channels now on ``axis`` (each repeated r times) or scalar, its
     positions on ``pos``; ``cov_to`` in [0, 1] moves the coherent covariance that far
@@ -28,7 +40,9 @@ def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None =
     if axis is None or not s.has_channels:
         base = s.scalar() if s.has_channels else s
         cov = base.cov + cov_to * (base.var - base.cov) if pos is not None else 0.0
-        return make_stats(s.mean, s.m2, pos, cov, base.xcov)
+        out = make_stats(s.mean, s.m2, pos, cov, base.xcov)
+        out.k3 = s.k3
+        return out
     mean, m2 = s.ch_mean, s.ch_m2
     cov = s.coherent(s.axis, mean.numel()) if pos is not None else None
     xcov = s.cross(s.axis, mean.numel()) if s.ch_xcov is not None else None
@@ -38,7 +52,9 @@ def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None =
         mean, m2 = mean.repeat_interleave(r), m2.repeat_interleave(r)
         cov = cov.repeat_interleave(r) if cov is not None else None
         xcov = xcov.repeat_interleave(r) if xcov is not None else None
-    return Stats.per_channel(axis, mean, m2, cov, pos, xcov)
+    out = Stats.per_channel(axis, mean, m2, cov, pos, xcov)
+    _keep_third(out, s, r)
+    return out
 
 
 _SAME_LAYOUT = frozenset({"identity", "contiguous", "clone", "to", "alias", "cpu", "cuda", "flip", "roll", "narrow"})
