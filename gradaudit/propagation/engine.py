@@ -28,12 +28,12 @@ independent draw. Layers that are deep copies of one layer start with the same w
 (``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` clone the layer they are given):
 the same Jacobian then repeats block after block, its leading directions compound, and
 in a 24-block Post-LN stack the gradient near the input is predicted up to 2 decades
-below the measured one (Pre-LN: 0.3 decades at p90). BatchNorm over small groups
-overestimates the gradient's growth toward the input, block after block: 0.38 decades
-at p90 over 64 blocks on 8x8 maps of 2 samples, and about 0.03 per bottleneck block over
-8 values (2x2 maps of 2 samples: the last stage of RegNet-400MF and ResNet-50 fed 64x64
-images), where the part of the batch mean that the earlier BatchNorms removed
-(``Stats.xcov``) is only partly followed through the ReLUs and residual sums.
+below the measured one (Pre-LN: 0.3 decades at p90). Along a residual stream
+relu(x + branch) the ReLU's mask and the gradient that reaches it are taken as
+independent; a position where the stream is positive stays positive in the blocks after
+it, so its gradient went through open ReLUs more often than the average one: in 32
+blocks of relu(x + bn(conv(relu(bn(conv(x)))))) the gradient at the input comes out
+0.38 decades low (0.016 per block).
 Positions are described by one profile per position axis (``Stats.prof``: a class
 token's small stream beside the patch tokens, the gradient that a head on token 0
 puts there); what reaches two positions from one source (one gradient read at two

@@ -298,6 +298,42 @@ def gamma_points(mean: torch.Tensor | float, var: torch.Tensor | float, channels
     return (x.float() if channels else x), w
 
 
+#: Skewnesses at which the standardised shifted-Gamma nodes of :func:`skewed_points` are
+#: tabulated for per-channel roots (interpolated linearly between them, clamped at the ends).
+SKEW_GRID = (0.05, 4.0, 80)
+
+
+@lru_cache(maxsize=1)
+def _standard_skewed_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """(skewness grid (G,), nodes (N_CHANNEL_NODES, G)): Gamma quantile nodes of mean 0,
+    variance 1 and skewness g, on the weights of :func:`channel_points`. The Newton
+    solve of :func:`gamma_points` costs ~0.3 s for 256 x 500 nodes; tabulated once, a
+    root of any number of channels only interpolates."""
+    lo, hi, n = SKEW_GRID
+    g = torch.linspace(lo, hi, n, dtype=torch.float64)
+    k = 4.0 / (g * g)
+    nodes, _ = gamma_points(k.sqrt(), torch.ones_like(k), True)  # mean sqrt(k), variance 1
+    return g, (nodes.double() - k.sqrt()).float()
+
+
+def _skewed_channel_nodes(g: torch.Tensor) -> torch.Tensor:
+    """Standardised nodes (N, C) for per-channel skewnesses g >= 0 (table interpolation,
+    then re-standardised so each column's mean and variance are exactly 0 and 1)."""
+    grid, table = _standard_skewed_table()
+    gc = g.clamp(float(grid[0]), float(grid[-1]))
+    pos = (gc - grid[0]) / (grid[1] - grid[0])
+    i0 = pos.floor().long().clamp(0, grid.numel() - 2)
+    t = (pos - i0).float().unsqueeze(0)
+    lo = table[:, i0]
+    u = torch.addcmul(lo, table[:, i0 + 1] - lo, t)
+    _, w = _midpoint_grid(N_CHANNEL_NODES, Z_MAX_CHANNELS)
+    w32 = w.float()
+    m = w32 @ u
+    u = u - m
+    sd = (w32 @ (u * u)).sqrt()
+    return u / sd
+
+
 def skewed_points(mean, var, k3, channels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes for a value of the given mean, variance and third central moment k3 (per
     channel when ``channels``), on the weights of :func:`gaussian_points` (or
@@ -306,19 +342,24 @@ def skewed_points(mean, var, k3, channels: bool) -> tuple[torch.Tensor, torch.Te
     g < 0; the Gaussian nodes where |g| < 0.05. The sum of a Gaussian and a ReLU's output
     (a residual stream: relu(x + branch)) is skewed; a ReLU of it passes 6-10% more
     variance than the Gaussian of the same two moments would, which the shifted Gamma
-    reproduces to 1% (Pearson type III; Johnson, Kotz & Balakrishnan 1994, ch. 17)."""
+    reproduces to 1% (Pearson type III; Johnson, Kotz & Balakrishnan 1994, ch. 17).
+    Per channel the standardised nodes come from a table over g in [0.05, 4]
+    (:func:`_standard_skewed_table`; stronger skewness is clamped to 4)."""
     mean_t = torch.as_tensor(mean, dtype=torch.float64)
     var_t = torch.as_tensor(var, dtype=torch.float64).clamp_min(1e-300)
     g = torch.as_tensor(k3, dtype=torch.float64) / var_t**1.5
     sd = var_t.sqrt()
     skewed = g.abs() >= 0.05
-    gamma_mean = torch.where(skewed, 2 * sd / g.abs().clamp_min(1e-12), sd)
-    nodes, w = gamma_points(gamma_mean, var_t, channels)
-    nodes = nodes.double() if channels else nodes
-    flip = (g < 0).unsqueeze(0) if channels else (g < 0)
-    shape = nodes - gamma_mean  # centred Gamma nodes, ascending in z
-    mirrored = -shape.flip(0)  # node i: the quantile at Phi(z_i) of the mirrored law
-    shifted = mean_t + torch.where(flip, mirrored, shape)
-    plain, _ = channel_points(mean_t, var_t) if channels else gaussian_points(float(mean_t), float(var_t))
-    out = torch.where(skewed.unsqueeze(0) if channels else skewed, shifted, plain.double() if channels else plain)
-    return (out.float() if channels else out), w
+    if channels:
+        u = _skewed_channel_nodes(g.abs())
+        if bool((g < 0).any()):
+            u = torch.where((g < 0).unsqueeze(0), -u.flip(0), u)  # node i: the quantile at Phi(z_i)
+        plain, w = channel_points(mean_t, var_t)
+        out = torch.where(skewed.unsqueeze(0), mean_t.float() + sd.float() * u, plain)
+        return out, w
+    if not bool(skewed):
+        return gaussian_points(float(mean_t), float(var_t))
+    gamma_mean = 2 * sd / g.abs()
+    nodes, w = gamma_points(gamma_mean, var_t, False)
+    shape = nodes - gamma_mean
+    return mean_t + (-shape.flip(0) if bool(g < 0) else shape), w

@@ -21,16 +21,17 @@ def copy_stats(s: Stats) -> Stats:
     return out
 
 
-def _keep_third(out: Stats, s: Stats, r: int = 1) -> None:
-    """The same values moved: the same third moments (channels repeated r times)."""
+def _keep_third(out: Stats, s: Stats, r: int = 1, scale: float = 1.0) -> None:
+    """The same values moved: the same third moments (channels repeated r times; times
+    ``scale`` for a subset of positions whose variance is ``scale^(2/3)`` the average)."""
     if s.k3 == 0.0 and s.ch_k3 is None:
         return
     if out.has_channels and s.ch_k3 is not None:
         k3 = s.ch_k3.repeat_interleave(r) if r != 1 else s.ch_k3
         if k3.numel() == out.ch_mean.numel():
-            out.set_third(k3)
+            out.set_third(k3 * scale)
             return
-    out.k3 = s.k3
+    out.k3 = s.k3 * scale
 
 
 def _moved(s: Stats, axis: int | None, r: int = 1, pos: tuple[int, ...] | None = None, cov_to: float = 0.0) -> Stats:
@@ -324,11 +325,14 @@ def _indexed(ctx: Ctx, src: Ref, s: Stats, plan: list) -> Effect:
     if keep_channels:
         mean, var = s.channels(s.axis, s.ch_mean.numel())
         cov = s.coherent(s.axis, s.ch_mean.numel()) * factor if pos is not None else None
-        out = Stats.per_channel(out_axis[s.axis], mean, mean * mean + var * factor, cov, pos)
+        xcov = s.cross(s.axis, s.ch_mean.numel()) if s.ch_xcov is not None else None
+        out = Stats.per_channel(out_axis[s.axis], mean, mean * mean + var * factor, cov, pos, xcov)
+        _keep_third(out, s, scale=factor**1.5)
         inner: Any = channels.Diag(ratio)
     else:
         base = s.scalar() if s.has_channels else s
-        out = make_stats(base.mean, base.mean**2 + base.var * factor, pos, base.cov * factor)
+        out = make_stats(base.mean, base.mean**2 + base.var * factor, pos, base.cov * factor, base.xcov)
+        out.k3 = s.k3 * factor**1.5
         inner = ratio
     if pos is not None and new_prof and not all(bool(torch.allclose(v, torch.ones_like(v))) for v in new_prof):
         out.prof = tuple(new_prof)
