@@ -286,21 +286,29 @@ def gamma_points(mean: torch.Tensor | float, var: torch.Tensor | float, channels
     # lower tail: P(k, y) ~ y^k / Gamma(k + 1)
     tail = (torch.log(p.clamp_min(1e-300)) + torch.lgamma(kk + 1)) / kk
     t = torch.where((wh <= 0.05) | ((p < 1e-3) & (kk < 5)), tail, torch.log((kk * wh).clamp_min(1e-300)))
-    for _ in range(40):
-        y = torch.exp(t)
-        dens = torch.exp(kk * t - y - lgk)  # d P / d log y
-        err = torch.where(upper, q - torch.special.gammaincc(kk, y), torch.special.gammainc(kk, y) - p)
-        step = (err / dens.clamp_min(1e-300)).clamp(-2.0, 2.0)  # Q - q falls as P - p rises
-        t = t - step
-        if float(step.abs().max()) < 1e-9:
+    kk, lgk, p, q, upper, t = torch.broadcast_tensors(kk, lgk, p, q, upper, t)
+    t = t.clone()
+    active = torch.ones_like(t, dtype=torch.bool)
+    for _ in range(40):  # Newton on the entries that have not converged yet
+        ka, ta, ua = kk[active], t[active], upper[active]
+        y = torch.exp(ta)
+        dens = torch.exp(ka * ta - y - lgk[active])  # d P / d log y
+        err = torch.empty_like(ta)
+        err[ua] = q[active][ua] - torch.special.gammaincc(ka[ua], y[ua])  # Q - q falls as P - p rises
+        err[~ua] = torch.special.gammainc(ka[~ua], y[~ua]) - p[active][~ua]
+        step = (err / dens.clamp_min(1e-300)).clamp(-2.0, 2.0)
+        t[active] = ta - step
+        still = step.abs() >= 1e-9
+        if not bool(still.any()):
             break
+        active[active.clone()] = still
     x = torch.exp(t) * (theta.unsqueeze(0) if channels else theta)
     return (x.float() if channels else x), w
 
 
 #: Skewnesses at which the standardised shifted-Gamma nodes of :func:`skewed_points` are
 #: tabulated for per-channel roots (interpolated linearly between them, clamped at the ends).
-SKEW_GRID = (0.05, 4.0, 80)
+SKEW_GRID = (0.05, 4.0, 40)
 
 
 @lru_cache(maxsize=1)
