@@ -205,6 +205,34 @@ def test_bottleneck_blocks_on_2x2_maps():
     assert_agrees(BottleneckStack(), (torch.randn(2, 3, 2, 2),), draws=8)
 
 
+class MatmulAttention(nn.Module):
+    """Pre-LN blocks whose attention is written with ``torch.matmul`` and ``softmax`` (the
+    vit-pytorch way), the head on the mean of the tokens. Every token's gradient then
+    shares a part, and the probabilities (mean 1 / n) sum it coherently into the values:
+    the gradient at the qkv projection came out 0.6 decades low."""
+
+    def __init__(self, d: int = 64, heads: int = 4, blocks: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(blocks)])
+        self.qkv = nn.ModuleList([nn.Linear(d, 3 * d, bias=False) for _ in range(blocks)])
+        self.out = nn.ModuleList([nn.Linear(d, d) for _ in range(blocks)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        d = x.shape[-1]
+        for norm, qkv, out in zip(self.norms, self.qkv, self.out):
+            t = qkv(norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(torch.matmul(t[0], t[1].transpose(-1, -2)) * (d // self.heads) ** -0.5, dim=-1)
+            x = x + out(torch.matmul(att, t[2]).transpose(1, 2).flatten(2))
+        return self.head(x.mean(dim=1))
+
+
+def test_hand_written_attention_with_a_pooled_head():
+    torch.manual_seed(0)
+    assert_agrees(MatmulAttention(), (torch.randn(2, 17, 64),), draws=8)
+
+
 # --------------------------------------------------------------------------- squeeze-and-excitation
 class SE(nn.Module):
     """x * sigmoid(W2 silu(W1 mean(x))): a gate per sample and channel (Hu et al. 2018)."""

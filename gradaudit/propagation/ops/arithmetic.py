@@ -162,9 +162,9 @@ def add(ctx: Ctx) -> Effect:
     mean = oa.mean + c * ob.mean
     m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
     out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
-    _set_cross(out, _cross(ctx, a, oa) + c * c * _cross(ctx, b, ob))
+    _set_cross(out, _operand_moment(ctx, a, oa) + c * c * _operand_moment(ctx, b, ob))
     # third cumulants of independent terms add (a ReLU's output on the residual path)
-    out.set_third(_cross(ctx, a, oa, third=True) + c**3 * _cross(ctx, b, ob, third=True))
+    out.set_third(_operand_moment(ctx, a, oa, third=True) + c**3 * _operand_moment(ctx, b, ob, third=True))
     out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
     rows = _rows(ctx, axis, [(oa, 1.0, a), (ob, c * c, b)])
     if rows is not None:
@@ -180,7 +180,7 @@ def add(ctx: Ctx) -> Effect:
     return Effect([out], gains)
 
 
-def _cross(ctx: Ctx, ref: Any, o: _Operand, third: bool = False) -> torch.Tensor:
+def _operand_moment(ctx: Ctx, ref: Any, o: _Operand, third: bool = False) -> torch.Tensor:
     """An operand's cross-sample covariance (``Stats.xcov``; ``third``: its third central
     moment) per output channel (0 for constants: the same value in every sample has no
     variance to share). A broadcast operand (a per-sample gate) has no third moment here."""
@@ -199,6 +199,7 @@ def _cross(ctx: Ctx, ref: Any, o: _Operand, third: bool = False) -> torch.Tensor
 
 
 def _set_cross(out: Stats, xcov: torch.Tensor) -> None:
+    """Set the output's cross-sample covariance, clipped to [-var, var]."""
     if not bool((xcov != 0).any()):
         return
     if out.has_channels and xcov.numel() == out.ch_mean.numel():
@@ -296,6 +297,13 @@ def matmul(ctx: Ctx) -> Effect:
 
     Forward: :func:`_contraction`; backward: :func:`_contraction_effect` (dL/da = dL/dy
     b^T sums m terms: gain(a) = m E[b^2] without broadcasting).
+
+    When a's entries have a mean mu_a (softmax probabilities: 1 / n_keys), coherent parts
+    add coherently. Forward, b's rows share cov_b in a sample (the tokens' common part):
+    E[y^2] gains k (k - 1) mu_a^2 cov_b. Backward, dL/db[t] = sum_s a[s, t] g[s] over the n
+    rows of y: with g's same-sample covariance s (a pooled head makes every token's
+    gradient alike) E[(dL/db)^2] = n E[a^2] g + n (n - 1) mu_a^2 s, two rows of b share
+    n mu_a^2 g + n (n - 1) mu_a^2 s, two samples n^2 mu_a^2 x (rows of a independent).
     """
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     if not (isinstance(a, Ref) and isinstance(b, Ref)):
@@ -305,7 +313,31 @@ def matmul(ctx: Ctx) -> Effect:
         raise Unhandled("matmul with a vector")
     k = ma.shape[-1]
     sa, sb = ctx.stat(a), ctx.stat(b)
-    return _contraction_effect(ctx, a, b, sa, sb, k)
+    effect = _contraction_effect(ctx, a, b, sa, sb, k)
+    n = ma.shape[-2]
+    if sa.mean == 0.0 or n < 2 or len(mb.shape) < 2:
+        return effect
+    # entries of a with a mean (attention probabilities, 1 / n_keys): a part of b shared by
+    # its k rows, and a part of dL/dy shared by y's n rows, add up coherently
+    ma2 = sa.mean * sa.mean
+    cov_b = _row_shared(sb, len(mb.shape) - 2)
+    out = effect.out[0]
+    out.m2 = out.m2 + k * (k - 1) * ma2 * cov_b
+    g_b = n * sa.m2
+    tri = torch.tensor(
+        [[g_b, n * (n - 1) * ma2, 0.0], [n * ma2, n * (n - 1) * ma2, 0.0], [0.0, 0.0, n * n * ma2]], dtype=torch.float64
+    )
+    effect.gains[1] = (b.name, 0, 0, channels.Tri(tri))
+    return effect
+
+
+def _row_shared(s: Stats, row_axis: int) -> float:
+    """The covariance of two rows of ``s`` (along ``row_axis``) in one sample, when that
+    axis is one of its position axes (the tokens of the values an attention averages)."""
+    if s.pos is None or row_axis not in s.pos:
+        return 0.0
+    base = s.scalar() if s.has_channels else s
+    return max(min(base.cov, base.var), -base.var)
 
 
 def _contraction_effect(ctx: Ctx, a: Ref, b: Ref, sa: Stats, sb: Stats, k: int) -> Effect:
