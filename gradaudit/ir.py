@@ -339,29 +339,26 @@ class Stats:
             torch.full((n,), self.var, dtype=torch.float64),
         )
 
-    def coherent(self, axis: int | None, n: int):
-        """The coherent covariance as a vector over ``n`` channels on ``axis``."""
+    def _vector(self, vec, scalar: float, axis: int | None, n: int):
+        """``vec`` when it is this value's per-channel vector over ``n`` channels on
+        ``axis``, else ``scalar`` repeated n times."""
         import torch
 
-        if self.ch_cov is not None and self.has_channels and self.axis == axis and self.ch_cov.numel() == n:
-            return self.ch_cov
-        return torch.full((n,), self.cov, dtype=torch.float64)
+        if vec is not None and self.has_channels and self.axis == axis and vec.numel() == n:
+            return vec
+        return torch.full((n,), scalar, dtype=torch.float64)
+
+    def coherent(self, axis: int | None, n: int):
+        """The coherent covariance as a vector over ``n`` channels on ``axis``."""
+        return self._vector(self.ch_cov, self.cov, axis, n)
 
     def third(self, axis: int | None, n: int):
         """The third central moment as a vector over ``n`` channels on ``axis``."""
-        import torch
-
-        if self.ch_k3 is not None and self.has_channels and self.axis == axis and self.ch_k3.numel() == n:
-            return self.ch_k3
-        return torch.full((n,), self.k3, dtype=torch.float64)
+        return self._vector(self.ch_k3, self.k3, axis, n)
 
     def cross(self, axis: int | None, n: int):
         """The cross-sample covariance as a vector over ``n`` channels on ``axis``."""
-        import torch
-
-        if self.ch_xcov is not None and self.has_channels and self.axis == axis and self.ch_xcov.numel() == n:
-            return self.ch_xcov
-        return torch.full((n,), self.xcov, dtype=torch.float64)
+        return self._vector(self.ch_xcov, self.xcov, axis, n)
 
     def scalar(self) -> "Stats":
         """The same statistics without channel detail (the coherent covariances kept).
@@ -370,6 +367,19 @@ class Stats:
         position of a sample, so it is coherent too."""
         cov = self.cov + (self.mean_spread if self.pos is not None else 0.0)
         return Stats(mean=self.mean, m2=self.m2, estimated=self.estimated, pos=self.pos, cov=cov, positive=self.positive, xcov=self.xcov)
+
+    def set_cross(self, xcov) -> None:
+        """Set the cross-sample covariance (a vector per channel when channels are
+        tracked), clipped to [-var, var]."""
+        import torch
+
+        if self.has_channels and isinstance(xcov, torch.Tensor) and xcov.numel() == self.ch_mean.numel():
+            var = (self.ch_m2 - self.ch_mean**2).clamp_min(0.0)
+            xcov = torch.minimum(xcov.maximum(-var), var)
+            self.ch_xcov, self.xcov = xcov, float(xcov.mean())
+        else:
+            v = float(xcov.mean()) if isinstance(xcov, torch.Tensor) else float(xcov)
+            self.xcov = min(max(v, -self.var), self.var)
 
     def set_third(self, k3) -> None:
         """Set the third central moment (a per-channel vector when channels are tracked)."""

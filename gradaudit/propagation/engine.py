@@ -363,7 +363,9 @@ class Engine:
         if _skewed(rs):
             x, w = gamma_points(mean, var, True) if rs.has_channels else gamma_points(rs.mean, rs.var, False)
         elif _asymmetric(rs):
-            x, w = skewed_points(*((mean, var, self._cols_k3(root)) if rs.has_channels else (rs.mean, rs.var, rs.k3)), rs.has_channels)
+            # an asymmetric root's channels share no columns (:meth:`_distinct`)
+            k3 = rs.third(rs.axis, mean.numel()) if rs.has_channels else rs.k3
+            x, w = skewed_points(mean, var, k3, True) if rs.has_channels else skewed_points(rs.mean, rs.var, k3, False)
         elif rs.has_channels:
             x, w = channel_points(mean, var)
         else:
@@ -401,12 +403,6 @@ class Engine:
                 self._inv[root] = (inv, mean_u, var_u)
         _, mean, var = self._inv[root]
         return mean, var
-
-    def _cols_k3(self, root: str) -> torch.Tensor:
-        """The third central moments of the root's columns (an asymmetric root shares none:
-        :meth:`_distinct`)."""
-        rs = self.leaf_stats(root)
-        return rs.third(rs.axis, rs.ch_mean.numel())
 
     def _cols(self, root: str, t):
         """A per-column result (last dim U) of :meth:`_points` spread to the C channels."""

@@ -162,7 +162,9 @@ def add(ctx: Ctx) -> Effect:
     mean = oa.mean + c * ob.mean
     m2 = oa.m2 + c * c * ob.m2 + 2 * c * oa.mean * ob.mean
     out = _binary_result(axis, pos, mean, m2, oa.cov + c * c * ob.cov)
-    _set_cross(out, _operand_moment(ctx, a, oa) + c * c * _operand_moment(ctx, b, ob))
+    xcov = _operand_moment(ctx, a, oa) + c * c * _operand_moment(ctx, b, ob)
+    if bool((xcov != 0).any()):
+        out.set_cross(xcov)
     # third cumulants of independent terms add (a ReLU's output on the residual path)
     out.set_third(_operand_moment(ctx, a, oa, third=True) + c**3 * _operand_moment(ctx, b, ob, third=True))
     out.prof = _sum_profile(ctx, pos, [(a, oa, 1.0), (b, ob, c * c)])
@@ -196,18 +198,6 @@ def _operand_moment(ctx: Ctx, ref: Any, o: _Operand, third: bool = False) -> tor
     if third:
         return zero + (scalar if o.r == 1 else 0.0)
     return zero + (s.scalar().xcov if s.has_channels else s.xcov)
-
-
-def _set_cross(out: Stats, xcov: torch.Tensor) -> None:
-    """Set the output's cross-sample covariance, clipped to [-var, var]."""
-    if not bool((xcov != 0).any()):
-        return
-    if out.has_channels and xcov.numel() == out.ch_mean.numel():
-        var = (out.ch_m2 - out.ch_mean**2).clamp_min(0.0)
-        xcov = torch.minimum(xcov.maximum(-var), var)
-        out.ch_xcov, out.xcov = xcov, float(xcov.mean())
-    else:
-        out.xcov = min(max(float(xcov.mean()), -out.var), out.var)
 
 
 def _sum_profile(ctx: Ctx, pos: tuple | None, parts: list) -> tuple | None:

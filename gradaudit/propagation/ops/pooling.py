@@ -50,14 +50,8 @@ def _pool_channels(ctx: Ctx, ref: Ref) -> tuple[Stats, torch.Tensor, torch.Tenso
 def _keep_cross(out: Stats, x: Stats, axis: int, n: int) -> None:
     """A part shared by the whole batch shifts every window alike: a pooled value keeps
     the input's cross-sample covariance (``Stats.xcov``)."""
-    if x.xcov == 0.0:
-        return
-    var = (out.ch_m2 - out.ch_mean**2).clamp_min(0.0) if out.has_channels else None
-    if var is not None:
-        xcov = torch.minimum(x.cross(axis, n).maximum(-var), var)
-        out.ch_xcov, out.xcov = xcov, float(xcov.mean())
-    else:
-        out.xcov = min(max(x.xcov, -out.var), out.var)
+    if x.xcov != 0.0:
+        out.set_cross(x.cross(axis, n) if out.has_channels else x.xcov)
 
 
 def pooled_gradient(r: float, k: float, p_in: int) -> torch.Tensor:
