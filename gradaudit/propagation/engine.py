@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
-from gradaudit.propagation import montecarlo, over_time, rows
+from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, iter_refs, map_refs
+from gradaudit.propagation import montecarlo, over_time, persistence, rows
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
@@ -197,6 +197,10 @@ class Engine:
         # root -> (channel -> distinct law index or None, the laws' means, variances)
         self._inv: dict[str, tuple] = {}
         self._moment_cache: dict[tuple, tuple[float, float] | None] = {}
+        # (value, leaf) -> [(sum node, gradient part)] received through residual sums
+        self._sum_parts: dict[tuple[str, int], list[tuple[str, Grad]]] = {}
+        # residual sum feeding a ReLU -> (its quadrature nodes, its gradient's value profile)
+        self._value_profile: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -556,6 +560,7 @@ class Engine:
             d2, ds, dx, align = self.single_d2[root]
             g = ext[members[0]]
             dirs = _directions(d2, dx, g, self._equal_rows(root, members[0]))
+            d2 = self._persistence(root, members[0], d2, g)
             acc.setdefault((root, 0), []).append(Grad(d2 * g.g, ds * g.s, dx * g.x, *dirs, g.prof, align * g.s, align * g.x))
             return
         exits = [m for m in members if float(torch.as_tensor(ext[m].g).mean()) > 0]
@@ -592,6 +597,63 @@ class Engine:
                 acc.setdefault((root, 0), []).append(total)
             else:
                 _store_grad(self.stats[target][0], total)
+
+    def _persistence(self, root: str, member: str, d2, g: Grad):
+        """The ReLU gain E[1[s > 0] r(s)] of ``member`` = relu(``root``) under its gradient's
+        value profile r (:mod:`~gradaudit.propagation.persistence`): the parts of g that
+        came through residual sums ``member + h`` feeding a ReLU are concentrated where
+        the stream stays positive. ``d2`` (P(s > 0)) for any other activation or gradient.
+        A sum's profile is kept for the ReLU upstream of it."""
+        if self.graph[member].op != "relu":
+            return d2
+        parts, into_sum = self._sum_parts.get((member, 0), []), self.graph[root].op in ("add", "sub")
+        if not parts and not into_sum:
+            return d2
+        ms = self.stats[member][0]
+        x, w = self._points(root)
+        x = self._cols(root, x)
+        x = x.unsqueeze(1) if x.dim() == 1 else x
+        total = torch.as_tensor(g.g, dtype=torch.float64)
+        profile, weight = torch.zeros_like(x, dtype=torch.float64), torch.zeros_like(total)
+        for name, part in parts:
+            h = self._sum_other(name, member)
+            if h is None or name not in self._value_profile:
+                continue
+            hs, sign = h
+            mean_h, var_h = hs.channels(ms.axis, x.shape[1]) if ms.has_channels else (hs.mean, hs.var)
+            nodes, r = self._value_profile[name]
+            a = torch.as_tensor(part.g, dtype=torch.float64)
+            profile = profile + a * persistence.through_sum(x, nodes, r, sign * mean_h, var_h)
+            weight = weight + a
+        if not bool((weight > 0).any()):
+            profile = torch.ones_like(profile)
+        else:  # the other paths' parts carry no profile (1)
+            profile = (profile + (total - weight).clamp_min(0.0)) / total.clamp_min(1e-300)
+            profile = torch.where(total > 0, profile, torch.ones_like(profile))
+        gain, r_s = persistence.after_relu(x, w, profile)
+        if into_sum:
+            self._value_profile[root] = (x, r_s)
+        if not parts:
+            return d2
+        gain = gain if ms.has_channels else float(gain)
+        return gain
+
+    def _sum_other(self, name: str, member: str) -> tuple[Stats, float] | None:
+        """(statistics of h, its sign) when sum node ``name`` is ``member`` +/- h and
+        feeds only a ReLU (its gradient is that ReLU's masked one); None otherwise."""
+        node = self.graph[name]
+        users = self.graph.users(name)
+        if len(users) != 1 or users[0].op != "relu" or self.groups.get(name) != [users[0].name]:
+            return None
+        if node.op not in ("add", "sub") or float(node.kwargs.get("alpha", 1.0)) != 1.0:
+            return None
+        names = [a.name if isinstance(a, Ref) else None for a in node.args[:2]]
+        if len(names) != 2 or names.count(member) != 1 or None in names or (node.op == "sub" and names[0] != member):
+            return None
+        hs = self.leaf_stats(names[1] if names[0] == member else names[0])
+        if hs is None:
+            return None
+        return hs, (-1.0 if node.op == "sub" else 1.0)
 
     def _equal_rows(self, root: str, member: str) -> bool:
         """Whether every channel of a row holds the same value at ``root`` and at
@@ -649,6 +711,8 @@ class Engine:
                 at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
                 if at_max and src in self.roots:
                     part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
+                elif node.op in ("add", "sub"):
+                    self._sum_parts.setdefault((src, in_leaf), []).append((node.name, part))
                 acc.setdefault((src, in_leaf), []).append(part)
 
 
