@@ -96,8 +96,26 @@ def mixed_modes_and_attention():
     return model, (torch.randn(4, 6, 8),)
 
 
+def deep_copied_layers():
+    """nn.TransformerEncoder's deep-copied layers with dropout: the audit runs the stack
+    on sampled inputs (gradaudit.propagation.tied), drawing dropout masks."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.enc(x)
+
+    torch.manual_seed(6)
+    return Net(), (torch.randn(2, 5, 16),)
+
+
 MODELS = {
     "resnet18-batchnorm": resnet18,
+    "deep-copied-layers": deep_copied_layers,
     "mlp-dropout": mlp_with_dropout,
     "frozen-parameters": frozen_parameters,
     "grads-and-hooks": grads_and_hooks,

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, iter_refs, map_refs
-from gradaudit.propagation import montecarlo, over_time, persistence, rows
+from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
@@ -129,6 +129,9 @@ class Analysis:
     #: Closed zero/small-initialised gates (:mod:`gradaudit.propagation.gates`) and the
     #: analysis of the same graph with them opened (None when there are none).
     gates: list = field(default_factory=list)
+    #: Stacks of identically initialised layers whose backward was evaluated
+    #: numerically (:mod:`gradaudit.propagation.tied`).
+    tied: list = field(default_factory=list)
     opened: "Analysis | None" = None
 
     def stat(self, name: str, leaf: int = 0) -> Stats | None:
@@ -217,7 +220,8 @@ class Engine:
             except Exception as exc:  # a bug in a handler: name the node
                 raise PropagationError(f"propagation failed at {node.describe()}: {exc}") from exc
         self._backward()
-        return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates)
+        stacks = tied.apply(self.graph, self.stats)
+        return Analysis(self.graph, self.stats, self.roots, self.effects, self.estimates, tied=stacks)
 
     def _forward(self, node: Node) -> None:
         if node.op == "input":  # one Stats per floating leaf (an LSTM's (h0, c0) has two)
