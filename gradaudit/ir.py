@@ -127,6 +127,14 @@ def callable_of(node: Node) -> Callable:
     return fn
 
 
+def in_place(node: Node) -> bool:
+    """Whether ``node`` overwrites its input (``ReLU(inplace=True)``, ``relu_``, ``add_``)."""
+    if getattr(node.fn, "inplace", False) or node.kwargs.get("inplace"):
+        return True
+    name = getattr(node.fn, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
 def structure_leaves(structure: Any) -> list[int]:
     """The leaf indices of a node's output ``structure`` (``(0, (1, 2))`` -> 0, 1, 2)."""
     if isinstance(structure, int):

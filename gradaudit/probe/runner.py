@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gradaudit.errors import CaptureError
+from gradaudit.ir import in_place
 from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
 from gradaudit.probe.nonfinite import check_forward, first_backward
@@ -31,6 +32,10 @@ from gradaudit.probe.recording import (
 from gradaudit.probe.units import count_dead, count_saturated
 
 _STOP = object()
+
+#: Most layer-output elements a draw holds to reduce them together (16 MB of float32,
+#: as much again for their gradients).
+HELD_NUMEL = 1 << 22
 
 
 def graph_module(model):
@@ -86,6 +91,17 @@ def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, 
                 rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
 
 
+def _reduce_held(held: list, grads, pending: list, grad_slots: dict) -> None:
+    """The norms of held layer outputs and of their gradients (None: no gradient reached
+    it), each set with one fused kernel."""
+    tensors = [t for _, t in held]
+    for (name, t), sq in zip(held, sums_of_squares(tensors)):
+        pending.append((name, math.sqrt(sq), t.numel()))
+    got = [(name, t, g) for (name, t), g in zip(held, grads) if g is not None]
+    for (name, t, _), sq in zip(got, sums_of_squares([g for _, _, g in got])):
+        grad_slots[name] = (math.sqrt(sq), t.numel(), None)
+
+
 def finish_draw(rec: DrawRecord, outs: list, started: float) -> DrawRecord:
     """Whether everything the draw measured is finite; its duration."""
     import torch
@@ -126,6 +142,13 @@ class Runner:
         for name, i in last_use.items():
             self.free_after.setdefault(i, []).append(name)
         self.all_params = list(model.parameters())
+        self._program = None  # the compiled, observing forward (:meth:`_run_compiled`)
+        self._draw = None
+        # layer outputs and their gradients may be held to the end of a draw and reduced
+        # together (one fused norm each way) when nothing overwrites a value in place and
+        # they are small; else each is reduced as it passes
+        held = sum(math.prod(m.shape) for m in (self.ir_node(n) for n in layers) if m is not None and m.shape is not None)
+        self._batchable = held <= HELD_NUMEL and not any(in_place(n) for n in ir_graph)
         # the parameters of each layer module (a module called twice shares them)
         self.layer_params: dict[str, list] = {}
         for node_name, mod_name in layers.items():
@@ -181,60 +204,39 @@ class Runner:
 
         args_in = [map_tensors(x, prepare) for x in inputs]
         params = [p for p in self.all_params if p.requires_grad]
-        env: dict[str, Any] = {}
         pending: list[tuple[str, Any, int]] = []  # (layer node, 2-norm of its output, numel)
         hooks: list = []
         grad_slots: dict[str, Any] = {}
         backward_order: list[tuple[str, bool, Any]] = []
-        placeholder = iter(args_in)
         ctx = torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         outputs = None
         grads: Any = []
+        env: dict[str, Any] = {}
+        fast = not (units or cosine or check_all)
+        held: list | None = [] if fast and self._batchable and not zeros else None
         try:
             with torch.enable_grad(), ctx:
-                for i, n in enumerate(self.nodes):
-                    if n.op == "placeholder":
-                        try:
-                            value = next(placeholder)
-                        except StopIteration:
-                            value = n.args[0] if n.args else None
-                    elif n.op == "output":
-                        outputs = fx.node.map_arg(n.args[0], lambda a: env[a.name])
-                        break
-                    else:
-                        value = self._step(n, env, rec, units, cosine, check_all)
-                        if value is _STOP:
-                            break
-                        # gradient hooks go on right away: a later in-place op (ReLU(inplace=True))
-                        # must not change which value the hook sees the gradient of
-                        if check_all:
-                            ts: list = []
-                            leaves(value, ts)
-                            slots = grad_slots if n.name in self.layers else None
-                            for t in ts:
-                                if t.requires_grad:
-                                    hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
-                        if n.name in self.layers:
-                            out = value[0] if isinstance(value, (tuple, list)) else value
-                            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                                pending.append((n.name, sumsq(out), out.numel()))
-                                if out.requires_grad and not check_all:
-                                    hooks.append(out.register_hook(grab(grad_slots, n.name, zeros)))
-                    env[n.name] = value
-                    if not check_all:
-                        for dead in self.free_after.get(i, ()):
-                            if dead != n.name:
-                                env.pop(dead, None)
+                if fast:
+                    try:
+                        outputs = self._run_compiled(args_in, pending, hooks, grad_slots, zeros, held)
+                    except Exception:  # noqa: BLE001 - run it node by node: that names the node
+                        fast, held = False, None
+                        for h in hooks:
+                            h.remove()
+                        hooks.clear(), pending.clear(), grad_slots.clear()
+                if not fast:
+                    outputs = self._run_nodes(args_in, env, rec, pending, hooks, grad_slots, backward_order, units, cosine, check_all, zeros)
                 if outputs is None:
                     rec.finite = False
                     rec.seconds = time.perf_counter() - started
                     return rec
                 outs: list = []
                 leaves(outputs, outs)
+                wrt = params + input_leaves + [t for _, t in held or ()]
                 if loss is not None:
                     value = loss(outputs)
                     rec.loss = float(value.detach())
-                    grads = torch.autograd.grad(value, params + input_leaves, allow_unused=True)
+                    grads = torch.autograd.grad(value, wrt, allow_unused=True)
                 else:
                     ys = [y for y in outs if y.requires_grad]
                     cots = [
@@ -242,7 +244,9 @@ class Runner:
                         for y in ys
                     ]
                     if ys:
-                        grads = torch.autograd.grad(ys, params + input_leaves, cots, allow_unused=True)
+                        grads = torch.autograd.grad(ys, wrt, cots, allow_unused=True)
+                if held:
+                    _reduce_held(held, grads[len(params) + len(input_leaves) :] if grads else [], pending, grad_slots)
         finally:
             for h in hooks:
                 h.remove()
@@ -250,6 +254,84 @@ class Runner:
         if check_all and rec.first_forward is None:
             first_backward(self, backward_order, env, rec)
         return finish_draw(rec, outs, started)
+
+    def _run_nodes(self, args_in, env, rec, pending, hooks, grad_slots, backward_order, units, cosine, check_all, zeros):
+        """The forward, node by node (what the first draw and a checked run need: unit
+        counts, batch cosines, every node's values checked); the outputs, or None when a
+        non-finite value stopped it."""
+        import torch
+        import torch.fx as fx
+
+        placeholder = iter(args_in)
+        for i, n in enumerate(self.nodes):
+            if n.op == "placeholder":
+                try:
+                    value = next(placeholder)
+                except StopIteration:
+                    value = n.args[0] if n.args else None
+            elif n.op == "output":
+                return fx.node.map_arg(n.args[0], lambda a: env[a.name])
+            else:
+                value = self._step(n, env, rec, units, cosine, check_all)
+                if value is _STOP:
+                    return None
+                # gradient hooks go on right away: a later in-place op (ReLU(inplace=True))
+                # must not change which value the hook sees the gradient of
+                if check_all:
+                    ts: list = []
+                    leaves(value, ts)
+                    slots = grad_slots if n.name in self.layers else None
+                    for t in ts:
+                        if t.requires_grad:
+                            hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
+                if n.name in self.layers:
+                    out = value[0] if isinstance(value, (tuple, list)) else value
+                    if isinstance(out, torch.Tensor) and out.is_floating_point():
+                        pending.append((n.name, sumsq(out), out.numel()))
+                        if out.requires_grad and not check_all:
+                            hooks.append(out.register_hook(grab(grad_slots, n.name, zeros)))
+            env[n.name] = value
+            if not check_all:
+                for dead in self.free_after.get(i, ()):
+                    if dead != n.name:
+                        env.pop(dead, None)
+        return None
+
+    def _run_compiled(self, args_in, pending, hooks, grad_slots, zeros, held):
+        """The forward as the fx graph's generated code with :meth:`_observe` called after
+        every layer node (built once): a measuring draw runs at the speed of the model's
+        own forward instead of paying an interpreter step per node. On a failure the
+        caller runs the forward again node by node, which names the node. With ``held``
+        a list, layer outputs are appended to it instead of being reduced and hooked."""
+        if self._program is None:
+            import torch.fx as fx
+
+            graph = fx.Graph()
+            env: dict = {}
+            for n in self.gm.graph.nodes:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+                if n.name in self.layers and n.op not in ("output", "placeholder"):
+                    graph.call_function(self._observe, (n.name, env[n]))
+            self._program = fx.GraphModule(self.gm, graph)
+        self._draw = (pending, hooks, grad_slots, zeros, held)
+        try:
+            return self._program(*args_in)
+        finally:
+            self._draw = None
+
+    def _observe(self, name: str, value) -> None:
+        """Record a layer's output norm and hook its gradient (the compiled forward's call)."""
+        import torch
+
+        pending, hooks, grad_slots, zeros, held = self._draw
+        out = value[0] if isinstance(value, (tuple, list)) else value
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            if held is not None:
+                held.append((name, out))
+                return
+            pending.append((name, sumsq(out), out.numel()))
+            if out.requires_grad:
+                hooks.append(out.register_hook(grab(grad_slots, name, zeros)))
 
     # ---------------------------------------------------------------------------------
     def _step(self, n, env, rec: DrawRecord, units: bool, cosine: bool, check_all: bool):

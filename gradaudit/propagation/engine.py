@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, iter_refs, map_refs
+from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, in_place, iter_refs, map_refs
 from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
@@ -346,7 +346,7 @@ class Engine:
             n = self.graph[name]
             # an in-place op (ReLU(inplace=True), relu_) gets copies: it must not
             # overwrite a value that other members or the gradient still read
-            copy = (lambda r: vals[r.name].clone()) if _in_place(n) else (lambda r: vals[r.name])
+            copy = (lambda r: vals[r.name].clone()) if in_place(n) else (lambda r: vals[r.name])
             v = callable_of(n)(*map_refs(n.args, copy), **map_refs(n.kwargs, copy))
             if not isinstance(v, torch.Tensor) or v.shape != z.shape:
                 raise TypeError(f"{name} is not elementwise")
@@ -851,13 +851,6 @@ def _square(values: torch.Tensor) -> torch.Tensor:
     |x| ~ 1.8e19 on although float32 holds the values themselves (activations of deep
     unnormalised networks reach that)."""
     return values.double().pow(2)
-
-
-def _in_place(node: Node) -> bool:
-    if getattr(node.fn, "inplace", False) or node.kwargs.get("inplace"):
-        return True
-    name = getattr(node.fn, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
 
 
 def propagate(graph: Graph, input_stats: dict[str, Stats | tuple[float, float]] | None = None) -> Analysis:
