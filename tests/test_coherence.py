@@ -177,6 +177,28 @@ def test_batchnorm_behind_batchnorm_on_2x2_maps(residual):
     assert_agrees(BatchNormChain(residual), (torch.randn(2, 256, 2, 2),), draws=8)
 
 
+class PooledBatchNormHead(nn.Module):
+    """MobileNetV4's head: global pool, 1x1 convolution, BatchNorm, ReLU, classifier, on 2
+    samples. The BatchNorm normalises 2 values per channel: the batch mean and x_hat take
+    all of the gradient but the part eps leaves along x_hat, eps^2 / (s^2 + eps)^3, which a
+    channel whose 2 values nearly coincide makes large (``moments.eps_moment``). It was
+    predicted 0, and every layer below the head with it."""
+
+    def __init__(self, c: int = 64, wide: int = 512) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.conv, self.bn, self.fc = nn.Conv2d(c, wide, 1, bias=False), nn.BatchNorm2d(wide), nn.Linear(wide, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x)).mean((2, 3), keepdim=True)
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_batchnorm_over_two_values_passes_the_eps_part():
+    torch.manual_seed(0)
+    assert_agrees(PooledBatchNormHead(), (torch.randn(2, 3, 8, 8),), draws=16)
+
+
 class Bottleneck(nn.Module):
     """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 with BatchNorms, relu(branch + x)."""
 
@@ -389,6 +411,33 @@ def test_constant_with_infinite_entries_is_a_mask_not_a_gap():
     report = gradaudit.audit(model, inputs)
     assert report.verdict != "incomplete", [f.message for f in report.findings]
     assert_agrees(model, inputs)
+
+
+class RegionMaskedAttention(nn.Module):
+    """Swin's shifted-window attention (timm): windows of 16 tokens whose mask buffer
+    holds 0 within a query's region and -100 across regions, added to the scores through
+    ``view`` and ``unsqueeze``. The mask is a constant, not random logit spread: taken as
+    spread it made every row nearly one-hot and the attention output 4x too large."""
+
+    def __init__(self, d: int = 32, heads: int = 2, windows: int = 4, n: int = 16) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        region = torch.arange(n) // 4 + (torch.arange(windows).unsqueeze(1) % 2) * (torch.arange(n) % 4 // 2)
+        self.register_buffer("mask", torch.where(region.unsqueeze(-1) == region.unsqueeze(-2), 0.0, -100.0))
+        self.d, self.heads, self.windows = d, heads, windows
+
+    def forward(self, x):  # x: (batch * windows, n, d)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-1, -2)) * (self.d // self.heads) ** -0.5
+        att = att.view(-1, self.windows, self.heads, n, n) + self.mask.unsqueeze(1).unsqueeze(0)
+        att = torch.softmax(att.view(-1, self.heads, n, n), -1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_constant_region_mask_is_not_random_logit_spread():
+    torch.manual_seed(0)
+    assert_agrees(RegionMaskedAttention(), (torch.randn(16, 16, 32),))
 
 
 # --------------------------------------------------------------------------- the example inputs' own statistics

@@ -197,6 +197,45 @@ def test_the_probe_measures_functional_layers_and_their_weight_gradients(monkeyp
     assert first.extra["measured_weight_grad_rms"] > 0
 
 
+class SqueezedDepthwise(nn.Module):
+    """Mamba's causal convolution: an ``nn.Conv1d``'s weight squeezed and unsqueezed
+    again on its way into ``F.conv1d`` (a weight computed from a parameter), with a
+    linear layer between."""
+
+    def __init__(self, depth: int = 4, channels: int = 16) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, 4, groups=channels, padding=3) for _ in range(depth))
+        self.mix = nn.ModuleList(nn.Linear(channels, channels) for _ in range(depth))
+
+    def forward(self, x):
+        for conv, mix in zip(self.convs, self.mix):
+            w = conv.weight.squeeze(1)
+            x = F.conv1d(x, w.unsqueeze(1), conv.bias, padding=3, groups=x.shape[1])[..., : x.shape[-1]]
+            x = mix(F.silu(x).transpose(1, 2)).transpose(1, 2)
+        return x
+
+
+@pytest.mark.parametrize("frontend", ["export", "hooks"])
+@pytest.mark.parametrize("build, make_x", [(SqueezedDepthwise, lambda: torch.randn(4, 16, 12)),
+                                           (lambda: WeightNormed(torch.relu, math.sqrt(2)), lambda: torch.randn(8, WIDTH))],
+                         ids=["squeezed-depthwise", "weight-norm"])
+def test_the_probe_measures_layers_whose_weight_is_computed(monkeypatch, frontend, build, make_x):
+    """The model's own forward, watched through its calls: a layer whose weight is
+    computed from parameters is measured too (its calls are followed from the parameters
+    they read; it was left unmeasured, a miss), and agrees with the prediction."""
+    from gradaudit.frontends import chain
+
+    monkeypatch.setattr(chain, "FRONTENDS", tuple(f for f in chain.FRONTENDS if f[0] == frontend))
+    torch.manual_seed(0)
+    report = gradaudit.audit(build(), make_x(), probe=True, draws=4)
+    assert report.frontend == frontend
+    for layer in report.layers:
+        assert layer.measured is not None and math.isfinite(layer.measured.grad_rms), layer.node
+        for what in ("act_rms", "grad_rms"):
+            pred, real = getattr(layer.predicted, what), getattr(layer.measured, what)
+            assert abs(math.log10(pred / real)) < math.log10(2), (layer.node, what, pred, real)
+
+
 def test_a_fix_names_a_parameter_layer_by_the_parameter():
     torch.manual_seed(0)
     model = Weights("linear")

@@ -26,6 +26,7 @@ from typing import Any
 from gradaudit.errors import CaptureError
 from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
+from gradaudit.frontends.patterns import SOURCE
 from gradaudit.probe.runner import layer_parameters
 
 def _leaves_of(model) -> dict:
@@ -89,24 +90,42 @@ _LAYER_CALLS = frozenset({
 def _functional_calls(functional: dict[int, list[str]], observe) -> Any:
     """A torch function mode that hands each output of a call reading one of the
     parameters in ``functional`` (``id(parameter)`` -> layer node names, in execution
-    order) to ``observe(node name, output)``: the n-th such call is the n-th node."""
+    order) to ``observe(node name, output)``: the n-th such call is the n-th node.
+
+    A weight computed from parameters alone (``self.conv1d.weight.unsqueeze(1)``, a weight
+    norm's ``g * v / |v|``) is followed from its parameters: the output of any other call
+    whose tensor arguments are all parameters or such weights reads the parameters they
+    read, so the layer call that multiplies by it is seen as reading them too."""
+    import torch.nn as nn
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
 
     seen: dict[int, int] = {}
+    derived: dict[int, tuple[Any, int | None]] = {}  # id(computed weight) -> (it, id(a parameter in functional) or None)
+
+    def source(a) -> tuple[bool, int | None]:
+        """(whether ``a`` is computed from parameters alone, the key it reads)."""
+        if isinstance(a, nn.Parameter):
+            return True, id(a) if id(a) in functional else None
+        held = derived.get(id(a))
+        return (True, held[1]) if held is not None and held[0] is a else (False, None)
 
     class Calls(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            tensors = [a for a in tree_leaves((args, kwargs or {})) if hasattr(a, "requires_grad")]
+            sources = [source(a) for a in tensors]
+            keys = [k for _, k in sources if k is not None]
             if getattr(func, "__name__", None) in _LAYER_CALLS:
-                for a in tree_leaves((args, kwargs or {})):
-                    names = functional.get(id(a))
-                    if names:
-                        k = seen.get(id(a), 0)
-                        seen[id(a)] = k + 1
-                        if k < len(names):
-                            observe(names[k], out)
-                        break
+                if keys:
+                    k = seen.get(keys[0], 0)
+                    seen[keys[0]] = k + 1
+                    if k < len(functional[keys[0]]):
+                        observe(functional[keys[0]][k], out)
+            elif tensors and all(weight for weight, _ in sources):
+                for o in tree_leaves(out):
+                    if hasattr(o, "requires_grad"):
+                        derived[id(o)] = (o, keys[0] if keys else None)
             return out
 
     return Calls()
@@ -141,15 +160,18 @@ class ModuleRunner:
             self.nodes.append(n)
         self.all_params = list(model.parameters())
         self.layer_params = {name: layer_parameters(ir_graph[name]) for name in layers}
-        # functional layers reading a parameter as it is (F.linear(x, self.weight), x @ W):
-        # id(parameter) -> their node names in execution order, seen through the calls
-        # that read it (a weight computed from parameters is not seen: left unmeasured)
+        # functional layers (F.linear(x, self.weight), x @ W, a weight computed from
+        # parameters): id(the parameter their weight is or is computed from) -> their node
+        # names in execution order, seen through the calls that read it
         self.functional: dict[int, list[str]] = {}
         for name in layers:
             n = ir_graph[name]
             weight = n.params.get("weight")
+            sources = [p for key, p in n.params.items() if key.startswith(SOURCE)]
             if n.kind != "call_module" and any(p is weight for p in self.layer_params[name]):
                 self.functional.setdefault(id(weight), []).append(name)
+            elif n.kind != "call_module" and sources:
+                self.functional.setdefault(id(sources[0]), []).append(name)
         self.conv_fed = {n.name for n in self.nodes if _after_conv(ir_graph, n)}
 
     def _ir_node(self, name: str):

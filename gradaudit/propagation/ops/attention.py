@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import Stats
+from gradaudit.frontends.patterns import RELAYOUT, parameter_node
+from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
 from gradaudit.propagation.ops.base import SAMPLER_SEED, Ctx, Effect, Unhandled, handles, make_stats
 from gradaudit.propagation.ops.dense import dense_stats
@@ -81,9 +82,56 @@ def softmax(ctx: Ctx) -> Effect:
     if ctx.node.op == "log_softmax":
         ls = _log_softmax_sample(round(mean, 9), round(var, 9), n)
         return Effect([make_stats(ls[0], ls[1])], [(ref.name, 0, 0, ls[2])])
-    st = _softmax_sample(mean, var, n)
+    masked = _added_constant(ctx, ref, dim % len(meta.shape), n) if spread is None and ctx.node.op == "softmax" else None
+    st = _masked_softmax_sample(masked[0].mean, masked[0].var, masked[1]) if masked is not None else _softmax_sample(mean, var, n)
     gain = st["jac"] / n
     return Effect([make_stats(st["p_mean"], st["p_m2"])], [(ref.name, 0, 0, channels.RowSumZero(gain) if over_rows else gain)])
+
+
+def _added_constant(ctx: Ctx, ref: Ref, dim: int, n: int) -> tuple[Stats, torch.Tensor] | None:
+    """(statistics of the random logits, rows of the constant added to them) when the
+    softmax reads ``a + mask`` (through layout ops) with ``mask`` a constant holding a
+    row of n entries per key (Swin's shifted-window mask of 0 and -100 entries, an
+    additive -inf mask), and the softmax runs over the last axis. Broadcasting repeats
+    every row of the constant equally often, so its rows are the distribution the
+    logits' rows are shifted by. None otherwise."""
+    graph = ctx.engine.graph
+    if dim != len(ctx.meta(ref).shape) - 1:
+        return None
+    node = graph[ref.name]
+    while node.op in RELAYOUT and node.args and isinstance(node.args[0], Ref):
+        node = graph[node.args[0].name]
+    if node.op != "add" or len(node.args) < 2:
+        return None
+    for const_ref, other in ((node.args[1], node.args[0]), (node.args[0], node.args[1])):
+        source = parameter_node(graph, const_ref, RELAYOUT)
+        value = None if source is None else source.params.get("value")
+        if value is None or value.requires_grad or not value.is_floating_point() or not isinstance(other, Ref):
+            continue
+        if value.dim() == 0 or value.shape[-1] != n:
+            continue
+        stats = ctx.engine.leaf_stats(other.name)
+        return (stats, value.detach().double().reshape(-1, n)) if stats is not None else None
+    return None
+
+
+def _masked_softmax_sample(mean: float, var: float, offsets: torch.Tensor) -> dict[str, float]:
+    """:func:`_softmax_sample` for logits s_j = a_j + m_j: a_j ~ N(mean, var) iid, m a row
+    of the constant ``offsets`` (rows x n) drawn uniformly. A key whose offset is far
+    below the others' (-100, -inf) takes no probability: each query attends to its own
+    region only, so p is concentrated on fewer keys (E[sum p^2] larger) than the
+    additive constant's variance, taken as random logit spread, would make it (that
+    predicts near one-hot rows). Rows whose offsets are all -inf are left out."""
+    gen = torch.Generator().manual_seed(SAMPLER_SEED)
+    rows_in, n = offsets.shape
+    rows = max(4096 // max(n, 1), 64, min(rows_in, 4096))
+    pick = offsets[torch.randint(0, rows_in, (rows,), generator=gen)] if rows != rows_in else offsets
+    pick = pick[torch.isfinite(pick).any(-1)]
+    s = mean + math.sqrt(max(var, 0.0)) * torch.randn(pick.shape, generator=gen, dtype=torch.float64) + pick
+    p = torch.softmax(s, dim=-1)
+    p2 = p.pow(2).sum(-1)
+    jac = (p.pow(2) * (1 - 2 * p + p2.unsqueeze(-1))).sum(-1)
+    return {"p2": float(p2.mean()), "p_mean": float(p.mean()), "p_m2": float(p.pow(2).mean()), "jac": float(jac.mean())}
 
 
 @lru_cache(maxsize=128)
