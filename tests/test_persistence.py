@@ -29,7 +29,8 @@ def test_two_blocks_against_sampling(mean_s, mean_h, sd_h):
     r2 = _mask_profile(x2, w2)
     x1, w1 = channel_points(s1.mean().view(1), s1.var().view(1))
     _, r1 = persistence.after_relu(x1, w1, persistence.through_sum(x1, x2, r2, mean_h, sd_h**2))
-    gain, _ = persistence.after_relu(x, w, persistence.through_sum(x, x1, r1, mean_h, sd_h**2))
+    factor, _ = persistence.after_relu(x, w, persistence.through_sum(x, x1, r1, mean_h, sd_h**2))
+    gain = (w.double() @ (x > 0).double()) * factor  # P(s > 0) E[r(s) | s > 0]
     m0, m1, m2 = (s > 0).double(), (s1 > 0).double(), (s2 > 0).double()
     sampled = float((m0 * m1 * m2).mean() / (m1 * m2).mean())
     # s' and s'' are not Gaussian: their quadrature laws carry that error (a few percent)
@@ -43,6 +44,14 @@ def test_no_stream_no_change():
     profile is the plain mask and the gain P(s > 0)."""
     x, w = channel_points(torch.tensor([0.3, -0.2]), torch.tensor([1.0, 2.0]))
     x1, w1 = channel_points(torch.zeros(2), torch.full((2,), 1e12))  # s' ~ h
-    gain, _ = persistence.after_relu(x, w, persistence.through_sum(x, x1, _mask_profile(x1, w1), 0.0, 1e12))
-    p = w.double() @ (x > 0).double()
-    assert torch.allclose(gain, p, rtol=1e-5)
+    factor, _ = persistence.after_relu(x, w, persistence.through_sum(x, x1, _mask_profile(x1, w1), 0.0, 1e12))
+    assert torch.allclose(factor, torch.ones_like(factor), rtol=1e-5)
+
+
+def test_coarse_nodes_keep_the_law_s_mass_and_mean():
+    x, w = channel_points(torch.tensor([0.3, -1.0]), torch.tensor([1.0, 4.0]))
+    nodes, weights = persistence.coarse(x, w)
+    assert nodes.shape == (persistence.BINS, 2) and weights.shape == (persistence.BINS,)
+    assert float(weights.sum()) == pytest.approx(float(w.double().sum()), rel=1e-12)
+    assert torch.allclose(weights @ nodes, w.double() @ x.double(), rtol=1e-9, atol=1e-12)
+    assert bool((nodes[1:] >= nodes[:-1]).all())  # still ascending

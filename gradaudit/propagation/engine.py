@@ -603,7 +603,7 @@ class Engine:
                 _store_grad(self.stats[target][0], total)
 
     def _persistence(self, root: str, member: str, d2, g: Grad):
-        """The ReLU gain E[1[s > 0] r(s)] of ``member`` = relu(``root``) under its gradient's
+        """The ReLU gain P(s > 0) E[r(s) | s > 0] of ``member`` = relu(``root``) under its gradient's
         value profile r (:mod:`~gradaudit.propagation.persistence`): the parts of g that
         came through residual sums ``member + h`` feeding a ReLU are concentrated where
         the stream stays positive. ``d2`` (P(s > 0)) for any other activation or gradient.
@@ -616,7 +616,7 @@ class Engine:
         ms = self.stats[member][0]
         x, w = self._points(root)
         x = self._cols(root, x)
-        x = x.unsqueeze(1) if x.dim() == 1 else x
+        x, w = persistence.coarse(x.unsqueeze(1) if x.dim() == 1 else x, w)
         total = torch.as_tensor(g.g, dtype=torch.float64)
         profile, weight = torch.zeros_like(x, dtype=torch.float64), torch.zeros_like(total)
         for name, part in parts:
@@ -634,13 +634,12 @@ class Engine:
         else:  # the other paths' parts carry no profile (1)
             profile = (profile + (total - weight).clamp_min(0.0)) / total.clamp_min(1e-300)
             profile = torch.where(total > 0, profile, torch.ones_like(profile))
-        gain, r_s = persistence.after_relu(x, w, profile)
+        factor, r_s = persistence.after_relu(x, w, profile)
         if into_sum:
             self._value_profile[root] = (x, r_s)
         if not parts:
             return d2
-        gain = gain if ms.has_channels else float(gain)
-        return gain
+        return d2 * (factor if ms.has_channels else float(factor))
 
     def _sum_other(self, name: str, member: str) -> tuple[Stats, float] | None:
         """(statistics of h, its sign) when sum node ``name`` is ``member`` +/- h and
