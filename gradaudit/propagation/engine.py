@@ -23,17 +23,22 @@ f's Hermite coefficients by Mehler's formula
 (:func:`~gradaudit.propagation.moments.coherent_moment`); the same holds for a
 derivative f', which carries a coherent gradient: E[f'(x_i) f'(x_j)] E[g_i g_j].
 
-Limits (measured by ``benchmarks/accuracy.py``): each layer's weights are taken as an
-independent draw. Layers that are deep copies of one layer start with the same weights
-(``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` clone the layer they are given):
-the same Jacobian then repeats block after block, its leading directions compound, and
-in a 24-block Post-LN stack the gradient near the input is predicted up to 2 decades
-below the measured one (Pre-LN: 0.3 decades at p90). Along a residual stream
-relu(x + branch) the ReLU's mask and the gradient that reaches it are taken as
-independent; a position where the stream is positive stays positive in the blocks after
-it, so its gradient went through open ReLUs more often than the average one: in 32
-blocks of relu(x + bn(conv(relu(bn(conv(x)))))) the gradient at the input comes out
-0.38 decades low (0.016 per block).
+Two places go beyond independent values. Along a residual stream relu(x + branch), a
+position where the stream is positive stays positive in the blocks after it, so the
+gradient that reaches a ReLU there went through open ReLUs more often than an average
+one: the gradient carries its profile over the stream's value
+(:mod:`~gradaudit.propagation.persistence`). Layers that are deep copies of one layer
+(``nn.TransformerEncoder`` clones the layer it is given) repeat one Jacobian, whose
+leading directions compound: such a stack's backward is evaluated on sampled inputs
+(:mod:`~gradaudit.propagation.tied`).
+
+Limits (measured by ``benchmarks/accuracy.py``): each layer's weights are otherwise
+taken as an independent draw, and the gradient a residual branch sends back is taken as
+uncorrelated with the one the identity path carries. For one draw of weights the
+branch's Jacobian has a trace of either sign that correlates the two (+1.2% of their
+power per block on average, up to +6%, in 32 blocks of relu(x + conv(relu(conv(x))))
+without normalization): the gradient at that network's stem comes out 0.32 decades
+low, p90 0.24 over its layers.
 Positions are described by one profile per position axis (``Stats.prof``: a class
 token's small stream beside the patch tokens, the gradient that a head on token 0
 puts there); what reaches two positions from one source (one gradient read at two
