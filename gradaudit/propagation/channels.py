@@ -51,7 +51,9 @@ class Grad:
     ex: Any = 0.0
 
     def __add__(self, other: "Grad") -> "Grad":
-        prof = combine_profiles([(self.prof, _level(self.g)), (other.prof, _level(other.g))])
+        prof = None
+        if self.prof is not None or other.prof is not None:  # the levels weigh the profiles
+            prof = combine_profiles([(self.prof, _level(self.g)), (other.prof, _level(other.g))])
         return Grad(
             self.g + other.g, self.s + other.s, self.x + other.x, self.dm + other.dm, self.da + other.da, prof,
             self.es + other.es, self.ex + other.ex,
@@ -89,10 +91,11 @@ def combine_profiles(parts: list[tuple[tuple | None, float]]) -> tuple | None:
     if total <= 0:
         return next(p for p, _ in parts if p is not None)
     out = []
-    for k, n in enumerate(shapes.pop()):
-        acc = torch.zeros(n, dtype=torch.float64)
+    for k, _ in enumerate(shapes.pop()):
+        acc = None  # the weighted sum, from its first term (what 0 + the term gives)
         for p, w in parts:
-            acc = acc + w * (p[k] if p is not None else 1.0)
+            term = w * (p[k] if p is not None else 1.0)
+            acc = term if acc is None else acc + term
         out.append(acc / total)
     return tuple(out)
 
