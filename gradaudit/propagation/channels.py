@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from gradaudit.ir import mean_value
+
 
 @dataclass
 class Grad:
@@ -61,7 +63,7 @@ class Grad:
 
     def mean(self) -> "Grad":
         """Scalar averages over channels."""
-        g, s, x, es, ex = (float(v.mean()) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x, self.es, self.ex))
+        g, s, x, es, ex = (mean_value(v) if isinstance(v, torch.Tensor) else float(v) for v in (self.g, self.s, self.x, self.es, self.ex))
         return Grad(g, s, x, self.dm, self.da, self.prof, es, ex)
 
     def vector(self, n: int) -> "Grad":
@@ -72,11 +74,11 @@ class Grad:
 def _as_vec(v: Any, n: int) -> torch.Tensor:
     if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n:
         return v
-    return torch.full((n,), float(v.mean()) if isinstance(v, torch.Tensor) else float(v), dtype=torch.float64)
+    return torch.full((n,), mean_value(v) if isinstance(v, torch.Tensor) else float(v), dtype=torch.float64)
 
 
 def _level(v: Any) -> float:
-    return float(v.mean()) if isinstance(v, torch.Tensor) else float(v)
+    return mean_value(v) if isinstance(v, torch.Tensor) else float(v)
 
 
 def combine_profiles(parts: list[tuple[tuple | None, float]]) -> tuple | None:
@@ -295,16 +297,29 @@ class AtMax:
     axis: int | None = None
 
 
-def _vec(out_g2: float, out_vec: torch.Tensor | None, n: int) -> torch.Tensor:
+def _vec(out_g2: "float | _Level", out_vec: torch.Tensor | None, n: int) -> torch.Tensor:
     if out_vec is not None and out_vec.numel() == n:
         return out_vec
     return torch.full((n,), float(out_g2), dtype=torch.float64)
 
 
+class _Level:
+    """The average of a float or vector, taken only when ``float()`` asks for it (most
+    gains use the vector itself)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+    def __float__(self) -> float:
+        return _level(self.v)
+
+
 def _basic(gain: Any, out: float | torch.Tensor) -> float | torch.Tensor:
     """One plain gain applied to one per-channel quantity (float or vector)."""
     vec = out if isinstance(out, torch.Tensor) else None
-    val = float(out.mean()) if vec is not None else float(out)
+    val = _Level(out)
     if isinstance(gain, (int, float)):
         return float(gain) * out
     if isinstance(gain, (Diag, AtMax)):
@@ -569,10 +584,10 @@ def _row_norm(gain: RowNorm, out: Grad) -> Grad:
     n = gain.gamma.numel()
     o = out.vector(n)
     gamma2 = gain.gamma * gain.gamma
-    gbar2 = float(gain.gamma.mean()) ** 2
+    gbar2 = mean_value(gain.gamma) ** 2
     var_g = float(gain.gamma.var(unbiased=False)) if n > 1 else 0.0
-    g_mean = float((gamma2 * o.g).mean())
-    ref = float(o.g.mean())
+    g_mean = mean_value(gamma2 * o.g)
+    ref = mean_value(o.g)
     m = 0.0 if gain.rms else gbar2 * max(ref - out.dm, 0.0) + var_g * ref
     c = gbar2 * max(ref - out.da, 0.0) + (var_g + gain.beta2) * ref
     removed = (m + c) / gain.n

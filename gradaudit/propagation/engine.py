@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs
+from gradaudit.ir import callable_of, Graph, Node, Stats, iter_refs, map_refs, mean_value
 from gradaudit.propagation import montecarlo, over_time, rows
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
@@ -756,7 +756,7 @@ def _store_grad(s: Stats, total: Grad) -> None:
     if s.has_channels:
         vec = total.vector(s.ch_mean.numel())
         s.ch_g2, s.ch_gs, s.ch_gx, s.ges, s.gex = vec.g, vec.s, vec.x, vec.es, vec.ex
-        s.g2, s.gs, s.gx = float(vec.g.mean()), float(vec.s.mean()), float(vec.x.mean())
+        s.g2, s.gs, s.gx = mean_value(vec.g), mean_value(vec.s), mean_value(vec.x)
     else:
         m = total.mean()
         s.g2, s.gs, s.gx, s.ges, s.gex = m.g, m.s, m.x, m.es, m.ex
