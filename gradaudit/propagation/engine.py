@@ -609,8 +609,8 @@ class Engine:
         if s is None:
             return
         total = Grad()
-        for p in acc.get((name, leaf), []):
-            total = total + p
+        for i, p in enumerate(acc.get((name, leaf), [])):
+            total = p if i == 0 and _as_sum(p) else total + p
         _store_grad(s, total)
 
     # -- backward ------------------------------------------------------------------
@@ -691,6 +691,15 @@ def _same_positions(graph: Graph, src: str, in_leaf: int, node: Node, out_leaf: 
         return False
     ma, mb = graph[src].outputs[in_leaf], node.outputs[out_leaf]
     return ma is not None and mb is not None and all(ma.shape[k] == mb.shape[k] for k in a.pos if k < len(ma.shape) and k < len(mb.shape))
+
+
+def _as_sum(g: Grad) -> bool:
+    """Whether ``g`` is what Grad() + g would give, number for number: 0 + v is v, but a
+    profile gets averaged (and rounded) and a strided vector comes out contiguous (whose
+    later averages sum in another order)."""
+    return g.prof is None and all(
+        not isinstance(v, torch.Tensor) or v.is_contiguous() for v in (g.g, g.s, g.x, g.es, g.ex)
+    )
 
 
 def _directions(d2, d1sq, g: Grad, equal_rows: bool = False) -> tuple[float, float]:
