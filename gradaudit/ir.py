@@ -404,7 +404,7 @@ class Stats:
         """Variance of the per-channel means around their average (0 without channels)."""
         if not self.has_channels:
             return 0.0
-        return max(float((self.ch_mean * self.ch_mean).mean()) - self.mean * self.mean, 0.0)
+        return max(mean_value(self.ch_mean * self.ch_mean) - self.mean * self.mean, 0.0)
 
     @property
     def var(self) -> float:

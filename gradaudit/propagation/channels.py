@@ -470,7 +470,7 @@ def marginal_profile(weights: torch.Tensor, sizes: Sequence[int]) -> tuple | Non
     for k in range(len(sizes)):
         other = [d for d in range(len(sizes)) if d != k]
         v = w.mean(dim=other) if other else w
-        level = float(v.mean())
+        level = mean_value(v)
         out.append(v / level if level > 0 else torch.ones_like(v))
     return tuple(out) or None
 
@@ -480,7 +480,7 @@ def weighted_positions(pos_k: torch.Tensor, sizes: Sequence[int], prof: tuple | 
     position by position by ``pos_k`` (mean over positions of prof_p k_p; the profile
     of prof_p k_p)."""
     w = outer_profile(prof, sizes) * pos_k
-    factor = float(w.mean())
+    factor = mean_value(w)
     if factor <= 0:
         return 0.0, None
     return factor, marginal_profile(w / factor, sizes)
@@ -501,12 +501,12 @@ def mapped_profile(gain: PositionMap, prof: tuple | None) -> tuple[float, tuple 
             along = torch.ones(index.numel() if not gain.gather else int(index.max()) + 1, dtype=torch.float64)
         if gain.gather:
             v = along[index]
-            level = float(v.mean())
+            level = mean_value(v)
             factor *= level
             new.append(v / level if level > 0 else torch.ones_like(v))
         else:
             v = torch.zeros(size, dtype=torch.float64).index_add_(0, index, along)
-            level = float(v.mean())
+            level = mean_value(v)
             new.append(v / level if level > 0 else torch.ones_like(v))
     if all(bool(torch.all(v == 1.0)) for v in new):
         return factor, None
@@ -544,7 +544,7 @@ def conv_counts(prof: torch.Tensor | None, geo: tuple) -> tuple[list[float], tor
         counts, dest = per_tap.sum(1), per_dest.sum(1)
     else:
         counts, dest = per_tap @ prof, per_dest @ prof
-    mean = float(dest.mean())
+    mean = mean_value(dest)
     return counts.tolist(), (dest / mean if mean > 0 else torch.ones_like(dest))
 
 
