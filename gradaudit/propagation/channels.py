@@ -341,6 +341,16 @@ def _basic(gain: Any, out: float | torch.Tensor) -> float | torch.Tensor:
     raise TypeError(f"unknown gain {gain!r}")  # pragma: no cover - handlers only emit the types above
 
 
+def _three_through(m: Any, o: Grad) -> Any:
+    """M^T [g s x] for a channel matrix M (C_out, C_in) and a gradient's three vectors
+    over C_out: (C_in, 3). A float64 matrix multiplies the three as rows, [g s x]^T M
+    (BLAS takes 5x longer for a transposed matrix times three columns): the same sums
+    in another order, equal to rounding."""
+    if isinstance(m, torch.Tensor) and m.dtype == torch.float64:
+        return (torch.stack([o.g, o.s, o.x]).double() @ m).t()
+    return m.t() @ torch.stack([o.g, o.s, o.x], 1).to(m.dtype)
+
+
 def _axis_of(gain: Any) -> int | None:
     return getattr(gain, "axis", None)
 
@@ -390,7 +400,7 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
             # one pass over the shared matrix for the three
             n = gain.f.m.shape[0]
             o = out.vector(n)
-            r = gain.f.m.t() @ torch.stack([o.g, o.s, o.x], 1).to(gain.f.m.dtype)
+            r = _three_through(gain.f.m, o)
             res = Grad(r[:, 0] * gain.f.scale, r[:, 1] * gain.c.scale, r[:, 2] * gain.c.scale)
         elif cg is gain.f:  # the coherent part's power goes the fluctuating part's way
             res = Grad(_basic(gain.f, out.g), _basic(gain.c, out.s), _basic(gain.c, out.x))
@@ -418,7 +428,7 @@ def apply_gain(gain: Any, out: Grad, n_in: int | None, in_axis: int | None = Non
         plain = _is_zero(out.s) and _is_zero(out.x)
         if not plain and isinstance(gain, Mat):  # one pass over the matrix for the three
             o = out.vector(gain.m.shape[0])
-            r = gain.m.t() @ torch.stack([o.g, o.s, o.x], 1).to(gain.m.dtype)
+            r = _three_through(gain.m, o)
             r = (r * gain.scale if gain.scale != 1.0 else r).double()
             res = Grad(r[:, 0], r[:, 1], r[:, 2])
         else:
