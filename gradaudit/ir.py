@@ -31,6 +31,7 @@ def mean_value(t: Any) -> float:
         return float(t.sum()) / n
     return float(t.mean())
 
+
 @dataclass(frozen=True)
 class Location:
     """The user's source line that created a node."""
