@@ -20,6 +20,18 @@ from typing import Any, Callable, Iterator
 #: self.W``: the layer is ``W``), not after the parameter's owner.
 PARAMETER_LAYER = "nn.Parameter"
 
+
+def mean_value(t: Any) -> float:
+    """``float(t.mean())`` of a tensor. For float64 on the CPU torch's mean is the sum
+    divided by the count (ATen's ``mean_out``: ``sum_out(...).div_(numel)``), so the
+    sum's value divided here is the same number, without the second kernel and tensor
+    (the mean of a small vector costs twice its sum)."""
+    n = t.numel()
+    if n and t.dtype.is_floating_point and t.element_size() == 8 and t.device.type == "cpu":
+        return float(t.sum()) / n
+    return float(t.mean())
+
+
 @dataclass(frozen=True)
 class Location:
     """The user's source line that created a node."""
@@ -314,14 +326,14 @@ class Stats:
 
         sq = mean * mean
         m2 = m2.maximum(sq)
-        s = cls(mean=float(mean.mean()), m2=float(m2.mean()), axis=axis, ch_mean=mean, ch_m2=m2, pos=pos)
+        s = cls(mean=mean_value(mean), m2=mean_value(m2), axis=axis, ch_mean=mean, ch_m2=m2, pos=pos)
         var = m2 - sq
         if cov is not None and pos is not None:
             cov = torch.minimum(cov.maximum(-var), var)
-            s.ch_cov, s.cov = cov, float(cov.mean())
+            s.ch_cov, s.cov = cov, mean_value(cov)
         if xcov is not None:
             xcov = torch.minimum(xcov.maximum(-var), var)
-            s.ch_xcov, s.xcov = xcov, float(xcov.mean())
+            s.ch_xcov, s.xcov = xcov, mean_value(xcov)
         return s
 
     def spread(self) -> float | None:
@@ -384,15 +396,15 @@ class Stats:
         if self.has_channels and isinstance(xcov, torch.Tensor) and xcov.numel() == self.ch_mean.numel():
             var = (self.ch_m2 - self.ch_mean**2).clamp_min(0.0)
             xcov = torch.minimum(xcov.maximum(-var), var)
-            self.ch_xcov, self.xcov = xcov, float(xcov.mean())
+            self.ch_xcov, self.xcov = xcov, mean_value(xcov)
         else:
-            v = float(xcov.mean()) if isinstance(xcov, torch.Tensor) else float(xcov)
+            v = mean_value(xcov) if isinstance(xcov, torch.Tensor) else float(xcov)
             self.xcov = min(max(v, -self.var), self.var)
 
     def set_third(self, k3) -> None:
         """Set the third central moment (a per-channel vector when channels are tracked)."""
         if self.has_channels and hasattr(k3, "numel") and k3.numel() == self.ch_mean.numel():
-            self.ch_k3, self.k3 = k3, float(k3.mean())
+            self.ch_k3, self.k3 = k3, mean_value(k3)
         else:
             self.k3 = float(k3.mean()) if hasattr(k3, "mean") else float(k3)
 
@@ -401,7 +413,7 @@ class Stats:
         """Variance of the per-channel means around their average (0 without channels)."""
         if not self.has_channels:
             return 0.0
-        return max(float((self.ch_mean * self.ch_mean).mean()) - self.mean * self.mean, 0.0)
+        return max(mean_value(self.ch_mean * self.ch_mean) - self.mean * self.mean, 0.0)
 
     @property
     def var(self) -> float:

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, in_place, iter_refs, map_refs
+from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, in_place, iter_refs, map_refs, mean_value
 from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked
@@ -202,6 +202,8 @@ class Engine:
         # root -> (E[phi'^2], E[phi'_i phi'_j] same sample, E[phi']^2) of its lone member
         self.single_d2: dict[str, tuple] = {}
         self._rho_cache: dict[tuple[str, bool], torch.Tensor | None] = {}
+        self._weak_cache: dict[tuple[str, bool], bool] = {}
+        self._asym_cache: dict[str, bool] = {}  # root -> _asymmetric(its statistics)
         # root -> (channel -> distinct law index or None, the laws' means, variances)
         self._inv: dict[str, tuple] = {}
         self._moment_cache: dict[tuple, tuple[float, float] | None] = {}
@@ -375,7 +377,7 @@ class Engine:
             mean, var = self._distinct(root)
         if _skewed(rs):
             x, w = gamma_points(mean, var, True) if rs.has_channels else gamma_points(rs.mean, rs.var, False)
-        elif _asymmetric(rs):
+        elif self._asymmetric_root(root):
             # an asymmetric root's channels share no columns (:meth:`_distinct`)
             k3 = rs.third(rs.axis, mean.numel()) if rs.has_channels else rs.k3
             x, w = skewed_points(mean, var, k3, True) if rs.has_channels else skewed_points(rs.mean, rs.var, k3, False)
@@ -397,7 +399,7 @@ class Engine:
             rs = self.leaf_stats(root)
             mean, var = rs.channels(rs.axis, rs.ch_mean.numel())
             inv = None
-            if DISTINCT_TOL > 0 and not any(self.graph[m].params for m in self.groups.get(root, [])) and not _asymmetric(rs):
+            if DISTINCT_TOL > 0 and not any(self.graph[m].params for m in self.groups.get(root, [])) and not self._asymmetric_root(root):
                 std = var.clamp_min(0.0).sqrt()
                 unit = DISTINCT_TOL * max(float((mean * mean + var).mean().sqrt()), 1e-300)
                 k1, k2 = torch.round(mean / unit), torch.round(std / unit)
@@ -422,7 +424,7 @@ class Engine:
         entry = self._inv.get(root)
         if entry is None or entry[0] is None or not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
-        return t[..., entry[0]]
+        return t.index_select(t.dim() - 1, entry[0])  # t[..., entry[0]], gathered faster
 
     def fused_max_moments(self, name: str, window: int):
         """E[max] and E[max^2] over windows of ``window`` values of fused node ``name``,
@@ -490,6 +492,19 @@ class Engine:
             self._rho_cache[key] = self._compute_rho(root, cross)
         return self._rho_cache[key]
 
+    def _weak_rho(self, root: str, cross: bool = False) -> bool:
+        """:func:`_weak` of the root's (not None) :meth:`_rho`, once per root."""
+        key = (root, cross)
+        if key not in self._weak_cache:
+            self._weak_cache[key] = _weak(self._rho(root, cross))
+        return self._weak_cache[key]
+
+    def _asymmetric_root(self, root: str) -> bool:
+        """:func:`_asymmetric` of the root's statistics, once per root."""
+        if root not in self._asym_cache:
+            self._asym_cache[root] = _asymmetric(self.leaf_stats(root))
+        return self._asym_cache[root]
+
     def _compute_rho(self, root: str, cross: bool) -> torch.Tensor | None:
         rs = self.leaf_stats(root)
         if (rs.pos is None and not cross) or _skewed(rs):
@@ -513,7 +528,7 @@ class Engine:
         rho = self._rho(root, cross)
         if rho is None:
             return None if cross else torch.zeros_like(mean)
-        if _weak(rho):  # first order of Mehler's series: a_1^2 rho
+        if self._weak_rho(root, cross):  # first order of Mehler's series: a_1^2 rho
             return self._cols(root, hermite_coefficients(y, y.dim() == 2, 1)[1]) ** 2 * rho
         coef = self._cols(root, hermite_coefficients(y, y.dim() == 2))
         return coherent_moment(coef, (m2 - mean * mean).clamp_min(0.0), rho)
@@ -525,8 +540,9 @@ class Engine:
         d2 = self._cols(root, _expect(w, _square(d)))
         d1 = self._cols(root, _expect(w, d))
         out, coef = [d2, d1 * d1, d1 * d1], None
-        for k, rho in ((1, self._rho(root)), (2, self._rho(root, cross=True))):
-            if rho is None or _weak(rho):  # the derivative's own coherence is second order then
+        for k, cross in ((1, False), (2, True)):
+            rho = self._rho(root, cross)
+            if rho is None or self._weak_rho(root, cross):  # the derivative's own coherence is second order then
                 continue
             if coef is None:
                 coef = self._cols(root, hermite_coefficients(d, d.dim() == 2))
@@ -679,8 +695,8 @@ class Engine:
         if s is None:
             return
         total = Grad()
-        for p in acc.get((name, leaf), []):
-            total = total + p
+        for i, p in enumerate(acc.get((name, leaf), [])):
+            total = p if i == 0 and _as_sum(p) else total + p
         _store_grad(s, total)
 
     # -- backward ------------------------------------------------------------------
@@ -749,9 +765,9 @@ def _elementwise_profile(root: Stats, out: Stats) -> tuple | None:
     new = []
     for a in root.prof:
         ra = a.clamp_min(0.0).sqrt()
-        mu = m1 * float(ra.mean())
+        mu = m1 * mean_value(ra)
         prof = (a * m2 - 2 * ra * m1 * mu + mu * mu).clamp_min(0.0)
-        level = float(prof.mean())
+        level = mean_value(prof)
         new.append(prof / level if level > 0 else torch.ones_like(prof))
     return tuple(new)
 
@@ -763,6 +779,15 @@ def _same_positions(graph: Graph, src: str, in_leaf: int, node: Node, out_leaf: 
         return False
     ma, mb = graph[src].outputs[in_leaf], node.outputs[out_leaf]
     return ma is not None and mb is not None and all(ma.shape[k] == mb.shape[k] for k in a.pos if k < len(ma.shape) and k < len(mb.shape))
+
+
+def _as_sum(g: Grad) -> bool:
+    """Whether ``g`` is what Grad() + g would give, number for number: 0 + v is v, but a
+    profile gets averaged (and rounded) and a strided vector comes out contiguous (whose
+    later averages sum in another order)."""
+    return g.prof is None and all(
+        not isinstance(v, torch.Tensor) or v.is_contiguous() for v in (g.g, g.s, g.x, g.es, g.ex)
+    )
 
 
 def _directions(d2, d1sq, g: Grad, equal_rows: bool = False) -> tuple[float, float]:
@@ -828,7 +853,7 @@ def _store_grad(s: Stats, total: Grad) -> None:
     if s.has_channels:
         vec = total.vector(s.ch_mean.numel())
         s.ch_g2, s.ch_gs, s.ch_gx, s.ges, s.gex = vec.g, vec.s, vec.x, vec.es, vec.ex
-        s.g2, s.gs, s.gx = float(vec.g.mean()), float(vec.s.mean()), float(vec.x.mean())
+        s.g2, s.gs, s.gx = mean_value(vec.g), mean_value(vec.s), mean_value(vec.x)
     else:
         m = total.mean()
         s.g2, s.gs, s.gx, s.ges, s.gex = m.g, m.s, m.x, m.es, m.ex

@@ -168,10 +168,31 @@ def _tap_weighted(block: torch.Tensor, taps: torch.Tensor, power: int) -> torch.
     """sum over taps t of W[:, :, t]^power * taps[t] -> (C_out, C_in); with ``taps`` of
     shape (K, m), m such sums at once -> (C_out, C_in, m) (one pass over the weights)."""
     w = block.reshape(block.shape[0] * block.shape[1], -1)
+    if taps.shape == (1,):
+        return _one_tap(w, taps.to(w.dtype), power).reshape(block.shape[0], block.shape[1])
     if power == 2:
         w = w * w
     out = w @ taps.to(w.dtype)
     return out.reshape(block.shape[0], block.shape[1], *taps.shape[1:]).double()
+
+
+def _one_tap(w: torch.Tensor, tap: torch.Tensor, power: int) -> torch.Tensor:
+    """:func:`_tap_weighted` of a 1x1 kernel, ``w`` of shape (rows, 1): a product with one
+    tap is elementwise (the rounding of the matrix-vector product's one term), so it
+    runs block by block through one small buffer into the float64 result instead of
+    through two temporaries of the weight's size (fresh pages of memory each time)."""
+    flat = w.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float64)
+    buffer = torch.empty(min(chunked.BLOCK, flat.numel()), dtype=w.dtype)
+    for start in range(0, flat.numel(), chunked.BLOCK):
+        source = flat[start : start + chunked.BLOCK]
+        block = buffer[: source.numel()]
+        if power == 2:
+            torch.mul(source, source, out=block)
+        else:
+            block.copy_(source)
+        out[start : start + chunked.BLOCK].copy_(block.mul_(tap))
+    return out
 
 
 #: Convolutions with fewer input channels per group than this get their coherent
