@@ -102,11 +102,14 @@ def _same_weights(a: list[Node], b: list[Node]) -> bool:
                 if ta is not tb and ta != tb:
                     return False
                 continue
-            if ta.shape != tb.shape or ta.dtype != tb.dtype or ta.is_meta or tb.is_meta:
+            if ta.shape != tb.shape or ta.dtype != tb.dtype or ta.is_meta or tb.is_meta or ta.layout != torch.strided:
                 return False
-            if ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr():
-                return False  # shared storage: a tied parameter or the meta stand-in's shared draw
-            if not torch.equal(ta, tb):
+            try:
+                if ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr():
+                    return False  # shared storage: a tied parameter or the meta stand-in's shared draw
+                if not torch.equal(ta, tb):
+                    return False
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage
                 return False
             separate = separate or ta.numel() > 1
     return separate
