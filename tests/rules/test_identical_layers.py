@@ -43,17 +43,16 @@ def findings(model, inputs):
     return [f for f in gradaudit.audit(model, inputs).findings if f.rule == CODE]
 
 
-@pytest.mark.parametrize(
-    "build,blocks",
-    [
-        (lambda: encoder(6, False), 6),
-        (lambda: encoder(4, True), 4),
-        (lambda: (Copies(5), (torch.randn(8, 16),)), 5),
-        (lambda: (Copies(5, share=True), (torch.randn(8, 16),)), None),  # one tensor: weight sharing
-        (lambda: (Copies(5, redraw=True), (torch.randn(8, 16),)), None),  # independent draws
-    ],
-    ids=["post-ln-encoder", "pre-ln-encoder", "deepcopy-list", "shared-module", "redrawn-copies"],
-)
+CASES = [
+    pytest.param(lambda: encoder(6, False), 6, id="post-ln-encoder"),
+    pytest.param(lambda: encoder(4, True), 4, id="pre-ln-encoder"),
+    pytest.param(lambda: (Copies(5), (torch.randn(8, 16),)), 5, id="deepcopy-list"),
+    pytest.param(lambda: (Copies(5, share=True), (torch.randn(8, 16),)), None, id="shared-module"),  # weight sharing
+    pytest.param(lambda: (Copies(5, redraw=True), (torch.randn(8, 16),)), None, id="redrawn-copies"),
+]
+
+
+@pytest.mark.parametrize("build, blocks", CASES)
 def test_found_only_for_deep_copies(build, blocks):
     model, inputs = build()
     found = findings(model, inputs)
