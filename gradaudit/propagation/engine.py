@@ -197,6 +197,7 @@ class Engine:
         # root -> (channel -> distinct law index or None, the laws' means, variances)
         self._inv: dict[str, tuple] = {}
         self._moment_cache: dict[tuple, tuple[float, float] | None] = {}
+        self._reuse: dict[tuple, chunked.Reuse] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
     def leaf_stats(self, name: str, leaf: int = 0) -> Stats | None:
@@ -271,6 +272,19 @@ class Engine:
         if key not in self._moment_cache:
             self._moment_cache[key] = chunked.moments(value)
         return self._moment_cache[key]
+
+    def reuse(self, weight: torch.Tensor) -> "chunked.Reuse | None":
+        """The run's :class:`chunked.Reuse` of a big weight, one per distinct tensor (the
+        decoder layers of a meta model's stand-in share theirs); None for a tensor without
+        plain storage."""
+        try:
+            key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.stride(),
+                   weight.dtype, weight._version)
+        except (RuntimeError, NotImplementedError):
+            return None
+        if key not in self._reuse:
+            self._reuse[key] = chunked.Reuse(weight)
+        return self._reuse[key]
 
     def _input_missing(self, node: Node) -> bool:
         """Whether a floating tensor input of ``node`` has no statistics."""
