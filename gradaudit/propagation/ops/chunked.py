@@ -234,14 +234,19 @@ class Reuse:
         |(A x)_i - (P alpha)_i| <= c_i ||r|| + |t_i| |sum_j r_j|,   c_i = ||a_i. - t_i||_2
 
     (sum_j r_j is 0 but for rounding: 1 is in the span). c_i and t_i depend on W only and
-    come from one pass over it (:meth:`sums`). The approximation P alpha is used when the
-    bound is at most :data:`TOLERANCE` times it in every output channel (for the
+    come from one pass over it (:meth:`sums`). The approximation P alpha stands for an
+    output channel when the bound is at most :data:`TOLERANCE` times it (for the
     variance; for a column of the coherent part, times the variance's value; for the
-    backward, A^T with the centred columns of A, times the gradient power's value); else
-    the exact product runs, and x joins the span (up to :data:`BASIS` inputs). The mean
-    W mu is bounded the same way with the centred rows of W and accepted when its bound
-    is at most TOLERANCE times the output's standard deviation: then the second moment
-    var + mean^2 is within (2 + TOLERANCE) TOLERANCE of the exact one.
+    backward, A^T with the centred columns of A, times the gradient power's value). The
+    mean W mu is bounded the same way with the centred rows of W and accepted when its
+    bound is at most TOLERANCE times the output's standard deviation: then the second
+    moment var + mean^2 is within (2 + TOLERANCE) TOLERANCE of the exact one. Channels
+    that fail get their exact rows (at most :data:`FIX_ROWS_BELOW` of them); beyond
+    that the exact product runs (for a mean alone, a pass of W times one vector), and x
+    joins the span (up to :data:`BASIS` inputs, when at least :data:`KEEP_ABOVE` of its
+    norm is new: the stored product's rounding then stays near 1e-10 relative).
+    Every channel of every product is thus exact or within TOLERANCE, as
+    ``tests/test_chunked.py`` checks against the whole matrix on random instances.
 
     For a stack of identical blocks the inputs of one weight differ from layer to layer
     in a few directions (the same weights made them), so after a few exact passes the
