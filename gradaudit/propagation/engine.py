@@ -795,8 +795,10 @@ def _expect(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def _square(values: torch.Tensor) -> torch.Tensor:
     """values^2 in float64: the per-channel nodes are float32, whose squares overflow from
     |x| ~ 1.8e19 on although float32 holds the values themselves (activations of deep
-    unnormalised networks reach that)."""
-    return values.double().pow(2)
+    unnormalised networks reach that). A product, not ``pow(2)``: the same bits in half
+    the time."""
+    v = values.double()
+    return v * v
 
 
 def _in_place(node: Node) -> bool:
