@@ -18,7 +18,7 @@ process's peak resident set after each:
 A reduced-depth run of a configuration is the full audit at a depth that fits. A stage
 whose memory the machine does not have available now is reported and not run.
 
-    python benchmarks/bench_meta.py [--seq 128] [--budget-gb 8] [--only 7b,70b,moe]
+    python benchmarks/bench_meta.py [--seq 128] [--budget-gb 8] [--only 7b,70b,moe] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -53,8 +53,12 @@ _CHILD = textwrap.dedent("""
 
     def report(stage, t0, **extra):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(json.dumps({"stage": stage, "seconds": time.perf_counter() - t0, "peak_gb": rss, **extra}), flush=True)
+        global c0
+        cpu, c0 = time.process_time() - c0, time.process_time()
+        print(json.dumps({"stage": stage, "seconds": time.perf_counter() - t0, "cpu": cpu, "peak_gb": rss, **extra}),
+              flush=True)
 
+    c0 = time.process_time()
     t0 = time.perf_counter()
     import transformers
     cls, cfg_cls = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "mixtral": ("MixtralForCausalLM", "MixtralConfig")}[family]
@@ -74,7 +78,7 @@ _CHILD = textwrap.dedent("""
     from gradaudit.frontends.signature import ExampleCall
     from gradaudit.propagation import coverage
     from gradaudit.rules.base import all_rules
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     shadow = meta.stand_in(model)
     held = sum(s.untyped_storage().nbytes() for s in {p.data_ptr(): p for p in shadow.parameters()}.values())
     report("stand-in", t0, held_gb=held / 2**30)
@@ -109,19 +113,28 @@ def run(key: str, seq: int, budget: float) -> list[dict]:
     return rows
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--only", default="7b-2,7b,70b,moe")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (the median is printed)")
     args = parser.parse_args()
-    print(f"meta-device audits, one sequence of {args.seq} tokens, one thread, one run each "
-          f"(time per stage; peak RSS of the process so far):")
+    print(f"meta-device audits, one sequence of {args.seq} tokens, one thread, "
+          f"{'one run each' if args.repeat == 1 else f'median of {args.repeat} runs each'} "
+          f"(wall time per stage, CPU time, peak RSS of the process so far):")
     for key in args.only.split(","):
-        rows = run(key, args.seq, args.budget_gb)
+        runs = [run(key, args.seq, args.budget_gb) for _ in range(args.repeat)]
+        rows = runs[0]
         print(f"  {CONFIGS[key][0]}")
         total = 0.0
-        for r in rows:
+        for i, r in enumerate(rows):
             if r["stage"] == "failed":
                 print(f"    failed: {r['error']}")
             elif "no_room" in r:
@@ -131,10 +144,16 @@ def main() -> None:
                 print(f"    propagation not run: its float64 weight matrices would hold {r['skipped']:.0f} GB "
                       f"(budget {args.budget_gb:.0f} GB)")
             else:
-                total += r["seconds"]
-                extra = {k: v for k, v in r.items() if k not in ("stage", "seconds", "peak_gb")}
+                same = [rs[i] for rs in runs if i < len(rs) and rs[i].get("stage") == r["stage"]]
+                seconds = _median([x["seconds"] for x in same])
+                cpu = _median([x.get("cpu", 0.0) for x in same])
+                peak = _median([x["peak_gb"] for x in same])
+                total += seconds
+                extra = {k: v for k, v in r.items() if k not in ("stage", "seconds", "cpu", "peak_gb")}
                 note = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
-                print(f"    {r['stage']:<30} {r['seconds']:>7.1f}s  peak RSS {r['peak_gb']:5.2f} GB  {note}")
+                times = ", ".join(f"{x['seconds']:.1f}" for x in same)
+                spread = f" (runs {times})" if len(same) > 1 else ""
+                print(f"    {r['stage']:<30} {seconds:>7.1f}s  cpu {cpu:6.1f}s  peak RSS {peak:5.2f} GB  {note}{spread}")
         print(f"    total {total:.1f}s")
     print("targets: 70B shape statically under 60 s and 4 GB peak RSS; 7B in proportion")
 

@@ -123,3 +123,148 @@ def test_products_in_one_pass(monkeypatch):
     plain, squared = chunked.products(w.weight, v, cols)
     torch.testing.assert_close(plain, weight.double() @ v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(squared, weight.double().pow(2) @ cols, rtol=1e-12, atol=1e-12)
+
+
+def _reuse_instance(monkeypatch, rows=300, cols=200, seed=5):
+    monkeypatch.setattr(chunked, "BLOCK", 1000)  # several blocks of rows
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen) * 0.05
+    return weight, chunked.Reuse(weight), gen
+
+
+def test_reused_forward_products_are_within_the_bound_or_exact(monkeypatch):
+    """W @ mu and W^2 @ [v, s] from earlier products: per channel within TOLERANCE of the
+    exact products when the bound allows; a new input with a pattern of its own (random
+    per-channel variances) fails the bound and gets the exact product."""
+    weight, reuse, gen = _reuse_instance(monkeypatch)
+    w = weight.double()
+    cols = w.shape[1]
+    base = [torch.rand(cols, generator=gen, dtype=torch.float64) for _ in range(2)]
+    mus = [torch.randn(cols, generator=gen, dtype=torch.float64) * 1e-3 for _ in range(2)]
+
+    def exact(mu, columns):
+        return w @ mu, (w * w) @ columns
+
+    # two exact passes teach the span of {1, base[0], base[1]} and of the two means
+    for b, mu in zip(base, mus):
+        v = 1.0 + 0.1 * b
+        columns = torch.stack([v, 0.3 * v], 1)
+        assert reuse.forward(mu, columns) is None  # nothing known yet beyond 1
+        reuse.learn_forward(mu, columns, *exact(mu, columns))
+    assert reuse.exact == 2
+    # an input in that span (plus a part below the bound): reused, within the tolerance
+    v = 2.0 + 0.3 * base[0] - 0.2 * base[1] + 1e-7 * torch.rand(cols, generator=gen, dtype=torch.float64)
+    mu = 0.5 * mus[0] + 2.0 * mus[1]
+    columns = torch.stack([v, 0.5 * v], 1)
+    found = reuse.forward(mu, columns)
+    assert found is not None and reuse.reused == 1
+    mean, sq = exact(mu, columns)
+    assert ((found[1] - sq).abs() <= chunked.TOLERANCE * sq[:, :1]).all()
+    assert ((found[0] - mean).abs() <= chunked.TOLERANCE * sq[:, 0].sqrt()).all()
+    torch.testing.assert_close(found[1], sq, rtol=1e-5, atol=0)  # much closer than the bound in fact
+    # a non-flat input with a pattern of its own: the bound fails, the caller runs the pass
+    wild = torch.rand(cols, generator=gen, dtype=torch.float64) * 3.0
+    assert reuse.forward(mu, torch.stack([wild, 0.5 * wild], 1)) is None
+    # through the handler's path: the exact product, then kept
+    plain = chunked.Chunked(weight, False, reuse=reuse)
+    got = chunked.reused_products(plain, mu, torch.stack([wild, 0.5 * wild], 1))
+    want = exact(mu, torch.stack([wild, 0.5 * wild], 1))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-15)
+    assert reuse.exact == 3
+    # ... and that input is now known: the same input again costs no pass
+    again = chunked.reused_products(plain, mu, torch.stack([wild, 0.5 * wild], 1))
+    assert reuse.exact == 3 and reuse.reused == 2
+    assert ((again[1] - want[1]).abs() <= chunked.TOLERANCE * want[1][:, :1]).all()
+
+
+def test_reused_backward_products_are_within_the_bound_or_exact(monkeypatch):
+    """(W^2)^T @ [g, s, x] through the transposed view: reused within TOLERANCE of the
+    exact product (relative to the gradient power's) when the bound allows, exact when not."""
+    weight, reuse, gen = _reuse_instance(monkeypatch, seed=6)
+    a = weight.double() ** 2
+    view = chunked.Chunked(weight, True, reuse=reuse).t()
+    rows = weight.shape[0]
+    base = torch.rand(rows, generator=gen, dtype=torch.float64)
+    first = torch.stack([1.0 + 0.2 * base, 0.1 * base, 0.05 * (1.0 + base)], 1)
+    torch.testing.assert_close(view @ first, a.t() @ first, rtol=1e-12, atol=1e-15)
+    assert (reuse.exact, reuse.reused) == (1, 0)
+    second = torch.stack([3.0 - 0.5 * base, 0.2 * base, torch.full((rows,), 0.1, dtype=torch.float64)], 1)
+    got = view @ second
+    assert (reuse.exact, reuse.reused) == (1, 1)
+    want = a.t() @ second
+    assert ((got - want).abs() <= chunked.TOLERANCE * want[:, :1]).all()
+    vector = 2.0 + base  # one vector (no coherent parts) in the same span
+    torch.testing.assert_close(view @ vector, a.t() @ vector, rtol=1e-6, atol=0)
+    assert reuse.reused == 2
+    wild = torch.rand(rows, generator=gen, dtype=torch.float64) ** 4  # a pattern of its own
+    torch.testing.assert_close(view @ wild, a.t() @ wild, rtol=1e-12, atol=1e-15)
+    assert reuse.exact == 2
+    # the plain (not squared) views never reuse: they are exact
+    plain = chunked.Chunked(weight, False, reuse=reuse)
+    torch.testing.assert_close(plain.t() @ vector, weight.double().t() @ vector, rtol=1e-12, atol=1e-15)
+
+
+def test_the_bound_holds_on_random_instances(monkeypatch):
+    """Whatever the input, a reused product is within its stated bound of the exact one:
+    many random inputs, partly in the learnt span, partly not."""
+    weight, reuse, gen = _reuse_instance(monkeypatch, rows=120, cols=90, seed=7)
+    w = weight.double()
+    basis = torch.rand(90, 3, generator=gen, dtype=torch.float64)
+    for b in basis.t():
+        reuse.learn_forward(b * 0, b[:, None], w @ (b * 0), (w * w) @ b[:, None])
+    reused = 0
+    for k in range(200):
+        noise = 10.0 ** -(k % 8) * torch.rand(90, generator=gen, dtype=torch.float64)
+        v = basis @ torch.rand(3, generator=gen, dtype=torch.float64) + 1.0 + noise
+        found = reuse.forward(torch.zeros(90, dtype=torch.float64), v[:, None])
+        exact = (w * w) @ v
+        if found is not None:
+            reused += 1
+            assert ((found[1][:, 0] - exact).abs() <= chunked.TOLERANCE * exact).all()
+    assert 0 < reused < 200
+
+
+class _SharedNormed(torch.nn.Module):
+    """A pre-norm residual stack whose blocks all read one weight pair (as a meta model's
+    stand-in's decoder layers do)."""
+
+    def __init__(self, width=128, hidden=384, depth=16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(8)
+        self.up = torch.nn.Parameter(torch.randn(hidden, width, generator=gen) * width**-0.5)
+        self.down = torch.nn.Parameter(torch.randn(width, hidden, generator=gen) * hidden**-0.5)
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(width) for _ in range(depth))
+
+    def forward(self, x):
+        for norm in self.norms:
+            x = x + torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(norm(x), self.up)), self.down)
+        return x
+
+
+def test_an_analysis_with_shared_weights_is_the_same_with_reused_products(monkeypatch):
+    """A deep stack of blocks sharing one weight pair: with every linear layer chunked,
+    products are reused (or fixed up channel by channel) for many layers, and every
+    layer's activation and gradient RMS stay within the tolerance of the analysis that
+    makes every pass."""
+    from gradaudit.propagation import engine
+
+    model = _SharedNormed()
+    inputs = torch.randn(4, 10, 128, generator=torch.Generator().manual_seed(9))
+    graph = capture(model, inputs)
+    monkeypatch.setattr(chunked, "CHUNKED_ABOVE", 1)
+    monkeypatch.setattr(chunked, "BLOCK", 1000)
+    made = []
+    init = engine.Engine.__init__
+    monkeypatch.setattr(engine.Engine, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    fast = analyse(graph, inputs, None, Settings())
+    reuses = list(made[-1]._reuse.values())
+    monkeypatch.setattr(engine.Engine, "reuse", lambda self, weight: None)
+    slow = analyse(graph, inputs, None, Settings())
+    assert len(reuses) == 2 and all(r.reused >= 10 for r in reuses), [(r.exact, r.reused) for r in reuses]
+    layers = slow.layers()
+    assert sum(n.op == "linear" for n in layers) == 32
+    for node in layers:
+        a, b = slow.stat(node.name), fast.stat(node.name)
+        assert b.act_rms == pytest.approx(a.act_rms, rel=chunked.TOLERANCE), node.name
+        assert b.grad_rms == pytest.approx(a.grad_rms, rel=chunked.TOLERANCE), node.name

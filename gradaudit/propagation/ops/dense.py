@@ -44,7 +44,7 @@ def dense_stats(
     if chunked.pair(wsum, w2) and power is None and coherent is None:  # one pass over a big weight
         cov_in = x.coherent(in_axis, w2.shape[1]) if pos is not None and x.pos is not None else None
         columns = torch.stack([var_in.double()] + ([cov_in.double()] if cov_in is not None else []), 1)
-        mean, sq = chunked.products(w2.weight, mean_in, columns)
+        mean, sq = chunked.reused_products(wsum, mean_in, columns)
         mean = mean * scale
         if bias is not None:
             mean = mean + bias.detach().double().reshape(-1)
@@ -93,7 +93,7 @@ def linear(ctx: Ctx) -> Effect:
     if weight is None:
         raise Unhandled("linear with a computed weight")
     x = ctx.stat(ref)
-    w, w2 = chunked.weights(weight)
+    w, w2 = chunked.weights(weight, getattr(ctx.engine, "reuse", None))
     in_axis = len(ctx.meta(ref).shape) - 1
     pos = x.pos if x.pos is not None and in_axis not in x.pos else None
     w2_fwd = w2

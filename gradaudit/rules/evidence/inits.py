@@ -29,6 +29,15 @@ def weight_matrix(node: Node):
     return w.reshape(w.shape[0], -1)
 
 
+def _storage_key(w) -> tuple | None:
+    """What identifies the values of ``w``: its storage, offset, shape, strides, dtype and
+    version (None for a tensor without plain storage)."""
+    try:
+        return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w._version)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def fan_in_gain(w) -> float:
     """n E[w^2] over the rows of a (fan_out, fan_in) matrix: the factor a layer applies to
     the second moment of independent zero-mean inputs (He et al. 2015, Eq. 7)."""
@@ -113,13 +122,19 @@ def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
         return st.inits
     out: dict[str, LayerInit] = {}
     by_module: dict[str, tuple[float, bool]] = {}
+    by_tensor: dict[tuple, tuple[float, bool]] = {}
     for n in analysis.weight_layers():
         w = weight_matrix(n)
         if w is None:
             continue
         key = n.module or n.name
         if key not in by_module:
-            by_module[key] = (fan_in_gain(w), rows_equal(w))
+            # layers reading one tensor (a meta model's stand-in shares a draw between its
+            # decoder layers) read it once: the same values give the same answers
+            same = _storage_key(w)
+            by_module[key] = by_tensor.get(same) if same is not None and same in by_tensor else (fan_in_gain(w), rows_equal(w))
+            if same is not None:
+                by_tensor[same] = by_module[key]
         gain, sym = by_module[key]
         act, act_node = next_activation_node(analysis, n)
         needed, scheme = needed_gain(act, act_node)
