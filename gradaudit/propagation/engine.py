@@ -645,7 +645,11 @@ class Engine:
         A sum's profile is kept for the ReLU upstream of it."""
         if self.graph[member].op != "relu":
             return d2
-        parts, into_sum = self._sum_parts.get((member, 0), []), self.graph[root].op in ("add", "sub")
+        parts = self._sum_parts.get((member, 0), [])
+        # the profile at a sum is read by a ReLU that feeds it (the stream's previous block)
+        into_sum = self.graph[root].op in ("add", "sub") and any(
+            self.graph[src].op == "relu" for src in self.graph[root].inputs
+        )
         if not parts and not into_sum:
             return d2
         ms = self.stats[member][0]
