@@ -81,13 +81,13 @@ def sums_of_squares(tensors: list) -> list[float]:
 
     if not tensors:
         return []
-    try:
-        norms = torch._foreach_norm(
-            [t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach() for t in tensors]
-        )
-    except (AttributeError, RuntimeError):
-        norms = [sumsq(t) for t in tensors]
-    values = torch.stack(list(norms)).double().tolist()
+    half = (torch.float16, torch.bfloat16)
+    with torch.no_grad():  # (values that require grad: no graph is recorded for the norms)
+        try:
+            norms = torch._foreach_norm([t.float() if t.dtype in half else t for t in tensors])
+        except (AttributeError, RuntimeError):
+            norms = [sumsq(t) for t in tensors]
+        values = torch.stack(list(norms)).double().tolist()
     for i, (v, t) in enumerate(zip(values, tensors)):
         if v < TINY and t.dtype != torch.float64 and t.numel():
             values[i] = float(torch.linalg.vector_norm(t.detach().double(), 2))

@@ -65,13 +65,22 @@ def layer_parameters(node, module=None) -> list:
 
 
 def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, grads, layer_params: dict,
-                zeros: bool, with_loss: bool = False) -> None:
+                zeros: bool, with_loss: bool = False, held: list | None = None) -> None:
     """Turn one draw's observations into second moments: each layer's output (``pending``:
     its 2-norm and size) and gradient (``grad_slots``), the weight gradients of each
     layer's parameters, the total gradient norm (and, for a user's loss, the largest
-    gradient entry)."""
+    gradient entry). ``held`` layer outputs (their gradients follow the parameters' and
+    the inputs' in ``grads``) are reduced in the same fused norm as the weight gradients."""
     present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
-    sq_of = dict(zip((id(p) for p, _ in present), sums_of_squares([g for _, g in present])))
+    held_grads = list(grads[len(grads) - len(held) :]) if held else []
+    got = [(name, t, g) for (name, t), g in zip(held or [], held_grads) if g is not None]
+    sums = sums_of_squares([g for _, g in present] + [t for _, t in held or []] + [g for _, _, g in got])
+    sq_of = dict(zip((id(p) for p, _ in present), sums[: len(present)]))
+    rest = sums[len(present) :]
+    for (name, t), sq in zip(held or [], rest):
+        pending.append((name, math.sqrt(sq), t.numel()))
+    for (name, t, _), sq in zip(got, rest[len(held or []) :]):
+        grad_slots[name] = (math.sqrt(sq), t.numel(), None)
     for name, norm, numel in pending:
         rec.act_sq[name] = float(norm) ** 2 / max(numel, 1)
     for name, (norm, numel, zero) in grad_slots.items():
@@ -89,17 +98,6 @@ def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, 
             rec.weight_grad_sq[name] = sum(sq_of[i] for i in own)
             if zeros:
                 rec.weight_grad_zero[name] = sum(int((pgrad[i] == 0).sum()) for i in own)
-
-
-def _reduce_held(held: list, grads, pending: list, grad_slots: dict) -> None:
-    """The norms of held layer outputs and of their gradients (None: no gradient reached
-    it), each set with one fused kernel."""
-    tensors = [t for _, t in held]
-    for (name, t), sq in zip(held, sums_of_squares(tensors)):
-        pending.append((name, math.sqrt(sq), t.numel()))
-    got = [(name, t, g) for (name, t), g in zip(held, grads) if g is not None]
-    for (name, t, _), sq in zip(got, sums_of_squares([g for _, _, g in got])):
-        grad_slots[name] = (math.sqrt(sq), t.numel(), None)
 
 
 def finish_draw(rec: DrawRecord, outs: list, started: float) -> DrawRecord:
@@ -245,12 +243,10 @@ class Runner:
                     ]
                     if ys:
                         grads = torch.autograd.grad(ys, wrt, cots, allow_unused=True)
-                if held:
-                    _reduce_held(held, grads[len(params) + len(input_leaves) :] if grads else [], pending, grad_slots)
         finally:
             for h in hooks:
                 h.remove()
-        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros, loss is not None)
+        reduce_draw(rec, pending, grad_slots, params, grads, self.layer_params, zeros, loss is not None, held)
         if check_all and rec.first_forward is None:
             first_backward(self, backward_order, env, rec)
         return finish_draw(rec, outs, started)
