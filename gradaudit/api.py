@@ -24,7 +24,7 @@ from gradaudit.propagation.depth import layer_gradient, summarize
 from gradaudit.propagation.engine import Analysis, PropagationError, propagate
 from gradaudit.report.model import AuditReport, LayerRecord, Moments
 from gradaudit.rules.base import SEVERITY_ORDER, Finding, all_rules, resolve_codes
-from gradaudit.serial import serial
+from gradaudit.serial import fewer_collections, serial
 from gradaudit.state import preserved
 
 
@@ -140,7 +140,8 @@ def run(
     if opts.measures and not onnx:
         meta.refuse_measurement(model)
     # batches may draw from the RNGs: the audit leaves them as found
-    with preserved(None if onnx else model):
+    # fewer cyclic collections: each traverses the model and every statistic (gradaudit.serial)
+    with fewer_collections(), preserved(None if onnx else model):
         example_inputs, input_source, loss_batches = stage.load_inputs(opts, example_inputs, input_source)
         # a model on the meta device is read through a CPU stand-in holding one draw per
         # distinct layer (the model itself stays on meta)

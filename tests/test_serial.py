@@ -30,6 +30,29 @@ def test_serial_restores_the_thread_count(threads):
     assert torch.get_num_threads() == 2
 
 
+def test_fewer_collections_restores_the_thresholds():
+    import gc
+
+    from gradaudit.serial import GEN0_THRESHOLD, fewer_collections
+
+    before = gc.get_threshold()
+    gc.set_threshold(500, 7, 9)
+    try:
+        with fewer_collections():
+            assert gc.get_threshold() == (GEN0_THRESHOLD, 7, 9)
+        with pytest.raises(ZeroDivisionError):
+            with serial():
+                assert gc.get_threshold()[0] == GEN0_THRESHOLD
+                1 / 0
+        assert gc.get_threshold() == (500, 7, 9)
+        import gradaudit
+
+        gradaudit.audit(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(3, 4),))
+        assert gc.get_threshold() == (500, 7, 9) and gc.isenabled()
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_audit_leaves_the_thread_count(threads):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     import gradaudit
