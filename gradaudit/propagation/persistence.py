@@ -43,7 +43,7 @@ from functools import lru_cache
 import torch
 
 #: Gauss-Hermite nodes for the expectation over the branch h.
-H_NODES = 16
+H_NODES = 12
 #: Bins of the coarse nodes a profile lives on.
 BINS = 32
 
