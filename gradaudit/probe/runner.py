@@ -64,6 +64,11 @@ def layer_parameters(node, module=None) -> list:
     return list(module.parameters()) if isinstance(module, nn.Module) else []
 
 
+def held_wrt(held: list | None) -> list:
+    """The held layer outputs a gradient is taken for (those that require one)."""
+    return [t for _, t in held or () if t.requires_grad]
+
+
 def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, grads, layer_params: dict,
                 zeros: bool, with_loss: bool = False, held: list | None = None) -> None:
     """Turn one draw's observations into second moments: each layer's output (``pending``:
@@ -72,8 +77,8 @@ def reduce_draw(rec: DrawRecord, pending: list, grad_slots: dict, params: list, 
     gradient entry). ``held`` layer outputs (their gradients follow the parameters' and
     the inputs' in ``grads``) are reduced in the same fused norm as the weight gradients."""
     present = [(p, g) for p, g in zip(params, grads[: len(params)]) if g is not None]
-    held_grads = list(grads[len(grads) - len(held) :]) if held else []
-    got = [(name, t, g) for (name, t), g in zip(held or [], held_grads) if g is not None]
+    tail = iter(grads[len(grads) - len(held_wrt(held)) :] if held and grads else ())
+    got = [(name, t, g) for name, t in held or [] if t.requires_grad and (g := next(tail, None)) is not None]
     sums = sums_of_squares([g for _, g in present] + [t for _, t in held or []] + [g for _, _, g in got])
     sq_of = dict(zip((id(p) for p, _ in present), sums[: len(present)]))
     rest = sums[len(present) :]
@@ -230,7 +235,7 @@ class Runner:
                     return rec
                 outs: list = []
                 leaves(outputs, outs)
-                wrt = params + input_leaves + [t for _, t in held or ()]
+                wrt = params + input_leaves + held_wrt(held)
                 if loss is not None:
                     value = loss(outputs)
                     rec.loss = float(value.detach())
