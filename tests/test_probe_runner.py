@@ -34,14 +34,15 @@ def _models():
     in_place = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 36, 5))
 
     class Frozen(nn.Module):
-        """A frozen first layer whose output is detached: no gradient reaches it."""
+        """A frozen first layer on a detached input: its output requires no gradient."""
 
         def __init__(self) -> None:
             super().__init__()
             self.stem, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+            self.stem.requires_grad_(False)
 
         def forward(self, x):
-            return self.head(torch.tanh(self.stem(x).detach()))
+            return self.head(torch.tanh(self.stem(x.detach())))
 
     return {
         "mlp-dropout": (mlp, (torch.randn(8, 16),)),
