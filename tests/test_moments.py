@@ -136,13 +136,3 @@ def test_relu_of_a_residual_sum(mu, sd):
     gauss = float((wg * torch.relu(g) ** 2).sum()) - gm1 * gm1
     assert got == pytest.approx(exact, rel=0.015)
     assert abs(gauss / exact - 1) > 0.05
-
-
-def test_eps_moment_of_a_zero_variance_input_is_finite():
-    """A BatchNorm fed a constant (a light ONNX model's constant weights): e = eps / 0 is
-    huge, and E[e^2 / (y + e)^3] -> 1 / e, not inf / inf."""
-    from gradaudit.propagation.moments import eps_moment
-
-    for nu in (1.0, 7.0, 100.0):
-        got = float(eps_moment(nu, 1e295))
-        assert got == pytest.approx(1e-295, rel=1e-6)

@@ -261,8 +261,7 @@ def eps_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: fl
     when P(y < e) ~ sqrt(2 e / pi) is well above 1 / C; otherwise its mean over the
     channels is far smaller (:func:`_chi_mean`)."""
     nu, e = _chi_args(dof, ratio)
-    # (e / (y + e))^2 / (y + e): no overflow of e^2 for a zero-variance input (e = eps / 0)
-    return _chi_mean(nu, e, (e / (1.0 + e)) ** 2 / (1.0 + e), lambda y, e: (e / (y + e)) ** 2 / (y + e), count)
+    return _chi_mean(nu, e, e * e / (1.0 + e) ** 3, lambda y, e: e * e / (y + e) ** 3, count)
 
 
 def _chi_args(dof, ratio) -> tuple[torch.Tensor, torch.Tensor]:
