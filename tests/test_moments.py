@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from gradaudit.propagation.moments import (
-    eps_moment,
     channel_points,
     coherent_moment,
     gamma_points,
@@ -64,19 +63,6 @@ def test_inverse_moment_with_eps_and_large_groups():
     # a tiny group is bounded by eps, not infinite
     assert math.isfinite(float(inverse_moment(torch.tensor(1.0), torch.tensor(1e-6))))
 
-
-
-@pytest.mark.parametrize("e, count", [(1.5e-4, 1280), (1e-5, 512), (1e-5, 384), (6e-5, 48), (4e-6, 75), (2e-5, 50)])
-def test_eps_moment_over_a_layer_is_the_median_of_its_channel_mean(e, count):
-    """A 2-sample BatchNorm's backward keeps e^2 / (y + e)^3 per channel (y = chi^2_1):
-    heavy-tailed, so a layer of C channels typically averages far less than the
-    expectation (rexnet's SE layers: 19-87 channels). With ``count`` the prediction is
-    the median, over simulated layers, of the mean over C draws; the expectation misses
-    it by up to 3.5 decades at C = 48."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randn(4001, count, generator=gen, dtype=torch.float64) ** 2
-    median = float((e * e / (y + e) ** 3).mean(1).median())
-    assert abs(math.log10(float(eps_moment(1.0, e, count)) / median)) < 0.1
 
 @pytest.mark.parametrize("k", [0.7, 2.0, 5.0, 40.0, 5000.0])
 @pytest.mark.parametrize("channels", [False, True], ids=["scalar-grid", "channel-grid"])

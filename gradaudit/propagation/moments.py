@@ -226,7 +226,7 @@ def _log_grid() -> tuple[torch.Tensor, torch.Tensor]:
     return u, u[1] - u[0]
 
 
-def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: float | None = None) -> torch.Tensor:
+def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> torch.Tensor:
     """E[1 / (y + e)] for y = chi^2_nu / nu (mean 1), per entry of ``dof`` (nu) and
     ``ratio`` (e). A normalization divides by its sample variance s^2 + eps over a
     group of values: with E[s^2] = m and nu the degrees of freedom of s^2 (n - 1 for n
@@ -237,17 +237,14 @@ def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float, count
 
     The integral runs on a log grid (the chi-square density y^(nu/2 - 1) is singular
     at 0 for nu < 2); for nu > 50 the Taylor series of 1 / (y + e) around 1 over the
-    central moments of y (2/nu, 8/nu^2, 12/nu^2 + 48/nu^3) is exact to ~1e-5.
-
-    ``count``: the typical mean over that many independent draws of y instead of the
-    expectation (:func:`_chi_mean`)."""
+    central moments of y (2/nu, 8/nu^2, 12/nu^2 + 48/nu^3) is exact to ~1e-5."""
     nu, e = _chi_args(dof, ratio)
     a = 1.0 / (1.0 + e)
     approx = a + (2.0 / nu) * a**3 - (8.0 / nu**2) * a**4 + (12.0 / nu**2 + 48.0 / nu**3) * a**5
-    return _chi_mean(nu, e, approx, lambda y, e: 1.0 / (y + e), count)
+    return _chi_mean(nu, e, approx, lambda y, e: 1.0 / (y + e))
 
 
-def eps_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: float | None = None) -> torch.Tensor:
+def eps_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> torch.Tensor:
     """E[e^2 / (y + e)^3] for y = chi^2_nu / nu, as :func:`inverse_moment`. A
     normalization's x_hat = (x - mu) / sqrt(s^2 + eps) has mean square s^2 / (s^2 + eps),
     so its backward keeps eps / (s^2 + eps) of the gradient's x_hat component:
@@ -256,12 +253,9 @@ def eps_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: fl
 
     Negligible unless s^2 can come near eps: a BatchNorm over 2 values per channel (nu = 1,
     a pooled head's 1x1 map of 2 samples) removes all of the gradient but this part, whose
-    mean is ~0.47 / sqrt(e) for e << 1 (the chi-square density's y^(-1/2) near 0). That
-    mean comes from y < e, which a layer of C channels (``count``) typically holds only
-    when P(y < e) ~ sqrt(2 e / pi) is well above 1 / C; otherwise its mean over the
-    channels is far smaller (:func:`_chi_mean`)."""
+    mean is ~0.47 / sqrt(e) for e << 1 (the chi-square density's y^(-1/2) near 0)."""
     nu, e = _chi_args(dof, ratio)
-    return _chi_mean(nu, e, e * e / (1.0 + e) ** 3, lambda y, e: e * e / (y + e) ** 3, count)
+    return _chi_mean(nu, e, e * e / (1.0 + e) ** 3, lambda y, e: e * e / (y + e) ** 3)
 
 
 def _chi_args(dof, ratio) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,22 +264,9 @@ def _chi_args(dof, ratio) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.broadcast_tensors(nu, e)
 
 
-def _chi_mean(nu: torch.Tensor, e: torch.Tensor, approx: torch.Tensor, f, count: float | None = None) -> torch.Tensor:
+def _chi_mean(nu: torch.Tensor, e: torch.Tensor, approx: torch.Tensor, f) -> torch.Tensor:
     """E[f(y, e)] for y = chi^2_nu / nu where nu <= 50 (a log-grid integral); ``approx``
-    (its large-nu series) elsewhere.
-
-    With ``count`` = C: the typical (median) value of the mean of f over C independent
-    draws of y (a layer's C channels, each with its own sample variance) instead of the
-    expectation. Where f is heavy-tailed (f = 1/y^3 near 0 against the density y^(-1/2)
-    of nu = 1: tail index 1/6) the expectation is carried by draws that C draws typically
-    lack, and their mean is dominated by its largest term (Feller 1971, vol. II,
-    XVII.5). The mean is taken as that term at its median, f(y_m) / C with y_m the
-    median of the smallest of C draws (P(y < y_m) = 1 - 2^(-1/C)), plus the other C - 1
-    draws at their expectation above it, (C - 1) / C E[f(y) | y > y_m]. Against
-    simulated medians of the mean of e^2 / (y + e)^3 over C chi^2_1 draws this is
-    within ~20% from e = 6e-5, C = 19
-    (median 1e-4 of the expectation) to e = 1.5e-4, C = 1280 (median = expectation).
-    Light-tailed f are unchanged."""
+    (its large-nu series) elsewhere."""
     small = nu <= 50
     if not bool(small.any()):
         return approx
@@ -295,17 +276,7 @@ def _chi_mean(nu: torch.Tensor, e: torch.Tensor, approx: torch.Tensor, f, count:
     log_pdf = k * torch.log(k) + (k - 1) * torch.log(y) - k * y - torch.lgamma(k)
     dens = torch.exp(log_pdf + u) * du  # dy = y du
     dens = dens / dens.sum(-1, keepdim=True)
-    e_col = e[small].unsqueeze(-1)
-    if count is not None and count > 1:
-        cdf = dens.cumsum(-1)
-        q = -math.expm1(-math.log(2.0) / count)  # median of the smallest draw's quantile
-        at = torch.searchsorted(cdf, torch.full_like(cdf[..., :1], q)).clamp_max(y.numel() - 1)
-        largest = f(y[at], e_col).squeeze(-1) / count
-        # the other C - 1 draws lie above y_m: (C - 1) / C of E[f | y > y_m]
-        dens = torch.minimum(dens, (cdf - q).clamp_min(0.0)) * ((1.0 - 1.0 / count) / (1.0 - q))
-    else:
-        largest = 0.0
-    exact = (dens * f(y, e_col)).sum(-1) + largest
+    exact = (dens * f(y, e[small].unsqueeze(-1))).sum(-1)
     out = approx.clone()
     out[small] = exact
     return out

@@ -42,7 +42,7 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     return Effect([out], gains)
 
 
-def _sample_variance(parts: list[tuple[Any, float]], eps: float, count: float | None = None) -> tuple[Any, Any, Any]:
+def _sample_variance(parts: list[tuple[Any, float]], eps: float) -> tuple[Any, Any, Any]:
     """E[s^2], E[1 / (s^2 + eps)] and the x_hat direction's kept fraction of a sample variance that is a sum of independent
     scaled chi-squares: ``parts`` = [(E[part], degrees of freedom)]. Satterthwaite's
     approximation (1946) gives s^2 ~ E[s^2] chi^2_nu / nu with nu = E[s^2]^2 /
@@ -54,18 +54,13 @@ def _sample_variance(parts: list[tuple[Any, float]], eps: float, count: float | 
 
     The kept fraction is E[eps^2 / (s^2 + eps)^3] / E[1 / (s^2 + eps)]
     (:func:`moments.eps_moment`): the part of the gradient along x_hat that the backward
-    does not remove (:func:`_projection`'s ``kept``).
-
-    ``count``: how many independent sample variances the layer holds (a BatchNorm's
-    channels): both means are then the typical mean over that many draws, not the
-    expectation, which for 2 values (nu = 1) comes from channels with s^2 ~ eps that a
-    layer of 75 channels rarely has (:func:`moments._chi_mean`)."""
+    does not remove (:func:`_projection`'s ``kept``)."""
     total = sum(e for e, _ in parts)
     denom = sum(e * e / torch.as_tensor(nu, dtype=torch.float64).clamp_min(1e-9) for e, nu in parts)
     total_t = torch.as_tensor(total, dtype=torch.float64).clamp_min(1e-300)
     nu = total_t * total_t / torch.as_tensor(denom, dtype=torch.float64).clamp_min(1e-300)
-    inv = inverse_moment(nu, eps / total_t, count) / total_t
-    kept = eps_moment(nu, eps / total_t, count) / total_t / inv.clamp_min(1e-300)
+    inv = inverse_moment(nu, eps / total_t) / total_t
+    kept = eps_moment(nu, eps / total_t) / total_t / inv.clamp_min(1e-300)
     return total_t, inv, kept
 
 
@@ -127,10 +122,7 @@ def batch_norm(ctx: Ctx) -> Effect:
     rho_s = (s - V) / E[s^2] within a sample and rho_x = (c - V) / E[s^2] across samples
     (the output's coherent and cross-sample covariances). The backward is
     :func:`_normalized` with :func:`_projection`. With s = c = 0 and n large this is
-    the classic gamma^2 / Var (n - 2) / n. The c channels' sample variances are c
-    independent draws: the gain is their typical mean (``count`` of
-    :func:`_sample_variance`), which over 2 values per channel (nu = 1) is far below
-    the expectation unless c is large.
+    the classic gamma^2 / Var (n - 2) / n.
     """
     ref = ctx.arg(0, "input")
     meta = ctx.meta(ref)
@@ -152,7 +144,7 @@ def batch_norm(ctx: Ctx) -> Effect:
     f = var - s
     between = s + f / p
     cross = x.cross(axis, c).maximum(-between / max(b - 1, 1)).minimum(between) if b > 1 else torch.zeros_like(var)
-    e_s2, inv, kept = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps, c)
+    e_s2, inv, kept = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps)
     v_mean = between / b + cross * (b - 1) / b
     rho_s = (s - v_mean) / e_s2
     rho_x = (cross - v_mean) / e_s2
