@@ -177,28 +177,6 @@ def test_batchnorm_behind_batchnorm_on_2x2_maps(residual):
     assert_agrees(BatchNormChain(residual), (torch.randn(2, 256, 2, 2),), draws=8)
 
 
-class PooledBatchNormHead(nn.Module):
-    """MobileNetV4's head: global pool, 1x1 convolution, BatchNorm, ReLU, classifier, on 2
-    samples. The BatchNorm normalises 2 values per channel: the batch mean and x_hat take
-    all of the gradient but the part eps leaves along x_hat, eps^2 / (s^2 + eps)^3, which a
-    channel whose 2 values nearly coincide makes large (``moments.eps_moment``). It was
-    predicted 0, and every layer below the head with it."""
-
-    def __init__(self, c: int = 64, wide: int = 512) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.conv, self.bn, self.fc = nn.Conv2d(c, wide, 1, bias=False), nn.BatchNorm2d(wide), nn.Linear(wide, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x)).mean((2, 3), keepdim=True)
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def test_batchnorm_over_two_values_passes_the_eps_part():
-    torch.manual_seed(0)
-    assert_agrees(PooledBatchNormHead(), (torch.randn(2, 3, 8, 8),), draws=16)
-
-
 class Bottleneck(nn.Module):
     """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 with BatchNorms, relu(branch + x)."""
 

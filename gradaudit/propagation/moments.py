@@ -238,35 +238,11 @@ def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> to
     The integral runs on a log grid (the chi-square density y^(nu/2 - 1) is singular
     at 0 for nu < 2); for nu > 50 the Taylor series of 1 / (y + e) around 1 over the
     central moments of y (2/nu, 8/nu^2, 12/nu^2 + 48/nu^3) is exact to ~1e-5."""
-    nu, e = _chi_args(dof, ratio)
-    a = 1.0 / (1.0 + e)
-    approx = a + (2.0 / nu) * a**3 - (8.0 / nu**2) * a**4 + (12.0 / nu**2 + 48.0 / nu**3) * a**5
-    return _chi_mean(nu, e, approx, lambda y, e: 1.0 / (y + e))
-
-
-def eps_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> torch.Tensor:
-    """E[e^2 / (y + e)^3] for y = chi^2_nu / nu, as :func:`inverse_moment`. A
-    normalization's x_hat = (x - mu) / sqrt(s^2 + eps) has mean square s^2 / (s^2 + eps),
-    so its backward keeps eps / (s^2 + eps) of the gradient's x_hat component:
-
-        E[(1/(s^2 + eps)) (eps / (s^2 + eps))^2] = eps_moment(nu, eps / m) / m
-
-    Negligible unless s^2 can come near eps: a BatchNorm over 2 values per channel (nu = 1,
-    a pooled head's 1x1 map of 2 samples) removes all of the gradient but this part, whose
-    mean is ~0.47 / sqrt(e) for e << 1 (the chi-square density's y^(-1/2) near 0)."""
-    nu, e = _chi_args(dof, ratio)
-    return _chi_mean(nu, e, e * e / (1.0 + e) ** 3, lambda y, e: e * e / (y + e) ** 3)
-
-
-def _chi_args(dof, ratio) -> tuple[torch.Tensor, torch.Tensor]:
     nu = torch.as_tensor(dof, dtype=torch.float64).clamp_min(1e-3)
     e = torch.as_tensor(ratio, dtype=torch.float64).clamp_min(0.0)
-    return torch.broadcast_tensors(nu, e)
-
-
-def _chi_mean(nu: torch.Tensor, e: torch.Tensor, approx: torch.Tensor, f) -> torch.Tensor:
-    """E[f(y, e)] for y = chi^2_nu / nu where nu <= 50 (a log-grid integral); ``approx``
-    (its large-nu series) elsewhere."""
+    nu, e = torch.broadcast_tensors(nu, e)
+    a = 1.0 / (1.0 + e)
+    approx = a + (2.0 / nu) * a**3 - (8.0 / nu**2) * a**4 + (12.0 / nu**2 + 48.0 / nu**3) * a**5
     small = nu <= 50
     if not bool(small.any()):
         return approx
@@ -276,7 +252,7 @@ def _chi_mean(nu: torch.Tensor, e: torch.Tensor, approx: torch.Tensor, f) -> tor
     log_pdf = k * torch.log(k) + (k - 1) * torch.log(y) - k * y - torch.lgamma(k)
     dens = torch.exp(log_pdf + u) * du  # dy = y du
     dens = dens / dens.sum(-1, keepdim=True)
-    exact = (dens * f(y, e[small].unsqueeze(-1))).sum(-1)
+    exact = (dens / (y + e[small].unsqueeze(-1))).sum(-1)
     out = approx.clone()
     out[small] = exact
     return out
