@@ -7,6 +7,8 @@ with the dominant direction varies), so both sides average 16 draws."""
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import sys
 
@@ -16,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from measure import measure  # noqa: E402
 from test_coherence import assert_agrees  # noqa: E402
 
 from gradaudit.api import Settings, analyse, capture  # noqa: E402
@@ -65,3 +68,37 @@ def test_shared_storage_is_not_a_deep_copy():
         for (name, p), p0 in zip(layer.named_parameters(), model.enc.layers[0].parameters()):
             p.data = p0.data  # same storage
     assert tied.find(capture(model, inputs)) == []
+
+
+class InPlaceCopies(nn.Module):
+    """Residual blocks deep-copied from one ``Linear + ReLU(inplace=True)``: run on its own,
+    the in-place ReLU must not overwrite the Linear's value (its gradient came out 0.15
+    decades high, the ReLU's own)."""
+
+    def __init__(self, n: int = 6, d: int = 32) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True))
+        self.blocks = nn.ModuleList([copy.deepcopy(block) for _ in range(n)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_deep_copies_with_an_in_place_relu():
+    """Each Linear's gradient within 0.08 decades of autograd's (16 draws: the
+    measurement's own spread here is under 0.02); the overwritten value gave 0.15-0.17."""
+    torch.manual_seed(0)
+    model = InPlaceCopies()
+    inputs = (torch.randn(16, 32),)
+    graph = capture(model, inputs)
+    analysis = analyse(graph, inputs, None, Settings())
+    assert len(analysis.tied) == 1
+    measured = measure(model, inputs, draws=16)
+    linears = [n.name for n in graph if n.op == "linear"]
+    assert len(linears) == 6
+    for name in linears:
+        err = math.log10(analysis.stat(name).grad_rms / measured[name][1])
+        assert abs(err) < 0.08, (name, err)
+    assert_agrees(model, inputs, draws=16)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import Graph, Node, Ref, Stats, callable_of, map_refs
+from gradaudit.ir import Graph, Node, Ref, Stats, callable_of, in_place, map_refs
 
 SEED = 4321
 DRAWS = 16
@@ -142,7 +142,7 @@ def evaluate(graph: Graph, stats: dict[str, list[Stats | None]], stack: TiedStac
     """E[g^2] at every floating value of the stack (and its input) per unit E[g^2] at
     its output, averaged over :data:`DRAWS` sampled runs; None when the stack cannot run."""
     src = graph[stack.input]
-    s = stats.get(stack.input, [None])[0]
+    s = _first(stats, stack.input)
     if s is None or src.meta is None or not src.meta.is_float or src.structure != 0:
         return None
     sums: dict[str, float] = {}
@@ -174,11 +174,17 @@ def _run_once(graph: Graph, stack: TiedStack, s: Stats, gen: torch.Generator) ->
             return node.params.get("value")
         raise KeyError(ref.name)
 
+    def copy(ref: Ref) -> Any:
+        v = value(ref)
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
     with torch.enable_grad():
         try:
             for name in stack.nodes:
                 node = graph[name]
-                vals[name] = callable_of(node)(*map_refs(node.args, value), **map_refs(node.kwargs, value))
+                # an in-place op (ReLU(inplace=True)) gets copies: each node keeps its own value
+                fetch = copy if in_place(node) else value
+                vals[name] = callable_of(node)(*map_refs(node.args, fetch), **map_refs(node.kwargs, fetch))
         except Exception:  # noqa: BLE001 - a stack that does not run alone is left to the moments
             return None
         y = vals[stack.output]
@@ -268,4 +274,4 @@ def upstream(graph: Graph, stack: TiedStack) -> list[str] | None:
             return None
     if any(u.name not in set(stack.nodes) for u in graph.users(stack.input)):
         return None
-    return sorted(seen - {stack.input})
+    return list(seen - {stack.input})
