@@ -426,3 +426,11 @@ class Stats:
     @property
     def grad_rms(self) -> float:
         return math.sqrt(max(self.g2, 0.0))
+
+    def scale_grad(self, factor: float) -> None:
+        """Multiply every gradient moment (second moments, coherent parts, missing power
+        along row directions, value alignments) by ``factor``."""
+        for key in ("g2", "gs", "gx", "gdm", "gda", "ch_g2", "ch_gs", "ch_gx", "ges", "gex"):
+            v = getattr(self, key)
+            if v is not None:
+                setattr(self, key, v * factor)

@@ -260,7 +260,6 @@ class Runner:
         """The forward, node by node (what the first draw and a checked run need: unit
         counts, batch cosines, every node's values checked); the outputs, or None when a
         non-finite value stopped it."""
-        import torch
         import torch.fx as fx
 
         placeholder = iter(args_in)
@@ -285,12 +284,8 @@ class Runner:
                     for t in ts:
                         if t.requires_grad:
                             hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
-                if n.name in self.layers:
-                    out = value[0] if isinstance(value, (tuple, list)) else value
-                    if isinstance(out, torch.Tensor) and out.is_floating_point():
-                        pending.append((n.name, sumsq(out), out.numel()))
-                        if out.requires_grad and not check_all:
-                            hooks.append(out.register_hook(grab(grad_slots, n.name, zeros)))
+                if n.name in self.layers:  # (a checked run's hooks above already reduce the gradient)
+                    self._observe(n.name, value, (pending, None if check_all else hooks, grad_slots, zeros, None))
             env[n.name] = value
             if not check_all:
                 for dead in self.free_after.get(i, ()):
@@ -320,18 +315,20 @@ class Runner:
         finally:
             self._draw = None
 
-    def _observe(self, name: str, value) -> None:
-        """Record a layer's output norm and hook its gradient (the compiled forward's call)."""
+    def _observe(self, name: str, value, draw: tuple | None = None) -> None:
+        """Record a layer's output norm and hook its gradient (``hooks`` None: no hook),
+        or hold the output (``held`` a list). ``draw`` = (pending, hooks, grad_slots,
+        zeros, held); the compiled forward calls it with its draw's (:attr:`_draw`)."""
         import torch
 
-        pending, hooks, grad_slots, zeros, held = self._draw
+        pending, hooks, grad_slots, zeros, held = draw if draw is not None else self._draw
         out = value[0] if isinstance(value, (tuple, list)) else value
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             if held is not None:
                 held.append((name, out))
                 return
             pending.append((name, sumsq(out), out.numel()))
-            if out.requires_grad:
+            if out.requires_grad and hooks is not None:
                 hooks.append(out.register_hook(grab(grad_slots, name, zeros)))
 
     # ---------------------------------------------------------------------------------

@@ -753,7 +753,7 @@ class Engine:
                 at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
                 if at_max and src in self.roots:
                     part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
-                elif node.op in ("add", "sub"):
+                elif node.op in ("add", "sub") and self.graph[src].op == "relu":  # read by _persistence
                     self._sum_parts.setdefault((src, in_leaf), []).append((node.name, part))
                 acc.setdefault((src, in_leaf), []).append(part)
 

@@ -224,12 +224,12 @@ def apply(graph: Graph, stats: dict[str, list[Stats | None]]) -> list[TiedStack]
         for name in stack.nodes:
             s, r = _first(stats, name), _ratio(graph, ratios, name)
             if s is not None and r is not None and s.g2 > 0:
-                _scale_grad(s, r * out_s.g2 / s.g2)
+                s.scale_grad(r * out_s.g2 / s.g2)
         factor = stack.measured_gain / stack.predicted_gain
         for name in [stack.input] + up:
             for s in stats.get(name, []):
                 if s is not None:
-                    _scale_grad(s, factor)
+                    s.scale_grad(factor)
         done.append(stack)
     return done
 
@@ -248,14 +248,6 @@ def _ratio(graph: Graph, ratios: dict[str, float], name: str) -> float | None:
         if u.op == "getitem" and len(u.args) > 1 and u.args[1] == 0 and u.name in ratios:
             return ratios[u.name]
     return None
-
-
-def _scale_grad(s: Stats, factor: float) -> None:
-    """Multiply every gradient moment of ``s`` by ``factor``."""
-    for key in ("g2", "gs", "gx", "gdm", "gda", "ch_g2", "ch_gs", "ch_gx", "ges", "gex"):
-        v = getattr(s, key)
-        if v is not None:
-            setattr(s, key, v * factor)
 
 
 def upstream(graph: Graph, stack: TiedStack) -> list[str] | None:
