@@ -111,16 +111,6 @@ def linear(ctx: Ctx) -> Effect:
     return Effect([out], [(ref.name, 0, 0, channels.Mat(w2, axis=in_axis, centred=centred))])
 
 
-def valid_taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dil: int) -> list[int]:
-    """For each kernel tap j, how many output positions o read a real (unpadded) input:
-    #{o in [0, n_out) : 0 <= o*stride + j*dil - pad < n_in}."""
-    counts = []
-    for j in range(k):
-        off = j * dil - pad
-        counts.append(sum(1 for o in range(n_out) if 0 <= o * stride + off < n_in))
-    return counts
-
-
 @lru_cache(maxsize=1024)
 def tap_classes(n_strided: int, n_dense: int, k: int, stride: int, pad: int, dil: int, dense_side: bool) -> tuple[tuple[int, tuple], ...]:
     """Positions grouped by the kernel taps that reach them, along one spatial dim:
@@ -295,8 +285,7 @@ def conv(ctx: Ctx) -> Effect:
     padding = as_tuple(padding, nd)
     # o runs over the strided side, p = o*s + t*d - pad over the dense side
     o_sp, p_sp = (x_sp, y_sp) if transposed else (y_sp, x_sp)
-    if zero_pad:
-        counts = [valid_taps(p_sp[d], o_sp[d], ksize[d], stride[d], padding[d], dilation[d]) for d in range(nd)]
+    if zero_pad:  # the taps' counts of valid positions: channels.conv_counts below
         side = [
             _class_masks(tuple(tap_classes(o_sp[d], p_sp[d], ksize[d], stride[d], padding[d], dilation[d], dense) for d in range(nd)))
             for dense in (transposed, not transposed)  # (output side, input side)
