@@ -218,6 +218,56 @@ def _sdpa(causal: bool) -> Case:
     return Case(build, APPROX, ATTN, find="scaled_dot_product_attention", draws=12)
 
 
+#: transformers' additive-mask fill (torch.finfo(torch.float32).min), spelled as a number
+#: (torch.fx cannot read a proxy's dtype)
+MASK_MIN = -3.4028234663852886e38
+
+
+class BiasedAttention(nn.Module):
+    """T5's attention logits: a relative position bias (an embedding of the offset t - s,
+    one entry per head) added as ``attn_mask`` -- in full, or under a causal pattern
+    filled with float32's smallest value, as transformers builds it."""
+
+    def __init__(self, heads: int, n: int, causal: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(2 * n - 1, heads)
+        self.register_buffer("offsets", torch.arange(n).view(1, -1) - torch.arange(n).view(-1, 1) + n - 1)
+        self.register_buffer("allowed", torch.ones(n, n, dtype=torch.bool).tril())
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        bias = self.emb(self.offsets).permute(2, 0, 1).unsqueeze(0)
+        if self.causal:
+            bias = torch.where(self.allowed, bias, MASK_MIN)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _sdpa_bias(causal: bool) -> Case:
+    def build():
+        torch.manual_seed(6)
+        # small q and k (T5's init): the bias N(0, 2^2) is what shapes the attention
+        fq, fk = (front(16, mean=0.0, std=0.3, seed=s) for s in range(2))
+        attn = BiasedAttention(2, 24, causal)
+        nn.init.normal_(attn.emb.weight, std=2.0)
+        return Ternary(attn, fq, fk, front(16, mean=0.1, std=1.5, seed=2)), tuple(randn(4, 2, 24, 16) for _ in range(3))
+
+    why = ATTN + "; an additive bias N(0, 2^2) per logit" + (" under a causal mask fill" if causal else "")
+    return Case(build, APPROX, why, find="scaled_dot_product_attention", draws=12)
+
+
+class Masked(nn.Module):
+    """torch.where under a constant pattern (a buffer) that keeps 70% of the entries."""
+
+    def __init__(self, shape: tuple[int, ...], other=None) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.register_buffer("keep", torch.rand(*shape, generator=gen) < 0.7)
+        self.other = other
+
+    def forward(self, a, b=None):
+        return torch.where(self.keep, a, b if b is not None else self.other)
+
+
 def _mha() -> Case:
     def build():
         torch.manual_seed(5)
@@ -455,6 +505,11 @@ CASES: dict[str, list[Case]] = {
     "sub": [B(lambda a, b: a - b, LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="difference of independent values, exact")],
     "rsub": [B(lambda a, b: torch.rsub(a, b), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="rsub(a, b) = b - a of independent values, exact")],
     "mul": [B(lambda a, b: a * b, LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="product of independent values (gating), exact")],
+    "where": [
+        B(Masked((32, 64)), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64),
+          why="a draw of either branch in the mask's proportion, exact"),
+        U(Masked((1, 64), other=-1.5), LIN(mean=0.5), 32, 64, why="a branch and a number, broadcast mask, exact"),
+    ],
     # ---------------------------------------------------------------- contractions
     "matmul": [
         B(lambda a, b: a @ b, LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
@@ -465,7 +520,7 @@ CASES: dict[str, list[Case]] = {
     "softmax": [U(lambda h: F.softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
     "softmin": [U(lambda h: F.softmin(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX, aten="softmax")],
     "log_softmax": [U(lambda h: F.log_softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
-    "scaled_dot_product_attention": [_sdpa(False), _sdpa(True)],
+    "scaled_dot_product_attention": [_sdpa(False), _sdpa(True), _sdpa_bias(False), _sdpa_bias(True)],
     "multihead_attention": [_mha()],
     # ---------------------------------------------------------------- constant fills (beside the input itself)
     "zeros_like": [U(lambda h: (h, torch.zeros_like(h)), LIN(), 32, 64, why=CONST)],

@@ -69,12 +69,7 @@ def case(name: str):
 #: Models whose static prediction is not complete yet, each with the op it stops at and
 #: the measured reason: their test asserts that the audit says so (verdict
 #: ``incomplete``, GA001 naming that op), never a verdict it cannot back.
-INCOMPLETE = {
-    # T5 passes its relative position bias plus the padding mask as one additive
-    # ``attn_mask``; the fused attention handler has no model of a non-constant mask, the
-    # op is estimated by sampling, and the mask's finfo.min entries make the estimate NaN
-    "t5": "scaled_dot_product_attention",
-}
+INCOMPLETE: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -19,8 +19,8 @@ the engine fuses them and evaluates them exactly by quadrature
 
 One module per family of ops: :mod:`.layout` (views, copies, indexing, split, cat, pad),
 :mod:`.dense` (linear, convolutions, embedding), :mod:`.norms`, :mod:`.dropout`,
-:mod:`.pooling`, :mod:`.reductions` (mean, sum), :mod:`.arithmetic` (add, mul, matmul,
-einsum), :mod:`.attention` (softmax, attention), :mod:`.linear_maps` (interpolation,
+:mod:`.pooling`, :mod:`.reductions` (mean, sum), :mod:`.select` (where under a constant
+mask), :mod:`.arithmetic` (add, mul, matmul, einsum), :mod:`.attention` (softmax, attention), :mod:`.linear_maps` (interpolation,
 pixel shuffle) and :mod:`.constants` (fills); the recurrent layers' handlers live with
 their recursion in :mod:`gradaudit.propagation.recurrent`. :mod:`.base` holds the table,
 what a handler reads (:class:`~.base.Ctx`) and what it returns (:class:`~.base.Effect`).
@@ -39,4 +39,5 @@ from gradaudit.propagation.ops import (  # noqa: F401  (each family registers it
     norms,
     pooling,
     reductions,
+    select,
 )

@@ -170,9 +170,14 @@ def _token_coherence(s: Stats, axis: int | None, n: int, token_axis: int) -> tup
     return mean, var, cov.maximum(-var).minimum(var)
 
 
-def attention_core(h: _Heads, scale: float, n_q: int, n_k: int, causal: bool, dropout_p: float = 0.0) -> dict[str, Any]:
+def attention_core(h: _Heads, scale: float, n_q: int, n_k: int, causal: bool, dropout_p: float = 0.0,
+                   bias_var: float = 0.0) -> dict[str, Any]:
     """Scaled dot-product attention softmax(s q k^T) v at initialisation (Vaswani 2017),
     per channel of the head dimension.
+
+    An additive bias b on the logits (an attention mask's kept entries: T5's relative
+    position bias), independent of q and k, adds its variance ``bias_var`` to the
+    logits' along a row. Its gradient is the logits': E[dl^2] per logit (below).
 
     Logits vary along a row (over keys t) only through k's part that differs between
     tokens: k_t = mu_k + a + e_t with a shared by the sample's tokens (variance s_k) and
@@ -203,7 +208,7 @@ def attention_core(h: _Heads, scale: float, n_q: int, n_k: int, causal: bool, dr
     c = h.m2_q.numel()
     per = c // h.heads
     f_v = (h.var_v - h.cov_v).clamp_min(0.0)
-    logit_var = scale**2 * float((h.m2_q * h.fluct_k).reshape(h.heads, per).sum(1).mean())
+    logit_var = scale**2 * float((h.m2_q * h.fluct_k).reshape(h.heads, per).sum(1).mean()) + bias_var
     st = _softmax_sample(0.0, logit_var, n_k, causal_rows=n_q if causal else 0)
     p2 = st["p2"] * keep
     out_m2 = h.mean_v**2 + h.cov_v + p2 * f_v
@@ -228,6 +233,9 @@ def attention_core(h: _Heads, scale: float, n_q: int, n_k: int, causal: bool, dr
         "tri_v": tri_v,
         "mat_q": torch.block_diag(*blocks_q),
         "mat_k": torch.block_diag(*blocks_k),
+        # E[dl^2] per logit over the output gradient's mean g: jac keep / n_k sum_c f_v,c
+        # per head (the head's channels), averaged over the heads
+        "logit_gain": float(st["jac"] * keep / n_k * f_v.reshape(h.heads, per).sum(1).mean()),
         "p2": st["p2"],
         "entropy_ratio": st["p2"] * n_k,
     }
@@ -247,13 +255,15 @@ def sdpa(ctx: Ctx) -> Effect:
     :func:`attention_core` over the head dimension (the last axis), tokens on the axis
     before it."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    if ctx.arg(3, "attn_mask") is not None:
-        raise Unhandled("explicit attention mask")
     mq, mk, mv = ctx.meta(q), ctx.meta(k), ctx.meta(v)
     d = mq.shape[-1]
     scale = ctx.arg(6, "scale", None)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     causal = bool(ctx.arg(5, "is_causal", False))
+    mask = ctx.arg(3, "attn_mask")
+    bias = _bias_mask(ctx, mask, mq.shape[-2], mk.shape[-2]) if mask is not None else None
+    if bias is not None:
+        causal = causal or bias[0]
     dropout_p = float(ctx.arg(4, "dropout_p", 0.0) or 0.0)
     sq, sk, sv = ctx.stat(q), ctx.stat(k), ctx.stat(v)
     dv = mv.shape[-1]
@@ -264,7 +274,7 @@ def sdpa(ctx: Ctx) -> Effect:
     h = _Heads(mean_q**2 + var_q, mean_v, var_v, cov_v, (var_k - cov_k).clamp_min(0.0), 1)
     if dv != d:
         raise Unhandled("value head size differs from the query's")
-    st = attention_core(h, scale, mq.shape[-2], mk.shape[-2], causal, dropout_p)
+    st = attention_core(h, scale, mq.shape[-2], mk.shape[-2], causal, dropout_p, bias[1] if bias is not None else 0.0)
     pos = (len(ctx.out_meta.shape) - 2,)
     out_axis = len(ctx.out_meta.shape) - 1 if ax(sv, mv) is not None else None
     if out_axis is not None:
@@ -276,7 +286,41 @@ def sdpa(ctx: Ctx) -> Effect:
         (k.name, 0, 0, _keys(_head_gain(_ONLY_TOTAL, st["mat_k"], ax(sk, mk)), causal)),
         (v.name, 0, 0, _keys(channels.Tri(st["tri_v"], axis=ax(sv, mv)) if ax(sv, mv) is not None else channels.Tri(st["tri_v"]), causal)),
     ]
+    if bias is not None:  # the bias collects the logits' gradient, once per logit it is broadcast to
+        logits = math.prod(mq.shape[:-1]) * mk.shape[-2]
+        gains.append((mask.name, 0, 0, channels.Tri(_ONLY_TOTAL, st["logit_gain"] * logits / ctx.meta(mask).numel)))
     return Effect([out], gains, info={"attention": _public(st), "scale": scale, "head_dim": d})
+
+
+def _bias_mask(ctx: Ctx, mask: Any, n_q: int, n_k: int) -> tuple[bool, float]:
+    """(causal, the bias's variance) of an additive attention mask that is an activation
+    (T5's relative position bias, trained through the attention): the bias itself, or
+    the bias where a constant pattern allows and a mask fill elsewhere
+    (:mod:`~gradaudit.propagation.ops.select`: its statistics are the kept entries'),
+    through layout ops. The pattern must be the same for every sample and head, and
+    full or causal; a constant mask that is neither is not modelled."""
+    if not isinstance(mask, Ref) or ctx.const(mask) is not None:
+        raise Unhandled("explicit attention mask")
+    stats = ctx.stat(mask).scalar()
+    if not (math.isfinite(stats.var) and math.isfinite(stats.mean)):
+        raise Unhandled("an attention mask without finite moments")
+    graph = ctx.engine.graph
+    node = graph[mask.name]
+    while node.op in RELAYOUT and node.args and isinstance(node.args[0], Ref):
+        node = graph[node.args[0].name]
+    effect = ctx.engine.effects.get(node.name)
+    if node.op != "where" or effect is None or not effect.info.get("mask_fill"):
+        return False, stats.var
+    cond = ctx.const(node.args[0]).bool()
+    allowed = cond if effect.info["fill_side"] == 2 else ~cond
+    rows = torch.broadcast_to(allowed, (*allowed.shape[:-2], n_q, n_k)).reshape(-1, n_q, n_k)
+    if not bool((rows == rows[:1]).all()):
+        raise Unhandled("an attention mask that differs between samples or heads")
+    if bool(rows[0].all()):
+        return False, stats.var
+    if bool(torch.equal(rows[0], torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q))):
+        return True, stats.var
+    raise Unhandled("an attention mask that is neither full nor causal")
 
 
 def _keys(gain: Any, causal: bool) -> Any:
