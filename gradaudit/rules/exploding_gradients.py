@@ -32,7 +32,11 @@ class ExplodingGradients(Rule):
     followed by BatchNorm/LayerNorm is scale-invariant, and a large gradient grows its
     weight norm, which shrinks its next steps (Arora, Li & Lyu, ICLR 2019), so stock
     BatchNorm CNNs — whose first convolutions get 100-1000x the classifier's weight
-    gradient — are not reported.
+    gradient — are not reported. The terms of a sum that only norms read (directly or
+    through further sums with one reader each) count as followed by one: BERT's word,
+    position and token-type embeddings, N(0, 0.02^2), into their LayerNorm, or a
+    Post-LN block's `norm(x + f(x))`; not a Pre-LN residual stream, which is also
+    carried on as it is.
     The profile judged is the probe's measurement when `--probe` ran, else the
     prediction (second moments of dL/d(activation) propagated backward through every
     op's Jacobian, from the weights the model was initialised with). Zero- or

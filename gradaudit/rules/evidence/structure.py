@@ -47,12 +47,35 @@ def next_activation(analysis: Analysis, node: Node) -> str | None:
     return next_activation_node(analysis, node)[0]
 
 
+#: Sums a normalization may rescale as a whole (:func:`followed_by_norm`).
+SUMS = frozenset({"add", "sub"})
+
+
 def followed_by_norm(analysis: Analysis, node: Node) -> bool:
-    """Whether a normalization op rescales ``node``'s output before the next weight layer
-    (directly, or after its activation / dropout / layout ops)."""
+    """Whether a normalization op rescales ``node``'s output before the next weight layer:
+    directly, or after its activation / dropout / layout ops, or as a term of a sum
+    that goes, alone or through further sums of one reader each, only into
+    normalizations (BERT's word + position + token-type embeddings into LayerNorm, a
+    Post-LN block's ``norm(x + f(x))``: the terms are rescaled together). A sum that is
+    also carried on as it is (a Pre-LN residual stream, read by the next block's norm
+    and passed to the next block's sum) does not count."""
     from gradaudit.propagation.engine import ACTIVATIONS
 
-    return any(u.op in NORMS for u in analysis.next_nodes(node, TRANSPARENT | ACTIVATIONS))
+    skip = TRANSPARENT | ACTIVATIONS
+    after = analysis.next_nodes(node, skip)
+    if any(u.op in NORMS for u in after):
+        return True
+    return len(after) == 1 and _sum_into_norm(analysis, after[0], skip, 8)
+
+
+def _sum_into_norm(analysis: Analysis, node: Node, skip: frozenset[str], budget: int) -> bool:
+    """Whether ``node`` is a sum read only by normalizations, or by one further such sum."""
+    if node.op not in SUMS or budget <= 0:
+        return False
+    after = analysis.next_nodes(node, skip)
+    if after and all(u.op in NORMS for u in after):
+        return True
+    return len(after) == 1 and _sum_into_norm(analysis, after[0], skip, budget - 1)
 
 
 @dataclass
