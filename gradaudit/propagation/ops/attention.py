@@ -253,7 +253,11 @@ def _public(st: dict) -> dict:
 def sdpa(ctx: Ctx) -> Effect:
     """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale):
     :func:`attention_core` over the head dimension (the last axis), tokens on the axis
-    before it."""
+    before it. An ``attn_mask`` that is an activation -- an additive bias, alone or
+    under a full or causal pattern of mask fills (:func:`_bias_mask`) -- adds its
+    variance to the logits and receives their gradient; a constant mask that is all-true
+    or causal arrives as ``attn_mask=None`` / ``is_causal`` from the frontend, and any
+    other constant mask is estimated."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     mq, mk, mv = ctx.meta(q), ctx.meta(k), ctx.meta(v)
     d = mq.shape[-1]
