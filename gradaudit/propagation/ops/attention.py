@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gradaudit.frontends.aten import plain_mask
 from gradaudit.frontends.patterns import RELAYOUT, parameter_node
 from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
@@ -312,19 +313,19 @@ def _bias_mask(ctx: Ctx, mask: Any, n_q: int, n_k: int) -> tuple[bool, float]:
     node = graph[mask.name]
     while node.op in RELAYOUT and node.args and isinstance(node.args[0], Ref):
         node = graph[node.args[0].name]
-    effect = ctx.engine.effects.get(node.name)
-    if node.op != "where" or effect is None or not effect.info.get("mask_fill"):
+    effect = ctx.engine.effects.get(node.name) if node.op == "where" else None
+    filled = effect.info.get("mask_fill") if effect is not None else None
+    if filled is None:
         return False, stats.var
     cond = ctx.const(node.args[0]).bool()
-    allowed = cond if effect.info["fill_side"] == 2 else ~cond
+    allowed = cond if filled == 2 else ~cond
     rows = torch.broadcast_to(allowed, (*allowed.shape[:-2], n_q, n_k)).reshape(-1, n_q, n_k)
     if not bool((rows == rows[:1]).all()):
         raise Unhandled("an attention mask that differs between samples or heads")
-    if bool(rows[0].all()):
-        return False, stats.var
-    if bool(torch.equal(rows[0], torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q))):
-        return True, stats.var
-    raise Unhandled("an attention mask that is neither full nor causal")
+    kind = plain_mask(rows[0])  # what the frontend says as attn_mask=None / is_causal=True
+    if kind is None:
+        raise Unhandled("an attention mask that is neither full nor causal")
+    return kind == "causal", stats.var
 
 
 def _keys(gain: Any, causal: bool) -> Any:

@@ -85,7 +85,7 @@ def where(ctx: Ctx) -> Effect:
         if share <= 0.0:
             raise Unhandled("the mask keeps no entry")
         gains = [] if ref is None else [(ref.name, 0, 0, numel_ratio(ctx.out_meta, ctx.meta(ref)))]
-        return Effect([make_stats(mean, m2)], gains, info={"mask_fill": True, "kept": share, "fill_side": 1 if fills[0] else 2})
+        return Effect([make_stats(mean, m2)], gains, info={"mask_fill": 1 if fills[0] else 2})  # the filled branch
     (ma, m2a, ra), (mb, m2b, rb) = _branch(ctx, a), _branch(ctx, b)
     if not all(math.isfinite(v) for v in (ma, m2a, mb, m2b)):
         raise Unhandled("a branch without finite moments")
