@@ -56,7 +56,7 @@ import torch
 from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, in_place, iter_refs, map_refs, mean_value
 from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
 from gradaudit.frontends.patterns import PRODUCTS
-from gradaudit.propagation.ops import chunked
+from gradaudit.propagation.ops import chunked, select
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
 from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain, sets_profile
 from gradaudit.serial import serial
@@ -245,8 +245,12 @@ class Engine:
             # a constant with inf / nan entries (a causal mask of -inf, T5's log of a zero
             # relative position before its bucket masks it) has no moments: it gets none,
             # and the ops that read it see its values (an attention's mask) or stop there
+            # an additive attention mask's fills (float32's smallest number) are no values:
+            # its moments are its other entries' (second moments past 1e60 hold fills)
             v = node.params.get("value")
             found = self._moments(v) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() else None
+            if found is not None and found[1] >= select.MASK_FILL**2:
+                found = select.kept_moments(v)
             self.stats[node.name] = [None if found is None else Stats(mean=found[0], m2=found[1])]
             return
         if node.op == "output":

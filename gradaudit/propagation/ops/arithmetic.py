@@ -11,6 +11,7 @@ import torch
 from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
 from gradaudit.propagation.ops.base import Ctx, Effect, Unhandled, handles, make_stats, numel_ratio, position_count
+from gradaudit.propagation.ops.select import kept_moments
 
 
 def _numel_gain(ctx: Ctx, ref: Ref) -> float:
@@ -71,9 +72,8 @@ def _operands(ctx: Ctx, items: list[Any]) -> tuple[list[_Operand], int | None, t
         const = ctx.const(op)
         if const is not None:
             v = channels.broadcast_channel_vector(const, out_shape, axis) if axis is not None else None
-            if v is None:  # a constant tensor without channel structure: its own moments
-                cd = const.detach().double()
-                v_mean, v_m2 = float(cd.mean()), float(cd.pow(2).mean())
+            if v is None:  # a constant tensor without channel structure: its own moments (of its values, not mask fills)
+                v_mean, v_m2 = kept_moments(const)
                 mean_v, m2_v = torch.full((c,), v_mean, dtype=torch.float64), torch.full((c,), v_m2, dtype=torch.float64)
                 out.append(_Operand(op, mean_v, m2_v, torch.zeros_like(mean_v), m2_v, numel_ratio(ctx.out_meta, ctx.meta(op))))
             else:

@@ -20,7 +20,10 @@ the moments would describe the tensor as 1e38-sized activations, which it is not
 Its gradient, as every gradient, is over all entries: the attention's softmax gives
 the filled ones none, so the kept branch collects the whole of it, E[(dL/da)^2] =
 r_a E[(dL/dy)^2]. The attention that reads the mask takes the pattern from ``cond``
-(:func:`gradaudit.propagation.ops.attention.sdpa`).
+(:func:`gradaudit.propagation.ops.attention.sdpa`). A constant mask holding fills (0
+and float32's smallest number, added to eager attention's scores) is described the
+same way, by its entries that are values (:func:`kept_moments`), wherever its moments
+are taken: the constant itself and an operand of a sum.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def mask_fill(ctx: Ctx, value: Any) -> bool:
     return const is not None and const.is_floating_point() and const.numel() > 0 and bool((const <= MASK_FILL).all())
 
 
+def kept_moments(const: torch.Tensor) -> tuple[float, float]:
+    """(mean, second moment) of a constant over its entries that are values, not mask
+    fills: an additive attention mask of 0 and float32's smallest number (what
+    transformers adds to eager attention's scores) is 0 where a key is read; the
+    softmax reads its fills from the constant itself. A constant of fills only: its
+    own moments."""
+    c = const.detach().double()
+    values = c[c > MASK_FILL] if c.is_floating_point() else c
+    if values.numel() == 0:
+        values = c
+    return float(values.mean()), float(values.pow(2).mean())
+
+
 def kept_fraction(cond: torch.Tensor, shape: tuple[int, ...]) -> float:
     """The fraction of an output of ``shape`` where the broadcast ``cond`` holds."""
     return float(torch.broadcast_to(cond.bool(), shape).double().mean())
@@ -57,8 +73,7 @@ def _branch(ctx: Ctx, value: Any) -> tuple[float, float, Ref | None]:
         return float(value), float(value) ** 2, None
     const = ctx.const(value)
     if const is not None:
-        c = const.detach().double()
-        return float(c.mean()), float(c.pow(2).mean()), None
+        return (*kept_moments(const), None)
     if not isinstance(value, Ref):
         raise Unhandled(f"where branch {value!r}")
     s = ctx.stat(value).scalar()
