@@ -25,7 +25,9 @@ class ActivationBlowup(Rule):
     Gaussian entries reaches) exceeds 65504, the largest float16 number (setting
     ``fp16_sigmas`` changes the 6). The overflow finding is an error when that value is
     float16 in the model itself, a warning otherwise (it overflows under
-    ``torch.autocast(dtype=torch.float16)``).
+    ``torch.autocast(dtype=torch.float16)``). The growth in (1) counts the weight
+    layers whose output no normalization rescales (a norm restores the scale, so
+    what it reads does not carry on), on the probe's measurement when `--probe` ran.
 
     ## Why is this bad?
     Each layer multiplies the second moment of its input by n Var[w] times the
@@ -71,7 +73,7 @@ class ActivationBlowup(Rule):
             layers, acts = prof.layers, prof.acts
             node = layers[i]
             yield self.finding(
-                f"predicted activation RMS grows from {fmt(acts[0])} at '{where(layers[0])}' to "
+                f"{prof.source} activation RMS grows from {fmt(acts[0])} at '{where(layers[0])}' to "
                 f"{fmt(acts[i])} at '{where(node)}' (layer {i + 1} of {len(layers)}, "
                 f"{acts[i] / acts[0]:.3g}x larger); {prof.rate_text(i)}",
                 node=node,

@@ -17,7 +17,10 @@ class ActivationCollapse(Rule):
     Propagates the mean and second moment of every activation forward from standard
     normal inputs through the model's actual weights, and reports the first weight layer
     whose output RMS is at most 1e-3 of the first weight layer's. The message carries
-    both RMS values and the fitted rate (decades per layer).
+    both RMS values and the fitted rate (decades per layer). Only the weight layers
+    whose output no normalization rescales count: a norm restores the scale, so a
+    small output it reads (a residual branch's N(0, 0.02^2) projection summed into a
+    Post-LN norm) does not carry on. When `--probe` ran, the measured RMS decides.
 
     ## Why is this bad?
     Each layer multiplies the second moment of its input by n Var[w] times the
@@ -65,7 +68,7 @@ class ActivationCollapse(Rule):
         first = acts[0]
         node = layers[i]
         yield self.finding(
-            f"predicted activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[i])} at "
+            f"{prof.source} activation RMS falls from {fmt(first)} at '{where(layers[0])}' to {fmt(acts[i])} at "
             f"'{where(node)}' (layer {i + 1} of {len(layers)}, {factor_text(first / acts[i]) if acts[i] else 'to exactly 0'}"
             f"{' smaller' if acts[i] else ''}); "
             f"{prof.rate_text(i)}",

@@ -187,10 +187,12 @@ def _checked(prof: GradientProfile) -> GradientProfile | None:
 
 @dataclass
 class ActivationProfile:
-    """Predicted activation RMS at the output of each weight layer, in execution order."""
+    """Activation RMS at the output of weight layers, in execution order (``source``:
+    ``"predicted"`` or ``"measured"``)."""
 
     layers: list
     acts: list[float]
+    source: str = "predicted"
 
     def rate_text(self, upto: int | None = None) -> str:
         s = slope_per_layer(self.acts[: (upto + 1) if upto is not None else None])
@@ -200,11 +202,22 @@ class ActivationProfile:
 
 
 def activation_profile(analysis: Analysis) -> ActivationProfile | None:
-    """Predicted activation RMS at each weight layer; with closed gates, as opened (a zero
-    head's output is 0 by design, not a collapse)."""
+    """Activation RMS at each weight layer whose output no normalization rescales
+    (:func:`followed_by_norm`): a norm restores the scale, so a small or large output
+    there does not carry on to the next layers (Wav2Vec2's attention projections, N(0,
+    0.02^2), summed into a Post-LN norm). The probe's measurement when it ran (the real
+    model decides, as for the gradients); else the prediction, with closed gates opened
+    (a zero head's output is 0 by design, not a collapse)."""
     layers = _finite_layers(analysis)
+    if layers is not None:
+        layers = [n for n in layers if not followed_by_norm(analysis, n)]
     if layers is None or len(layers) < 2:
         return None
+    probe = analysis.config.get("probe")
+    if probe is not None and not analysis.gates:
+        rows = [probe.layers.get(n.name) for n in layers]
+        if all(r is not None and r.draws and math.isfinite(r.act_rms) for r in rows):
+            return ActivationProfile(layers, [r.act_rms for r in rows], "measured")
     basis = analysis.opened if analysis.gates and analysis.opened is not None else analysis
     stats = [basis.stat(n.name) for n in layers]
     if any(s is None for s in stats):
