@@ -186,6 +186,7 @@ SOFTMAX = "softmax moments are sampled once with a fixed seed (no closed form)"
 ATTN = "attention: sampled softmax moments, q/k/v treated as independent"
 INTERP = "Hutchinson estimate of ||L||_F^2 from 8 probes"
 NORM = "training-mode normalisation: exact up to O(1/n) in the group size"
+NORM2 = "normalisation of 2 values: the eps leak, exact in expectation over near-ties"
 CONST = "every element is the fill value, no gradient to the input: exact"
 DROP = "inverted dropout: exact in expectation (masks resampled per draw)"
 
@@ -459,6 +460,9 @@ CASES: dict[str, list[Case]] = {
         U(affine(nn.BatchNorm2d(16)), C2(16, mean=0.4, std=2.0), 8, 16, 8, 8, why=NORM),
         _functional_norm(lambda m, h: F.batch_norm(h, m.norm.running_mean, m.norm.running_var, m.weight, m.bias,
                                                    training=True), nn.BatchNorm2d(16), conv=2),
+        # over a batch of 2 the output is +-1: the gradient is what eps leaves (eps_leak)
+        U(affine(nn.BatchNorm1d(1024, eps=1e-2)), lambda: front(1024), 2, 1024, why=NORM2),
+        U(affine(nn.BatchNorm1d(4096, eps=1e-3)), lambda: front(4096), 2, 4096, why=NORM2),
     ],
     "layer_norm": [
         U(affine(nn.LayerNorm(64)), LIN(mean=0.4, std=2.0), 32, 64, why=NORM),

@@ -21,6 +21,7 @@ from gradaudit.propagation.moments import (
     gamma_points,
     gaussian_points,
     hermite_coefficients,
+    eps_leak,
     inverse_moment,
     skewed_points,
 )
@@ -62,6 +63,41 @@ def test_inverse_moment_with_eps_and_large_groups():
     assert float(inverse_moment(torch.tensor(1e6), torch.tensor(0.5))) == pytest.approx(1 / 1.5, rel=1e-5)
     # a tiny group is bounded by eps, not infinite
     assert math.isfinite(float(inverse_moment(torch.tensor(1.0), torch.tensor(1e-6))))
+
+
+@pytest.mark.parametrize("nu, e", [(1.0, 1e-2), (1.0, 1e-3), (2.0, 1e-2), (5.0, 1e-1), (80.0, 0.3)])
+def test_eps_leak_against_sampled_chi_squares(nu, e):
+    """E[e^2 / (y + e)^3] / E[1 / (y + e)] for y = chi^2_nu / nu, sampled."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        y = torch.distributions.Chi2(torch.tensor(nu, dtype=torch.float64)).sample((4_000_000,)) / nu
+    want = float((e * e / (y + e) ** 3).mean() / (1.0 / (y + e)).mean())
+    assert float(eps_leak(torch.tensor(nu), torch.tensor(e))) == pytest.approx(want, rel=0.03)
+
+
+def test_eps_leak_of_two_values_is_all_the_gradient():
+    """BatchNorm over 2 values: dL/dx_1 = gamma (g_1 - g_2) / 2 * eps / (d^2 + eps)^(3/2);
+    the leak times E[1 / (s^2 + eps)] is E[eps^2 / (d^2 + eps)^3], d ~ N(0, 1)
+    (s^2 = d^2: chi^2 with 1 degree of freedom), and a large group leaks nothing."""
+    e = 1e-2
+    d = torch.randn(4_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = float((e * e / (d * d + e) ** 3).mean())
+    got = float(eps_leak(torch.tensor(1.0), torch.tensor(e)) * inverse_moment(torch.tensor(1.0), torch.tensor(e)))
+    assert got == pytest.approx(want, rel=0.03)
+    assert float(eps_leak(torch.tensor(1e4), torch.tensor(1e-5))) < 1e-9
+
+
+@pytest.mark.parametrize("channels, e", [(64, 1e-5), (256, 1e-5), (1024, 1e-5), (64, 1e-3), (16, 1e-2)])
+def test_eps_leak_of_a_few_channels_is_their_typical_average(channels, e):
+    """Over C channels of 2 values the gradient's power is the channel average of
+    eps^2 / (d^2 + eps)^3: with count = C the leak is a typical value of that average,
+    inside the interquartile range of 20,000 sampled layers (which spans 1-4 decades)."""
+    d2 = torch.randn(20_000, channels, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) ** 2
+    averages = (e * e / (d2 + e) ** 3).mean(1)
+    lo, hi = (float(q) for q in averages.quantile(torch.tensor([0.25, 0.75], dtype=torch.float64)))
+    one, eps = torch.tensor(1.0), torch.tensor(e)
+    got = float(eps_leak(one, eps, channels) * inverse_moment(one, eps))
+    assert lo <= got <= hi, f"typical leak {got:.4g} outside the sampled quartiles [{lo:.4g}, {hi:.4g}]"
 
 
 @pytest.mark.parametrize("k", [0.7, 2.0, 5.0, 40.0, 5000.0])

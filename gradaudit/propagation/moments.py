@@ -226,6 +226,22 @@ def _log_grid() -> tuple[torch.Tensor, torch.Tensor]:
     return u, u[1] - u[0]
 
 
+def _chi_density(nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log grid's nodes y and the weights of y = chi^2_nu / nu there (rows: nu)."""
+    u, du = _log_grid()
+    k = (nu / 2).unsqueeze(-1)  # Gamma(k, scale 1/k): mean 1, variance 1/k = 2/nu
+    y = u.exp()
+    log_pdf = k * torch.log(k) + (k - 1) * torch.log(y) - k * y - torch.lgamma(k)
+    dens = torch.exp(log_pdf + u) * du  # dy = y du
+    return y, dens / dens.sum(-1, keepdim=True)
+
+
+def _chi_expectation(nu: torch.Tensor, e: torch.Tensor, fn) -> torch.Tensor:
+    """E[fn(y, e)] for y = chi^2_nu / nu on the log grid, per entry (nu, e: 1-d)."""
+    y, dens = _chi_density(nu)
+    return (dens * fn(y, e.unsqueeze(-1))).sum(-1)
+
+
 def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> torch.Tensor:
     """E[1 / (y + e)] for y = chi^2_nu / nu (mean 1), per entry of ``dof`` (nu) and
     ``ratio`` (e). A normalization divides by its sample variance s^2 + eps over a
@@ -246,15 +262,48 @@ def inverse_moment(dof: torch.Tensor | float, ratio: torch.Tensor | float) -> to
     small = nu <= 50
     if not bool(small.any()):
         return approx
-    u, du = _log_grid()
-    k = (nu[small] / 2).unsqueeze(-1)  # Gamma(k, scale 1/k): mean 1, variance 1/k = 2/nu
-    y = u.exp()
-    log_pdf = k * torch.log(k) + (k - 1) * torch.log(y) - k * y - torch.lgamma(k)
-    dens = torch.exp(log_pdf + u) * du  # dy = y du
-    dens = dens / dens.sum(-1, keepdim=True)
-    exact = (dens / (y + e[small].unsqueeze(-1))).sum(-1)
     out = approx.clone()
-    out[small] = exact
+    out[small] = _chi_expectation(nu[small], e[small], lambda y, r: 1.0 / (y + r))
+    return out
+
+
+def eps_leak(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: float | None = None) -> torch.Tensor:
+    """The share of the x_hat direction that a normalization's backward does not remove:
+    E[e^2 / (y + e)^3] / E[1 / (y + e)], y = chi^2_nu / nu, e = eps / E[s^2].
+
+    x_hat = (x - m) / sqrt(s^2 + eps) has |x_hat|^2 = n r, r = s^2 / (s^2 + eps), so
+    P g = g - mean(g) - x_hat mean(g x_hat) leaves (1 - r) of g's component along x_hat
+    (Ioffe & Szegedy 2015's backward, with eps kept): its power (1 - r)^2 = e^2 / (y +
+    e)^2 is weighted, like the rest, by 1 / (s^2 + eps). Negligible for a large group;
+    for a group of 2 values (BatchNorm1d over a batch of 2) the output is +-1 whatever
+    x is, and this leak is all the gradient there is: dL/dx_1 = gamma (g_1 - g_2) / 2 *
+    eps / (d^2 + eps)^(3/2) with d = (x_1 - x_2) / 2.
+
+    For few degrees of freedom the leak's mean is carried by near-ties (y near 0: about
+    3 pi / (8 sqrt(2 pi Var d)) eps^(-1/2) for nu = 1), which a layer of ``count``
+    statistics (its channels) meets only when count is large: one draw of C channels
+    reaches down to about its ln 2 / C quantile of y (the median of the smallest of C
+    draws). With ``count`` the leak is the typical value of that channel average, the
+    mean over y above that quantile (the
+    2-value normalizations of squeeze-and-excitation bottlenecks: 10-100 channels, whose
+    full mean would be 4-5 decades above any one draw); without, the full mean."""
+    nu = torch.as_tensor(dof, dtype=torch.float64).clamp_min(1e-3)
+    e = torch.as_tensor(ratio, dtype=torch.float64).clamp_min(0.0)
+    nu, e = torch.broadcast_tensors(nu, e)
+    a = 1.0 / (1.0 + e)
+    # nu large: Taylor series of (y + e)^-3 around 1, as in inverse_moment
+    num = e * e * (a**3 + 12.0 / nu * a**5 - 80.0 / nu**2 * a**6 + 15.0 * (12.0 / nu**2 + 48.0 / nu**3) * a**7)
+    approx = num / inverse_moment(nu.clamp_min(51.0), e)
+    small = nu <= 50
+    if not bool(small.any()):
+        return approx
+    out = approx.clone()
+    ns, es = nu[small], e[small]
+    y, dens = _chi_density(ns)
+    if count is not None and count >= 1:  # y above its ln 2 / count quantile
+        dens = torch.minimum(dens, (dens.cumsum(-1) - math.log(2.0) / count).clamp_min(0.0))
+    r = es.unsqueeze(-1)
+    out[small] = (dens * r * r / (y + r) ** 3).sum(-1) / (dens / (y + r)).sum(-1).clamp_min(1e-300)
     return out
 
 

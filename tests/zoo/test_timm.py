@@ -70,6 +70,22 @@ MODELS = {
 }
 
 
+#: Models audited with more than 2 samples, each with the measured reason. Both hold
+#: BatchNorms that normalise 2 values with 2 samples, which GA305 reports, asking for a
+#: larger batch: their output is +-1 whatever the input, and the gradient behind them is
+#: what eps leaves, carried by near-ties between the two samples (``eps_leak``), so one
+#: draw of inputs differs from the next by decades. 8 samples, as GA305 advises.
+BATCH = {
+    # BatchNorms over batch x tokens; at 64 x 64 the last stage is one token, and 22 of
+    # them normalise 2 values
+    "levit_128s": 8,
+    # a BatchNorm inside each squeeze-and-excitation bottleneck, over the pooled
+    # features: at 2 samples features.3.se.fc1 measured 25.6 against 0.83 predicted
+    # (a near-tie in that draw), features.13.se.fc1 2e-4 against 4.2
+    "rexnet_100": 8,
+}
+
+
 def test_at_least_thirty_architectures():
     assert len(MODELS) >= 30
 
@@ -78,7 +94,7 @@ def case(name: str):
     """The model at timm's default init and its example inputs."""
     kwargs, size = MODELS[name]
     torch.manual_seed(0)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(BATCH.get(name, 2), 3, size, size, generator=torch.Generator().manual_seed(1))
     return timm.create_model(name, pretrained=False, **kwargs), (x,)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
-from gradaudit.propagation.moments import inverse_moment
+from gradaudit.propagation.moments import eps_leak, inverse_moment
 from gradaudit.propagation.ops.base import Ctx, Effect, as_tuple, handles, position_count
 
 
@@ -42,8 +42,9 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     return Effect([out], gains)
 
 
-def _sample_variance(parts: list[tuple[Any, float]], eps: float) -> tuple[Any, Any]:
-    """E[s^2] and E[1 / (s^2 + eps)] of a sample variance that is a sum of independent
+def _sample_variance(parts: list[tuple[Any, float]], eps: float, count: float | None = None) -> tuple[Any, Any, Any]:
+    """E[s^2], E[1 / (s^2 + eps)] and the x_hat direction's leak (:func:`moments.eps_leak`)
+    of a sample variance that is a sum of independent
     scaled chi-squares: ``parts`` = [(E[part], degrees of freedom)]. Satterthwaite's
     approximation (1946) gives s^2 ~ E[s^2] chi^2_nu / nu with nu = E[s^2]^2 /
     sum_i E[part_i]^2 / nu_i, and :func:`moments.inverse_moment` the mean of its inverse.
@@ -56,10 +57,10 @@ def _sample_variance(parts: list[tuple[Any, float]], eps: float) -> tuple[Any, A
     total_t = torch.as_tensor(total, dtype=torch.float64).clamp_min(1e-300)
     nu = total_t * total_t / torch.as_tensor(denom, dtype=torch.float64).clamp_min(1e-300)
     inv = inverse_moment(nu, eps / total_t) / total_t
-    return total_t, inv
+    return total_t, inv, eps_leak(nu, eps / total_t, count)
 
 
-def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True) -> torch.Tensor:
+def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True, leak=0.0) -> torch.Tensor:
     """How removing the group mean and the x_hat direction acts on a gradient's moments.
 
     A group of n values holds n / p samples of p positions each (p = 1 for a group of
@@ -78,13 +79,15 @@ def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True) -> torch
     by all p positions of a sample (after global pooling) loses its batch mean: half of
     it for 2 samples; one that a previous normalization already centred (x = -E[m^2])
     loses nothing more. ``rho_s``, ``rho_x`` may be per-channel vectors. Without
-    centring (RMSNorm) only the x_hat direction goes."""
+    centring (RMSNorm) only the x_hat direction goes. ``leak`` is the share of E[c^2]
+    that eps leaves in place (:func:`moments.eps_leak`): all of it for 2 values, where
+    the mean and x_hat span the group."""
     rho_s = torch.as_tensor(rho_s, dtype=torch.float64)
     rho_x = torch.as_tensor(rho_x, dtype=torch.float64)
     rho_s, rho_x = torch.broadcast_tensors(rho_s, rho_x)
     one = torch.ones_like(rho_s)
     mc = torch.stack([one / n, one * (p - 1) / n, one * (n - p) / n], -1) if centred else torch.zeros(*rho_s.shape, 3, dtype=torch.float64)
-    cc = torch.stack([one / n, rho_s * (p - 1) / n, rho_x * (n - p) / n], -1)
+    cc = torch.stack([one / n, rho_s * (p - 1) / n, rho_x * (n - p) / n], -1) * (1.0 - torch.as_tensor(leak, dtype=torch.float64)).unsqueeze(-1)
     eye = torch.eye(3, dtype=torch.float64).expand(*rho_s.shape, 3, 3)
     rows = torch.stack([mc + cc, mc + rho_s.unsqueeze(-1) * cc, mc + rho_x.unsqueeze(-1) * cc], -2)
     return (eye - rows).clamp_min(-1.0)
@@ -131,7 +134,7 @@ def batch_norm(ctx: Ctx) -> Effect:
     f = var - s
     between = s + f / p
     cross = x.cross(axis, c).maximum(-between / max(b - 1, 1)).minimum(between) if b > 1 else torch.zeros_like(var)
-    e_s2, inv = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps)
+    e_s2, inv, leak = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps, c)
     v_mean = between / b + cross * (b - 1) / b
     rho_s = (s - v_mean) / e_s2
     rho_x = (cross - v_mean) / e_s2
@@ -139,10 +142,11 @@ def batch_norm(ctx: Ctx) -> Effect:
     zero = torch.zeros(c, dtype=torch.float64)
     out_pos = pos if p > 1 else (pos if pos is not None else None)
     cov = (s - v_mean) / (e_s2 + eps) if out_pos is not None else None
-    tri = _projection(n, p, rho_s, rho_x)
+    tri = _projection(n, p, rho_s, rho_x, leak=leak)
     # a ReLU after the norm makes the gradient follow x_hat (its mask): with a gradient
-    # shared by positions, mean(g x_hat) no longer averages out
-    excess = (n, p, (gamma * gamma).clamp_min(1e-12), rho_s, rho_x)
+    # shared by positions, mean(g x_hat) no longer averages out (removed, like the rest
+    # of c, but for its leak)
+    excess = (n, p, (gamma * gamma).clamp_min(1e-12) / (1.0 - leak).clamp_min(1e-12), rho_s, rho_x)
     prof = x.prof if x.pos == out_pos else None
     return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, prof, excess, (cross - v_mean) / (e_s2 + eps))
 
@@ -195,14 +199,14 @@ def layer_norm(ctx: Ctx) -> Effect:
         dof = 2 * e_s2 * e_s2 / spread if spread > 0 else math.inf
     else:
         dof = _dof(var_c, d)
-    _, inv = _sample_variance([(e_s2, dof)], eps)
+    _, inv, _ = _sample_variance([(e_s2, dof)], eps)
     cov = cov_c / (e_s2 + eps) if cov_c is not None else None
     xhat_mean, xhat_m2 = d / math.sqrt(e_s2 + eps), (var_c + d * d) / (e_s2 + eps)
     per_pos = _position_variances(x, meta, axis, float(var_c.sum() / n), float((d * d).sum() / n))
     pos_k = None
     if per_pos is not None:
         rel, e_p = per_pos
-        _, inv_p = _sample_variance([(e_p, dof)], eps)
+        _, inv_p, _ = _sample_variance([(e_p, dof)], eps)
         pos_k = inv_p / inv
         xhat_mean = d * float((e_p + eps).rsqrt().mean())
         xhat_m2 = var_c * float((rel / (e_p + eps)).mean()) + d * d * float((1.0 / (e_p + eps)).mean())
@@ -276,7 +280,7 @@ def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     within = (fg * (p - 1) / p).sum(1) / k
     spread = (dev * dev + between).sum(1) / k * (k - 1) / k if k > 1 else torch.zeros(groups, dtype=torch.float64)
     nu_spread = _dof_rows(between, dev) * (k - 1) / max(k, 1)
-    e_s2, inv = _sample_variance([(within, k * (p - 1)), (spread, nu_spread.clamp_min(1e-3))], eps)
+    e_s2, inv, leak = _sample_variance([(within, k * (p - 1)), (spread, nu_spread.clamp_min(1e-3))], eps, groups * meta.shape[0])
     v_mean = between.sum(1, keepdim=True) / (k * k)  # variance of the group mean
     e_col = e_s2.unsqueeze(1)
     xm = (dev / (e_col + eps).sqrt()).reshape(-1)
@@ -285,7 +289,7 @@ def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     inv_c = inv.unsqueeze(1).expand(groups, k).reshape(-1)
     gamma, beta = _affine(weight, bias, c)
     cov = ((sg - v_mean) / (e_col + eps)).reshape(-1) if pos is not None else None
-    tri = _projection(n, p, rho_s, torch.zeros_like(rho_s))
+    tri = _projection(n, p, rho_s, torch.zeros_like(rho_s), leak=leak.unsqueeze(1).expand(groups, k).reshape(-1))
     # the group mean is taken per sample: a gradient part shared across samples stays
     tri[..., 2, :] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     return _normalized(ref, 1, gamma, beta, xm, x2, inv_c, tri, cov, pos, x.prof if x.pos == pos else None)
