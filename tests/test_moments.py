@@ -85,6 +85,10 @@ def test_eps_leak_of_two_values_is_all_the_gradient():
     got = float(eps_leak(torch.tensor(1.0), torch.tensor(e)) * inverse_moment(torch.tensor(1.0), torch.tensor(e)))
     assert got == pytest.approx(want, rel=0.03)
     assert float(eps_leak(torch.tensor(1e4), torch.tensor(1e-5))) < 1e-9
+    # a constant input (variance far below eps): x_hat is ~0 and nothing is removed
+    for nu in (1.0, 1e4):
+        got = eps_leak(torch.tensor(nu, dtype=torch.float64), torch.tensor(1e300, dtype=torch.float64), 64)
+        assert float(got) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("channels, e", [(64, 1e-5), (256, 1e-5), (1024, 1e-5), (64, 1e-3), (16, 1e-2)])

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 import gradaudit
 import gradaudit.api
@@ -218,3 +219,42 @@ def test_cli_probe_flags(write, cli):
     assert data["probe"]["draws"] == 1
     assert all(layer["measured"] for layer in data["layers"])
     assert data["gradcheck"][-1]["kind"] == "whole-model directional"
+
+
+class _MaskedFrames(nn.Module):
+    """Wav2Vec2's feature projection and time masking: a Linear on (batch, frames,
+    features), a dropout of p = 0 (which returns its input), then masked frames written
+    into that same tensor in place. ``aliased=False`` computes the same values on a copy.
+    The data-dependent branch keeps fx out: the probe runs the model's own forward."""
+
+    def __init__(self, aliased: bool) -> None:
+        super().__init__()
+        self.aliased = aliased
+        self.proj = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.0)
+        self.fill = nn.Parameter(torch.randn(16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.drop(self.proj(x)) if self.aliased else self.proj(x).clone()
+        if x.sum() > -1e9:
+            h[:, ::3] = self.fill
+        return self.head(torch.tanh(h))
+
+
+def test_a_layer_output_written_in_place_is_measured():
+    """The probe's gradient of 'proj' equals the gradient of the same values computed on
+    a copy (measured by module hooks and autograd): a hook on the view the Linear
+    returns would never fire once the model writes into it."""
+    torch.manual_seed(0)
+    model = _MaskedFrames(aliased=True)
+    twin = _MaskedFrames(aliased=False)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 12, 8)
+    report = gradaudit.audit(model, (x,), probe=True, draws=2)
+    assert report.frontend != "fx"
+    measured = {layer.module: layer.measured for layer in report.layers}
+    (act, grad), _ = hook_measure(twin, (x,), ["proj", "head"], SEED, draws=2)
+    assert measured["proj"].act_rms == pytest.approx(act, rel=0.01)
+    assert measured["proj"].grad_rms == pytest.approx(grad, rel=0.01)
+    assert 0 < measured["proj"].grad_rms

@@ -292,7 +292,8 @@ def eps_leak(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: floa
     nu, e = torch.broadcast_tensors(nu, e)
     a = 1.0 / (1.0 + e)
     # nu large: Taylor series of (y + e)^-3 around 1, as in inverse_moment
-    num = e * e * (a**3 + 12.0 / nu * a**5 - 80.0 / nu**2 * a**6 + 15.0 * (12.0 / nu**2 + 48.0 / nu**3) * a**7)
+    ea = e * a  # e^2 a^k = (e a)^2 a^(k - 2): finite for eps far above the variance
+    num = ea * ea * (a + 12.0 / nu * a**3 - 80.0 / nu**2 * a**4 + 15.0 * (12.0 / nu**2 + 48.0 / nu**3) * a**5)
     approx = num / inverse_moment(nu.clamp_min(51.0), e)
     small = nu <= 50
     if not bool(small.any()):
@@ -303,7 +304,8 @@ def eps_leak(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: floa
     if count is not None and count >= 1:  # y above its ln 2 / count quantile
         dens = torch.minimum(dens, (dens.cumsum(-1) - math.log(2.0) / count).clamp_min(0.0))
     r = es.unsqueeze(-1)
-    out[small] = (dens * r * r / (y + r) ** 3).sum(-1) / (dens / (y + r)).sum(-1).clamp_min(1e-300)
+    share = r / (y + r)
+    out[small] = (dens * share * share / (y + r)).sum(-1) / (dens / (y + r)).sum(-1).clamp_min(1e-300)
     return out
 
 

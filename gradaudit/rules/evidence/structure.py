@@ -221,6 +221,20 @@ def longest_chain(
     return chain[::-1]
 
 
+def without_path_to_output(analysis: Analysis) -> set[str]:
+    """The nodes no chain of inputs leads from to an output: nothing they compute reaches
+    the loss (an unused layer, an output that is detached or rebuilt from numpy)."""
+    graph = analysis.graph
+    seen: set[str] = set()
+    stack = list(graph.output_refs)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(graph[name].inputs)
+    return {n.name for n in graph if n.name not in seen}
+
+
 def has_successor(analysis: Analysis, node: Node) -> bool:
     """Whether ``node``'s output feeds another weight layer (a hidden layer)."""
     return bool(structure(analysis).edges.get(node.name))

@@ -1,0 +1,100 @@
+"""GA105 unreached-layer."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from gradaudit.rules.base import Finding, Rule, register
+from gradaudit.rules.evidence.structure import graph_node, without_path_to_output
+from gradaudit.rules.evidence.text import module_expr, name_list, where
+
+
+@register
+class UnreachedLayer(Rule):
+    """A weight layer's parameters get no gradient at all: nothing connects them to the loss.
+
+    ## What it does
+    Lists the weight layers with trainable parameters from which no chain of ops leads
+    to the model's output: a layer whose result is never used, or used only through a
+    `.detach()`, a numpy round trip or another value autograd does not follow. When the
+    probe ran it also lists the layers that ran in the forward pass and whose parameters
+    received no gradient in any draw, which catches the cuts a capture cannot see (an op
+    it treated as a whole). A gradient that is exactly zero is something else: behind a
+    zero-initialised head or gate the path exists and opens after the first steps
+    (GA205); here nothing flows at all.
+
+    ## Why is this bad?
+    These parameters keep their initial values for the whole run, whatever the
+    gradient's scale elsewhere: training spends memory and compute on weights that never
+    change, and the model is smaller than its author thinks. An audit that judged only
+    the layers the loss reaches would call such a model healthy.
+
+    ## Example
+    ```python
+    def forward(self, x):
+        h = torch.from_numpy(self.proj(x).detach().numpy())   # autograd stops here
+        return self.head(h)
+    ```
+
+    ## Use instead
+    ```python
+    def forward(self, x):
+        return self.head(self.proj(x))
+    ```
+    Freeze on purpose with `requires_grad_(False)`: frozen parameters are not listed.
+
+    ## References
+    - Paszke et al., "Automatic differentiation in PyTorch", NIPS 2017 Autodiff Workshop
+      (gradients flow only along the recorded graph).
+    """
+
+    code = "GA105"
+    name = "unreached-layer"
+    category = "vanishing"
+    default_severity = "warning"
+
+    def check(self, analysis) -> Iterator[Finding]:
+        cut = without_path_to_output(analysis)
+        static = [n for n in analysis.weight_layers() if n.name in cut and _trainable(n)]
+        if static:
+            names = [where(n) for n in static]
+            yield self.finding(
+                f"{len(static)} weight layer(s) have no path to the model's output: {name_list(names)} "
+                f"({sum(_trainable(n) for n in static):,} trainable parameters); no gradient reaches them, so they "
+                "keep their initial values",
+                node=static[0],
+                fix=_fix([n.module for n in static]),
+                layers=names,
+                source="predicted",
+            )
+        probe = analysis.config.get("probe")
+        if probe is None:
+            return
+        seen = {n.name for n in static}
+        measured = [m for m in probe.layers.values()
+                    if m.node not in seen and m.draws and m.weight_numel and m.weight_grad_sq is None]
+        if measured:
+            nodes = [graph_node(analysis, m.node) for m in measured]
+            names = [m.module or (where(n) if n is not None else m.node) for m, n in zip(measured, nodes)]
+            yield self.finding(
+                f"{len(measured)} weight layer(s) got no gradient at all in the probe's {probe.draws} draw(s): "
+                f"{name_list(names)} ({sum(m.weight_numel for m in measured):,} trainable parameters); autograd found "
+                "no path from the output to them on these inputs, so they would keep their initial values",
+                node=nodes[0],
+                fix=_fix([m.module for m in measured]),
+                layers=names,
+                source="measured",
+            )
+
+
+def _fix(modules: list[str | None]) -> str:
+    """Use the layer's output on the way to the loss; or, if it is meant to stay as
+    initialised, say so by freezing it."""
+    lines = ["# use its output on the way to the loss, or freeze it on purpose:"]
+    lines += [f"{module_expr(m)}.requires_grad_(False)" for m in dict.fromkeys(modules) if m]
+    return "\n".join(lines)
+
+
+def _trainable(node) -> int:
+    """How many trainable parameters the layer owns."""
+    return sum(p.numel() for p in node.params.values() if getattr(p, "requires_grad", False))
