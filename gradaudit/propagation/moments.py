@@ -305,7 +305,8 @@ def eps_leak(dof: torch.Tensor | float, ratio: torch.Tensor | float, count: floa
         dens = torch.minimum(dens, (dens.cumsum(-1) - math.log(2.0) / count).clamp_min(0.0))
     r = es.unsqueeze(-1)
     share = r / (y + r)
-    out[small] = (dens * share * share / (y + r)).sum(-1) / (dens / (y + r)).sum(-1).clamp_min(1e-300)
+    # e^2 / (y + e)^3 over 1 / (y + e), both times e: share^3 over share (no overflow)
+    out[small] = (dens * share**3).sum(-1) / (dens * share).sum(-1).clamp_min(1e-300)
     return out
 
 
