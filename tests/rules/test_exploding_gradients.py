@@ -82,3 +82,26 @@ def test_embeddings_summed_into_a_layernorm_are_scale_free(probe):
     rms = lambda t: float(t.grad.pow(2).mean().sqrt())  # noqa: E731
     assert rms(outs["tok"]) >= 20 * rms(outs["pooler"])
     assert audit(model, ids, CODE, probe=probe) == []
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_squeeze_and_excitation_gates_are_no_explosion(probe):
+    """An SE gate's weight gradient is the gradient of the map it scales, summed over
+    the map's positions: it inherits the growth of the BatchNorm path it gates, which the
+    normalizations make harmless (those layers are scale-invariant and GA102 does not
+    judge them). torchvision's EfficientNet-B0 at its init, real autograd: the first
+    gate's fc1 gets >= 3x the classifier's output gradient. GA102 stays silent (it said
+    'exploding' on every stock EfficientNet and RegNetY)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    twin, outs = torchvision.models.efficientnet_b0(), {}
+    twin.load_state_dict(model.state_dict())
+    for name in ("features.1.0.block.1.fc1", "classifier.1"):
+        twin.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: (out.retain_grad(), outs.__setitem__(name, out))[0])
+    y = twin(x)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+    rms = {name: float(out.grad.pow(2).mean().sqrt()) for name, out in outs.items()}
+    assert rms["features.1.0.block.1.fc1"] >= 3 * rms["classifier.1"], rms
+    assert audit(model, x, CODE, probe=probe) == []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from gradaudit.propagation import depth
 from gradaudit.rules.evidence.attention import score_side
 from gradaudit.rules.evidence.normalization import cut_off_by_degenerate_norms
-from gradaudit.rules.evidence.structure import followed_by_norm
+from gradaudit.rules.evidence.structure import followed_by_norm, gate_side
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
@@ -136,7 +136,9 @@ def gradient_profile(
     Layers whose gradient a normalization over one or two values cuts off (GA305: an
     artefact of the example batch) never count, nor do attention's query and key
     projections (:func:`score_side`: their gradient measures the attention's
-    temperature, not depth). With ``scale_free`` only the weight
+    temperature, not depth), nor the layers of a squeeze-and-excitation gate
+    (:func:`gate_side`: theirs measures the size of the map the gate scales). With
+    ``scale_free`` only the weight
     layers whose output no normalization rescales
     (:func:`followed_by_norm`) count. A layer followed by BatchNorm/LayerNorm is
     scale-invariant: a large gradient grows its weight norm, which shrinks its next
@@ -154,7 +156,8 @@ def gradient_profile(
         cut = cut_off_by_degenerate_norms(analysis)
         layers = [
             n for n in layers
-            if n.name not in cut and not score_side(analysis, n) and not (scale_free and followed_by_norm(analysis, n))
+            if n.name not in cut and not score_side(analysis, n) and not gate_side(analysis, n)
+            and not (scale_free and followed_by_norm(analysis, n))
         ]
     if layers is None or len(layers) < 2:
         return None

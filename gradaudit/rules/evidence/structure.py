@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gradaudit.rules.evidence.ops import NORMS, TRANSPARENT
+from gradaudit.rules.evidence.ops import DENSE_OPS, NORMS, RELU_FAMILY, TRANSPARENT
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
@@ -219,6 +219,59 @@ def longest_chain(
         chain.append(by_name[cur])
         cur = best[cur][1]
     return chain[::-1]
+
+
+#: The gating activations of squeeze-and-excitation blocks.
+GATES = frozenset({"sigmoid", "hardsigmoid"})
+#: What a gate's own branch may hold between a weight layer and its gate.
+_GATE_PATH = TRANSPARENT | RELU_FAMILY | DENSE_OPS | NORMS
+
+
+def gate_side(analysis: Analysis, node: Node) -> bool:
+    """Whether every path from ``node``'s output to the loss ends in a gate: a sigmoid
+    whose output multiplies a larger tensor it is broadcast over (the excitation of a
+    squeeze-and-excitation block, Hu et al., CVPR 2018: pool, fc1, act, fc2, sigmoid,
+    then x * gate), through weight layers and activations of the gate's own branch.
+
+    Each gate value scales every position of its channel, so its gradient is the sum
+    over those H x W positions of g x, g the gradient of the map it scales: the branch, a
+    side path two layers long, inherits that map's gradient scale instead of carrying
+    one through depth. Behind BatchNorm that scale grows toward the input, harmlessly
+    (the normalized layers are scale-invariant, and the exploding rule does not judge
+    them: :func:`followed_by_norm`), and the gates with it: EfficientNet-B0's first SE
+    convolutions get 5-10x the classifier's output gradient at init, and every stock
+    EfficientNet and RegNetY read as exploding on them."""
+    stack = [(node, u) for u in analysis.users(node.name)]
+    if not stack:
+        return False
+    seen: set[tuple[str, str]] = set()
+    while stack:
+        src, user = stack.pop()
+        if (src.name, user.name) in seen:
+            continue
+        seen.add((src.name, user.name))
+        if user.op in GATES:
+            muls = analysis.users(user.name)
+            if not muls or not all(_broadcast_factor(analysis, m, user) for m in muls):
+                return False
+        elif user.op in _GATE_PATH:
+            nxt = analysis.users(user.name)
+            if not nxt:
+                return False
+            stack.extend((user, v) for v in nxt)
+        else:
+            return False
+    return True
+
+
+def _broadcast_factor(analysis: Analysis, mul: Node, gate: Node) -> bool:
+    """``mul`` multiplies ``gate``'s output into a larger tensor (broadcast over it)."""
+    if mul.op != "mul" or len(mul.inputs) != 2 or gate.meta is None or mul.meta is None:
+        return False
+    other = next((i for i in mul.inputs if i != gate.name), None)
+    other_node = graph_node(analysis, other) if other is not None else None
+    return other_node is not None and mul.meta.numel > gate.meta.numel and other_node.meta is not None \
+        and other_node.meta.numel == mul.meta.numel
 
 
 def without_path_to_output(analysis: Analysis) -> set[str]:
