@@ -815,3 +815,40 @@ def test_activation_of_values_whose_squares_overflow_float32():
     pred_act, pred_grad = analysis.stat(out.name).act_rms, analysis.stat("front").grad_rms
     assert _rel(pred_act, meas[out.name][0]) <= EXACT, (pred_act, meas[out.name])
     assert _rel(pred_grad, meas["front"][1]) <= EXACT, (pred_grad, meas["front"])
+
+
+# --------------------------------------------------------------------------- max pooling of concatenated branches
+class PooledBranches(nn.Module):
+    """Two ReLU branches of different scale, concatenated along channels and max pooled
+    (an Inception block's output before the next block's pooling)."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.front_a, self.front_b = front(8, conv=2, mean=0.0, std=1.0), front(8, conv=2, mean=-0.4, std=2.5, seed=1)
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x, y):
+        h = torch.cat([F.relu(self.front_a(x)), F.relu(self.front_b(y))], 1)
+        return F.max_pool2d(h, self.kernel, stride=self.stride)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (2, 2)])
+def test_max_pool_of_concatenated_relus(kernel, stride):
+    """Max pooling of a channel concatenation of ReLU(Gaussian) values: each piece's
+    channels are pooled as max relu(z_i) = relu(max z_i), and the gradient, which lands
+    on arg-max entries only (positive ones, where ReLU passes it whole), keeps phi'
+    averaged under the maximum's law through the concatenation. Checked against real
+    autograd (10%) on the pooled output and on the gradient into each branch's ReLU."""
+    model, inputs = PooledBranches(kernel, stride), (randn(16, 8, 12, 12), randn(16, 8, 12, 12))
+    graph = trace(model, inputs)
+    analysis = propagate(graph)
+    out = graph[graph.output_refs[0]]
+    meas = measure_moments(model, inputs, draws=4)
+    rows = [f"{out.name} act_rms: predicted {analysis.stat(out.name).act_rms:.5g}, measured {meas[out.name][0]:.5g}"]
+    problems = [rows[-1]] if _rel(analysis.stat(out.name).act_rms, meas[out.name][0]) > EXACT else []
+    for name in ("front_a", "front_b"):
+        rows.append(f"{name} grad_rms: predicted {analysis.stat(name).grad_rms:.5g}, measured {meas[name][1]:.5g}")
+        if _rel(analysis.stat(name).grad_rms, meas[name][1]) > EXACT:
+            problems.append(rows[-1])
+    print("\n".join(rows))
+    assert not problems, "\n".join(problems)
