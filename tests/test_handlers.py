@@ -219,6 +219,22 @@ def _sdpa(causal: bool) -> Case:
     return Case(build, APPROX, ATTN, find="scaled_dot_product_attention", draws=12)
 
 
+def _averaged_values() -> Case:
+    """Attention probabilities times values written as an einsum (MaxViT's
+    ``BGHIJ,BGHJD->BGHID``): the values are tokens of a feature map whose projection has
+    a bias of its own per channel, shared by every token, which the average keeps whole
+    while it shrinks the tokens' independent parts by the number of keys."""
+
+    def build():
+        fv = front(8, conv=2, mean=0.0, std=0.4, seed=1)
+        with torch.no_grad():
+            fv.bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(5)))
+        op = Call(lambda m, a, v: torch.einsum("bij,bjd->bid", F.softmax(a, -1), v.flatten(2).transpose(1, 2)))
+        return Binary(op, front(36, mean=0.0, std=0.5), fv), (randn(4, 36, 36), randn(4, 8, 6, 6))
+
+    return Case(build, EXACT, "contraction over tokens that share their channel means, exact", find="einsum")
+
+
 #: transformers' additive-mask fill (torch.finfo(torch.float32).min), spelled as a number
 #: (torch.fx cannot read a proxy's dtype)
 MASK_MIN = -3.4028234663852886e38
@@ -519,7 +535,10 @@ CASES: dict[str, list[Case]] = {
         B(lambda a, b: a @ b, LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
         B(lambda a, b: torch.bmm(a, b), LIN(mean=0.0), LIN(mean=0.3, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
     ],
-    "einsum": [B(lambda a, b: torch.einsum("bik,bkj->bij", a, b), LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact")],
+    "einsum": [
+        B(lambda a, b: torch.einsum("bik,bkj->bij", a, b), LIN(mean=0.2), LIN(mean=0.0, std=0.8, seed=1), (8, 16, 64), (8, 64, 64), why="contraction of independent entries, exact"),
+        _averaged_values(),
+    ],
     # ---------------------------------------------------------------- softmax and attention
     "softmax": [U(lambda h: F.softmax(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX)],
     "softmin": [U(lambda h: F.softmin(h, -1), LIN(mean=0.0, std=2.0), 64, 64, tol=APPROX, why=SOFTMAX, aten="softmax")],
@@ -815,3 +834,78 @@ def test_activation_of_values_whose_squares_overflow_float32():
     pred_act, pred_grad = analysis.stat(out.name).act_rms, analysis.stat("front").grad_rms
     assert _rel(pred_act, meas[out.name][0]) <= EXACT, (pred_act, meas[out.name])
     assert _rel(pred_grad, meas["front"][1]) <= EXACT, (pred_grad, meas["front"])
+
+
+# --------------------------------------------------------------------------- max pooling of concatenated branches
+class PooledBranches(nn.Module):
+    """Two ReLU branches of different scale, concatenated along channels and max pooled
+    (an Inception block's output before the next block's pooling)."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.front_a, self.front_b = front(8, conv=2, mean=0.0, std=1.0), front(8, conv=2, mean=-0.4, std=2.5, seed=1)
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x, y):
+        h = torch.cat([F.relu(self.front_a(x)), F.relu(self.front_b(y))], 1)
+        return F.max_pool2d(h, self.kernel, stride=self.stride)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (2, 2)])
+def test_max_pool_of_concatenated_relus(kernel, stride):
+    """Max pooling of a channel concatenation of ReLU(Gaussian) values: each piece's
+    channels are pooled as max relu(z_i) = relu(max z_i), and the gradient, which lands
+    on arg-max entries only (positive ones, where ReLU passes it whole), keeps phi'
+    averaged under the maximum's law through the concatenation. Checked against real
+    autograd (10%) on the pooled output and on the gradient into each branch's ReLU."""
+    model, inputs = PooledBranches(kernel, stride), (randn(16, 8, 12, 12), randn(16, 8, 12, 12))
+    graph = trace(model, inputs)
+    analysis = propagate(graph)
+    out = graph[graph.output_refs[0]]
+    meas = measure_moments(model, inputs, draws=4)
+    rows = [f"{out.name} act_rms: predicted {analysis.stat(out.name).act_rms:.5g}, measured {meas[out.name][0]:.5g}"]
+    problems = [rows[-1]] if _rel(analysis.stat(out.name).act_rms, meas[out.name][0]) > EXACT else []
+    for name in ("front_a", "front_b"):
+        rows.append(f"{name} grad_rms: predicted {analysis.stat(name).grad_rms:.5g}, measured {meas[name][1]:.5g}")
+        if _rel(analysis.stat(name).grad_rms, meas[name][1]) > EXACT:
+            problems.append(rows[-1])
+    print("\n".join(rows))
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- attention outputs pooled over an image
+class PooledWindowAttention(nn.Module):
+    """Values from a feature map (a projection with its own bias per channel), attention
+    within windows of ``window`` tokens written as an einsum, then the mean over every
+    token of the image (a classifier's global pool)."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.front_a, self.front_v = front(window, mean=0.0, std=0.5), front(8, conv=2, mean=0.0, std=0.6, seed=1)
+        with torch.no_grad():
+            self.front_v.bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(5)))
+        self.window = window
+
+    def forward(self, a, v):
+        tokens = self.front_v(v).flatten(2).transpose(1, 2)
+        tokens = tokens.reshape(tokens.shape[0], -1, self.window, tokens.shape[-1])
+        out = torch.einsum("bgij,bgjd->bgid", F.softmax(self.front_a(a), -1), tokens)
+        return out.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("window", [9, 36])
+def test_attention_outputs_pooled_over_the_image(window):
+    """Queries of one window see the same average of its values, so the attention's
+    outputs are coherent over the window's positions (var_v / k + cov_v between two of
+    them): a mean over the image keeps that part instead of dividing it by the number
+    of positions. Checked against real autograd (10%) on the pooled output, for windows
+    of a quarter of the image and of the whole image."""
+    model, inputs = PooledWindowAttention(window), (randn(8, 36 // window, window, window), randn(8, 8, 6, 6))
+    graph = trace(model, inputs)
+    analysis = propagate(graph)
+    out = graph[graph.output_refs[0]]
+    meas = measure_moments(model, inputs, draws=8)
+    pred, m_act = analysis.stat(out.name).act_rms, meas[out.name][0]
+    row = f"{out.name} act_rms: predicted {pred:.5g}, measured {m_act:.5g}"
+    print(row)
+    assert _rel(pred, m_act) <= EXACT, row

@@ -58,7 +58,7 @@ from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked, select
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
-from gradaudit.propagation.channels import AtMax, Grad, Split, apply_gain, sets_profile
+from gradaudit.propagation.channels import AtMax, Grad, Split, Take, apply_gain, normalize_axis, sets_profile
 from gradaudit.serial import serial
 from gradaudit.propagation.moments import (
     channel_points,
@@ -101,6 +101,9 @@ class _AtMaxPart:
 
     value: Any
     window: int
+    #: already part of a plain contribution (a concatenation hands its pieces their
+    #: slice of the whole gradient, and names the arg-max share of that slice apart)
+    counted: bool = False
 
 
 class PropagationError(Exception):
@@ -444,10 +447,39 @@ class Engine:
             return t
         return t.index_select(t.dim() - 1, entry[0])  # t[..., entry[0]], gathered faster
 
+    def channel_pieces(self, name: str) -> list[str] | None:
+        """The pieces of ``name`` when it is a concatenation along its channel axis of
+        values that all track channels (an Inception block's branches), else None."""
+        node = self.graph[name]
+        if node.op not in ("cat", "concat") or node.outputs[0] is None:
+            return None
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not all(isinstance(t, Ref) for t in tensors):
+            return None
+        s = self.leaf_stats(name)
+        if s is None or not s.has_channels or normalize_axis(dim, len(node.outputs[0].shape)) != s.axis:
+            return None
+        pieces = [t.name for t in tensors]
+        if not all((p := self.leaf_stats(n)) is not None and p.has_channels and p.axis == s.axis for n in pieces):
+            return None
+        return pieces
+
     def fused_max_moments(self, name: str, window: int):
         """E[max] and E[max^2] over windows of ``window`` values of fused node ``name``,
         when it is a nondecreasing function of its root (so max f(z) = f(max z)): per
-        channel vectors or 0-d tensors. None when not applicable."""
+        channel vectors or 0-d tensors. None when not applicable.
+
+        A concatenation along channels of such values (an Inception block's output
+        before its pooling) is pooled channel by channel: its moments are the pieces'
+        moments, concatenated."""
+        pieces = self.channel_pieces(name)
+        if pieces is not None:
+            found = [self.fused_max_moments(p, window) for p in pieces]
+            if any(f is None for f in found):
+                return None
+            sizes = [self.leaf_stats(p).ch_mean.numel() for p in pieces]
+            return tuple(torch.cat([f[i].expand(n) if f[i].dim() == 0 else f[i] for f, n in zip(found, sizes)]) for i in (0, 1))
         root = self.roots.get(name)
         if root is None or _skewed(self.leaf_stats(root)):
             return None
@@ -592,7 +624,8 @@ class Engine:
             for part in acc.get((m, 0), []):
                 if isinstance(part, _AtMaxPart):
                     at_max.setdefault(m, []).append(part)
-                    plain.append(part.value)
+                    if not part.counted:
+                        plain.append(part.value)
                 else:
                     plain.append(part)
             acc[(m, 0)] = plain
@@ -733,6 +766,13 @@ class Engine:
                 continue
             if node.name in self.groups:
                 self._backward_group(node.name, acc)
+            # arg-max shares that reached a value outside a fused group: a concatenation
+            # along channels passes them on to its pieces, any other value drops the mark
+            max_parts = [p for p in acc.get((node.name, 0), []) if isinstance(p, _AtMaxPart)]
+            if max_parts:
+                acc[(node.name, 0)] = [p.value if isinstance(p, _AtMaxPart) else p
+                                       for p in acc[(node.name, 0)] if not (isinstance(p, _AtMaxPart) and p.counted)]
+                max_parts = max_parts if self.channel_pieces(node.name) is not None else []
             stats = self.stats.get(node.name, [])
             for leaf in range(len(stats)):
                 self._resolve(node.name, leaf, acc)
@@ -755,8 +795,12 @@ class Engine:
                 if not sets_profile(gain) and not _same_positions(self.graph, src, in_leaf, node, out_leaf, src_stats, out):
                     part.prof = None
                 at_max = isinstance(gain, AtMax) or (isinstance(gain, Split) and isinstance(gain.f, AtMax))
-                if at_max and src in self.roots:
+                if at_max and (src in self.roots or self.channel_pieces(src) is not None):
                     part = _AtMaxPart(part, (gain.f if isinstance(gain, Split) else gain).window)
+                elif max_parts and isinstance(gain, Take):
+                    for p in max_parts:  # the slice of each arg-max share, already in ``part``
+                        acc.setdefault((src, in_leaf), []).append(
+                            _AtMaxPart(apply_gain(gain, p.value, n_in, src_stats.axis), p.window, counted=True))
                 elif node.op in ("add", "sub") and self.graph[src].op == "relu":  # read by _persistence
                     self._sum_parts.setdefault((src, in_leaf), []).append((node.name, part))
                 acc.setdefault((src, in_leaf), []).append(part)

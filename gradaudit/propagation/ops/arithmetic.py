@@ -298,6 +298,11 @@ def matmul(ctx: Ctx) -> Effect:
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     if not (isinstance(a, Ref) and isinstance(b, Ref)):
         raise Unhandled("matmul with a constant")
+    return _matmul_effect(ctx, a, b)
+
+
+def _matmul_effect(ctx: Ctx, a: Ref, b: Ref) -> Effect:
+    """:func:`matmul`'s effect for a (..., n, k) @ b (..., k, m)."""
     ma, mb = ctx.meta(a), ctx.meta(b)
     if len(ma.shape) < 2 or len(mb.shape) < 2:
         raise Unhandled("matmul with a vector")
@@ -313,12 +318,39 @@ def matmul(ctx: Ctx) -> Effect:
     cov_b = _row_shared(sb, len(mb.shape) - 2)
     out = effect.out[0]
     out.m2 = out.m2 + k * (k - 1) * ma2 * cov_b
+    _query_coherence(ctx, out, sb, mb, ma2, k, n, cov_b)
     g_b = n * sa.m2
     tri = torch.tensor(
         [[g_b, n * (n - 1) * ma2, 0.0], [n * ma2, n * (n - 1) * ma2, 0.0], [0.0, 0.0, n * n * ma2]], dtype=torch.float64
     )
     effect.gains[1] = (b.name, 0, 0, channels.Tri(tri))
     return effect
+
+
+def _query_coherence(ctx: Ctx, out: Stats, sb: Stats, mb, ma2: float, k: int, n: int, cov_b: float) -> None:
+    """The covariance of two outputs of an average over b's rows (attention's
+    probabilities times its values), when b's rows are positions (tokens). Two rows of
+    one product average the same k rows of b with independent weights of mean mu_a:
+
+        Cov(y_i, y_i') = mu_a^2 (k var_b + k (k - 1) cov_b)
+
+    (var_b / k + cov_b with mu_a = 1 / k: every query sees the same average, as
+    scaled_dot_product_attention's ``Cov(o_s, o_s')``); two rows of different products
+    (windows of a partitioned image: MaxViT) average different rows of b, k^2 mu_a^2
+    cov_b. The output's positions are b's with its queries in place of its keys, and
+    two of them fall in one product with probability q = (n - 1) / (P - 1)."""
+    nb, no = len(mb.shape), len(ctx.out_meta.shape)
+    if sb.pos is None or nb - 2 not in sb.pos:
+        return
+    pos = tuple(sorted({a + no - nb for a in sb.pos if a != nb - 2} | {no - 2}))
+    pos = tuple(a for a in pos if ctx.out_meta.shape[a] > 1)
+    p = position_count(ctx.out_meta, pos)
+    if p < 2:
+        return
+    base = sb.scalar() if sb.has_channels else sb
+    q = (n - 1) / (p - 1)
+    cov = q * ma2 * (k * base.var + k * (k - 1) * cov_b) + (1 - q) * k * k * ma2 * cov_b
+    out.pos, out.cov = pos, min(max(cov, -out.var), out.var)
 
 
 def _row_shared(s: Stats, row_axis: int) -> float:
@@ -342,7 +374,11 @@ def _contraction_effect(ctx: Ctx, a: Ref, b: Ref, sa: Stats, sb: Stats, k: int) 
 
 @handles("einsum")
 def einsum(ctx: Ctx) -> Effect:
-    """Two-operand einsum as a contraction over the summed indices (see ``matmul``)."""
+    """Two-operand einsum as a contraction over the summed indices. A batched matrix
+    product ``...ij,...jk->...ik`` (attention's probabilities times its values, as
+    MaxViT writes it: ``BGHIJ,BGHJD->BGHID``) is :func:`matmul`, whose probabilities
+    average the part the values' rows share (a value projection's bias, the tokens'
+    common part) coherently."""
     eq = ctx.node.args[0]
     operands = list(ctx.node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -357,5 +393,16 @@ def einsum(ctx: Ctx) -> Effect:
     a, b = operands
     ma, mb = ctx.meta(a), ctx.meta(b)
     sizes = dict(zip(sa_, ma.shape)) | dict(zip(sb_, mb.shape))
+    if _matmul_form(sa_, sb_, out) and ma.shape[:-2] == mb.shape[:-2]:
+        return _matmul_effect(ctx, a, b)
     k = math.prod(sizes[c] for c in sizes if c not in out)
     return _contraction_effect(ctx, a, b, ctx.stat(a), ctx.stat(b), k)
+
+
+def _matmul_form(a: str, b: str, out: str) -> bool:
+    """Whether einsum subscripts ``a,b->out`` are ``...ij,...jk->...ik`` (the same batch
+    letters in front, each letter once per operand)."""
+    if len(a) < 2 or len(b) < 2 or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return False
+    batch, (i, j), (j2, k) = a[:-2], a[-2:], b[-2:]
+    return b[:-2] == batch and j == j2 and len({i, j, k}) == 3 and not {i, j, k} & set(batch) and out == batch + i + k

@@ -72,14 +72,16 @@ def max_pool(ctx: Ctx) -> Effect:
     """Max over windows of k elements, per channel.
 
     Forward: when the input is a monotone function f of a Gaussian value (ReLU, ...
-    after a conv or norm), max f(z_i) = f(max z_i) is integrated exactly under the
+    after a conv or norm, or a concatenation along channels of such values, pooled
+    piece by piece), max f(z_i) = f(max z_i) is integrated exactly under the
     density of the maximum of k Gaussians, k phi(z) Phi(z)^(k-1); otherwise the k
     inputs are treated as Gaussians with the input's moments. A part shared by all
     positions (variance s) shifts the whole window: max(a + e_i) = a + max e_i.
 
     Backward: each window routes its gradient to its arg-max, so the summed squared
     gradient is preserved: gain = numel(out) / numel(in) -- but only arg-max elements
-    receive it, which the engine accounts for upstream (:class:`channels.AtMax`). An
+    receive it, which the engine accounts for upstream (:class:`channels.AtMax`), also
+    through a concatenation along channels of such values (Inception's branches). An
     input is an arg-max with probability r = numel(out) / numel(in), two inputs with
     probability r^2: a coherent gradient part keeps r of its power and r^2 of its
     covariance.

@@ -27,7 +27,7 @@ def _reduction(ctx: Ctx, ref: Ref) -> tuple[float, int | None, str, tuple | None
     if x.pos is not None:
         pos = tuple(moved(a) for a in x.pos if a not in dims and ctx.out_meta.shape[moved(a)] > 1) or None
     kind = "other"
-    if x.pos is not None and all(d in x.pos for d in dims):
+    if x.pos is not None and all(d in x.pos or meta.shape[d] == 1 for d in dims):  # an axis of size 1 reduces nothing
         kind = "positions"
     elif x.has_channels and dims == [x.axis]:
         kind = "channels"
