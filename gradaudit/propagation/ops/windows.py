@@ -23,7 +23,7 @@ from gradaudit.propagation import channels
 from gradaudit.propagation.ops.base import SAMPLER_SEED, Ctx, Effect, Unhandled, handles, make_stats
 
 #: the most samples drawn for the windowed attention's moments (:func:`_samples`)
-SAMPLES = 16
+SAMPLES = 8
 
 
 def _structured_input(s: Stats, shape: tuple[int, ...], samples: int, gen: torch.Generator) -> torch.Tensor:
