@@ -76,6 +76,23 @@ def test_prediction_agrees_within_2x_on_90_percent_of_layers(name):
     assert report.probe["agreement_summary"]["fraction_within_2x"] == pytest.approx(len(within) / len(rows))
 
 
+def test_layer_output_that_is_a_view_changed_in_place():
+    """nn.Linear on an input of more than two dimensions returns its product reshaped, a
+    view; ReLU(inplace=True) after it rewrites the view's autograd history, and a hook on
+    the view never fires (the layer's gradient was measured as nan). The probe's
+    measurement equals autograd's on the same weights with an out-of-place ReLU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 4))
+    inputs = (torch.randn(2, 5, 8),)
+    report = gradaudit.audit(model, inputs, probe=True, draws=2)
+    twin = torch.nn.Sequential(model[0], torch.nn.ReLU(), model[2])
+    oracle = hook_measure(twin, inputs, [layer.module for layer in report.layers], SEED, draws=2)
+    assert [layer.module for layer in report.layers] == ["0", "2"]
+    for layer, (act, grad) in zip(report.layers, oracle):
+        assert layer.measured.act_rms == pytest.approx(act, rel=0.01), layer.node
+        assert layer.measured.grad_rms == pytest.approx(grad, rel=0.01), layer.node
+
+
 @pytest.mark.parametrize("name", ["relu_he_30", "conv_bn_dropout"])
 def test_weight_gradient_rms_and_ratio_match_autograd(name):
     model, inputs, report = _audit(name)

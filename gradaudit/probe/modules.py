@@ -27,7 +27,7 @@ from gradaudit.errors import CaptureError
 from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
 from gradaudit.frontends.patterns import SOURCE
-from gradaudit.probe.runner import layer_parameters
+from gradaudit.probe.runner import hook_gradient, layer_parameters, whole_base
 
 def _leaves_of(model) -> dict:
     """{module: qualified name} of the layers (the fx frontend's leaf modules)."""
@@ -190,7 +190,6 @@ class ModuleRunner:
         from gradaudit.probe.recording import DrawRecord
         from gradaudit.probe.recording import batch_cosine as _batch_cosine
         from gradaudit.probe.recording import grab as _grab
-        from gradaudit.probe.recording import on_grad
         from gradaudit.probe.recording import order as _order
         from gradaudit.probe.recording import sumsq as _sumsq
         from gradaudit.probe.runner import finish_draw, reduce_draw
@@ -252,14 +251,17 @@ class ModuleRunner:
                     if not bool(fin.all()) and rec.first_forward is None:
                         rec.first_forward = self._nonfinite("forward", name, inputs_of.get(name, ()), d, NonFinite, tensor_summary, _kind)
                     if t.requires_grad:
-                        hooks.append(on_grad(t, _order(backward_order, name, grad_slots if name in self.layers else None, zeros)))
+                        slots = grad_slots if name in self.layers else None
+                        hooks.append(t.register_hook(_order(backward_order, name, slots, zeros)))
+                        if slots is not None and (base := whole_base(t)) is not None:
+                            hooks.append(base.register_hook(_grab(slots, name, zeros)))
             if units and name in self.acts and floats:
                 self._dead(name, floats[0], rec)
             if name in self.layers and floats:
                 out0 = floats[0]
                 pending.append((name, _sumsq(out0), out0.numel()))
                 if out0.requires_grad and not check_all:
-                    hooks.append(on_grad(out0, _grab(grad_slots, name, zeros)))
+                    hook_gradient(out0, _grab(grad_slots, name, zeros), hooks)
 
         def observe_layer(name, out):
             if name not in self.layers or not isinstance(out, torch.Tensor) or not out.is_floating_point():
@@ -267,7 +269,7 @@ class ModuleRunner:
             pending.append((name, _sumsq(out), out.numel()))
             if out.requires_grad:
                 grab = _order(backward_order, name, grad_slots, zeros) if check_all else _grab(grad_slots, name, zeros)
-                hooks.append(on_grad(out, grab))
+                hook_gradient(out, grab, hooks)
 
         handles = []
         for mod in self.leaves:

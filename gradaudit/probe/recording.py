@@ -123,23 +123,6 @@ def reduce(g, zeros: bool) -> tuple:
     return sumsq(d), d.numel(), (d == 0).sum() if zeros else None
 
 
-def on_grad(t, hook):
-    """Calls ``hook(gradient of t)`` in the backward pass; returns the handle.
-
-    A layer's output is often a view of a tensor of the same size (``nn.Linear`` on a
-    3-d input reshapes its matmul's result). When the model then writes into it in place
-    (Wav2Vec2 assigns its masked frames into the projection's output), autograd rebuilds
-    the view's history from its base and a hook on the view never fires. The hook then
-    goes on the node that computed the base, which still runs and receives the gradient
-    of the value it made: the same entries, so the same norm."""
-    base = t._base
-    fn = base.grad_fn if base is not None and base.numel() == t.numel() else None
-    if fn is None:
-        return t.register_hook(hook)
-    nr = base.output_nr
-    return fn.register_hook(lambda _grad_inputs, grad_outputs: None if grad_outputs[nr] is None else hook(grad_outputs[nr]))
-
-
 def grab(slots: dict, name: str, zeros: bool):
     """A tensor hook keeping the first gradient that reaches ``name``, reduced."""
 

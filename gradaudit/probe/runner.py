@@ -64,6 +64,32 @@ def layer_parameters(node, module=None) -> list:
     return list(module.parameters()) if isinstance(module, nn.Module) else []
 
 
+def whole_base(t):
+    """The tensor ``t`` is a view of, when the view covers all of it (None otherwise).
+
+    A layer's output can be a view: ``nn.Linear`` on an input of more than two
+    dimensions returns its matrix product reshaped. An in-place op on it later
+    (``ReLU(inplace=True)``) rewrites the view's autograd history, and a gradient hook
+    registered on the view before never fires; one on its base still does, with the
+    same values (the gradient of the value before the in-place op). The view's own
+    hook runs first when it fires (the view's backward feeds the base's), and the
+    gradient hooks keep the first gradient that arrives (:func:`grab`), so the base's
+    stands in only where the view's was lost."""
+    base = t._base if t._is_view() else None
+    if base is None or base.numel() != t.numel() or not base.requires_grad:
+        return None
+    return base
+
+
+def hook_gradient(t, hook, hooks: list) -> None:
+    """Put the gradient ``hook`` on layer output ``t``, and on its base when ``t`` is a
+    view of all of it (:func:`whole_base`; Wav2Vec2 writes its masked frames into its
+    projection's output in place, through a dropout of p = 0 that returns its input)."""
+    hooks.append(t.register_hook(hook))
+    if (base := whole_base(t)) is not None:
+        hooks.append(base.register_hook(hook))
+
+
 def held_wrt(held: list | None) -> list:
     """The held layer outputs a gradient is taken for (those that require one)."""
     return [t for _, t in held or () if t.requires_grad]
@@ -284,6 +310,8 @@ class Runner:
                     for t in ts:
                         if t.requires_grad:
                             hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
+                            if slots is not None and (base := whole_base(t)) is not None:
+                                hooks.append(base.register_hook(grab(slots, n.name, zeros)))
                 if n.name in self.layers:  # (a checked run's hooks above already reduce the gradient)
                     self._observe(n.name, value, (pending, None if check_all else hooks, grad_slots, zeros, None))
             env[n.name] = value
@@ -329,7 +357,7 @@ class Runner:
                 return
             pending.append((name, sumsq(out), out.numel()))
             if out.requires_grad and hooks is not None:
-                hooks.append(out.register_hook(grab(grad_slots, name, zeros)))
+                hook_gradient(out, grab(grad_slots, name, zeros), hooks)
 
     # ---------------------------------------------------------------------------------
     def _step(self, n, env, rec: DrawRecord, units: bool, cosine: bool, check_all: bool):

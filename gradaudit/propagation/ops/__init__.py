@@ -21,7 +21,8 @@ One module per family of ops: :mod:`.layout` (views, copies, indexing, split, ca
 :mod:`.dense` (linear, convolutions, embedding), :mod:`.norms`, :mod:`.dropout`,
 :mod:`.pooling`, :mod:`.reductions` (mean, sum), :mod:`.select` (where under a constant
 mask), :mod:`.arithmetic` (add, mul, matmul, einsum), :mod:`.attention` (softmax, attention), :mod:`.linear_maps` (interpolation,
-pixel shuffle) and :mod:`.constants` (fills); the recurrent layers' handlers live with
+pixel shuffle), :mod:`.windows` (torchvision's Swin window attention and patch merging)
+and :mod:`.constants` (fills); the recurrent layers' handlers live with
 their recursion in :mod:`gradaudit.propagation.recurrent`. :mod:`.base` holds the table,
 what a handler reads (:class:`~.base.Ctx`) and what it returns (:class:`~.base.Effect`).
 Importing any of them fills the whole table.
@@ -40,4 +41,5 @@ from gradaudit.propagation.ops import (  # noqa: F401  (each family registers it
     pooling,
     reductions,
     select,
+    windows,
 )
