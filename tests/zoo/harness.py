@@ -29,6 +29,10 @@ import torch
 
 import gradaudit
 
+#: Every model's result, in the order audited: the zoo's conftest prints their lines and
+#: the totals in the terminal summary, so CI's log shows them for passing tests too.
+RESULTS: list = []
+
 #: Fraction of layer statistics that must be within 2x of the measurement.
 WITHIN_2X = 0.90
 LOG2 = math.log10(2.0)
@@ -91,6 +95,7 @@ def audit_zoo(name: str, model: torch.nn.Module, inputs) -> ZooResult:
         layers=len(report.layers),
     )
     print(result.line())
+    RESULTS.append(result)
     return result
 
 
