@@ -57,15 +57,10 @@ class UnreachedLayer(Rule):
         cut = without_path_to_output(analysis)
         static = [n for n in analysis.weight_layers() if n.name in cut and _trainable(n)]
         if static:
-            names = [where(n) for n in static]
-            yield self.finding(
-                f"{len(static)} weight layer(s) have no path to the model's output: {name_list(names)} "
-                f"({sum(_trainable(n) for n in static):,} trainable parameters); no gradient reaches them, so they "
-                "keep their initial values",
-                node=static[0],
-                fix=_fix([n.module for n in static]),
-                layers=names,
-                source="predicted",
+            yield self._finding(
+                static, [n.module for n in static], [where(n) for n in static], sum(_trainable(n) for n in static),
+                "have no path to the model's output", "no gradient reaches them, so they keep their initial values",
+                "predicted",
             )
         probe = analysis.config.get("probe")
         if probe is None:
@@ -75,16 +70,19 @@ class UnreachedLayer(Rule):
                     if m.node not in seen and m.draws and m.weight_numel and m.weight_grad_sq is None]
         if measured:
             nodes = [graph_node(analysis, m.node) for m in measured]
-            names = [m.module or (where(n) if n is not None else m.node) for m, n in zip(measured, nodes)]
-            yield self.finding(
-                f"{len(measured)} weight layer(s) got no gradient at all in the probe's {probe.draws} draw(s): "
-                f"{name_list(names)} ({sum(m.weight_numel for m in measured):,} trainable parameters); autograd found "
-                "no path from the output to them on these inputs, so they would keep their initial values",
-                node=nodes[0],
-                fix=_fix([m.module for m in measured]),
-                layers=names,
-                source="measured",
+            yield self._finding(
+                nodes, [m.module for m in measured],
+                [m.module or (where(n) if n is not None else m.node) for m, n in zip(measured, nodes)],
+                sum(m.weight_numel for m in measured), f"got no gradient at all in the probe's {probe.draws} draw(s)",
+                "autograd found no path from the output to them on these inputs, so they would keep their initial values",
+                "measured",
             )
+
+    def _finding(self, nodes, modules, names, count, what, why, source) -> Finding:
+        return self.finding(
+            f"{len(names)} weight layer(s) {what}: {name_list(names)} ({count:,} trainable parameters); {why}",
+            node=nodes[0], fix=_fix(modules), layers=names, source=source,
+        )
 
 
 def _fix(modules: list[str | None]) -> str:
