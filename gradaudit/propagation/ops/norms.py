@@ -42,9 +42,10 @@ def _normalized(ref: Ref, axis: int, gamma, beta, xhat_mean, xhat_m2, inv_var, t
     return Effect([out], gains)
 
 
-def _sample_variance(parts: list[tuple[Any, float]], eps: float, count: float | None = None) -> tuple[Any, Any, Any]:
-    """E[s^2], E[1 / (s^2 + eps)] and the x_hat direction's leak (:func:`moments.eps_leak`)
-    of a sample variance that is a sum of independent
+def _sample_variance(parts: list[tuple[Any, float]], eps: float, n: float = math.inf, count: float | None = None) -> tuple[Any, Any, Any]:
+    """E[s^2], E[1 / (s^2 + eps)] and the x_hat direction's leak (:func:`moments.eps_leak`
+    over ``count`` statistics; 0 for groups of more than :data:`LEAK_MAX_VALUES` values)
+    of a sample variance over ``n`` values that is a sum of independent
     scaled chi-squares: ``parts`` = [(E[part], degrees of freedom)]. Satterthwaite's
     approximation (1946) gives s^2 ~ E[s^2] chi^2_nu / nu with nu = E[s^2]^2 /
     sum_i E[part_i]^2 / nu_i, and :func:`moments.inverse_moment` the mean of its inverse.
@@ -57,7 +58,7 @@ def _sample_variance(parts: list[tuple[Any, float]], eps: float, count: float | 
     total_t = torch.as_tensor(total, dtype=torch.float64).clamp_min(1e-300)
     nu = total_t * total_t / torch.as_tensor(denom, dtype=torch.float64).clamp_min(1e-300)
     inv = inverse_moment(nu, eps / total_t) / total_t
-    return total_t, inv, eps_leak(nu, eps / total_t, count)
+    return total_t, inv, eps_leak(nu, eps / total_t, count) if n <= LEAK_MAX_VALUES else 0.0
 
 
 def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True, leak=0.0) -> torch.Tensor:
@@ -87,7 +88,9 @@ def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True, leak=0.0
     rho_s, rho_x = torch.broadcast_tensors(rho_s, rho_x)
     one = torch.ones_like(rho_s)
     mc = torch.stack([one / n, one * (p - 1) / n, one * (n - p) / n], -1) if centred else torch.zeros(*rho_s.shape, 3, dtype=torch.float64)
-    cc = torch.stack([one / n, rho_s * (p - 1) / n, rho_x * (n - p) / n], -1) * (1.0 - torch.as_tensor(leak, dtype=torch.float64)).unsqueeze(-1)
+    cc = torch.stack([one / n, rho_s * (p - 1) / n, rho_x * (n - p) / n], -1)
+    if isinstance(leak, torch.Tensor):
+        cc = cc * (1.0 - leak).unsqueeze(-1)
     eye = torch.eye(3, dtype=torch.float64).expand(*rho_s.shape, 3, 3)
     rows = torch.stack([mc + cc, mc + rho_s.unsqueeze(-1) * cc, mc + rho_x.unsqueeze(-1) * cc], -2)
     return (eye - rows).clamp_min(-1.0)
@@ -104,9 +107,6 @@ def _projection(n: float, p: float, rho_s, rho_x, centred: bool = True, leak=0.0
 #: block, an error of its own not found yet, which the missing leak cancels.
 LEAK_MAX_VALUES = 2
 
-
-def _leak(leak, n: float):
-    return leak if n <= LEAK_MAX_VALUES else 0.0
 
 
 def _eps(value: Any, default: float = 1e-5) -> float:
@@ -150,7 +150,7 @@ def batch_norm(ctx: Ctx) -> Effect:
     f = var - s
     between = s + f / p
     cross = x.cross(axis, c).maximum(-between / max(b - 1, 1)).minimum(between) if b > 1 else torch.zeros_like(var)
-    e_s2, inv, leak = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps, c)
+    e_s2, inv, leak = _sample_variance([(f * (p - 1) / p, b * (p - 1)), ((between - cross) * (b - 1) / b, b - 1)], eps, n, c)
     v_mean = between / b + cross * (b - 1) / b
     rho_s = (s - v_mean) / e_s2
     rho_x = (cross - v_mean) / e_s2
@@ -158,12 +158,12 @@ def batch_norm(ctx: Ctx) -> Effect:
     zero = torch.zeros(c, dtype=torch.float64)
     out_pos = pos if p > 1 else (pos if pos is not None else None)
     cov = (s - v_mean) / (e_s2 + eps) if out_pos is not None else None
-    leak = _leak(leak, n)
     tri = _projection(n, p, rho_s, rho_x, leak=leak)
     # a ReLU after the norm makes the gradient follow x_hat (its mask): with a gradient
     # shared by positions, mean(g x_hat) no longer averages out (removed, like the rest
     # of c, but for its leak)
-    excess = (n, p, (gamma * gamma).clamp_min(1e-12) / (1.0 - torch.as_tensor(leak)).clamp_min(1e-12), rho_s, rho_x)
+    kept = (gamma * gamma).clamp_min(1e-12)
+    excess = (n, p, kept / (1.0 - leak).clamp_min(1e-12) if isinstance(leak, torch.Tensor) else kept, rho_s, rho_x)
     prof = x.prof if x.pos == out_pos else None
     return _normalized(ref, axis, gamma, beta, zero, e_s2 / (e_s2 + eps), inv, tri, cov, out_pos, prof, excess, (cross - v_mean) / (e_s2 + eps))
 
@@ -297,7 +297,7 @@ def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     within = (fg * (p - 1) / p).sum(1) / k
     spread = (dev * dev + between).sum(1) / k * (k - 1) / k if k > 1 else torch.zeros(groups, dtype=torch.float64)
     nu_spread = _dof_rows(between, dev) * (k - 1) / max(k, 1)
-    e_s2, inv, leak = _sample_variance([(within, k * (p - 1)), (spread, nu_spread.clamp_min(1e-3))], eps, groups * meta.shape[0])
+    e_s2, inv, leak = _sample_variance([(within, k * (p - 1)), (spread, nu_spread.clamp_min(1e-3))], eps, n, groups * meta.shape[0])
     v_mean = between.sum(1, keepdim=True) / (k * k)  # variance of the group mean
     e_col = e_s2.unsqueeze(1)
     xm = (dev / (e_col + eps).sqrt()).reshape(-1)
@@ -306,7 +306,8 @@ def _group_effect(ctx: Ctx, ref: Ref, groups: int, weight, bias, eps) -> Effect:
     inv_c = inv.unsqueeze(1).expand(groups, k).reshape(-1)
     gamma, beta = _affine(weight, bias, c)
     cov = ((sg - v_mean) / (e_col + eps)).reshape(-1) if pos is not None else None
-    leak = _leak(leak.unsqueeze(1).expand(groups, k).reshape(-1), n)
+    if isinstance(leak, torch.Tensor):
+        leak = leak.unsqueeze(1).expand(groups, k).reshape(-1)
     tri = _projection(n, p, rho_s, torch.zeros_like(rho_s), leak=leak)
     # the group mean is taken per sample: a gradient part shared across samples stays
     tri[..., 2, :] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
