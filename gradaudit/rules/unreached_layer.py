@@ -86,11 +86,10 @@ class UnreachedLayer(Rule):
 
 
 def _fix(modules: list[str | None]) -> str:
-    """Use the layer's output on the way to the loss; or, if it is meant to stay as
-    initialised, say so by freezing it."""
-    lines = ["# use its output on the way to the loss, or freeze it on purpose:"]
-    lines += [f"{module_expr(m)}.requires_grad_(False)" for m in dict.fromkeys(modules) if m]
-    return "\n".join(lines)
+    """Freeze the layers on purpose, if they are meant to stay as initialised; otherwise
+    use their outputs on the way to the loss."""
+    calls = [f"{module_expr(m)}.requires_grad_(False)" for m in dict.fromkeys(modules) if m]
+    return "; ".join(calls or ["pass"]) + "  # or use their outputs on the way to the loss"
 
 
 def _trainable(node) -> int:
