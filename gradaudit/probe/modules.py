@@ -27,7 +27,7 @@ from gradaudit.errors import CaptureError
 from gradaudit.probe.device import seed_draw
 from gradaudit.probe.inputs import first_line
 from gradaudit.frontends.patterns import SOURCE
-from gradaudit.probe.runner import hook_gradient, layer_parameters, whole_base
+from gradaudit.probe.runner import hook_checked, hook_gradient, layer_parameters
 
 def _leaves_of(model) -> dict:
     """{module: qualified name} of the layers (the fx frontend's leaf modules)."""
@@ -252,9 +252,8 @@ class ModuleRunner:
                         rec.first_forward = self._nonfinite("forward", name, inputs_of.get(name, ()), d, NonFinite, tensor_summary, _kind)
                     if t.requires_grad:
                         slots = grad_slots if name in self.layers else None
-                        hooks.append(t.register_hook(_order(backward_order, name, slots, zeros)))
-                        if slots is not None and (base := whole_base(t)) is not None:
-                            hooks.append(base.register_hook(_grab(slots, name, zeros)))
+                        hook_checked(t, _order(backward_order, name, slots, zeros),
+                                     None if slots is None else _grab(slots, name, zeros), hooks)
             if units and name in self.acts and floats:
                 self._dead(name, floats[0], rec)
             if name in self.layers and floats:

@@ -90,6 +90,15 @@ def hook_gradient(t, hook, hooks: list) -> None:
         hooks.append(base.register_hook(hook))
 
 
+def hook_checked(t, order_hook, grab_hook, hooks: list) -> None:
+    """A checked run's hooks on output ``t``: ``order_hook`` (the backward's order and
+    finiteness, reducing the gradient of a layer), and ``grab_hook`` on its base when
+    ``t`` is a view of all of it (:func:`whole_base`; None: not a layer)."""
+    hooks.append(t.register_hook(order_hook))
+    if grab_hook is not None and (base := whole_base(t)) is not None:
+        hooks.append(base.register_hook(grab_hook))
+
+
 def held_wrt(held: list | None) -> list:
     """The held layer outputs a gradient is taken for (those that require one)."""
     return [t for _, t in held or () if t.requires_grad]
@@ -309,9 +318,8 @@ class Runner:
                     slots = grad_slots if n.name in self.layers else None
                     for t in ts:
                         if t.requires_grad:
-                            hooks.append(t.register_hook(order(backward_order, n.name, slots, zeros)))
-                            if slots is not None and (base := whole_base(t)) is not None:
-                                hooks.append(base.register_hook(grab(slots, n.name, zeros)))
+                            hook_checked(t, order(backward_order, n.name, slots, zeros),
+                                         None if slots is None else grab(slots, n.name, zeros), hooks)
                 if n.name in self.layers:  # (a checked run's hooks above already reduce the gradient)
                     self._observe(n.name, value, (pending, None if check_all else hooks, grad_slots, zeros, None))
             env[n.name] = value
