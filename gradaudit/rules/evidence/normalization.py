@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from gradaudit.rules.evidence.structure import reaching_outputs
+
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
     from gradaudit.propagation.engine import Analysis
@@ -48,17 +50,9 @@ def cut_off_by_degenerate_norms(analysis: Analysis) -> set[str]:
     :data:`DEGENERATE_SAMPLES` values: their gradient is zero (one value) or set by the
     normalization's eps (two values), because of the example inputs' size, not the
     model (GA305)."""
-    graph = analysis.graph
-    free: set[str] = set()
-    stack = list(graph.output_refs)
-    while stack:
-        name = stack.pop()
-        if name in free:
-            continue
-        free.add(name)
-        node = graph[name]
+    def degenerate(node) -> bool:  # the gradient stops here
         n = norm_samples(node)
-        if n is not None and n <= DEGENERATE_SAMPLES:
-            continue  # the gradient stops here
-        stack.extend(node.inputs)
-    return {n.name for n in graph if n.name not in free}
+        return n is not None and n <= DEGENERATE_SAMPLES
+
+    free = reaching_outputs(analysis, degenerate)
+    return {n.name for n in analysis.graph if n.name not in free}

@@ -274,18 +274,28 @@ def _broadcast_factor(analysis: Analysis, mul: Node, gate: Node) -> bool:
         and other_node.meta.numel == mul.meta.numel
 
 
-def without_path_to_output(analysis: Analysis) -> set[str]:
-    """The nodes no chain of inputs leads from to an output: nothing they compute reaches
-    the loss (an unused layer, an output that is detached or rebuilt from numpy)."""
+def reaching_outputs(analysis: Analysis, stop: Callable[[Node], bool] | None = None) -> set[str]:
+    """The nodes some chain of inputs leads from to an output, the chains not passing
+    through a node ``stop`` holds (which is reached itself, but not its inputs)."""
     graph = analysis.graph
     seen: set[str] = set()
     stack = list(graph.output_refs)
     while stack:
         name = stack.pop()
-        if name not in seen:
-            seen.add(name)
-            stack.extend(graph[name].inputs)
-    return {n.name for n in graph if n.name not in seen}
+        if name in seen:
+            continue
+        seen.add(name)
+        node = graph[name]
+        if stop is None or not stop(node):
+            stack.extend(node.inputs)
+    return seen
+
+
+def without_path_to_output(analysis: Analysis) -> set[str]:
+    """The nodes no chain of inputs leads from to an output: nothing they compute reaches
+    the loss (an unused layer, an output that is detached or rebuilt from numpy)."""
+    reached = reaching_outputs(analysis)
+    return {n.name for n in analysis.graph if n.name not in reached}
 
 
 def has_successor(analysis: Analysis, node: Node) -> bool:
