@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from gradaudit.errors import CaptureError
-from gradaudit.frontends import aten
+from gradaudit.frontends import aten, functions
 from gradaudit.frontends.fx import (_Tracer, _module_op, _tensor_meta, exception_location, flatten_meta, module_params,
                                     user_location)
 from gradaudit.frontends.outputs import check_outputs, flatten_outputs
@@ -132,8 +132,9 @@ def capture(model: nn.Module, example_inputs: Any, *, core_aten: bool = False) -
     flat = _Flat(model)
     leaves = leaf_modules(model)
     keep = tuple(_PREFIX + (f".{q}" if q else "") for q in leaves)
+    custom: list[type] = []
     try:
-        with training_mode(model), quiet():
+        with training_mode(model), quiet(), functions.recorded(custom):
             ep = torch.export.export(flat, call.args, call.kwargs, strict=False, preserve_module_call_signature=keep)
             if core_aten:
                 ep = ep.run_decompositions()
@@ -141,6 +142,9 @@ def capture(model: nn.Module, example_inputs: Any, *, core_aten: bool = False) -
         loc = exception_location(exc)
         where = f" at {loc}" if loc else ""
         raise CaptureError(f"torch.export could not capture the model{where}: {first_line(exc)}", location=loc) from exc
+    if custom:  # export keeps their forward and drops their backward (:mod:`gradaudit.frontends.functions`)
+        names = ", ".join(c.__qualname__ for c in custom)
+        raise CaptureError(f"torch.export records the forward of custom autograd.Function {names} but not its backward")
     graph = _Builder(ep, model, call, set(leaves)).build()
     graph.notes.extend(f"output {what} is not a tensor container: it is left out of L" for what in flat.left_out)
     check_outputs(graph, model)

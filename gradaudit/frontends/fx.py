@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from gradaudit.errors import CaptureError, ModelCallError
-from gradaudit.frontends import shapes
+from gradaudit.frontends import functions, shapes
 from gradaudit.frontends.signature import BindError, Bound, ExampleCall, bind, map_tensors
 from gradaudit.frontends.outputs import check_outputs
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs
@@ -239,6 +239,20 @@ class _Tracer(fx.Tracer):
                 break
             frame = frame.f_back
         return node
+
+    def trace(self, root, concrete_args=None):
+        """fx's trace, with each custom ``autograd.Function`` one node
+        (:mod:`gradaudit.frontends.functions`)."""
+        with functions.opaque(self._function_call):
+            return super().trace(root, concrete_args)
+
+    def _function_call(self, cls, run, args, kwargs):
+        """``cls.apply`` on traced values: one ``call_function`` node that applies it."""
+        traced = []
+        fx.node.map_aggregate((args, kwargs), lambda a: traced.append(a) if isinstance(a, fx.Proxy) else None)
+        if not traced:
+            return run()
+        return self.create_proxy("call_function", functions.target(cls), args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _TRACE_THROUGH):

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from gradaudit.errors import CaptureError, ModelCallError
-from gradaudit.frontends import aten
+from gradaudit.frontends import aten, functions
 from gradaudit.frontends.export import leaf_modules, training_mode
 from gradaudit.frontends.patterns import SOURCE, UNINITIALISED
 from gradaudit.frontends.fx import (_is_internal, _module_op, _tensor_meta, display_path, exception_location,
@@ -257,6 +257,21 @@ class _Builder:
                       structure=structure, location=self.location(), module=module, module_type=module_type),
                  out, variable=True)
 
+    def function(self, cls: type, run, args: tuple, kwargs: dict) -> Any:
+        """A custom ``autograd.Function`` applied by the model's code: one recorded call
+        (:mod:`gradaudit.frontends.functions`), its inside not recorded."""
+        if self.depth or self.busy:
+            return run()
+        self.depth += 1
+        try:
+            # an input returned as it is comes out of apply as a new alias: a view of it
+            # here is returned by apply itself, so the node is the producer of what follows
+            out = map_tensors(run(), lambda t: t.view_as(t) if any(t is a for a in args) else t)
+        finally:
+            self.depth -= 1
+        self.record(functions.target(cls), args, kwargs, out)
+        return out
+
     def _plain_mask(self, args: tuple, kwargs: dict) -> dict:
         """A constant attention mask that is all-true or causal is said without a mask."""
         mask = kwargs.get("attn_mask")
@@ -336,7 +351,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Graph:
         handles.append(m.register_forward_pre_hook(lambda mod, a, k, leaf=leaf: b.pre(mod, a, k, leaf), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda mod, a, out: b.post(mod, out)))
     try:
-        with preserved(model), training_mode(model), torch.no_grad(), _Recorder(b):
+        with preserved(model), training_mode(model), torch.no_grad(), _Recorder(b), functions.opaque(b.function):
             out = call(model)
     except Exception as exc:
         loc = exception_location(exc)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradaudit.ir import PARAMETER_LAYER, Graph, Node, Ref, map_refs
+from gradaudit.ir import PARAMETER_LAYER, Graph, Node, Ref, iter_refs, map_refs
+from gradaudit.frontends import functions
 from gradaudit.frontends.aten import plain_mask
 
 
@@ -414,6 +415,8 @@ def functional_layers(graph: Graph) -> Graph:
                 found = next(o for o in operands if o is not None)
                 found = found if found[1].dim() == 2 else None
             bias = None
+        elif node.op == functions.OP:
+            _function_layer(graph, node)
         if found is None:
             continue
         name, weight, sources = found
@@ -425,6 +428,24 @@ def functional_layers(graph: Graph) -> Graph:
             node.module = name[: -len(".weight")] if owned else name
             node.module_type = f"F.{functional}" if owned else PARAMETER_LAYER
     return graph
+
+
+def _function_layer(graph: Graph, node: Node) -> None:
+    """A custom ``autograd.Function`` (:mod:`gradaudit.frontends.functions`) that reads
+    trainable parameters is a layer, like a module the hook capture cannot see into: its
+    parameters (by qualified name) are the node's, and it is named after the owner of
+    the first matrix among them (``blocks.3`` for ``blocks.3.weight``). The propagation
+    estimates its output and its input gradient on sampled inputs; the coverage check
+    then counts it, and the probe measures its parameters' gradients."""
+    read = [found for ref in iter_refs((node.args, node.kwargs)) if (found := _parameter(graph, ref, RELAYOUT))]
+    if not read:
+        return
+    node.params = {name: value for name, value, _ in read}
+    for name, value, sources in read:
+        node.params.update({f"{SOURCE}{q}": p for q, p in sources.items()})
+    first = next((name for name, value, _ in read if value.dim() >= 2), read[0][0])
+    node.module = first.rpartition(".")[0] or first
+    node.module_type = functions.function_name(node.fn) or functions.OP
 
 
 __all__ = ["fuse_masked_attention", "fuse_drop_path", "fill_uninitialised", "functional_layers", "constant",

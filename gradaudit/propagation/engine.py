@@ -55,6 +55,7 @@ import torch
 
 from gradaudit.ir import callable_of, Graph, Node, Ref, Stats, in_place, iter_refs, map_refs, mean_value
 from gradaudit.propagation import montecarlo, over_time, persistence, rows, tied
+from gradaudit.frontends import functions
 from gradaudit.frontends.patterns import PRODUCTS
 from gradaudit.propagation.ops import chunked, select
 from gradaudit.propagation.ops.base import HANDLERS, Ctx, Effect, Unhandled, make_stats
@@ -161,7 +162,7 @@ class Analysis:
             n
             for n in self.layers()
             if (n.op in WEIGHT_OPS or n.op in PRODUCTS
-                or (n.op == "module" and any(p.dim() >= 2 for p in n.params.values())))
+                or (n.op in ("module", functions.OP) and any(p.dim() >= 2 for p in n.params.values())))
             and n.name not in steps
         ]
 
@@ -322,6 +323,9 @@ class Engine:
     def _apply_handler(self, node: Node) -> Effect:
         handler = HANDLERS.get(node.op)
         reason = "no handler for this op"
+        custom = functions.function_name(node.fn) if node.op == functions.OP else None
+        if custom is not None:  # its backward is the user's: only real autograd runs it
+            reason = f"custom autograd.Function {custom}, run with its own backward"
         if handler is not None:
             try:
                 return handler(Ctx(node, self))

@@ -1,0 +1,136 @@
+"""Custom ``torch.autograd.Function`` s: one op of the graph, whose backward is the user's.
+
+torch.fx and torch.export both trace *through* ``MyFunction.apply(x)``: they record the
+ops of its ``forward`` and drop its ``backward``. When that backward is not the
+forward's derivative the traced graph carries the wrong gradient:
+
+- a gradient reversal layer (Ganin & Lempitsky 2015) returns ``-lambda * g``;
+- a straight-through estimator (Bengio, Leonard & Courville 2013) rounds or binarises
+  in the forward (derivative 0 almost everywhere) and passes ``g`` through;
+- a gradient scaler, a custom clipping, a hand-written kernel's backward.
+
+A graph that inlines such a forward predicts (and a probe that replays it measures) a
+gradient the model never computes: a 1000x gradient scale reads as healthy, a
+straight-through estimator as a gradient that stops.
+
+While a model is captured, :func:`opaque` wraps the ``forward`` of every Function
+defined outside torch (:func:`user_defined`; every ``apply`` runs it, however the model
+binds ``apply``): the fx tracer records the call as one ``call_function`` node on
+:func:`target`, the hook capture as one recorded call. The op (:data:`OP`) has no
+handler: the propagation estimates it on sampled inputs by real autograd
+(:mod:`gradaudit.propagation.montecarlo`), which runs the Function's own backward, and
+the probe's replay of the traced graph calls it as the model does. torch's own Functions
+(``torch.utils.checkpoint``'s) stay traced through: their backward is the forward's
+derivative, and their inside holds the model's layers.
+
+torch.export traces through them whatever their forward does: the export frontend
+refuses a model that calls one (:func:`recorded`), so the chain goes on to the hook
+capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+#: The IR op of a custom Function's call.
+OP = "autograd_function"
+
+_TARGETS: dict[type, Callable] = {}
+_MISSING = object()
+
+
+def user_defined(cls: type) -> bool:
+    """Whether ``cls`` (a ``torch.autograd.Function`` subclass) comes from outside torch."""
+    module = getattr(cls, "__module__", "") or ""
+    return not (module == "torch" or module.startswith("torch."))
+
+
+def target(cls: type) -> Callable:
+    """The function a graph node calls for ``cls.apply`` (one per class): named
+    :data:`OP`, with the class under ``.function`` for reports."""
+    fn = _TARGETS.get(cls)
+    if fn is None:
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return cls.apply(*args, **kwargs)
+
+        fn.__name__ = OP
+        fn.__qualname__ = f"{cls.__qualname__}.apply"
+        fn.function = cls  # type: ignore[attr-defined]
+        _TARGETS[cls] = fn
+    return fn
+
+
+def function_name(fn: Any) -> str | None:
+    """The custom Function class a node's callable applies (its qualified name), or None."""
+    cls = getattr(fn, "function", None)
+    return getattr(cls, "__qualname__", None) if isinstance(cls, type) else None
+
+
+def _subclasses(root: type) -> list[type]:
+    """Every subclass of ``root`` defined so far, parents before children."""
+    found, todo = [], [root]
+    while todo:
+        for sub in todo.pop(0).__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def _takes_ctx(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``ctx`` first (no separate ``setup_context``)."""
+    from torch.autograd import function
+
+    return not function._is_setup_context_defined(cls.setup_context)
+
+
+@contextlib.contextmanager
+def opaque(callback: Callable[[type, Callable, tuple, dict], Any]) -> Iterator[None]:
+    """While active, the ``forward`` of every :func:`user_defined` Function F returns
+    ``callback(F, run, args, kwargs)``: ``args`` / ``kwargs`` are the ones given to
+    ``F.apply`` and ``run()`` runs F's own forward. The forward is wrapped, not
+    ``apply``: model code often binds ``grad_reverse = GradReverse.apply`` at import.
+    Restored on exit, also after an error."""
+    from torch.autograd.function import Function
+
+    classes = [c for c in _subclasses(Function) if user_defined(c) and callable(getattr(c, "forward", None))]
+    resolved = [(c, c.__dict__.get("forward", _MISSING), c.forward, _takes_ctx(c)) for c in classes]
+
+    def wrap(cls: type, forward: Callable, takes_ctx: bool) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            user_args = args[1:] if takes_ctx else args
+            return callback(cls, lambda: forward(*args, **kwargs), user_args, kwargs)
+
+        return staticmethod(wrapper)
+
+    try:
+        for cls, _, forward, takes_ctx in resolved:
+            cls.forward = wrap(cls, forward, takes_ctx)
+        yield
+    finally:
+        for cls, own, _, _ in resolved:
+            if own is _MISSING:
+                with contextlib.suppress(AttributeError):
+                    delattr(cls, "forward")
+            else:
+                setattr(cls, "forward", own)
+
+
+@contextlib.contextmanager
+def recorded(found: list[type]) -> Iterator[None]:
+    """Appends to ``found`` each :func:`user_defined` Function applied while active."""
+
+    def note(cls: type, run: Callable, args: tuple, kwargs: dict) -> Any:
+        if cls not in found:
+            found.append(cls)
+        return run()
+
+    with opaque(note):
+        yield
+
+
+__all__ = ["OP", "user_defined", "target", "function_name", "opaque", "recorded"]
