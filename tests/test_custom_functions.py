@@ -158,9 +158,14 @@ def test_the_prediction_follows_the_functions_own_backward(kind, frontend):
 
 
 def test_the_estimate_names_the_function():
+    from gradaudit.report.text import render
+
     model, inputs = _model("scale_1000")
-    analysis = analyse(capture(model, inputs, ("fx",)), inputs, None, Settings())
-    assert analysis.estimates[0].reason == "custom autograd.Function GradScale, run with its own backward"
+    report = gradaudit.audit(model, inputs)
+    (estimate,) = report.estimated_ops
+    assert estimate["function"] == "GradScale" and estimate["ok"]
+    assert estimate["reason"] == "custom autograd.Function GradScale, run with its own backward"
+    assert "estimated by local Monte Carlo: autograd_function (GradScale)" in render(report)
 
 
 class Inherited(GradScale):

@@ -118,9 +118,14 @@ class Estimate:
     module: str | None
     reason: str
     ok: bool
+    #: The custom ``autograd.Function`` an ``autograd_function`` node applies.
+    function: str | None = None
 
     def to_json(self) -> dict:
-        return {"node": self.node, "op": self.op, "module": self.module, "reason": self.reason, "ok": self.ok}
+        out = {"node": self.node, "op": self.op, "module": self.module, "reason": self.reason, "ok": self.ok}
+        if self.function is not None:
+            out["function"] = self.function
+        return out
 
 
 @dataclass
@@ -333,11 +338,12 @@ class Engine:
                 reason = f"handler cannot model it: {exc}"
         try:
             effect = montecarlo.estimate(node, self)
-            self.estimates.append(Estimate(node.name, node.op, node.module, reason, ok=True))
+            self.estimates.append(Estimate(node.name, node.op, node.module, reason, ok=True, function=custom))
             return effect
         except Exception as exc:  # the op cannot even run on sampled inputs
             self.estimates.append(
-                Estimate(node.name, node.op, node.module, f"{reason}; could not be run alone: {exc}", ok=False)
+                Estimate(node.name, node.op, node.module, f"{reason}; could not be run alone: {exc}", ok=False,
+                         function=custom)
             )
             return Effect([None] * max(len(node.outputs), 1), [])
 

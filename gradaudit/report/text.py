@@ -135,7 +135,7 @@ def print_report(report: AuditReport, console: Console, *, layers: bool = True, 
     estimated = [e for e in report.estimated_ops if e.get("ok")]
     failed = [e for e in report.estimated_ops if not e.get("ok")]
     if estimated:
-        ops = sorted({str(e.get("op")) for e in estimated})
+        ops = sorted({f"{e['op']} ({e['function']})" if e.get("function") else str(e.get("op")) for e in estimated})
         console.print()
         console.print(
             f"* {len(estimated)} op(s) without a handler were estimated by local Monte Carlo: " + escape(", ".join(ops))
