@@ -264,3 +264,35 @@ def test_a_function_that_reads_parameters_is_a_layer(probe):
         (gw,) = torch.autograd.grad(y, [w], torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
         measured = rows["l1"].extra["measured_weight_grad_rms"]
         assert float(gw.pow(2).mean().sqrt()) / 2 < measured < float(gw.pow(2).mean().sqrt()) * 2
+
+
+class Hooked(nn.Module):
+    """The gradient of an activation scaled by 1000 through ``register_hook``, guarded
+    the way model code guards it (no hook without a gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        if x.requires_grad:
+            x.register_hook(lambda g: g * 1000)
+        return self.c(torch.tanh(self.b(x)))
+
+
+def test_a_gradient_hook_of_the_forward_is_an_op():
+    torch.manual_seed(0)
+    model, inputs = Hooked(), (torch.randn(32, 64),)
+    with pytest.raises(CaptureError, match=r"torch.export drops the gradient hook of the forward \(Tensor.register_hook at "):
+        capture(model, inputs, ("export",))
+    graph = capture(model, inputs)  # fx cannot branch on requires_grad; export refuses; the hook capture
+    assert graph.frontend == "hooks"
+    assert [n.op for n in graph if n.op not in ("input", "output")] == [
+        "linear", "tanh", "gradient_hook", "linear", "tanh", "linear"]
+    analysis = analyse(graph, inputs, None, Settings())
+    truth = _autograd_grad_rms(model, inputs)
+    assert truth["a"] > 100 * truth["b"]
+    for name in ("a", "b", "c"):
+        predicted = math.sqrt(analysis.stats[name][0].g2)
+        assert truth[name] / 2 < predicted < truth[name] * 2, (name, predicted, truth[name])

@@ -133,8 +133,9 @@ def capture(model: nn.Module, example_inputs: Any, *, core_aten: bool = False) -
     leaves = leaf_modules(model)
     keep = tuple(_PREFIX + (f".{q}" if q else "") for q in leaves)
     custom: list[type] = []
+    hooks: list[str] = []
     try:
-        with training_mode(model), quiet(), functions.recorded(custom):
+        with training_mode(model), quiet(), functions.recorded(custom), functions.hooks_recorded(hooks):
             ep = torch.export.export(flat, call.args, call.kwargs, strict=False, preserve_module_call_signature=keep)
             if core_aten:
                 ep = ep.run_decompositions()
@@ -145,6 +146,8 @@ def capture(model: nn.Module, example_inputs: Any, *, core_aten: bool = False) -
     if custom:  # export keeps their forward and drops their backward (:mod:`gradaudit.frontends.functions`)
         names = ", ".join(c.__qualname__ for c in custom)
         raise CaptureError(f"torch.export records the forward of custom autograd.Function {names} but not its backward")
+    if hooks:  # export runs them on fake values and drops them from the program
+        raise CaptureError(f"torch.export drops the gradient hook of the forward ({hooks[0]})")
     graph = _Builder(ep, model, call, set(leaves)).build()
     graph.notes.extend(f"output {what} is not a tensor container: it is left out of L" for what in flat.left_out)
     check_outputs(graph, model)

@@ -26,6 +26,17 @@ derivative, and their inside holds the model's layers.
 torch.export traces through them whatever their forward does: the export frontend
 refuses a model that calls one (:func:`recorded`), so the chain goes on to the hook
 capture.
+
+A gradient hook registered in the forward, ``x.register_hook(fn)``, rewrites the
+gradient of ``x`` just as a Function's backward would: torch.fx cannot trace it (a
+function argument) and torch.export drops it (:func:`hooks_recorded` makes the export
+frontend refuse such a model), so the hook capture records it as the op
+:func:`gradient_hook` that every later use of ``x`` reads.
+
+The Monte Carlo estimate of either kind of op sends a unit-scale N(0, 1) gradient
+through it: exact for a backward linear in the gradient (scaling, reversal, masking, a
+straight-through estimator), an approximation for one that clips the gradient at a
+fixed size, whose gain depends on the gradient's real scale (the probe measures it).
 """
 
 from __future__ import annotations
@@ -43,9 +54,10 @@ _MISSING = object()
 
 
 def user_defined(cls: type) -> bool:
-    """Whether ``cls`` (a ``torch.autograd.Function`` subclass) comes from outside torch."""
+    """Whether ``cls`` (a ``torch.autograd.Function`` subclass) comes from outside torch
+    (and outside gradaudit: :class:`_GradientHook` is the audit's own)."""
     module = getattr(cls, "__module__", "") or ""
-    return not (module == "torch" or module.startswith("torch."))
+    return not any(module == root or module.startswith(root + ".") for root in ("torch", "gradaudit"))
 
 
 def target(cls: type) -> Callable:
@@ -120,6 +132,65 @@ def opaque(callback: Callable[[type, Callable, tuple, dict], Any]) -> Iterator[N
                 setattr(cls, "forward", own)
 
 
+class _GradientHook(torch.autograd.Function):
+    """``x`` unchanged; its gradient through ``hook`` (None from the hook: unchanged)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, hook: Callable) -> torch.Tensor:
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        changed = ctx.hook(g)
+        return (g if changed is None else changed), None
+
+
+def gradient_hook(x: torch.Tensor, hook: Callable) -> torch.Tensor:
+    """The value of a tensor the forward called ``x.register_hook(hook)`` on, as an op:
+    ``x`` itself, whose gradient goes through ``hook`` (:data:`HOOK_OP`). The hook
+    rewrites the whole gradient of ``x``, so every later use of ``x`` reads this op."""
+    return _GradientHook.apply(x, hook)
+
+
+#: The IR op of a gradient hook registered in the forward.
+HOOK_OP = gradient_hook.__name__
+
+
+class NoHandle:
+    """What ``register_hook`` returns while a capture records the hook instead."""
+
+    def remove(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def hooks_recorded(found: list[str]) -> Iterator[None]:
+    """Appends to ``found`` a description of each ``Tensor.register_hook`` call while
+    active (the user's line, when :func:`where` finds it); the hooks are registered as usual."""
+    original = torch.Tensor.register_hook
+
+    def register_hook(self: torch.Tensor, hook: Callable) -> Any:
+        found.append(where())
+        return original(self, hook)
+
+    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.register_hook = original  # type: ignore[method-assign]
+
+
+def where() -> str:
+    """``Tensor.register_hook`` at the user's line on the live stack."""
+    from gradaudit.frontends.fx import user_location
+    import traceback
+
+    frames = [(f.filename, f.lineno or 0, f.line) for f in traceback.extract_stack()]
+    loc = user_location(frames)
+    return f"Tensor.register_hook at {loc}" if loc else "Tensor.register_hook"
+
+
 @contextlib.contextmanager
 def recorded(found: list[type]) -> Iterator[None]:
     """Appends to ``found`` each :func:`user_defined` Function applied while active."""
@@ -133,4 +204,5 @@ def recorded(found: list[type]) -> Iterator[None]:
         yield
 
 
-__all__ = ["OP", "user_defined", "target", "function_name", "opaque", "recorded"]
+__all__ = ["OP", "HOOK_OP", "user_defined", "target", "function_name", "opaque", "recorded", "gradient_hook",
+           "hooks_recorded", "NoHandle"]

@@ -2,7 +2,7 @@
 
 When neither torch.fx nor torch.export can capture a model (a branch on a tensor's
 value, ``if x.sum() > 0:``; outputs export cannot flatten), the model is simply run once
-on the example call, in training mode, and what ran is recorded:
+on the example call, in training mode with gradients enabled, and what ran is recorded:
 
 - each call of a standard layer (the leaves the fx frontend keeps: ``nn.Linear``,
   ``nn.LSTM`` ...) is one ``call_module`` node, seen by forward pre/post hooks with its
@@ -12,7 +12,10 @@ on the example call, in training mode, and what ran is recorded:
   nested calls inside those functions are not recorded;
 - a module whose output was produced by code the mode cannot see (numpy, C++
   extensions) becomes one opaque ``module`` node: the engine estimates it by local Monte
-  Carlo, like any op it has no handler for.
+  Carlo, like any op it has no handler for;
+- a custom ``autograd.Function`` is one recorded call, and ``x.register_hook(fn)`` one
+  ``gradient_hook`` node that every later use of ``x`` reads
+  (:mod:`gradaudit.frontends.functions`): the hook is recorded, not registered.
 
 Dataflow follows tensor identity: a tensor's producer is the node that returned it. A
 computation that depends on no floating input (a mask from ``torch.ones``, position ids,
@@ -85,6 +88,11 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "register_hook" and len(args) == 2 and not kwargs:
+            # a gradient hook in the forward: an op of the graph (the capture runs without grad)
+            if self.b.depth == 0 and not self.b.busy:
+                self.b.gradient_hook(*args)
+            return functions.NoHandle()
         out = func(*args, **kwargs)
         if self.b.depth == 0 and not self.b.busy:
             self.b.record(func, args, kwargs, out)
@@ -272,6 +280,19 @@ class _Builder:
         self.record(functions.target(cls), args, kwargs, out)
         return out
 
+    def gradient_hook(self, t: torch.Tensor, hook) -> None:
+        """``t.register_hook(hook)`` in the model's code: a ``gradient_hook`` node that
+        every later use of ``t`` reads (:func:`gradaudit.frontends.functions.gradient_hook`)."""
+        ref = self.arg(t)
+        if ref.name not in self.variable:  # a constant has no gradient to rewrite
+            return
+        metas: list = []
+        structure = flatten_meta(t, metas)
+        module, module_type = self.module()
+        self.add(Node(name=self.fresh(functions.HOOK_OP), op=functions.HOOK_OP, kind="call_function",
+                      fn=functions.gradient_hook, args=(ref, hook), kwargs={}, outputs=metas, structure=structure,
+                      location=self.location(), module=module, module_type=module_type), t, variable=True)
+
     def _plain_mask(self, args: tuple, kwargs: dict) -> dict:
         """A constant attention mask that is all-true or causal is said without a mask."""
         mask = kwargs.get("attn_mask")
@@ -351,7 +372,9 @@ def capture(model: nn.Module, example_inputs: Any) -> Graph:
         handles.append(m.register_forward_pre_hook(lambda mod, a, k, leaf=leaf: b.pre(mod, a, k, leaf), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda mod, a, out: b.post(mod, out)))
     try:
-        with preserved(model), training_mode(model), torch.no_grad(), _Recorder(b), functions.opaque(b.function):
+        # with gradients on, as in training: code that branches on x.requires_grad or
+        # torch.is_grad_enabled() (a gradient hook registered only when one can be) takes that branch
+        with preserved(model), training_mode(model), torch.enable_grad(), _Recorder(b), functions.opaque(b.function):
             out = call(model)
     except Exception as exc:
         loc = exception_location(exc)

@@ -331,6 +331,8 @@ class Engine:
         custom = functions.function_name(node.fn) if node.op == functions.OP else None
         if custom is not None:  # its backward is the user's: only real autograd runs it
             reason = f"custom autograd.Function {custom}, run with its own backward"
+        elif node.op == functions.HOOK_OP:
+            reason = "a gradient hook of the forward (Tensor.register_hook), run on a sampled gradient"
         if handler is not None:
             try:
                 return handler(Ctx(node, self))
