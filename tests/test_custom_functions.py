@@ -35,6 +35,22 @@ class GradScale(Function):
         return g * ctx.scale, None
 
 
+class ScaleSetupContext(Function):
+    """GradScale in the other style: ``forward`` without ctx, ``setup_context`` apart."""
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
 class ReverseGrad(Function):
     """Gradient reversal (Ganin & Lempitsky 2015): identity forward, -lambda g backward."""
 
@@ -112,6 +128,7 @@ class FunctionNet(nn.Module):
 
 FUNCTIONS = {
     "scale_1000": lambda x: GradScale.apply(x, 1000.0),
+    "scale_setup_context": lambda x: ScaleSetupContext.apply(x, 0.001),
     "reverse": ReverseGrad.apply,
     "sign_ste": SignSTE.apply,
 }

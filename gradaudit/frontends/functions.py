@@ -42,6 +42,7 @@ fixed size, whose gain depends on the gradient's real scale (the probe measures 
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Any, Callable, Iterator
 
 import torch
@@ -94,10 +95,11 @@ def _subclasses(root: type) -> list[type]:
 
 
 def _takes_ctx(cls: type) -> bool:
-    """Whether ``cls.forward`` takes ``ctx`` first (no separate ``setup_context``)."""
-    from torch.autograd import function
+    """Whether ``cls.forward`` takes ``ctx`` first: it does unless the class defines its
+    own ``setup_context`` (torch >= 2.0's other style)."""
+    from torch.autograd.function import Function
 
-    return not function._is_setup_context_defined(cls.setup_context)
+    return getattr(cls, "setup_context", None) is getattr(Function, "setup_context", None)
 
 
 @contextlib.contextmanager
@@ -183,8 +185,7 @@ def hooks_recorded(found: list[str]) -> Iterator[None]:
 
 def where() -> str:
     """``Tensor.register_hook`` at the user's line on the live stack."""
-    from gradaudit.frontends.fx import user_location
-    import traceback
+    from gradaudit.frontends.fx import user_location  # (fx imports this module)
 
     frames = [(f.filename, f.lineno or 0, f.line) for f in traceback.extract_stack()]
     loc = user_location(frames)
