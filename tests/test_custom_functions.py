@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch.autograd.function import Function
 
@@ -313,3 +314,48 @@ def test_a_gradient_hook_of_the_forward_is_an_op():
     for name in ("a", "b", "c"):
         predicted = math.sqrt(analysis.stats[name][0].g2)
         assert truth[name] / 2 < predicted < truth[name] * 2, (name, predicted, truth[name])
+
+
+class SignWeight(Function):
+    """A weight binarised with a straight-through backward (quantization-aware training)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return torch.sign(w) * w.abs().mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class BinaryLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, SignWeight.apply(self.weight), self.bias)
+
+
+def test_a_function_of_parameters_alone_computes_a_weight():
+    """``F.linear(x, STE.apply(self.weight))``: the linear is the layer (its weight the
+    binarised one), not the Function; the audit matches autograd and stays healthy."""
+
+    class Binary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2, self.head = BinaryLinear(64, 64), BinaryLinear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+    torch.manual_seed(0)
+    model, inputs = Binary(), (torch.randn(32, 64),)
+    report = gradaudit.audit(model, inputs)
+    assert [(r.module, r.op) for r in report.layers] == [("l1", "linear"), ("l2", "linear"), ("head", "linear")]
+    assert report.verdict == "healthy"
+    outs: dict = {}
+    hooks = [m.register_forward_hook(lambda m, a, y, n=n: outs.__setitem__(n, y)) for n, m in model.named_children()]
+    y = model(*inputs)
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(y, [outs[n] for n in ("l1", "l2", "head")], torch.randn(y.shape))
+    for row, g in zip(report.layers, grads):
+        truth = float(g.pow(2).mean().sqrt())
+        assert truth / 2 < row.predicted.grad_rms < truth * 2, (row.module, row.predicted.grad_rms, truth)

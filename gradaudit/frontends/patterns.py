@@ -416,7 +416,7 @@ def functional_layers(graph: Graph) -> Graph:
                 found = found if found[1].dim() == 2 else None
             bias = None
         elif node.op == functions.OP:
-            _function_layer(graph, node)
+            _function_layer(graph, node, memo)
         if found is None:
             continue
         name, weight, sources = found
@@ -430,15 +430,18 @@ def functional_layers(graph: Graph) -> Graph:
     return graph
 
 
-def _function_layer(graph: Graph, node: Node) -> None:
+def _function_layer(graph: Graph, node: Node, memo: dict) -> None:
     """A custom ``autograd.Function`` (:mod:`gradaudit.frontends.functions`) that reads
-    trainable parameters is a layer, like a module the hook capture cannot see into: its
-    parameters (by qualified name) are the node's, and it is named after the owner of
-    the first matrix among them (``blocks.3`` for ``blocks.3.weight``). The propagation
-    estimates its output and its input gradient on sampled inputs; the coverage check
-    then counts it, and the probe measures its parameters' gradients."""
+    trainable parameters and a value of the forward is a layer, like a module the hook
+    capture cannot see into: its parameters (by qualified name) are the node's, and it is
+    named after the owner of the first matrix among them (``blocks.3`` for
+    ``blocks.3.weight``). The propagation estimates its output and its input gradient on
+    sampled inputs; the coverage check then counts it, and the probe measures its
+    parameters' gradients. One that reads parameters alone (a weight quantised by a
+    straight-through estimator, ``F.linear(x, STE.apply(self.weight))``) computes a
+    weight: the layer is the op that multiplies by it."""
     read = [found for ref in iter_refs((node.args, node.kwargs)) if (found := _parameter(graph, ref, RELAYOUT))]
-    if not read:
+    if not read or constant(graph, Ref(node.name), memo) is not None:
         return
     node.params = {name: value for name, value, _ in read}
     for name, value, sources in read:
