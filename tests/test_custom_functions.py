@@ -359,3 +359,31 @@ def test_a_function_of_parameters_alone_computes_a_weight():
     for row, g in zip(report.layers, grads):
         truth = float(g.pow(2).mean().sqrt())
         assert truth / 2 < row.predicted.grad_rms < truth * 2, (row.module, row.predicted.grad_rms, truth)
+
+
+class NumpyTanh(Function):
+    """A forward computed outside torch (numpy), a backward of its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import numpy as np
+
+        return torch.from_numpy(np.tanh(x.detach().numpy())).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 10.0
+
+
+def test_a_function_that_leaves_torch_goes_to_the_hook_capture():
+    torch.manual_seed(0)
+    model, inputs = Net(NumpyTanh.apply), (torch.randn(32, 64),)
+    graph = capture(model, inputs)
+    assert graph.frontend == "hooks"
+    assert graph.notes[0].startswith("fx failed: custom autograd.Function NumpyTanh at ")
+    assert "cannot run on fake tensors" in graph.notes[0]
+    analysis = analyse(graph, inputs, None, Settings())
+    truth = _autograd_grad_rms(model, inputs)
+    for name in ("a", "b", "c"):
+        predicted = math.sqrt(analysis.stats[name][0].g2)
+        assert truth[name] / 2 < predicted < truth[name] * 2, (name, predicted, truth[name])

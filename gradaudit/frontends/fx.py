@@ -441,6 +441,10 @@ def _propagate_fake_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
         bad = _failing_fx_node(gm, exc)
         loc = _location_of(bad) if bad is not None else exception_location(exc)
         where = f" at {loc}" if loc else ""
+        custom = functions.function_name(bad.target) if bad is not None and bad.op == "call_function" else None
+        if custom is not None:  # its forward leaves torch (numpy, an extension): not the inputs' fault
+            raise CaptureError(f"custom autograd.Function {custom}{where} cannot run on fake tensors: {first_line(exc)}",
+                               location=loc) from exc
         at_node = ""
         if bad is not None:
             at_node = f" in node '{bad.name}'"
