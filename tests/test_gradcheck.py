@@ -291,3 +291,43 @@ def test_probe_and_gradcheck_of_a_nan_forward_end_to_end(tmp_path, fmt):
         assert not [f for f in data["findings"] if f["rule"] == "GA701"]
     if fmt == "sarif":
         json.loads(text)
+
+
+class ReverseGradient(torch.autograd.Function):
+    """A gradient reversal layer: its backward is deliberately not the derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+def test_a_function_mismatch_is_reported_at_the_function_not_again_for_the_whole_model():
+    report = _report(ReverseGradient)
+    assert {g["kind"]: g["grade"] for g in report.gradcheck} == {
+        "autograd.Function": "wrong", "whole-model directional": "wrong"}
+    (finding,) = [f for f in report.findings if f.rule == "GA701"]
+    assert "ReverseGradient" in finding.message
+
+
+class Adversarial(nn.Module):
+    """The line that applies the deliberate Function carries the suppression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = ReverseGradient.apply(self.fc(x))  # gradaudit: noqa[GA701]
+        return self.out(x)
+
+
+def test_a_deliberate_backward_is_suppressed_on_its_line():
+    torch.manual_seed(0)
+    report = gradaudit.audit(Adversarial(), (torch.randn(6, 8),), gradcheck=True)
+    assert not [f for f in report.findings if f.rule == "GA701"]
+    assert [s["rule"] for s in report.suppressed] == ["GA701"]
+    assert report.verdict != "gradcheck"

@@ -6,6 +6,9 @@ from typing import Iterator
 
 from gradaudit.rules.base import Finding, Rule, register
 
+#: The kind of the directional check of the whole model (:mod:`gradaudit.probe.gradcheck`).
+WHOLE_MODEL = "whole-model directional"
+
 
 @register
 class GradcheckMismatch(Rule):
@@ -20,6 +23,13 @@ class GradcheckMismatch(Rule):
     (warning), from 1e-2 wrong (error). The worst entries (tensor, index, both values)
     are listed; entries at kinks (ReLU at 0) are reported, not graded, and so are entries
     where the function itself is NaN or inf (GA601 reports those with `--probe`).
+
+    A backward that is deliberately not the forward's derivative (a gradient reversal
+    layer, a straight-through estimator, a gradient scaler) disagrees too, by design:
+    the static pass and the probe already use that backward as written, so put
+    `# gradaudit: noqa[GA701]` on the line that applies the Function. The whole-model
+    check is reported only when no Function or module check failed: a mismatch of its
+    own, with its line, explains the model's.
 
     ## Why is this bad?
     A backward that drops or mis-signs a term still trains — in a wrong direction. The
@@ -59,15 +69,17 @@ class GradcheckMismatch(Rule):
     stage = "gradcheck"
 
     def check(self, analysis) -> Iterator[Finding]:
-        for res in analysis.config.get("gradcheck") or []:
-            grade = res.get("grade")
-            if grade not in ("wrong", "suspicious"):
-                continue
+        results = analysis.config.get("gradcheck") or []
+        failed = [r for r in results if r.get("grade") in ("wrong", "suspicious")]
+        for res in failed:
+            if res["kind"] == WHOLE_MODEL and len(failed) > 1:
+                continue  # a Function's or module's own mismatch says where it is
             worst = res.get("worst") or []
             shown = "; ".join(
                 f"{w['tensor']}{w['index']}: autograd {w['autograd']:.6g} vs numeric {w['numeric']:.6g}"
                 for w in worst[:3]
             )
+            grade = res["grade"]
             node = _node_of(analysis, res)
             f = self.finding(
                 f"{res['kind']} '{res['target']}': backward disagrees with float64 central differences, "
