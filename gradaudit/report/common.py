@@ -133,11 +133,17 @@ def headline(report: Any) -> Headline:
         if worst.severity == "error":
             return Headline(verdict.upper(), first_clause(worst.message), "error")
         return Headline("WARNING", f"{worst.category} risk: {first_clause(worst.message)}", worst.severity)
+    frozen = report.frozen_layers
+    if frozen and report.judged is None:
+        total = report.depth.n_layers
+        return Headline("HEALTHY", f"{frozen} of {total} weight layers are frozen (requires_grad=False) and "
+                        f"{total - frozen} train{'s' if total - frozen == 1 else ''}: no depth to judge", None)
     source, d = report.judged if report.judged is not None else ("predicted", report.depth)
     if d.n_layers >= 2 and math.isfinite(d.spread_decades):
         normed = report.normalized_layers
         note = (f"; {normed} of them are followed by a normalization, which absorbs a large gradient"
                 if normed else "")
+        note += f"; {frozen} frozen layers are not judged" if frozen else ""
         return Headline(
             "HEALTHY",
             f"the {source} weight-gradient scale stays within {d.spread_decades:.2g} decades across {d.n_layers} "

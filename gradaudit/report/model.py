@@ -120,6 +120,9 @@ class AuditReport:
     #: How many weight layers a normalization follows (their scale is reset: a large
     #: gradient there corrects itself; see GA102).
     normalized_layers: int = 0
+    #: How many weight layers are frozen (every parameter ``requires_grad=False``): they
+    #: pass gradients on, and the vanishing/exploding rules judge the others.
+    frozen_layers: int = 0
     #: The gradient over time of every recurrent module call and unrolled loop
     #: (:class:`gradaudit.propagation.over_time.OverTime`: the predicted curve and, when
     #: the probe ran, the measured one).
@@ -218,6 +221,7 @@ class AuditReport:
                 "gradient_spread_decades": _num(self.depth.spread_decades),
                 "depth": self.depth.to_json(),
                 "judged": None if self.judged is None else {"source": self.judged[0], **self.judged[1].to_json()},
+                "frozen_layers": self.frozen_layers,
             },
             "findings": [f.to_json() for f in self.findings],
             "layers": [layer.to_json() for layer in self.layers],

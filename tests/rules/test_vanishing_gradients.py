@@ -128,3 +128,39 @@ def test_query_key_projections_are_not_vanishing(fused, probe):
         assert real[name][1] < 1e-3 * head, (name, real[name][1], head)
     assert real["emb"][1] > 0.1 * head
     assert audit(model, x, CODE, probe=probe) == []
+
+
+def _frozen_except(model: nn.Module, trained: set) -> nn.Module:
+    for i, layer in enumerate(m for m in model if isinstance(m, nn.Linear)):
+        layer.requires_grad_(i in trained)
+    return model
+
+
+def test_a_frozen_backbone_under_a_trained_head_is_not_judged():
+    """The sigmoid-xavier error case with only its head training: the gradient that
+    vanishes through the frozen layers is none they need (fine-tuning a head)."""
+    model = _frozen_except(mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), {11})
+    assert audit(model, x_for(model), CODE) == []
+
+
+def test_trained_layers_behind_a_frozen_stack_are_judged():
+    """The first layer and the head train, the ten between are frozen (adapters on a
+    frozen base): real autograd gives the first 1e-3 of the head's gradient or less, and
+    GA101 says so over the two layers that train."""
+    model = _frozen_except(mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), {0, 11})
+    measured = measure_layers(model, x_for(model))
+    assert measured["0"][1] <= 1e-3 * measured["22"][1]
+    (f,) = audit(model, x_for(model), CODE)
+    assert f.severity == "error" and f.data["layers"] == 2
+
+
+def test_the_headline_says_what_is_frozen():
+    import gradaudit
+    from gradaudit.report.common import headline
+
+    model = _frozen_except(mlp(12, 32, nn.Sigmoid, nn.init.xavier_normal_), {11})
+    report = gradaudit.audit(model, x_for(model))
+    assert report.frozen_layers == 11 and report.to_json()["summary"]["frozen_layers"] == 11
+    line = headline(report)
+    assert (line.label, line.sentence) == (
+        "HEALTHY", "11 of 12 weight layers are frozen (requires_grad=False) and 1 trains: no depth to judge")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gradaudit.rules.evidence.ops import DENSE_OPS, RELU_FAMILY
-from gradaudit.rules.evidence.structure import followed_by_norm, has_successor, next_activation_node, structure
+from gradaudit.rules.evidence.structure import (followed_by_norm, has_successor, next_activation_node, structure,
+                                                trained)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
@@ -123,7 +124,7 @@ def layer_inits(analysis: Analysis) -> dict[str, LayerInit]:
     out: dict[str, LayerInit] = {}
     by_module: dict[str, tuple[float, bool]] = {}
     by_tensor: dict[tuple, tuple[float, bool]] = {}
-    for n in analysis.weight_layers():
+    for n in trained(analysis.weight_layers()):  # a frozen layer's weights are no initialisation to judge
         w = weight_matrix(n)
         if w is None:
             continue

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from gradaudit.propagation import depth
 from gradaudit.rules.evidence.attention import score_side
 from gradaudit.rules.evidence.normalization import cut_off_by_degenerate_norms
-from gradaudit.rules.evidence.structure import followed_by_norm, gate_side
+from gradaudit.rules.evidence.structure import followed_by_norm, gate_side, trained
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradaudit.ir import Node
@@ -133,7 +133,8 @@ def gradient_profile(
       gradient that flows once the first updates open them;
     - else the prediction.
 
-    Layers whose gradient a normalization over one or two values cuts off (GA305: an
+    Frozen layers never count (:func:`trained`): a frozen backbone under a trained head
+    needs no gradient of its own. Layers whose gradient a normalization over one or two values cuts off (GA305: an
     artefact of the example batch) never count, nor do attention's query and key
     projections (:func:`score_side`: their gradient measures the attention's
     temperature, not depth), nor the layers of a squeeze-and-excitation gate
@@ -155,7 +156,7 @@ def gradient_profile(
     if layers is not None:
         cut = cut_off_by_degenerate_norms(analysis)
         layers = [
-            n for n in layers
+            n for n in trained(layers)
             if n.name not in cut and not score_side(analysis, n) and not gate_side(analysis, n)
             and not (scale_free and followed_by_norm(analysis, n))
         ]

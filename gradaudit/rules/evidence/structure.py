@@ -190,13 +190,16 @@ def longest_chain(
     """The longest sequence of weight layers, each feeding the next, whose edges cross
     no normalization (unless ``allow_norm``) and no residual add (unless
     ``allow_residual``), and whose layers all satisfy ``keep`` (and consecutive pairs
-    ``link``). Longest path in a DAG by dynamic programming in execution order.
+    ``link``). Longest path in a DAG by dynamic programming in execution order. Frozen
+    layers take no part (:func:`trained`): a frozen backbone's structure is not the
+    training's concern.
     """
     st = structure(analysis)
     best: dict[str, tuple[int, str | None]] = {}
     by_name = {n.name: n for n in st.weight_layers}
+    live = {n.name for n in trained(st.weight_layers)}
     for n in st.weight_layers:
-        if keep is not None and not keep(n):
+        if n.name not in live or (keep is not None and not keep(n)):
             continue
         best.setdefault(n.name, (1, None))
         length = best[n.name][0]
@@ -204,7 +207,7 @@ def longest_chain(
             if (e.norm and not allow_norm) or (e.residual and not allow_residual):
                 continue
             dst = by_name[e.dst]
-            if keep is not None and not keep(dst):
+            if e.dst not in live or (keep is not None and not keep(dst)):
                 continue
             if link is not None and not link(n, dst):
                 continue
@@ -305,3 +308,22 @@ def has_successor(analysis: Analysis, node: Node) -> bool:
 
 def is_residual_add(analysis: Analysis, node: Node) -> bool:
     return node.name in structure(analysis).residual_adds
+
+
+def frozen(node) -> bool:
+    """Whether the ``nn.Parameter`` s a layer reads (those a computed weight comes from
+    included) all have ``requires_grad=False``: a frozen backbone, a LoRA base weight.
+    A layer without any (an ONNX model's initializers) is never frozen: plain tensors
+    say nothing about training."""
+    import torch
+
+    params = [p for p in node.params.values() if isinstance(p, torch.nn.Parameter)]
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def trained(layers: list) -> list:
+    """The layers that train: the frozen ones (:func:`frozen`) pass gradients on but
+    need none of their own, so the depth of a gradient is judged over the others. All of
+    them when every layer is frozen (the model as it would train once unfrozen)."""
+    kept = [n for n in layers if not frozen(n)]
+    return kept if kept else layers
