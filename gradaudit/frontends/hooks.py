@@ -89,7 +89,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", None) == "register_hook" and len(args) == 2 and not kwargs:
-            # a gradient hook in the forward: an op of the graph (the capture runs without grad)
+            # a gradient hook in the forward: recorded as an op of the graph, not registered
             if self.b.depth == 0 and not self.b.busy:
                 self.b.gradient_hook(*args)
             return functions.NoHandle()
