@@ -334,13 +334,13 @@ def build_report(analysis: Analysis, findings: list[Finding], *, target: str, in
         )
     grads = [r.predicted.layer_grad for r in layers if r.predicted.layer_grad is not None]
     from gradaudit.rules.evidence.profiles import gradient_profile
-    from gradaudit.rules.evidence.structure import followed_by_norm, frozen
+    from gradaudit.rules.evidence.structure import followed_by_norm, frozen, trained
 
     prof = gradient_profile(analysis)
     return AuditReport(
         over_time=over_time.over_time(analysis),
         judged=None if prof is None else (prof.source, prof.summary),
-        normalized_layers=sum(1 for n in weight_layers if followed_by_norm(analysis, n)),
+        normalized_layers=sum(1 for n in trained(weight_layers) if followed_by_norm(analysis, n)),
         frozen_layers=sum(1 for n in weight_layers if frozen(n)),
         coverage=analysis.coverage,
         target=target,

@@ -117,8 +117,8 @@ class AuditReport:
     #: The profile the vanishing/exploding rules judged: ``(source, DepthSummary)`` with
     #: source ``predicted``, ``measured`` or ``predicted with closed gates opened``.
     judged: tuple[str, DepthSummary] | None = None
-    #: How many weight layers a normalization follows (their scale is reset: a large
-    #: gradient there corrects itself; see GA102).
+    #: How many of the weight layers that train a normalization follows (their scale is
+    #: reset: a large gradient there corrects itself; see GA102).
     normalized_layers: int = 0
     #: How many weight layers are frozen (every parameter ``requires_grad=False``): they
     #: pass gradients on, and the vanishing/exploding rules judge the others.
