@@ -89,6 +89,32 @@ def test_repeated_blocks_share_one_draw_and_stay_separate_parameters():
 
 
 @pytest.mark.oldest
+def test_a_shared_draw_is_read_once_by_the_analysis(monkeypatch):
+    """Every copy of a shared block, the first included, reads as one weight tensor: the
+    propagation's per-tensor caches (moments, reused products) hold one entry per draw,
+    so the weights of 80 identical decoder layers cost one pass, not two."""
+    from gradaudit.api import Settings, analyse, capture
+    from gradaudit.propagation.ops import chunked
+
+    shadow = stand_in(on_meta(lambda: Net(depth=5)), share_above=0)
+    ups = [b.up.weight for b in shadow.blocks]
+    assert len({w._version for w in ups}) == 1
+    made = []
+
+    class Counted(chunked.Reuse):
+        def __init__(self, weight):
+            made.append(weight.data_ptr())
+            super().__init__(weight)
+
+    monkeypatch.setattr(chunked, "CHUNKED_ABOVE", 0)  # every weight kept whole, products reused
+    monkeypatch.setattr(chunked, "Reuse", Counted)
+    inputs = torch.randn(4, 16)
+    analyse(capture(shadow, inputs), inputs, None, Settings())
+    assert made.count(ups[0].data_ptr()) == 1
+    assert len(made) == len(set(made)) == len({p.data_ptr() for p in shadow.parameters() if p.dim() == 2})
+
+
+@pytest.mark.oldest
 def test_tied_weights_stay_tied():
     class Tied(nn.Module):
         def __init__(self):

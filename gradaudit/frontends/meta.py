@@ -200,6 +200,11 @@ def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict,
         tensors = _materialise(module, name, owners, done)
         if shared:
             cache[sig] = tensors
+            # the first copy too gets Parameters over the draw's storage, as the others do
+            # below: one version counter for all of them, so the propagation's caches of
+            # products and moments of a weight (keyed by storage and version) hold one
+            # entry per draw, not a second one for the block the initialiser wrote into
+            _share(module, tensors, done)
         return
     for n, c in children:
         _place(c, _join(name, n), owners, sigs, counts, cache, done, share_above)
