@@ -269,6 +269,31 @@ def test_a_meta_parameter_without_an_initialiser_is_an_error_naming_it():
         gradaudit.audit(model, torch.randn(2, 8))
 
 
+class _BigUnset(nn.Module):
+    """A 512 x 512 weight (past the size whose every entry is checked) set in __init__,
+    or by an initialiser that writes one row of it."""
+
+    def __init__(self, one_row: bool):
+        super().__init__()
+        self.one_row = one_row
+        self.weight = nn.Parameter(torch.randn(512, 512) * 0.01)
+
+    def reset_parameters(self):
+        if self.one_row:
+            with torch.no_grad():
+                self.weight[0].zero_()
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+def test_a_large_meta_weight_no_initialiser_writes_is_an_error(one_row):
+    model = on_meta(lambda: _BigUnset(one_row))
+    with pytest.raises(ConfigError, match=r"'weight' \(_BigUnset\).*meta device"):
+        gradaudit.audit(model, torch.randn(2, 512))
+
+
 def test_accelerate_empty_weights_leave_the_real_buffers_alone():
     """``init_empty_weights`` puts parameters on meta and keeps buffers real: the
     stand-in's initialisers (BatchNorm resets its running statistics) write copies."""

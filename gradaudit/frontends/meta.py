@@ -37,8 +37,8 @@ layer index, would be shared wrongly; the library inits scale by the config's de
 A tensor on meta that no initialiser of the model fills (a custom parameter created in
 ``__init__`` by ``torch.randn``, a buffer computed there) has no recoverable values: that
 is a :class:`~gradaudit.errors.ConfigError` naming it, never a guess. Every floating
-tensor is filled with NaN before the initialisers run, so one they leave alone is caught
-(:func:`_unset`).
+tensor is marked with NaN (all of a small one, 4097 evenly spaced entries of a large one)
+before the initialisers run, so one they leave alone is caught (:func:`_unset`).
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict,
 
 def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse: bool = True) -> dict:
     """Allocate the meta tensors of ``module`` (of its whole subtree when ``recurse``) on
-    the CPU, filled with NaN, then run each module's initialiser, children first (a
+    the CPU, marked with NaN (:func:`_marked`), then run each module's initialiser, children first (a
     block may rescale its children, as GPT-2's does its residual projections). Returns
     the tensors by name relative to ``module``, for :func:`_share`."""
     mods = _post_order(module) if recurse else [("", module)]
@@ -228,7 +228,7 @@ def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse
             new = done.get(id(t))
             if new is None:
                 if t.is_floating_point():
-                    empty = torch.full(t.shape, float("nan"), dtype=t.dtype)
+                    empty = _marked(torch.empty(t.shape, dtype=t.dtype))
                 else:
                     empty = torch.zeros(t.shape, dtype=t.dtype)
                 new = nn.Parameter(empty, requires_grad=t.requires_grad) if kind == "param" else empty
@@ -251,14 +251,29 @@ def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse
     return tensors
 
 
-def _unset(t: torch.Tensor) -> bool:
-    """Whether NaN (the fill no initialiser wrote over) is left in ``t``: the whole of a
-    small tensor, 4096 evenly spaced entries and both ends of a large one (an
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """The entries of ``t`` that tell whether an initialiser wrote it (a flat view): the
+    whole of a small tensor, 4096 evenly spaced entries and the last of a large one (an
     initialiser writes all of a tensor or, rarely, a row of it)."""
     flat = t.detach().reshape(-1)
-    if flat.numel() > 1 << 16:
-        flat = torch.cat([flat[:: flat.numel() // 4096], flat[-1:]])
-    return bool(torch.isnan(flat).any())
+    if flat.numel() <= 1 << 16:
+        return flat
+    return flat[:: flat.numel() // 4096]
+
+
+def _marked(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (fresh, uninitialised memory) with NaN on the entries :func:`_unset` reads.
+    Only those: filling all of a 70B model's big blocks first cost a pass over their
+    memory (0.6 s per GB here) that the initialiser's own pass makes anyway."""
+    with torch.no_grad():
+        _sample(t).fill_(float("nan"))
+        t.reshape(-1)[-1:].fill_(float("nan"))
+    return t
+
+
+def _unset(t: torch.Tensor) -> bool:
+    """Whether NaN (the mark no initialiser wrote over, :func:`_marked`) is left in ``t``."""
+    return bool(torch.isnan(_sample(t)).any()) or bool(torch.isnan(t.detach().reshape(-1)[-1:]).any())
 
 
 def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
