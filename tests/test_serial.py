@@ -98,3 +98,27 @@ def test_shared_laws_change_no_prediction(name, monkeypatch):
         torch.testing.assert_close(m2, alone[node][0], rtol=1e-3, atol=0.0, msg=lambda m: f"{node} act: {m}")
         if g2 is not None:
             torch.testing.assert_close(g2, alone[node][1], rtol=1e-3, atol=1e-30, msg=lambda m: f"{node} grad: {m}")
+
+
+def test_wide_layers_share_coarser_laws_and_keep_their_averages(monkeypatch):
+    """Past WIDE_CHANNELS channels laws merge at DISTINCT_TOL_WIDE of the RMS: each
+    channel's moments stay within a few times that of its own-nodes pass (DISTINCT_TOL =
+    0), and a layer's average, which the report reads, within 1e-5 (second order)."""
+    torch.manual_seed(0)
+    width = engine.WIDE_CHANNELS * 2
+    model = nn.Sequential(nn.Linear(4096, width, bias=False), nn.SiLU(), nn.Linear(width, width, bias=False), nn.GELU(),
+                          nn.Linear(width, 8))
+    z = torch.randn(8, 4096)
+    x = torch.cat([z, -z])  # zero-mean features: the first layer's channels differ in variance only
+    shared = _predictions(model, x)
+    monkeypatch.setattr(engine, "DISTINCT_TOL", 0.0)
+    alone = _predictions(model, x)
+    moved = 0.0
+    for node, pair in shared.items():
+        for got, want in zip(pair, alone[node]):
+            if got is None:
+                continue
+            moved = max(moved, float(((got - want).abs() / want.abs()).max()))
+            torch.testing.assert_close(got, want, rtol=3 * engine.DISTINCT_TOL_WIDE, atol=0.0, msg=lambda m: f"{node}: {m}")
+            assert abs(float(got.mean() / want.mean()) - 1.0) < 1e-5, node
+    assert moved > engine.DISTINCT_TOL  # the coarser cells were used
