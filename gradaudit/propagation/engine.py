@@ -220,6 +220,9 @@ class Engine:
         self._sum_parts: dict[tuple[str, int], list[tuple[str, Grad]]] = {}
         # residual sum feeding a ReLU -> (its quadrature nodes, its gradient's value profile)
         self._value_profile: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # ReLU root -> its coarse nodes and weights, formed in the forward for the backward's
+        # value profiles (:meth:`_persistence`) instead of solving for the nodes again
+        self._coarse: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._reuse: dict[tuple, chunked.Reuse] = {}
 
     # -- lookups used by handlers ----------------------------------------------------
@@ -527,6 +530,8 @@ class Engine:
                 d = torch.zeros_like(z) if d is None else d.detach()
                 align = self._value_alignment(root, w, d, x) if self.graph[root].op in _CENTRING else 0.0
                 self.single_d2[root] = (*self._derivative_moments(root, w, d), align)
+                if self._persists(root, node.name):
+                    self._coarse[root] = self._coarse_nodes(root, x, w)
         y = y.detach()
         rs = self.leaf_stats(root)
         mean_u = _expect(w, y)
@@ -704,9 +709,8 @@ class Engine:
         if not parts and not into_sum:
             return d2
         ms = self.stats[member][0]
-        x, w = self._points(root)
-        x = self._cols(root, x)
-        x, w = persistence.coarse(x.unsqueeze(1) if x.dim() == 1 else x, w)
+        found = self._coarse.pop(root, None)
+        x, w = found if found is not None else self._coarse_nodes(root, *self._points(root))
         total = torch.as_tensor(g.g, dtype=torch.float64)
         profile, weight = torch.zeros_like(x, dtype=torch.float64), torch.zeros_like(total)
         for name, part in parts:
@@ -730,6 +734,21 @@ class Engine:
         if not parts:
             return d2
         return d2 * (factor if ms.has_channels else float(factor))
+
+    def _persists(self, root: str, member: str) -> bool:
+        """Whether the backward of ReLU ``member`` of ``root`` reads value profiles
+        (:meth:`_persistence`): its root is a residual sum with a ReLU input, or it feeds a
+        sum."""
+        if self.graph[member].op != "relu":
+            return False
+        if self.graph[root].op in ("add", "sub") and any(self.graph[s].op == "relu" for s in self.graph[root].inputs):
+            return True
+        return any(u.op in ("add", "sub") for u in self.graph.users(member))
+
+    def _coarse_nodes(self, root: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`persistence.coarse` of the root's quadrature nodes (:meth:`_points`), per channel."""
+        x = self._cols(root, x)
+        return persistence.coarse(x.unsqueeze(1) if x.dim() == 1 else x, w)
 
     def _sum_other(self, name: str, member: str) -> tuple[Stats, float] | None:
         """(statistics of h, its sign) when sum node ``name`` is ``member`` +/- h and
