@@ -119,6 +119,7 @@ def test_wide_layers_share_coarser_laws_and_keep_their_averages(monkeypatch):
             if got is None:
                 continue
             moved = max(moved, float(((got - want).abs() / want.abs()).max()))
-            torch.testing.assert_close(got, want, rtol=3 * engine.DISTINCT_TOL_WIDE, atol=0.0, msg=lambda m: f"{node}: {m}")
+            torch.testing.assert_close(got, want, rtol=3 * engine.DISTINCT_TOL_WIDE, atol=0.0,
+                                       msg=lambda m: f"{node}: {m}")
             assert abs(float(got.mean() / want.mean()) - 1.0) < 1e-5, node
     assert moved > engine.DISTINCT_TOL  # the coarser cells were used

@@ -213,9 +213,9 @@ def _place(module: nn.Module, name: str, owners: dict, sigs: dict, counts: dict,
 
 def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse: bool = True) -> dict:
     """Allocate the meta tensors of ``module`` (of its whole subtree when ``recurse``) on
-    the CPU, marked with NaN (:func:`_marked`), then run each module's initialiser, children first (a
-    block may rescale its children, as GPT-2's does its residual projections). Returns
-    the tensors by name relative to ``module``, for :func:`_share`."""
+    the CPU, marked with NaN (:func:`_marked`), then run each module's initialiser,
+    children first (a block may rescale its children, as GPT-2's does its residual
+    projections). Returns the tensors by name relative to ``module``, for :func:`_share`."""
     mods = _post_order(module) if recurse else [("", module)]
     tensors: dict[str, tuple[str, torch.Tensor]] = {}
     for rel, m in mods:

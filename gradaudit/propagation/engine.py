@@ -519,6 +519,7 @@ class Engine:
         self.groups.setdefault(root, []).append(node.name)
         if node.params:  # per-channel parameters: the channels' columns can no longer be shared
             self._inv.pop(root, None)
+        self._coarse.pop(root, None)  # kept for a group of one ReLU only (:meth:`_persistence`)
         x, w = self._points(root)
         single = len(self.groups[root]) == 1
         with torch.enable_grad() if single else torch.no_grad():
