@@ -268,3 +268,23 @@ def test_an_analysis_with_shared_weights_is_the_same_with_reused_products(monkey
         a, b = slow.stat(node.name), fast.stat(node.name)
         assert b.act_rms == pytest.approx(a.act_rms, rel=chunked.TOLERANCE), node.name
         assert b.grad_rms == pytest.approx(a.grad_rms, rel=chunked.TOLERANCE), node.name
+
+
+def test_a_weights_first_products_and_its_sums_come_from_one_pass(monkeypatch):
+    """The first product of a big weight reads it once for the products and the sums the
+    later products are bounded with: the same numbers, bitwise, as a pass for each."""
+    weight, reuse, gen = _reuse_instance(monkeypatch)
+    mu = torch.randn(weight.shape[1], generator=gen, dtype=torch.float64)
+    columns = torch.rand(weight.shape[1], 2, generator=gen, dtype=torch.float64)
+    separate = chunked.Reuse(weight)
+    want_sums = separate.sums()
+    want = chunked.products(weight, mu, columns)
+    passes = []
+    real = chunked.row_blocks
+    monkeypatch.setattr(chunked, "row_blocks", lambda w, squared=False: passes.append(w) or real(w, squared))
+    got = chunked.reused_products(chunked.Chunked(weight, False, reuse=reuse), mu, columns)
+    assert len(passes) == 1 and reuse.exact == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want_sums.keys() == reuse.sums().keys() and len(passes) == 1
+    for key, value in want_sums.items():
+        assert torch.equal(reuse.sums()[key], value), key

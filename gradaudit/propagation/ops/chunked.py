@@ -105,6 +105,8 @@ def reused_products(plain: Chunked, vector: torch.Tensor, columns: torch.Tensor)
     """:func:`products` of a chunked weight, from the run's earlier products of it when
     :class:`Reuse` bounds their error (``plain.reuse``; else one pass, then kept)."""
     reuse = plain.reuse
+    if reuse is not None and reuse._sums is None:  # its first product: one pass for both
+        return reuse.first(vector, columns)
     found = reuse.forward(vector, columns) if reuse is not None else None
     if found is None:
         found = products(plain.weight, vector, columns)
@@ -265,28 +267,50 @@ class Reuse:
         """Row and column sums of W^2 with the norms of its centred rows and columns, and
         the row sums of W with the norms of its centred rows: one pass over W."""
         if self._sums is None:
-            rows_, cols = self.weight.shape
-            r, r4, rw = (torch.empty(rows_, dtype=torch.float64) for _ in range(3))
-            c, c4 = torch.zeros(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
-            for start, block in row_blocks(self.weight):
-                stop = start + block.shape[0]
-                torch.sum(block, 1, out=rw[start:stop])
-                a = block.mul_(block)
-                torch.sum(a, 1, out=r[start:stop])
-                c += a.sum(0)
-                a = a.mul_(a)
-                torch.sum(a, 1, out=r4[start:stop])
-                c4 += a.sum(0)
-
-            def centred(s2: torch.Tensor, s1: torch.Tensor, n: int) -> torch.Tensor:
-                # ||z - mean z||^2 = sum z^2 - (sum z)^2 / n, with room for its rounding
-                return ((s2 - s1 * s1 / n).clamp_min(0.0) + 1e-9 * s2).sqrt()
-
-            self._sums = {
-                "row": r, "row_c": centred(r4, r, cols), "col": c, "col_c": centred(c4, c, rows_),
-                "wrow": rw, "wrow_c": centred(r, rw, cols),
-            }
+            self._pass()
         return self._sums
+
+    def first(self, vector: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's first products (W @ vector, W^2 @ columns), exact, with
+        :meth:`sums` from the same pass: nothing earlier can stand for them (the span
+        holds only the constant vector), and the sums are wanted at the next product."""
+        found = self._pass(vector.double(), columns.double())
+        self.learn_forward(vector, columns, *found)
+        return found
+
+    def _pass(self, vector: torch.Tensor | None = None, columns: torch.Tensor | None = None):
+        """One pass over the blocks of W: the sums of :meth:`sums` and, given ``vector``
+        and ``columns`` (float64), the products of :func:`products` from the same
+        blocks, the same operations on the same values."""
+        rows_, cols = self.weight.shape
+        r, r4, rw = (torch.empty(rows_, dtype=torch.float64) for _ in range(3))
+        c, c4 = torch.zeros(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
+        if vector is not None:
+            plain = torch.empty(rows_, dtype=torch.float64)
+            squared = torch.empty((rows_, *columns.shape[1:]), dtype=torch.float64)
+        for start, block in row_blocks(self.weight):
+            stop = start + block.shape[0]
+            torch.sum(block, 1, out=rw[start:stop])
+            if vector is not None:
+                torch.matmul(block, vector, out=plain[start:stop])
+            a = block.mul_(block)
+            torch.sum(a, 1, out=r[start:stop])
+            c += a.sum(0)
+            if vector is not None:
+                torch.matmul(a, columns, out=squared[start:stop])
+            a = a.mul_(a)
+            torch.sum(a, 1, out=r4[start:stop])
+            c4 += a.sum(0)
+
+        def centred(s2: torch.Tensor, s1: torch.Tensor, n: int) -> torch.Tensor:
+            # ||z - mean z||^2 = sum z^2 - (sum z)^2 / n, with room for its rounding
+            return ((s2 - s1 * s1 / n).clamp_min(0.0) + 1e-9 * s2).sqrt()
+
+        self._sums = {
+            "row": r, "row_c": centred(r4, r, cols), "col": c, "col_c": centred(c4, c, rows_),
+            "wrow": rw, "wrow_c": centred(r, rw, cols),
+        }
+        return (plain, squared) if vector is not None else None
 
     def _span(self, key: str) -> _Span:
         if key not in self._spans:
