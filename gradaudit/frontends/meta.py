@@ -251,14 +251,14 @@ def _materialise(module: nn.Module, name: str, owners: dict, done: dict, recurse
     return tensors
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """The entries of ``t`` that tell whether an initialiser wrote it (a flat view): the
-    whole of a small tensor, 4096 evenly spaced entries and the last of a large one (an
+def _marks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of the entries of ``t`` that tell whether an initialiser wrote it: the whole
+    of a small tensor; 4096 evenly spaced entries and the last of a large one (an
     initialiser writes all of a tensor or, rarely, a row of it)."""
     flat = t.detach().reshape(-1)
     if flat.numel() <= 1 << 16:
-        return flat
-    return flat[:: flat.numel() // 4096]
+        return (flat,)
+    return flat[:: flat.numel() // 4096], flat[-1:]
 
 
 def _marked(t: torch.Tensor) -> torch.Tensor:
@@ -266,14 +266,14 @@ def _marked(t: torch.Tensor) -> torch.Tensor:
     Only those: filling all of a 70B model's big blocks first cost a pass over their
     memory (0.6 s per GB here) that the initialiser's own pass makes anyway."""
     with torch.no_grad():
-        _sample(t).fill_(float("nan"))
-        t.reshape(-1)[-1:].fill_(float("nan"))
+        for view in _marks(t):
+            view.fill_(float("nan"))
     return t
 
 
 def _unset(t: torch.Tensor) -> bool:
     """Whether NaN (the mark no initialiser wrote over, :func:`_marked`) is left in ``t``."""
-    return bool(torch.isnan(_sample(t)).any()) or bool(torch.isnan(t.detach().reshape(-1)[-1:]).any())
+    return any(bool(torch.isnan(view).any()) for view in _marks(t))
 
 
 def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

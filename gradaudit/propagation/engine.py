@@ -704,9 +704,7 @@ class Engine:
             return d2
         parts = self._sum_parts.get((member, 0), [])
         # the profile at a sum is read by a ReLU that feeds it (the stream's previous block)
-        into_sum = self.graph[root].op in ("add", "sub") and any(
-            self.graph[src].op == "relu" for src in self.graph[root].inputs
-        )
+        into_sum = self._relu_sum(root)
         if not parts and not into_sum:
             return d2
         ms = self.stats[member][0]
@@ -742,9 +740,11 @@ class Engine:
         sum."""
         if self.graph[member].op != "relu":
             return False
-        if self.graph[root].op in ("add", "sub") and any(self.graph[s].op == "relu" for s in self.graph[root].inputs):
-            return True
-        return any(u.op in ("add", "sub") for u in self.graph.users(member))
+        return self._relu_sum(root) or any(u.op in ("add", "sub") for u in self.graph.users(member))
+
+    def _relu_sum(self, name: str) -> bool:
+        """Whether ``name`` is a sum (or difference) with a ReLU among its inputs."""
+        return self.graph[name].op in ("add", "sub") and any(self.graph[s].op == "relu" for s in self.graph[name].inputs)
 
     def _coarse_nodes(self, root: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`persistence.coarse` of the root's quadrature nodes (:meth:`_points`), per channel."""
