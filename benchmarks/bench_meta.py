@@ -18,13 +18,18 @@ process's peak resident set after each:
 A reduced-depth run of a configuration is the full audit at a depth that fits. A stage
 whose memory the machine does not have available now is reported and not run.
 
-    python benchmarks/bench_meta.py [--seq 128] [--budget-gb 8] [--only 7b,70b,moe] [--repeat 3]
+The audit's small tensor work runs on one thread; its passes over the big weights run
+on the process's torch threads (``--threads``, default this machine's CPUs:
+:mod:`gradaudit.serial`).
+
+    python benchmarks/bench_meta.py [--seq 128] [--budget-gb 8] [--only 7b,70b,moe] [--repeat 3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -47,8 +52,8 @@ CONFIGS = {
 _CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import torch
-    torch.set_num_threads(1)
     family, seq, budget = sys.argv[1], int(sys.argv[3]), float(sys.argv[4]) * 2**30
+    torch.set_num_threads(int(sys.argv[5]))
     kwargs = json.loads(sys.argv[2])
 
     def report(stage, t0, **extra):
@@ -102,9 +107,9 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def run(key: str, seq: int, budget: float) -> list[dict]:
+def run(key: str, seq: int, budget: float, threads: int) -> list[dict]:
     label, family, kwargs = CONFIGS[key]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, family, json.dumps(kwargs), str(seq), str(budget)],
+    proc = subprocess.run([sys.executable, "-c", _CHILD, family, json.dumps(kwargs), str(seq), str(budget), str(threads)],
                           capture_output=True, text=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
@@ -125,12 +130,14 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--only", default="7b-2,7b,70b,moe")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (the median is printed)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the audited process (default: this machine's CPUs)")
     args = parser.parse_args()
-    print(f"meta-device audits, one sequence of {args.seq} tokens, one thread, "
+    print(f"meta-device audits, one sequence of {args.seq} tokens, {args.threads} thread(s), "
           f"{'one run each' if args.repeat == 1 else f'median of {args.repeat} runs each'} "
           f"(wall time per stage, CPU time, peak RSS of the process so far):")
     for key in args.only.split(","):
-        runs = [run(key, args.seq, args.budget_gb) for _ in range(args.repeat)]
+        runs = [run(key, args.seq, args.budget_gb, args.threads) for _ in range(args.repeat)]
         rows = runs[0]
         print(f"  {CONFIGS[key][0]}")
         total = 0.0

@@ -280,11 +280,58 @@ def test_a_weights_first_products_and_its_sums_come_from_one_pass(monkeypatch):
     want_sums = separate.sums()
     want = chunked.products(weight, mu, columns)
     passes = []
-    real = chunked.row_blocks
-    monkeypatch.setattr(chunked, "row_blocks", lambda w, squared=False: passes.append(w) or real(w, squared))
+    real = chunked.each_stripe
+    monkeypatch.setattr(chunked, "each_stripe", lambda w, *a: passes.append(w) or real(w, *a))
     got = chunked.reused_products(chunked.Chunked(weight, False, reuse=reuse), mu, columns)
     assert len(passes) == 1 and reuse.exact == 1
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert want_sums.keys() == reuse.sums().keys() and len(passes) == 1
     for key, value in want_sums.items():
         assert torch.equal(reuse.sums()[key], value), key
+
+
+def _passes(weight, gen):
+    """Every kind of pass over a chunked weight, on one instance."""
+    vector = torch.randn(weight.shape[1], generator=gen, dtype=torch.float64)
+    columns = torch.rand(weight.shape[1], 2, generator=gen, dtype=torch.float64)
+    grads = torch.rand(weight.shape[0], 3, generator=gen, dtype=torch.float64)
+    reuse = chunked.Reuse(weight)
+    first = reuse.first(vector, columns)
+    return [*first, *reuse.sums().values(), *chunked.products(weight, vector, columns),
+            chunked.Chunked(weight, True).t() @ grads, chunked.Chunked(weight, False).t() @ grads[:, 0],
+            *chunked.column_moments(weight), torch.tensor(chunked.moments(weight))]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_passes_give_the_same_bits_on_any_number_of_threads(monkeypatch, workers):
+    """A pass runs its stripes of rows on the caller's threads (gradaudit.serial.each);
+    the row products and the sums over rows are the same bits as on one thread, and
+    the threads are used."""
+    import threading
+
+    from gradaudit import serial
+
+    monkeypatch.setattr(chunked, "BLOCK", 200)  # 4 rows of 50 per block: 25 blocks in 16 stripes
+    weight = torch.randn(97, 50, generator=torch.Generator().manual_seed(9))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with serial.serial():
+            one = _passes(weight, torch.Generator().manual_seed(3))
+        torch.set_num_threads(workers)
+        seen = set()
+        real = chunked.row_blocks
+        monkeypatch.setattr(chunked, "row_blocks", lambda *a: seen.add(threading.get_ident()) or real(*a))
+        with serial.serial():
+            assert serial.workers() == workers and torch.get_num_threads() == 1
+            many = _passes(weight, torch.Generator().manual_seed(3))
+    finally:
+        torch.set_num_threads(before)
+    assert len(one) == len(many) == 15
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    assert len(seen) > 1 and serial.workers() == 1
+    # and they are the products: against the whole float64 matrix
+    w = weight.double()
+    torch.testing.assert_close(many[0], w @ torch.randn(50, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)

@@ -13,19 +13,32 @@ The blocks are small (:data:`BLOCK`: 2 MB in float64, so a block stays in the CP
 cache between its conversion, its square and its product) and converted into one
 buffer reused from block to block: a fresh 32 MB block per step spent most of its time
 faulting pages in (8.5 ns per weight against 0.6 ns, measured on a 7168 x 2048 weight).
+
+A pass splits the rows into :data:`STRIPES` stripes of whole blocks, run on the
+audit's threads (:func:`gradaudit.serial.each`): rows of a product are written where
+they belong, and a sum over rows (a column sum, a transposed product) is summed per
+stripe, then over the stripes in their order. The stripes are the same whatever the
+number of threads, so the sums are the same bits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+import threading
+from typing import Callable, Iterator, TypeVar
 
 import torch
+
+from gradaudit import serial
+
+R = TypeVar("R")
 
 #: Weights with at least this many elements (4M: 32 MB in float64) are never copied.
 CHUNKED_ABOVE = 1 << 22
 #: Elements per block of rows (2 MB in float64: it stays in cache).
 BLOCK = 1 << 18
+#: Stripes of rows per pass (:func:`stripes`), whatever the number of threads.
+STRIPES = 16
 
 
 class Chunked:
@@ -63,14 +76,23 @@ class Chunked:
         rows, cols = self.weight.shape
         if not self.transposed:
             out = torch.empty((rows, *other.shape[1:]), dtype=torch.float64)
-            for start, block in row_blocks(self.weight, self.squared):
-                torch.matmul(block, other, out=out[start : start + block.shape[0]])
+
+            def rows_of(blocks: Iterator[tuple[int, torch.Tensor]]) -> None:
+                for start, block in blocks:
+                    torch.matmul(block, other, out=out[start : start + block.shape[0]])
+
+            each_stripe(self.weight, rows_of, self.squared)
             return out
         # (other^T W)^T accumulated in place, row-major: the blocks stay contiguous for BLAS
         columns = other.reshape(rows, -1)
-        total = torch.zeros((columns.shape[1], cols), dtype=torch.float64)
-        for start, block in row_blocks(self.weight, self.squared):
-            total.addmm_(columns[start : start + block.shape[0]].t(), block)
+
+        def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+            total = torch.zeros((columns.shape[1], cols), dtype=torch.float64)
+            for start, block in blocks:
+                total.addmm_(columns[start : start + block.shape[0]].t(), block)
+            return total
+
+        total = in_order(each_stripe(self.weight, partial, self.squared))
         return total[0] if other.dim() == 1 else total.t()
 
     def double(self) -> torch.Tensor:
@@ -94,10 +116,14 @@ def products(weight: torch.Tensor, vector: torch.Tensor, columns: torch.Tensor) 
     vector, columns = vector.double(), columns.double()
     plain = torch.empty(weight.shape[0], dtype=torch.float64)
     squared = torch.empty((weight.shape[0], *columns.shape[1:]), dtype=torch.float64)
-    for start, block in row_blocks(weight):
-        stop = start + block.shape[0]
-        torch.matmul(block, vector, out=plain[start:stop])
-        torch.matmul(block.mul_(block), columns, out=squared[start:stop])
+
+    def rows_of(blocks: Iterator[tuple[int, torch.Tensor]]) -> None:
+        for start, block in blocks:
+            stop = start + block.shape[0]
+            torch.matmul(block, vector, out=plain[start:stop])
+            torch.matmul(block.mul_(block), columns, out=squared[start:stop])
+
+    each_stripe(weight, rows_of)
     return plain, squared
 
 
@@ -115,15 +141,34 @@ def reused_products(plain: Chunked, vector: torch.Tensor, columns: torch.Tensor)
     return found
 
 
-def row_blocks(weight: torch.Tensor, squared: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+def _rows_per_block(weight: torch.Tensor) -> int:
+    return max(1, BLOCK // max(weight.shape[1], 1))
+
+
+class _Buffer(threading.local):
+    """Each thread's float64 buffer that its blocks are views of (grown when needed)."""
+
+    tensor = torch.empty(0, dtype=torch.float64)
+
+
+_buffer = _Buffer()
+
+
+def row_blocks(weight: torch.Tensor, squared: bool = False, rows: tuple[int, int] | None = None
+               ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, float64 block of rows of the 2-d ``weight``, squared if asked) for
-    consecutive blocks of about :data:`BLOCK` elements. Every block is a view of one
-    buffer that the next step overwrites: use it before asking for the next."""
+    consecutive blocks of about :data:`BLOCK` elements (of the rows ``rows`` = (first,
+    stop), default all). Every block is a view of this thread's buffer, which the next
+    step overwrites: use it before asking for the next."""
     w = weight.detach()
-    step = max(1, BLOCK // max(w.shape[1], 1))
-    buffer = torch.empty((min(step, w.shape[0]), w.shape[1]), dtype=torch.float64)
-    for start in range(0, w.shape[0], step):
-        source = w[start : start + step]
+    step = _rows_per_block(w)
+    first, stop = rows if rows is not None else (0, w.shape[0])
+    size = min(step, stop - first) * w.shape[1]
+    if _buffer.tensor.numel() < size:
+        _buffer.tensor = torch.empty(size, dtype=torch.float64)
+    buffer = _buffer.tensor[:size].view(-1, w.shape[1]) if size else _buffer.tensor[:0].view(0, w.shape[1])
+    for start in range(first, stop, step):
+        source = w[start : min(start + step, stop)]
         block = buffer[: source.shape[0]]
         block.copy_(source)
         if squared:
@@ -131,13 +176,42 @@ def row_blocks(weight: torch.Tensor, squared: bool = False) -> Iterator[tuple[in
         yield start, block
 
 
+def stripes(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """(first row, stop) of the :data:`STRIPES` stripes of whole blocks of rows (fewer
+    when the weight has fewer blocks)."""
+    rows, step = weight.shape[0], _rows_per_block(weight)
+    per = step * math.ceil(math.ceil(rows / step) / STRIPES)
+    return [(start, min(start + per, rows)) for start in range(0, rows, per)]
+
+
+def each_stripe(weight: torch.Tensor, work: Callable[[Iterator[tuple[int, torch.Tensor]]], R], squared: bool = False
+                ) -> list[R]:
+    """``work(blocks)`` for the :func:`row_blocks` of each of the weight's :func:`stripes`,
+    on the audit's threads (:func:`gradaudit.serial.each`); the results in stripe order."""
+    return serial.each(lambda rows: work(row_blocks(weight, squared, rows)), stripes(weight))
+
+
+def in_order(partials: list):
+    """The sum of the stripes' partial sums, added in stripe order (the same bits on any
+    number of threads)."""
+    total = partials[0]
+    for part in partials[1:]:
+        total = total + part
+    return total
+
+
 def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, mean square) of each column of a 2-d weight over its rows, in float64,
     from blocks of rows (an embedding table's 262M weights stay uncopied)."""
-    total, squares = torch.zeros(weight.shape[1], dtype=torch.float64), torch.zeros(weight.shape[1], dtype=torch.float64)
-    for _, block in row_blocks(weight):
-        total += block.sum(0)
-        squares += block.mul_(block).sum(0)
+
+    def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        sums = torch.zeros((2, weight.shape[1]), dtype=torch.float64)
+        for _, block in blocks:
+            sums[0] += block.sum(0)
+            sums[1] += block.mul_(block).sum(0)
+        return sums
+
+    total, squares = in_order(each_stripe(weight, partial))
     return total / weight.shape[0], squares / weight.shape[0]
 
 
@@ -145,10 +219,16 @@ def moments(tensor: torch.Tensor) -> tuple[float, float] | None:
     """(mean, mean square) of all entries in float64, or None when one is not finite,
     from blocks (a 235M-weight Linear is never copied whole)."""
     flat = tensor.detach().reshape(-1, 1) if tensor.dim() != 2 else tensor.detach()
-    total = squares = 0.0
-    for _, block in row_blocks(flat):
-        total += float(block.sum())
-        squares += float(block.mul_(block).sum())
+
+    def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> tuple[float, float]:
+        total = squares = 0.0
+        for _, block in blocks:
+            total += float(block.sum())
+            squares += float(block.mul_(block).sum())
+        return total, squares
+
+    parts = each_stripe(flat, partial)
+    total, squares = in_order([p[0] for p in parts]), in_order([p[1] for p in parts])
     if not (math.isfinite(total) and math.isfinite(squares)):
         return None
     n = max(tensor.numel(), 1)
@@ -284,23 +364,28 @@ class Reuse:
         blocks, the same operations on the same values."""
         rows_, cols = self.weight.shape
         r, r4, rw = (torch.empty(rows_, dtype=torch.float64) for _ in range(3))
-        c, c4 = torch.zeros(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
         if vector is not None:
             plain = torch.empty(rows_, dtype=torch.float64)
             squared = torch.empty((rows_, *columns.shape[1:]), dtype=torch.float64)
-        for start, block in row_blocks(self.weight):
-            stop = start + block.shape[0]
-            torch.sum(block, 1, out=rw[start:stop])
-            if vector is not None:
-                torch.matmul(block, vector, out=plain[start:stop])
-            a = block.mul_(block)
-            torch.sum(a, 1, out=r[start:stop])
-            c += a.sum(0)
-            if vector is not None:
-                torch.matmul(a, columns, out=squared[start:stop])
-            a = a.mul_(a)
-            torch.sum(a, 1, out=r4[start:stop])
-            c4 += a.sum(0)
+
+        def stripe(blocks: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+            sums = torch.zeros((2, cols), dtype=torch.float64)  # this stripe's parts of c and c4
+            for start, block in blocks:
+                stop = start + block.shape[0]
+                torch.sum(block, 1, out=rw[start:stop])
+                if vector is not None:
+                    torch.matmul(block, vector, out=plain[start:stop])
+                a = block.mul_(block)
+                torch.sum(a, 1, out=r[start:stop])
+                sums[0] += a.sum(0)
+                if vector is not None:
+                    torch.matmul(a, columns, out=squared[start:stop])
+                a = a.mul_(a)
+                torch.sum(a, 1, out=r4[start:stop])
+                sums[1] += a.sum(0)
+            return sums
+
+        c, c4 = in_order(each_stripe(self.weight, stripe))
 
         def centred(s2: torch.Tensor, s1: torch.Tensor, n: int) -> torch.Tensor:
             # ||z - mean z||^2 = sum z^2 - (sum z)^2 / n, with room for its rounding
@@ -350,9 +435,7 @@ class Reuse:
         mean, bound = self._bounded("mean", vector)
         off = ~(bound <= TOLERANCE * var.clamp_min(0.0).sqrt()) & ~bad
         if int((bad | off).sum()) > FIX_ROWS_BELOW * rows_:
-            mean = torch.empty(rows_, dtype=torch.float64)
-            for start, block in row_blocks(self.weight):
-                torch.matmul(block, vector, out=mean[start : start + block.shape[0]])
+            mean = Chunked(self.weight, False) @ vector
             self._span("mean").add(vector, mean)
             self.mean_passes += 1
         else:
