@@ -12,6 +12,9 @@ Two measurements, medians over several repeats:
    --format json -o /dev/null`` beside a baseline ``python -c`` that imports torch,
    builds the same model (runs the same file) and traces it with
    ``torch.fx.symbolic_trace``. Target: gradaudit within 1.3x of the baseline.
+3. The tensor operations one static pass calls, and what they cost at this machine's
+   time for one small op: a floor under the pass that no tuning of the arithmetic
+   around them moves.
    gradaudit's modules are byte-compiled first (:func:`compile_package`), as pip does
    when it installs a package and as torch's already are: with PYTHONDONTWRITEBYTECODE
    set and no ``__pycache__``, every run would compile gradaudit's source again.
@@ -57,6 +60,44 @@ def static_pass(model, inputs, repeats: int) -> tuple[list[float], list[float], 
         passes.append(t2 - t1)
         cpus.append(c2 - c1)
     return traces[1:], passes[1:], cpus[1:]
+
+
+#: Tensor reads that do not go through torch's dispatcher (``.shape``, ``.dtype``,
+#: ``numel()``...): not counted by :func:`op_count`.
+NOT_OPS = frozenset({"__get__", "numel", "dim", "element_size", "size", "is_floating_point", "stride",
+                     "is_contiguous", "data_ptr", "__len__", "__hash__", "untyped_storage", "storage_offset"})
+
+
+def op_count(model, inputs) -> int:
+    """Tensor operations one static pass calls (counted by a ``TorchFunctionMode``)."""
+    from torch.overrides import TorchFunctionMode
+
+    from gradaudit.api import Settings, analyse, build_report, run_rules
+    from gradaudit.frontends import fx
+    from gradaudit.rules.base import all_rules
+
+    graph = fx.trace(model, inputs)
+    calls = [0]
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls[0] += getattr(func, "__name__", "") not in NOT_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        analysis = analyse(graph, inputs, None, Settings())
+        build_report(analysis, run_rules(analysis, set(all_rules())), target="bench", input_source="given", inputs=inputs)
+    return calls[0]
+
+
+def small_op_us() -> float:
+    """Microseconds for one ``a * b`` of two float64 64-vectors (median of 5 timings)."""
+    import timeit
+
+    import torch
+
+    a, b = torch.rand(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64)
+    return statistics.median(timeit.repeat(lambda: a * b, number=20_000, repeat=5)) / 20_000 * 1e6
 
 
 def models() -> list[tuple[str, object, tuple]]:
@@ -133,12 +174,19 @@ def main() -> None:
 
     print(f"static pass = propagate + rules + report, after the torch.fx trace; medians of {args.repeats} runs:")
     print(f"  {'model':<40} {'fx trace':>10} {'static pass':>12} {'cpu (all threads)':>18}")
+    counted = []
     for label, model, inputs in models():
         traces, passes, cpus = static_pass(model, inputs, args.repeats)
         pass_ms = statistics.median(passes) * 1e3
         print(f"  {label:<40} {statistics.median(traces) * 1e3:>8.1f}ms {pass_ms:>10.1f}ms "
               f"{statistics.median(cpus) * 1e3:>16.1f}ms   target < {STATIC_TARGET_MS:.0f} ms: "
               f"{verdict(pass_ms < STATIC_TARGET_MS)}")
+        counted.append((label, op_count(model, inputs)))
+    us = small_op_us()
+    print(f"tensor operations one static pass calls, at {us:.2f} us each (this machine's time for one op on a "
+          f"64-vector, the size most of them have): the time they take before any Python or arithmetic")
+    for label, n in counted:
+        print(f"  {label:<40} {n:>7d} ops  {n * us / 1e3:6.1f} ms")
     ours, base, status = processes(max(3, args.repeats // 2 + 1))
     ours_s, base_s = statistics.median(w for w, _ in ours), statistics.median(w for w, _ in base)
     ours_cpu, base_cpu = statistics.median(c for _, c in ours), statistics.median(c for _, c in base)
