@@ -71,6 +71,24 @@ def test_moments_of_all_entries(monkeypatch, shape):
     assert chunked.moments(value) is None
 
 
+@pytest.mark.parametrize("view", ["transpose", "permute", "slice"])
+def test_moments_of_a_view_read_it_in_memory_order(monkeypatch, view):
+    """A permuted view of a weight (a mixture of experts reads its (E, out, in) parameter
+    as (E, in, out)) is read in place, without a copy of it; a view that no
+    permutation makes contiguous (a slice with gaps) still gets its right moments."""
+    monkeypatch.setattr(chunked, "BLOCK", 64)
+    base = torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(4)) * 2 + 0.5
+    value = {"transpose": base.transpose(1, 2), "permute": base.permute(2, 0, 1), "slice": base[:, ::2]}[view]
+    ordered = chunked.in_memory_order(value)
+    if view == "slice":
+        assert ordered is value
+    else:
+        assert ordered.is_contiguous() and ordered.data_ptr() == base.data_ptr() and ordered.shape == base.shape
+    mean, m2 = chunked.moments(value)
+    assert mean == pytest.approx(float(value.double().mean()), rel=1e-12)
+    assert m2 == pytest.approx(float(value.double().pow(2).mean()), rel=1e-12)
+
+
 class _Tied(torch.nn.Module):
     """Three layers that read one weight (as the stand-in's decoder layers do)."""
 

@@ -294,8 +294,10 @@ class Engine:
 
     def _moments(self, value: torch.Tensor) -> tuple[float, float] | None:
         """:func:`chunked.moments` of a constant, once per distinct tensor: the decoder
-        layers of a meta model's stand-in all read the same weights."""
+        layers of a meta model's stand-in all read the same weights (and a permuted view
+        of a tensor is the same entries: :func:`chunked.in_memory_order`)."""
         try:
+            value = chunked.in_memory_order(value)
             key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
                    value.dtype, value._version)
         except (RuntimeError, NotImplementedError):  # a tensor without plain storage

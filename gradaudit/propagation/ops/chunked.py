@@ -215,10 +215,24 @@ def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total / weight.shape[0], squares / weight.shape[0]
 
 
+def in_memory_order(tensor: torch.Tensor) -> torch.Tensor:
+    """The same entries as ``tensor``, its dimensions permuted to the order they lie in
+    memory (largest stride first) when that makes it contiguous: a transposed or
+    permuted view of a weight (a mixture of experts' (E, in, out) view of its (E, out,
+    in) parameter) then flattens without a copy. Else ``tensor`` itself."""
+    if tensor.is_contiguous() or tensor.dim() < 2:
+        return tensor
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+    permuted = tensor.permute(order)
+    return permuted if permuted.is_contiguous() else tensor
+
+
 def moments(tensor: torch.Tensor) -> tuple[float, float] | None:
     """(mean, mean square) of all entries in float64, or None when one is not finite,
-    from blocks (a 235M-weight Linear is never copied whole)."""
-    flat = tensor.detach().reshape(-1, 1) if tensor.dim() != 2 else tensor.detach()
+    from blocks (a 235M-weight Linear is never copied whole; nor a permuted view of a
+    weight, read in memory order: :func:`in_memory_order`)."""
+    tensor = in_memory_order(tensor.detach())
+    flat = tensor.reshape(-1, 1) if tensor.dim() != 2 else tensor
 
     def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> tuple[float, float]:
         total = squares = 0.0
