@@ -417,6 +417,67 @@ def _functional_linear() -> Case:
     return Case(build, EXACT, "F.linear on a parameter: exact in expectation")
 
 
+def _grouped_rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows [offs[e-1], offs[e]) of x times w[e], expert by expert (what a grouped matmul
+    computes; torch's own has no CPU backward)."""
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        out.append(x[start:end] @ w[e])
+        start = end
+    return torch.cat(out)
+
+
+@torch.library.custom_op("gradaudit_tests::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """A grouped matmul as one op of the graph, as transformers' ``grouped_mm_fallback``
+    is, with a backward autograd can run on the CPU."""
+    return _grouped_rows(x, w, offs)
+
+
+@grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+def _grouped_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.offs = inputs[2]
+
+
+def _grouped_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    return _grouped_rows(g, w.transpose(1, 2), ctx.offs), torch.stack(
+        [x[s:e].t() @ g[s:e] for s, e in zip([0] + ctx.offs.tolist()[:-1], ctx.offs.tolist())]), None
+
+
+grouped_mm_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
+class Experts(nn.Module):
+    """A mixture of experts' grouped product: expert weights (E, in, out), ``counts`` rows
+    per expert (a buffer: the routing is known ahead of the run). The experts differ in
+    scale (0.5x to 2x), so each one's share of the rows matters. Weights stored (E, out,
+    in) and read transposed, as transformers' Mixtral does: tests/test_experts.py."""
+
+    def __init__(self, counts: tuple[int, ...], d_in: int = 64, d_out: int = 32) -> None:
+        super().__init__()
+        self.front = front(d_in)
+        scales = torch.tensor([0.5, 2.0, 1.0, 1.5])[: len(counts)].reshape(-1, 1, 1)
+        self.w = nn.Parameter(param(len(counts), d_in, d_out, std=0.15, seed=9).detach() * scales)
+        self.register_buffer("offs", torch.tensor(counts).cumsum(0))
+
+    def forward(self, x):
+        return grouped_mm_op(self.front(x), self.w, self.offs)
+
+
+def _grouped(counts: tuple[int, ...], relabel: bool = False) -> Case:
+    def build():
+        return Experts(counts), (randn(sum(counts), 64),)
+
+    return Case(build, EXACT, "each expert a linear layer, mixed by its share of the rows: exact in expectation",
+                find="grouped_mm" if relabel else None, relabel=relabel)
+
+
 def _functional_norm(fn: Callable, norm: nn.Module, conv: int = 0) -> Case:
     """A norm called functionally on the parameters of ``norm`` (given a non-trivial
     affine): the ATen norm ops, not the module, reach the handler."""
@@ -475,6 +536,9 @@ CASES: dict[str, list[Case]] = {
     "vstack": [B(lambda a, b: torch.vstack([a, b]), LIN(mean=0.5), LIN(mean=-0.2, std=0.7, seed=1), (32, 64), (32, 64), why="numel-weighted mixture, exact")],
     # ---------------------------------------------------------------- dense
     "linear": [U(nn.Linear(64, 32), LIN(), 32, 64), _functional_linear()],
+    "grouped_mm": [_grouped((16, 16, 16, 16)), _grouped((8, 40, 0, 16))],
+    "grouped_mm_fallback": [_grouped((24, 8, 16, 16), relabel=True)],
+    "_grouped_mm": [_grouped((16, 16, 16, 16), relabel=True)],
     "conv": [
         U(nn.Conv2d(8, 16, 3, stride=2, padding=1), C2(), 16, 8, 12, 12),
         U(nn.Conv1d(8, 16, 5, padding=4, dilation=2), C1(), 16, 8, 20),

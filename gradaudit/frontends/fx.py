@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from gradaudit.errors import CaptureError, ModelCallError
 from gradaudit.frontends import functions, shapes
+from gradaudit.frontends.aten import packet_name
 from gradaudit.frontends.signature import BindError, Bound, ExampleCall, bind, map_tensors
 from gradaudit.frontends.outputs import check_outputs
 from gradaudit.ir import Graph, Location, Node, Ref, TensorMeta, iter_refs
@@ -546,7 +547,7 @@ def _to_ir(gm: fx.GraphModule, model: nn.Module) -> Graph:
             node.op = _module_op(mod)
         elif n.op == "call_function":
             node.fn = n.target
-            node.op = normalise_name(getattr(n.target, "__name__", str(n.target)))
+            node.op = normalise_name(packet_name(n.target))  # a custom op's overload: the op's own name
             if n.target is operator.getitem:
                 node.op = "getitem"
         elif n.op == "call_method":

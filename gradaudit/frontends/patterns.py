@@ -304,11 +304,15 @@ FUNCTIONAL_LAYERS = {
 }
 #: The op a module call of the same layer has (``F.conv2d`` -> ``conv``, as ``nn.Conv2d``).
 _LAYER_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv_transpose",
-             "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose"}
+             "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose",
+             "grouped_mm_fallback": "grouped_mm", "_grouped_mm": "grouped_mm"}
 #: Products of two operands, one of which may be a parameter: ``x @ self.W``,
 #: ``torch.addmm(self.b, x, self.W)`` (GPT-2's ``Conv1D``),
 #: ``torch.einsum("bi,ij->bj", x, self.W)``.
 PRODUCTS = frozenset({"matmul", "mm", "addmm", "einsum"})
+#: A mixture of experts' grouped product (input, stacked expert weights, offsets):
+#: transformers' op, ATen's, torch.nn.functional's; as a layer, ``grouped_mm``.
+GROUPED_PRODUCTS = frozenset({"grouped_mm", "grouped_mm_fallback", "_grouped_mm"})
 #: The key prefix, in a functional layer's ``params``, of the parameters its weight is
 #: computed from (``weight`` is then the computed value).
 SOURCE = "from:"
@@ -383,7 +387,8 @@ def functional_layers(graph: Graph) -> Graph:
     """A functional op that multiplies by a trainable parameter is a weight layer, as the
     module call would be: ``F.linear(x, self.weight, self.bias)`` in a hand-written
     layer, ``F.conv2d``, ``F.embedding``, and ``x @ self.W`` or a two-operand einsum with a
-    2-d parameter (also through ``.t()``, a transpose, ``expand`` or a cast), and a linear, conv or embedding
+    2-d parameter (also through ``.t()``, a transpose, ``expand`` or a cast), a mixture of
+    experts' grouped product with its stacked 3-d expert weights, and a linear, conv or embedding
     whose weight is computed from parameters alone (weight standardization, a hand-written
     weight norm).
 
@@ -415,6 +420,10 @@ def functional_layers(graph: Graph) -> Graph:
                 found = next(o for o in operands if o is not None)
                 found = found if found[1].dim() == 2 else None
             bias = None
+        elif node.op in GROUPED_PRODUCTS and len(node.args) >= 2:
+            found = _parameter(graph, node.args[1], RELAYOUT)
+            found = found if found is not None and found[1].dim() == 3 else None
+            bias = None
         elif node.op == functions.OP:
             _function_layer(graph, node, memo)
         if found is None:
@@ -423,7 +432,8 @@ def functional_layers(graph: Graph) -> Graph:
         functional, node.op = node.op, _LAYER_OP.get(node.op, node.op)
         node.params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias[1]}
         node.params.update({f"{SOURCE}{q}": p for q, p in sources.items()})
-        if node.module is None or not sources:  # named after the weight read as it is
+        if node.module is None or not sources or functional in GROUPED_PRODUCTS:  # named after the weight read as it is
+            # (a mixture of experts' two or three grouped products share one module)
             owned = name.endswith(".weight")
             node.module = name[: -len(".weight")] if owned else name
             node.module_type = f"F.{functional}" if owned else PARAMETER_LAYER

@@ -42,8 +42,13 @@ FLAT = 1e-3  # decades per layer below which the trend is reported as flat
 def shared_positions(node: Node) -> int:
     """How many positions per sample share each weight of ``node``: spatial positions of a
     convolution's output, sequence positions of a linear layer applied to (B, T, d), the
-    time steps of a recurrent module (whichever axis ``batch_first`` puts them on)."""
+    time steps of a recurrent module (whichever axis ``batch_first`` puts them on), the
+    rows a mixture of experts routes to each expert (S rows over E experts: S / E, the
+    even routing the propagation assumes; the rows of all samples together, as the
+    grouped product's input does not say which sample a row came from)."""
     shape = node.shape
+    if node.op == "grouped_mm" and shape and node.params.get("weight") is not None:
+        return max(shape[0] // max(node.params["weight"].shape[0], 1), 1)
     if node.op in ("rnn", "lstm", "gru") and shape:  # the time steps: (T, B, H), (B, T, H) or (T, H)
         return max(shape[1] if len(shape) == 3 and getattr(node.fn, "batch_first", False) else shape[0], 1)
     if not shape or len(shape) < 3:

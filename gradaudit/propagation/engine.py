@@ -91,7 +91,7 @@ ELEMENTWISE = ACTIVATIONS | frozenset(
 #: Ops whose module owns weights that set a layer's depth.
 WEIGHT_OPS = frozenset(
     {"linear", "conv", "conv_transpose", "bilinear", "embedding", "multihead_attention", "rnn", "lstm", "gru",
-     "rnn_cell", "lstm_cell", "gru_cell"}
+     "rnn_cell", "lstm_cell", "gru_cell", "grouped_mm"}
 )
 NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
 

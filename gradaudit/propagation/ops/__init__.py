@@ -18,7 +18,7 @@ the engine fuses them and evaluates them exactly by quadrature
 :func:`gradaudit.propagation.montecarlo.estimate` and reported as estimated.
 
 One module per family of ops: :mod:`.layout` (views, copies, indexing, split, cat, pad),
-:mod:`.dense` (linear, convolutions, embedding), :mod:`.norms`, :mod:`.dropout`,
+:mod:`.dense` (linear, convolutions, embedding), :mod:`.experts` (a mixture of experts' grouped product), :mod:`.norms`, :mod:`.dropout`,
 :mod:`.pooling`, :mod:`.reductions` (mean, sum), :mod:`.select` (where under a constant
 mask), :mod:`.arithmetic` (add, mul, matmul, einsum), :mod:`.attention` (softmax, attention), :mod:`.linear_maps` (interpolation,
 pixel shuffle), :mod:`.windows` (torchvision's Swin window attention and patch merging)
@@ -35,6 +35,7 @@ from gradaudit.propagation.ops import (  # noqa: F401  (each family registers it
     constants,
     dense,
     dropout,
+    experts,
     layout,
     linear_maps,
     norms,
