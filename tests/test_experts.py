@@ -86,3 +86,20 @@ def test_experts_agree_with_autograd():
         rows.append((source, predicted, math.sqrt(squares[source])))
         assert _within(predicted, math.sqrt(squares[source]), 1.3), rows[-1]
     print("\n".join(map(str, rows)))
+
+
+def test_an_op_whose_estimate_needs_the_routing_is_a_gap(monkeypatch):
+    """Without a handler, the grouped product would be run alone on sampled inputs, its
+    offsets (computed from the routing at run time) as zeros: every row lands nowhere
+    and the output is all zero. That is no estimate: the audit says which op and why,
+    and does not call the model healthy."""
+    from gradaudit.propagation.ops.base import HANDLERS
+
+    for op in ("grouped_mm", "grouped_mm_fallback", "_grouped_mm"):
+        monkeypatch.delitem(HANDLERS, op)
+    model, inputs = _mixtral()
+    report = gradaudit.audit(model, inputs)
+    assert not report.complete and report.verdict == "incomplete"
+    gap = report.coverage.gaps[0]
+    assert gap.op == "grouped_mm" and "integer inputs the model computes" in gap.reason, gap.reason
+    assert any("experts" in layer for layer in gap.layers)

@@ -1,7 +1,9 @@
 """Local Monte Carlo estimate for ops no handler models.
 
 The op is run once, on its own, on Gaussian inputs with the predicted mean and variance
-and the node's real shapes; the output's moments are measured, and a backward pass with
+and the node's real shapes (integer inputs the model computes, whose values are unknown
+before it runs, as zeros: when that makes nonzero inputs give an all-zero output, there
+is no estimate, and the coverage check says so); the output's moments are measured, and a backward pass with
 an N(0, 1) cotangent on each output measures the vector-Jacobian gain into each input.
 Parameters are read, never written: gradients are taken with ``torch.autograd.grad``
 with respect to the sampled inputs only, so no ``.grad`` is touched. An op computed
@@ -29,6 +31,7 @@ def estimate(node: Node, engine) -> Effect:
         raise RuntimeError("the node has no callable")
     gen = torch.Generator().manual_seed(SEED)
     leaves: list[tuple[str, int, torch.Tensor]] = []
+    guessed: list[str] = []  # integer inputs computed in the run: sampled as zeros
 
     def sample(ref: Ref) -> Any:
         src = engine.graph[ref.name]
@@ -44,6 +47,7 @@ def estimate(node: Node, engine) -> Effect:
             dtype = getattr(torch, meta.dtype)
             s = engine.leaf_stats(ref.name, structure)
             if not meta.is_float:
+                guessed.append(ref.name)
                 return torch.zeros(meta.shape, dtype=dtype)
             if s is None:
                 raise RuntimeError(f"input '{ref.name}' has no statistics")
@@ -60,6 +64,16 @@ def estimate(node: Node, engine) -> Effect:
         out = callable_of(node)(*args, **kwargs)
     outs: list[Any] = []
     _flatten(out, outs)
+    floats = [y for y in outs if isinstance(y, torch.Tensor) and y.is_floating_point()]
+    if guessed and floats and not any(bool(y.detach().ne(0).any()) for y in floats) and any(
+        bool(x.detach().ne(0).any()) for _, _, x in leaves
+    ):
+        # offsets, counts or indices computed by the model (a mixture of experts' routing):
+        # zeros in their place made nonzero inputs give nothing, which is no estimate
+        raise RuntimeError(
+            f"its result depends on integer inputs the model computes ({', '.join(dict.fromkeys(guessed))}), "
+            "whose values are known only when it runs; sampled as zeros they make the output all zero"
+        )
     stats: list[Stats | None] = []
     for y in outs:
         if isinstance(y, torch.Tensor) and y.is_floating_point():
