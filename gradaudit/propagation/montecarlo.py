@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradaudit.ir import callable_of, Node, Ref, Stats, map_refs
+from gradaudit.ir import callable_of, iter_refs, Node, Ref, Stats, map_refs
 from gradaudit.propagation.ops.base import Effect, make_stats
 
 SEED = 1234
@@ -58,9 +58,18 @@ def estimate(node: Node, engine) -> Effect:
 
         return build(src.structure)
 
-    args = map_refs(node.args, sample)
-    kwargs = map_refs(node.kwargs, sample)
+    names = list(dict.fromkeys(r.name for r in iter_refs((node.args, node.kwargs))))
+    derived = _derived(names, engine.graph)
+    values: dict[str, Any] = {name: sample(Ref(name)) for name in names if name not in derived}
     with torch.enable_grad():
+        for name, src in derived.items():
+            try:
+                values[name] = callable_of(src)(*map_refs(src.args, lambda r: values[r.name]),
+                                                **map_refs(src.kwargs, lambda r: values[r.name]))
+            except Exception:  # noqa: BLE001 - not computable from the samples: sampled itself
+                values[name] = sample(Ref(name))
+        args = map_refs(node.args, lambda r: values[r.name])
+        kwargs = map_refs(node.kwargs, lambda r: values[r.name])
         out = callable_of(node)(*args, **kwargs)
     outs: list[Any] = []
     _flatten(out, outs)
@@ -100,6 +109,25 @@ def estimate(node: Node, engine) -> Effect:
             gain = 0.0 if g is None else float(g.detach().double().pow(2).mean())
             gains.append((name, leaf, k, gain))
     return Effect([None if s is None else _mark(s) for s in stats], gains)
+
+
+def _derived(names: list[str], graph) -> dict[str, Node]:
+    """The inputs of a node that are computed from its other inputs alone, by a function
+    call (``a / a.sum(-1, keepdim=True)``, a mixture of experts' renormalised top-k
+    weights: the sum is a function of ``a``), with the nodes computing them. Sampled
+    apart, such an input would be independent of the ones it is made of, and the
+    Jacobian would lose what the two paths cancel (the renormalisation's backward
+    removes the gradient's component along the weights); computed from their samples,
+    the backward runs through both paths into the inputs they come from, and the
+    derived input gets no gain of its own."""
+    out: dict[str, Node] = {}
+    for name in names:
+        src = graph[name]
+        ins = src.inputs
+        if (src.kind in ("call_function", "call_method") and src.fn is not None and not src.tuple_output and ins
+                and all(i in names and i != name and i not in out for i in ins)):
+            out[name] = src
+    return out
 
 
 def _difference_gains(fn, args, kwargs, leaves, outs: list, gen) -> list[tuple[str, int, int, float]]:
