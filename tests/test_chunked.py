@@ -71,6 +71,10 @@ def test_moments_of_all_entries(monkeypatch, shape):
     assert chunked.moments(value) is None
 
 
+def test_moments_of_an_empty_tensor_are_zero():
+    assert chunked.moments(torch.empty(0, 7)) == (0.0, 0.0) == chunked.moments(torch.empty(0))
+
+
 @pytest.mark.parametrize("view", ["transpose", "permute", "slice"])
 def test_moments_of_a_view_read_it_in_memory_order(monkeypatch, view):
     """A permuted view of a weight (a mixture of experts reads its (E, out, in) parameter

@@ -180,6 +180,8 @@ def stripes(weight: torch.Tensor) -> list[tuple[int, int]]:
     """(first row, stop) of the :data:`STRIPES` stripes of whole blocks of rows (fewer
     when the weight has fewer blocks)."""
     rows, step = weight.shape[0], _rows_per_block(weight)
+    if rows == 0:
+        return [(0, 0)]
     per = step * math.ceil(math.ceil(rows / step) / STRIPES)
     return [(start, min(start + per, rows)) for start in range(0, rows, per)]
 
