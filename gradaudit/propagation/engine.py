@@ -296,11 +296,8 @@ class Engine:
         """:func:`chunked.moments` of a constant, once per distinct tensor: the decoder
         layers of a meta model's stand-in all read the same weights (and a permuted view
         of a tensor is the same entries: :func:`chunked.in_memory_order`)."""
-        try:
-            value = chunked.in_memory_order(value)
-            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
-                   value.dtype, value._version)
-        except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+        key = _tensor_key(chunked.in_memory_order(value))
+        if key is None:  # a tensor without plain storage
             return chunked.moments(value)
         if key not in self._moment_cache:
             self._moment_cache[key] = chunked.moments(value)
@@ -310,10 +307,8 @@ class Engine:
         """The run's :class:`chunked.Reuse` of a big weight, one per distinct tensor (the
         decoder layers of a meta model's stand-in share theirs); None for a tensor without
         plain storage."""
-        try:
-            key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.stride(),
-                   weight.dtype, weight._version)
-        except (RuntimeError, NotImplementedError):
+        key = _tensor_key(weight)
+        if key is None:
             return None
         if key not in self._reuse:
             self._reuse[key] = chunked.Reuse(weight)
@@ -856,6 +851,16 @@ WIDE_CHANNELS = 4096
 
 #: Normalizations whose backward reads the gradient's correlation with their output.
 _CENTRING = frozenset({"batch_norm", "group_norm", "instance_norm"})
+
+
+def _tensor_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same values: storage, offset, shape, strides, dtype and
+    version (the copies of a meta stand-in's shared block are one); None for a tensor
+    without plain storage."""
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _elementwise_profile(root: Stats, out: Stats) -> tuple | None:

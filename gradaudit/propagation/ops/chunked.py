@@ -202,9 +202,9 @@ def in_order(partials: list):
     return total
 
 
-def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, mean square) of each column of a 2-d weight over its rows, in float64,
-    from blocks of rows (an embedding table's 262M weights stay uncopied)."""
+def _column_sums(weight: torch.Tensor) -> torch.Tensor:
+    """(2, C_in): the sums of each column of a 2-d weight and of its squares, in float64,
+    from blocks of rows."""
 
     def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
         sums = torch.zeros((2, weight.shape[1]), dtype=torch.float64)
@@ -213,7 +213,13 @@ def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             sums[1] += block.mul_(block).sum(0)
         return sums
 
-    total, squares = in_order(each_stripe(weight, partial))
+    return in_order(each_stripe(weight, partial))
+
+
+def column_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, mean square) of each column of a 2-d weight over its rows, in float64,
+    from blocks of rows (an embedding table's 262M weights stay uncopied)."""
+    total, squares = _column_sums(weight)
     return total / weight.shape[0], squares / weight.shape[0]
 
 
@@ -234,17 +240,7 @@ def moments(tensor: torch.Tensor) -> tuple[float, float] | None:
     from blocks (a 235M-weight Linear is never copied whole; nor a permuted view of a
     weight, read in memory order: :func:`in_memory_order`)."""
     tensor = in_memory_order(tensor.detach())
-    flat = tensor.reshape(-1, 1) if tensor.dim() != 2 else tensor
-
-    def partial(blocks: Iterator[tuple[int, torch.Tensor]]) -> tuple[float, float]:
-        total = squares = 0.0
-        for _, block in blocks:
-            total += float(block.sum())
-            squares += float(block.mul_(block).sum())
-        return total, squares
-
-    parts = each_stripe(flat, partial)
-    total, squares = in_order([p[0] for p in parts]), in_order([p[1] for p in parts])
+    total, squares = _column_sums(tensor.reshape(-1, 1) if tensor.dim() != 2 else tensor).sum(1).tolist()
     if not (math.isfinite(total) and math.isfinite(squares)):
         return None
     n = max(tensor.numel(), 1)

@@ -8,16 +8,12 @@ from typing import Any
 
 import torch
 
-from gradaudit.frontends.patterns import constant
+from gradaudit.frontends.patterns import GROUPED_PRODUCTS, constant
 from gradaudit.ir import Ref, Stats
 from gradaudit.propagation import channels
 from gradaudit.propagation.ops import chunked
 from gradaudit.propagation.ops.base import Ctx, Effect, Unhandled, handles
 from gradaudit.propagation.ops.dense import dense_stats
-
-#: The op names of a grouped matrix product (functional layers take the first).
-GROUPED = ("grouped_mm", "grouped_mm_fallback", "_grouped_mm")
-
 
 class Mixture:
     """sum_e p_e M_e of (C_out, C_in) matrices (float64 tensors or
@@ -64,7 +60,7 @@ def _operand(ctx: Ctx, index: int, names: tuple[str, ...]) -> Any:
     return found if found is not None else next((ctx.node.kwargs[n] for n in names[1:] if n in ctx.node.kwargs), None)
 
 
-@handles(*GROUPED)
+@handles(*sorted(GROUPED_PRODUCTS))
 def grouped_mm(ctx: Ctx) -> Effect:
     """y[s] = x[s] W_e(s) for an input x (S, K), expert weights W (E, K, N) and the rows
     of each expert given by ``offs``: a Linear layer per expert (He et al. 2015, as
