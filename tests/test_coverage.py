@@ -165,3 +165,32 @@ def test_a_model_that_exits_0_has_no_error_headline():
     assert head.severity != "error" and head.label in ("HEALTHY", "WARNING")
     if head.label == "WARNING":
         assert " risk: " in head.sentence
+
+
+class FoldedRead(nn.Module):
+    """An op without a handler reads a parameter through a transpose, which torch.export
+    folds into a constant computed from the parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.cdist(x, self.w.t().contiguous().t()))
+
+
+def test_an_op_reading_a_parameter_through_a_folded_constant_must_have_statistics():
+    """The op reading ``w`` through the folded constant counts among the layers the
+    statistics must cover: without statistics there, the audit is incomplete."""
+    from gradaudit.api import Settings, analyse, capture
+    from gradaudit.propagation import coverage
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    graph = capture(FoldedRead(), (x,), frontends=("export",))
+    analysis = analyse(graph, (x,), None, Settings())
+    readers = [n for n in coverage.parameter_layers(analysis) if n.op == "cdist"]
+    assert len(readers) == 1 and coverage.check(analysis).complete
+    analysis.stats[readers[0].name] = [None]
+    assert not coverage.check(analysis).complete

@@ -97,13 +97,18 @@ def finite_stats(s: Stats | None) -> bool:
 def parameter_layers(analysis: Analysis) -> list[Node]:
     """Every node that owns or reads a trainable parameter, in execution order: the
     analysis's layers (calls of modules owning parameters, functional layers, whose weight
-    may be computed from parameters), and every other op reading an ``nn.Parameter``."""
+    may be computed from parameters), and every other op reading an ``nn.Parameter`` or a
+    value a frontend computed from parameters alone (torch.export folds ``self.w.t()``
+    into such a constant)."""
     import torch.nn as nn
+
+    from gradaudit.frontends.patterns import SOURCE
 
     graph = analysis.graph
     out: dict[str, Node] = {n.name: n for n in analysis.layers()}
     for n in graph:
-        if n.op == "param" and isinstance(n.params.get("value"), nn.Parameter):
+        if n.op == "param" and (isinstance(n.params.get("value"), nn.Parameter)
+                                or any(k.startswith(SOURCE) for k in n.params)):
             for user in graph.users(n.name):
                 if user.op not in ("output", "param"):
                     out.setdefault(user.name, user)
